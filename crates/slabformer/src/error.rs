@@ -1,0 +1,77 @@
+//! One error type for the library: every variant names the key, shape or file at fault.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{origin}: not a readable safetensors file: {reason}")]
+    Format { origin: String, reason: String },
+    #[error("{origin}: key `{key}` not found")]
+    MissingKey { origin: String, key: String },
+    #[error("{origin}: {count} parameter(s) of the model have no tensor in the file: {keys}")]
+    MissingKeys {
+        origin: String,
+        count: usize,
+        keys: String,
+    },
+    #[error("{origin}: {count} tensor(s) in the file match no parameter of the model: {keys}")]
+    UnexpectedKeys {
+        origin: String,
+        count: usize,
+        keys: String,
+    },
+    #[error("{origin}: shape mismatch for `{key}`: the model expects {expected:?}, the file has {found:?}")]
+    ShapeMismatch {
+        origin: String,
+        key: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{origin}: `{key}` has dtype {found}, expected {expected}")]
+    DType {
+        origin: String,
+        key: String,
+        expected: &'static str,
+        found: String,
+    },
+    #[error("{layer}: input shape {found:?} does not fit: {expected}")]
+    InputShape {
+        layer: &'static str,
+        expected: String,
+        found: Vec<usize>,
+    },
+    #[error("invalid config: {0}")]
+    Config(String),
+    #[error("unknown model `{name}`; known models: {known}")]
+    UnknownModel { name: String, known: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Checks a rank-3 token input `(B, N, C)` against the layer's expected token count and width.
+pub(crate) fn check_tokens(
+    layer: &'static str,
+    dims: [usize; 3],
+    tokens: Option<usize>,
+    channels: usize,
+) -> Result<()> {
+    let tokens_ok = tokens.is_none_or(|n| dims[1] == n);
+    if dims[0] == 0 || !tokens_ok || dims[2] != channels {
+        let expected = match tokens {
+            Some(n) => format!("(B > 0, {n}, {channels})"),
+            None => format!("(B > 0, N, {channels})"),
+        };
+        return Err(Error::InputShape {
+            layer,
+            expected,
+            found: dims.to_vec(),
+        });
+    }
+    Ok(())
+}

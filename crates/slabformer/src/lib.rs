@@ -1,0 +1,12 @@
+//! slabformer: efficient transformers (SLAB, SLA, PRepBN, FLatten, ReLU attention) on burn.
+//!
+//! Layout: [`nn`] holds the layers (norms, attention kinds, MLP, patch embedding), [`models`]
+//! the model families as config presets, [`state`] the state-dict I/O under official PyTorch key
+//! names.
+
+pub mod error;
+pub mod models;
+pub mod nn;
+pub mod state;
+
+pub use error::{Error, Result};

@@ -1,0 +1,342 @@
+//! DeiT / ViT family: DeiT-T/S, PRepBN-DeiT, SLAB-DeiT, FLatten-DeiT, ReLU-attention ViT.
+//!
+//! One model, with the norm and attention kinds passed in. Structure (SPEC §4.1): patch conv →
+//! (+ class token) → + absolute position embedding → blocks of `x + attn(norm1(x))`,
+//! `x + mlp(norm2(x))` → final norm → class token or token mean → head.
+
+use burn::module::{Module, Param};
+use burn::nn::{Initializer, Linear};
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::Preset;
+use crate::error::{Error, Result};
+use crate::nn::attention::{Attention, AttentionConfig, AttentionKind, linear};
+use crate::nn::drop_path::DropPath;
+use crate::nn::mlp::Mlp;
+use crate::nn::norm::{Norm, NormKind};
+use crate::nn::patch_embed::PatchEmbed;
+
+/// What the head reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pool {
+    /// A class token is prepended; the head reads it (DeiT).
+    ClassToken,
+    /// No class token in the sequence; the head reads the token mean (SLAB/FLatten). The
+    /// `cls_token` parameter still exists, unused, as in the official SLAB code.
+    Mean,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VitConfig {
+    pub img_size: usize,
+    pub patch_size: usize,
+    pub in_chans: usize,
+    pub num_classes: usize,
+    pub embed_dim: usize,
+    pub depth: usize,
+    pub num_heads: usize,
+    pub mlp_ratio: f64,
+    pub qkv_bias: bool,
+    pub norm: NormKind,
+    pub attention: AttentionKind,
+    pub pool: Pool,
+    pub drop_path_rate: f64,
+}
+
+pub(crate) const PRESETS: &[Preset] = &[
+    Preset { name: "deit_tiny", summary: "DeiT-T: LayerNorm, softmax, class token", config: VitConfig::deit_tiny },
+    Preset { name: "deit_small", summary: "DeiT-S: LayerNorm, softmax, class token", config: VitConfig::deit_small },
+    Preset { name: "prepbn_deit_tiny", summary: "DeiT-T with pure RepBN (T = 0)", config: VitConfig::prepbn_deit_tiny },
+    Preset { name: "prepbn_deit_small", summary: "DeiT-S with PRepBN, T = 3e5", config: VitConfig::prepbn_deit_small },
+    Preset { name: "slab_deit_tiny", summary: "SLAB-DeiT-T: PRepBN (T = 6e4) + SLA, mean pool", config: VitConfig::slab_deit_tiny },
+    Preset { name: "slab_deit_small", summary: "SLAB-DeiT-S: PRepBN (T = 6e4) + SLA, mean pool", config: VitConfig::slab_deit_small },
+    Preset { name: "flatten_deit_tiny", summary: "FLatten-DeiT-T: LayerNorm + focused linear attention", config: VitConfig::flatten_deit_tiny },
+    Preset { name: "relu_vit_tiny", summary: "ViT-T with ReLU/L attention and qk-LayerNorm", config: VitConfig::relu_vit_tiny },
+    Preset { name: "golden_slab_deit_tiny", summary: "the 56², patch-4, 2-block SLAB-DeiT of the golden files", config: VitConfig::golden_slab_deit_tiny },
+];
+
+impl VitConfig {
+    fn deit(embed_dim: usize, num_heads: usize) -> Self {
+        Self {
+            img_size: 224,
+            patch_size: 16,
+            in_chans: 3,
+            num_classes: 1000,
+            embed_dim,
+            depth: 12,
+            num_heads,
+            mlp_ratio: 4.0,
+            qkv_bias: true,
+            norm: NormKind::layer_norm(1e-6),
+            attention: AttentionKind::Softmax,
+            pool: Pool::ClassToken,
+            drop_path_rate: 0.0,
+        }
+    }
+
+    pub fn deit_tiny() -> Self {
+        Self::deit(192, 3)
+    }
+
+    pub fn deit_small() -> Self {
+        Self::deit(384, 6)
+    }
+
+    pub fn prepbn_deit_tiny() -> Self {
+        Self {
+            norm: NormKind::repbn(),
+            ..Self::deit_tiny()
+        }
+    }
+
+    pub fn prepbn_deit_small() -> Self {
+        Self {
+            norm: NormKind::prepbn(1e-6, 300_000),
+            ..Self::deit_small()
+        }
+    }
+
+    fn slab(base: Self) -> Self {
+        Self {
+            norm: NormKind::prepbn(1e-6, 60_000),
+            attention: AttentionKind::sla(),
+            pool: Pool::Mean,
+            ..base
+        }
+    }
+
+    pub fn slab_deit_tiny() -> Self {
+        Self::slab(Self::deit_tiny())
+    }
+
+    pub fn slab_deit_small() -> Self {
+        Self::slab(Self::deit_small())
+    }
+
+    pub fn flatten_deit_tiny() -> Self {
+        Self {
+            attention: AttentionKind::focused(),
+            pool: Pool::Mean,
+            ..Self::deit_tiny()
+        }
+    }
+
+    pub fn relu_vit_tiny() -> Self {
+        Self {
+            attention: AttentionKind::ReluL {
+                qk_norm: true,
+                gated: false,
+            },
+            ..Self::deit_tiny()
+        }
+    }
+
+    /// `slab_deit.VisionTransformer(img_size=56, patch_size=4, num_classes=10, embed_dim=48,
+    /// depth=2, num_heads=3)` of `golden/slab_deit_tiny.safetensors`.
+    pub fn golden_slab_deit_tiny() -> Self {
+        Self {
+            img_size: 56,
+            patch_size: 4,
+            num_classes: 10,
+            embed_dim: 48,
+            depth: 2,
+            num_heads: 3,
+            ..Self::slab_deit_tiny()
+        }
+    }
+
+    /// Token grid (rows, cols) after patch embedding.
+    pub fn grid(&self) -> [usize; 2] {
+        let side = self.img_size / self.patch_size;
+        [side, side]
+    }
+
+    pub fn num_patches(&self) -> usize {
+        let [r, c] = self.grid();
+        r * c
+    }
+
+    /// Tokens the blocks see (patches, plus the class token if it is in the sequence).
+    pub fn num_tokens(&self) -> usize {
+        self.num_patches() + usize::from(self.pool == Pool::ClassToken)
+    }
+
+    pub fn mlp_hidden(&self) -> usize {
+        (self.embed_dim as f64 * self.mlp_ratio) as usize
+    }
+
+    pub fn attention_config(&self) -> AttentionConfig {
+        AttentionConfig {
+            dim: self.embed_dim,
+            num_heads: self.num_heads,
+            qkv_bias: self.qkv_bias,
+            kind: self.attention,
+            grid: (self.pool == Pool::Mean).then(|| self.grid()),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let err = |msg: String| Err(Error::Config(msg));
+        if self.patch_size == 0 || self.img_size == 0 || self.img_size % self.patch_size != 0 {
+            return err(format!(
+                "img_size {} must be a positive multiple of patch_size {}",
+                self.img_size, self.patch_size
+            ));
+        }
+        if self.in_chans == 0 || self.num_classes == 0 || self.embed_dim == 0 || self.depth == 0 {
+            return err("in_chans, num_classes, embed_dim and depth must be > 0".into());
+        }
+        if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0) {
+            return err(format!("mlp_ratio must be > 0, got {}", self.mlp_ratio));
+        }
+        if !(0.0..1.0).contains(&self.drop_path_rate) {
+            return err(format!("drop_path_rate must lie in [0, 1), got {}", self.drop_path_rate));
+        }
+        if self.attention.needs_grid() && self.pool == Pool::ClassToken {
+            return err("linear attention works on the token grid: use pool = \"mean\" (no class token)".into());
+        }
+        self.norm.validate()?;
+        self.attention_config().validate()
+    }
+
+    /// Trainable parameters, from the architecture alone (SPEC §7.2 item 14 counting rules).
+    pub fn param_count(&self) -> usize {
+        let c = self.embed_dim;
+        let block = 2 * self.norm.param_count(c)
+            + self.attention_config().param_count()
+            + Mlp::param_count(c, self.mlp_hidden());
+        PatchEmbed::param_count(self.in_chans, c, self.patch_size)
+            + c // cls_token
+            + self.num_tokens() * c
+            + self.depth * block
+            + self.norm.param_count(c)
+            + c * self.num_classes
+            + self.num_classes
+    }
+
+    /// Multiply-accumulates of one image's forward pass (the papers' "FLOPs").
+    pub fn macs(&self) -> u64 {
+        let (n, c) = (self.num_tokens() as u64, self.embed_dim as u64);
+        let patch = self.num_patches() as u64 * c * (self.in_chans * self.patch_size * self.patch_size) as u64;
+        let mlp = 2 * n * c * self.mlp_hidden() as u64;
+        let block = self.attention_config().macs(self.num_tokens()) + mlp;
+        patch + self.depth as u64 * block + c * self.num_classes as u64
+    }
+
+    pub fn init(&self, device: &Device) -> Result<VisionTransformer> {
+        self.validate()?;
+        let c = self.embed_dim;
+        let attention = self.attention_config();
+        let blocks = (0..self.depth)
+            .map(|i| {
+                // Stochastic depth grows linearly over the blocks.
+                let rate = if self.depth > 1 {
+                    self.drop_path_rate * i as f64 / (self.depth - 1) as f64
+                } else {
+                    self.drop_path_rate
+                };
+                Block::new(&self.norm, &attention, self.mlp_hidden(), rate, device)
+            })
+            .collect();
+        let embedding = Initializer::Normal { mean: 0.0, std: 0.02 };
+        Ok(VisionTransformer {
+            patch_embed: PatchEmbed::new(self.in_chans, c, self.patch_size, device),
+            cls_token: Initializer::Zeros.init([1, 1, c], device),
+            pos_embed: embedding.init([1, self.num_tokens(), c], device),
+            blocks,
+            norm: self.norm.init(c, device),
+            head: linear(c, self.num_classes, true, device),
+            config: self.clone(),
+        })
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Block {
+    pub norm1: Norm,
+    pub attn: Attention,
+    pub drop_path: DropPath,
+    pub norm2: Norm,
+    pub mlp: Mlp,
+}
+
+impl Block {
+    pub fn new(
+        norm: &NormKind,
+        attention: &AttentionConfig,
+        mlp_hidden: usize,
+        drop_path_rate: f64,
+        device: &Device,
+    ) -> Self {
+        let c = attention.dim;
+        Self {
+            norm1: norm.init(c, device),
+            attn: attention.init(device),
+            drop_path: DropPath::new(drop_path_rate),
+            norm2: norm.init(c, device),
+            mlp: Mlp::new(c, mlp_hidden, device),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = x.clone().add(self.drop_path.forward(self.attn.forward(self.norm1.forward(x))));
+        x.clone().add(self.drop_path.forward(self.mlp.forward(self.norm2.forward(x))))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct VisionTransformer {
+    pub patch_embed: PatchEmbed,
+    pub cls_token: Param<Tensor<3>>,
+    pub pos_embed: Param<Tensor<3>>,
+    pub blocks: Vec<Block>,
+    pub norm: Norm,
+    pub head: Linear,
+    #[module(skip)]
+    pub config: VitConfig,
+}
+
+impl VisionTransformer {
+    /// Images (B, in_chans, H, W) → logits (B, num_classes). The input must have the configured
+    /// size; see [`try_forward`](Self::try_forward) for a checked call.
+    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        let x = self.patch_embed.forward(images); // (B, N, C)
+        let [b, _, c] = x.dims();
+        let x = match self.config.pool {
+            Pool::ClassToken => {
+                let cls = self.cls_token.val().expand([b, 1, c]);
+                Tensor::cat(vec![cls, x], 1) // (B, N + 1, C)
+            }
+            Pool::Mean => x,
+        };
+        let x = x.add(self.pos_embed.val());
+        let x = self.blocks.iter().fold(x, |x, block| block.forward(x));
+        let x = self.norm.forward(x);
+        let pooled = match self.config.pool {
+            Pool::ClassToken => x.narrow(1, 0, 1), // (B, 1, C)
+            Pool::Mean => x.mean_dim(1),           // (B, 1, C)
+        };
+        self.head.forward(pooled.reshape([b, c])) // (B, num_classes)
+    }
+
+    /// [`forward`](Self::forward) after checking the input is (B > 0, in_chans, img, img), and
+    /// that training-mode BatchNorm has more than one token to take statistics over.
+    pub fn try_forward(&self, images: Tensor<4>) -> Result<Tensor<2>> {
+        let cfg = &self.config;
+        let dims = images.dims();
+        let expected = [dims[0], cfg.in_chans, cfg.img_size, cfg.img_size];
+        if dims[0] == 0 || dims != expected {
+            return Err(Error::InputShape {
+                layer: "vision transformer",
+                expected: format!(
+                    "(B > 0, {}, {}, {}) images",
+                    cfg.in_chans, cfg.img_size, cfg.img_size
+                ),
+                found: dims.to_vec(),
+            });
+        }
+        Ok(self.forward(images))
+    }
+}

@@ -1,0 +1,421 @@
+//! Attention kinds over tokens `(B, N, C)`.
+//!
+//! * [`DotAttention`]: softmax MHSA (DeiT) and ReLU(QKᵀ/√d)/L (Wortsman et al.) with optional
+//!   qk-LayerNorm and gating: one N×N score matrix, two ways to turn it into weights.
+//! * [`LinearAttention`]: SLA (SLAB) and FLatten focused linear attention: a positive feature map,
+//!   the linear-attention core (KᵀV or QKᵀ first, chosen by cost), plus a depthwise conv on V
+//!   shared by all heads. They differ only in the feature map and the normaliser's ε.
+
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Initializer, Linear, LinearConfig, PaddingConfig2d};
+use burn::tensor::Tensor;
+use burn::tensor::activation::{relu, softmax, softplus};
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+
+use super::norm::LayerNorm;
+use crate::error::{Error, Result, check_tokens};
+
+/// Which attention a block uses (SPEC §3).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum AttentionKind {
+    /// softmax(QKᵀ/√d)·V.
+    Softmax,
+    /// ReLU(QKᵀ/√d)/L·V, optionally with LayerNorm on q and k (per head) and an output gate.
+    ReluL { qk_norm: bool, gated: bool },
+    /// SLAB's simplified linear attention: ReLU kernels, positional encoding on K, DWC on V.
+    Sla { kernel_size: usize },
+    /// FLatten focused linear attention (focusing power p, learnable softplus scale).
+    Focused { power: f64, kernel_size: usize },
+}
+
+impl AttentionKind {
+    pub fn sla() -> Self {
+        AttentionKind::Sla { kernel_size: 5 }
+    }
+
+    pub fn focused() -> Self {
+        AttentionKind::Focused {
+            power: 3.0,
+            kernel_size: 5,
+        }
+    }
+
+    /// Linear attention needs the tokens on a square-or-rectangular grid (DWC, positional
+    /// encoding): no extra tokens such as a class token.
+    pub fn needs_grid(&self) -> bool {
+        matches!(self, AttentionKind::Sla { .. } | AttentionKind::Focused { .. })
+    }
+}
+
+/// What an attention layer is built from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionConfig {
+    pub dim: usize,
+    pub num_heads: usize,
+    pub qkv_bias: bool,
+    pub kind: AttentionKind,
+    /// Token grid (rows, cols); required by the linear kinds, whose N is fixed by it.
+    pub grid: Option<[usize; 2]>,
+}
+
+impl AttentionConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.num_heads == 0 || self.dim % self.num_heads != 0 {
+            return Err(Error::Config(format!(
+                "attention dim {} is not divisible by num_heads {}",
+                self.dim, self.num_heads
+            )));
+        }
+        match self.kind {
+            AttentionKind::Sla { kernel_size } | AttentionKind::Focused { kernel_size, .. } => {
+                if kernel_size % 2 == 0 {
+                    return Err(Error::Config(format!(
+                        "linear attention DWC kernel_size must be odd, got {kernel_size}"
+                    )));
+                }
+                if self.grid.is_none() {
+                    return Err(Error::Config(
+                        "linear attention needs a token grid (no class token)".into(),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        if let AttentionKind::Focused { power, .. } = self.kind
+            && !(power.is_finite() && power > 0.0)
+        {
+            return Err(Error::Config(format!("focusing power must be > 0, got {power}")));
+        }
+        Ok(())
+    }
+
+    pub fn init(&self, device: &Device) -> Attention {
+        let dim = self.dim;
+        let head_dim = dim / self.num_heads;
+        let qkv = linear(dim, 3 * dim, self.qkv_bias, device);
+        let proj = linear(dim, dim, true, device);
+        match self.kind {
+            AttentionKind::Softmax | AttentionKind::ReluL { .. } => {
+                let (qk_norm, gated, score) = match self.kind {
+                    AttentionKind::ReluL { qk_norm, gated } => (qk_norm, gated, Score::ReluOverLength),
+                    _ => (false, false, Score::Softmax),
+                };
+                let norm = || qk_norm.then(|| LayerNorm::new(head_dim, 1e-6, device));
+                Attention::Dot(DotAttention {
+                    qkv,
+                    q_norm: norm(),
+                    k_norm: norm(),
+                    gate: gated.then(|| linear(dim, dim, true, device)),
+                    proj,
+                    num_heads: self.num_heads,
+                    score,
+                })
+            }
+            AttentionKind::Sla { kernel_size } | AttentionKind::Focused { kernel_size, .. } => {
+                let [rows, cols] = self.grid.expect("validated: linear attention has a grid");
+                let pad = kernel_size / 2;
+                let (feature_map, scale) = match self.kind {
+                    AttentionKind::Focused { power, .. } => (
+                        FeatureMap::Focused { power },
+                        Some(Initializer::Zeros.init([1, 1, dim], device)),
+                    ),
+                    _ => (FeatureMap::Relu, None),
+                };
+                Attention::Linear(LinearAttention {
+                    qkv,
+                    proj,
+                    positional_encoding: Initializer::Zeros.init([1, rows * cols, dim], device),
+                    dwc: Conv2dConfig::new([head_dim, head_dim], [kernel_size, kernel_size])
+                        .with_groups(head_dim)
+                        .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+                        .init(device),
+                    scale,
+                    num_heads: self.num_heads,
+                    grid: [rows, cols],
+                    feature_map,
+                })
+            }
+        }
+    }
+
+    /// Trainable parameters.
+    pub fn param_count(&self) -> usize {
+        let c = self.dim;
+        let d = c / self.num_heads;
+        let projections = c * 3 * c + if self.qkv_bias { 3 * c } else { 0 } + c * c + c;
+        match self.kind {
+            AttentionKind::Softmax => projections,
+            AttentionKind::ReluL { qk_norm, gated } => {
+                projections
+                    + if qk_norm { 4 * d } else { 0 }
+                    + if gated { c * c + c } else { 0 }
+            }
+            AttentionKind::Sla { kernel_size } | AttentionKind::Focused { kernel_size, .. } => {
+                let [rows, cols] = self.grid.unwrap_or([0, 0]);
+                let scale = if matches!(self.kind, AttentionKind::Focused { .. }) { c } else { 0 };
+                projections + rows * cols * c + d * kernel_size * kernel_size + d + scale
+            }
+        }
+    }
+
+    /// Multiply-accumulates of one forward over `n` tokens (one image), the papers' FLOPs.
+    pub fn macs(&self, n: usize) -> u64 {
+        let (n, c, h) = (n as u64, self.dim as u64, self.num_heads as u64);
+        let d = c / h;
+        let projections = n * c * 3 * c + n * c * c;
+        match self.kind {
+            AttentionKind::Softmax => projections + 2 * n * n * c,
+            AttentionKind::ReluL { gated, .. } => {
+                projections + 2 * n * n * c + if gated { n * c * c } else { 0 }
+            }
+            AttentionKind::Sla { kernel_size } | AttentionKind::Focused { kernel_size, .. } => {
+                let k2 = (kernel_size * kernel_size) as u64;
+                let core = if linear_order(n as usize, n as usize, d as usize, d as usize) {
+                    2 * n * d * d + 2 * n * d // KᵀV, Q·(KᵀV), normaliser
+                } else {
+                    2 * n * n * d + 2 * n * d // QKᵀ, (QKᵀ)·V, normaliser
+                };
+                projections + h * core + h * n * d * k2
+            }
+        }
+    }
+}
+
+/// A Linear initialised as timm's ViTs are (weight ~ N(0, 0.02), bias 0).
+pub(crate) fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
+    let mut layer = LinearConfig::new(d_in, d_out)
+        .with_bias(bias)
+        .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
+        .init(device);
+    if bias {
+        layer.bias = Some(Initializer::Zeros.init([d_out], device));
+    }
+    layer
+}
+
+/// An attention layer of any kind; adds no component to parameter keys.
+#[derive(Module, Debug)]
+pub enum Attention {
+    Dot(DotAttention),
+    Linear(LinearAttention),
+}
+
+impl Attention {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        match self {
+            Attention::Dot(a) => a.forward(x),
+            Attention::Linear(a) => a.forward(x),
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        let qkv = match self {
+            Attention::Dot(a) => &a.qkv,
+            Attention::Linear(a) => &a.qkv,
+        };
+        qkv.weight.lazy_shape()[0]
+    }
+
+    /// Tokens this layer is fixed to (linear kinds), if any.
+    pub fn tokens(&self) -> Option<usize> {
+        match self {
+            Attention::Dot(_) => None,
+            Attention::Linear(a) => Some(a.grid[0] * a.grid[1]),
+        }
+    }
+
+    /// [`forward`](Self::forward) after checking the input shape.
+    pub fn try_forward(&self, x: Tensor<3>) -> Result<Tensor<3>> {
+        check_tokens("attention", x.dims(), self.tokens(), self.dim())?;
+        Ok(self.forward(x))
+    }
+}
+
+/// How scores become attention weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Score {
+    Softmax,
+    /// ReLU(s)/L, L = number of keys.
+    ReluOverLength,
+}
+
+/// Attention that forms the N×N score matrix: softmax or ReLU/L.
+#[derive(Module, Debug)]
+pub struct DotAttention {
+    pub qkv: Linear,
+    pub q_norm: Option<LayerNorm>,
+    pub k_norm: Option<LayerNorm>,
+    pub gate: Option<Linear>,
+    pub proj: Linear,
+    pub num_heads: usize,
+    #[module(skip)]
+    pub score: Score,
+}
+
+impl DotAttention {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, n, c] = x.dims();
+        let h = self.num_heads;
+        let d = c / h;
+        let qkv = self.qkv.forward(x.clone()).reshape([b, n, 3, h, d]); // (B, N, 3, h, d)
+        let [q, k, v] = split_qkv_heads(qkv); // each (B, h, N, d)
+        let q = match &self.q_norm {
+            Some(norm) => norm.forward(q),
+            None => q,
+        };
+        let k = match &self.k_norm {
+            Some(norm) => norm.forward(k),
+            None => k,
+        };
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar((d as f64).powf(-0.5)); // (B, h, N, N)
+        let weights = match self.score {
+            Score::Softmax => softmax(scores, 3),
+            Score::ReluOverLength => relu(scores).div_scalar(n as f64),
+        };
+        let out = merge_heads(weights.matmul(v)); // (B, N, C)
+        let out = match &self.gate {
+            Some(gate) => out.mul(gate.forward(x)),
+            None => out,
+        };
+        self.proj.forward(out)
+    }
+}
+
+/// (B, N, 3, h, d) → q, k, v as (B, h, N, d).
+fn split_qkv_heads(qkv: Tensor<5>) -> [Tensor<4>; 3] {
+    let [b, n, _, h, d] = qkv.dims();
+    [0, 1, 2].map(|i| {
+        qkv.clone()
+            .narrow(2, i, 1)
+            .reshape([b, n, h, d])
+            .swap_dims(1, 2)
+    })
+}
+
+/// (B, N, C) → (B, h, N, d): channel j belongs to head j / d.
+fn split_heads(x: Tensor<3>, heads: usize) -> Tensor<4> {
+    let [b, n, c] = x.dims();
+    x.reshape([b, n, heads, c / heads]).swap_dims(1, 2)
+}
+
+/// (B, h, N, d) → (B, N, h·d).
+fn merge_heads(x: Tensor<4>) -> Tensor<3> {
+    let [b, h, n, d] = x.dims();
+    x.swap_dims(1, 2).reshape([b, n, h * d])
+}
+
+/// The positive feature map φ of a linear attention.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum FeatureMap {
+    /// φ(x) = ReLU(x) (SLA).
+    Relu,
+    /// FLatten: φ(x) = f_p((ReLU(x) + 1e-6) / softplus(θ)), f_p(x) = x^p·‖x‖/‖x^p‖.
+    Focused { power: f64 },
+}
+
+/// SLA and FLatten: linear attention with a positional encoding on K and a depthwise conv on V.
+#[derive(Module, Debug)]
+pub struct LinearAttention {
+    pub qkv: Linear,
+    pub proj: Linear,
+    /// (1, N, C), added to k before the feature map.
+    pub positional_encoding: Param<Tensor<3>>,
+    /// Depthwise conv over head_dim channels, shared by every head.
+    pub dwc: Conv2d,
+    /// FLatten's per-channel θ, scale = softplus(θ); absent for SLA.
+    pub scale: Option<Param<Tensor<3>>>,
+    pub num_heads: usize,
+    pub grid: [usize; 2],
+    #[module(skip)]
+    pub feature_map: FeatureMap,
+}
+
+impl LinearAttention {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, n, c] = x.dims();
+        let h = self.num_heads;
+        let qkv = self.qkv.forward(x).reshape([b, n, 3, c]); // (B, N, 3, C)
+        let [q, k, v] = [0, 1, 2].map(|i| qkv.clone().narrow(2, i, 1).reshape([b, n, c]));
+        let k = k.add(self.positional_encoding.val());
+        let (q, k, eps) = match self.feature_map {
+            FeatureMap::Relu => (relu(q), relu(k), 1e-6),
+            FeatureMap::Focused { power } => {
+                let theta = self.scale.as_ref().expect("focused attention has a scale").val();
+                let scale = softplus(theta, 1.0); // (1, 1, C)
+                let focus = |t: Tensor<3>| {
+                    focus_power(relu(t).add_scalar(1e-6).div(scale.clone()), power)
+                };
+                // FLatten normalises with the mean of k: the sum form with ε scaled by N.
+                (focus(q), focus(k), 1e-6 * n as f64)
+            }
+        };
+        let v = split_heads(v, h); // (B, h, N, d)
+        let out = linear_attention_core(split_heads(q, h), split_heads(k, h), v.clone(), eps);
+        let out = out.add(self.depthwise_branch(v)); // (B, h, N, d)
+        self.proj.forward(merge_heads(out))
+    }
+
+    /// DWC(V): each head's v as a d-channel image on the token grid, one shared conv.
+    fn depthwise_branch(&self, v: Tensor<4>) -> Tensor<4> {
+        let [b, h, n, d] = v.dims();
+        let [rows, cols] = self.grid;
+        let image = v
+            .reshape([b * h, n, d])
+            .swap_dims(1, 2)
+            .reshape([b * h, d, rows, cols]); // (B·h, d, rows, cols), tokens row-major
+        let conv = self.dwc.forward(image);
+        conv.reshape([b * h, d, n]).swap_dims(1, 2).reshape([b, h, n, d])
+    }
+}
+
+/// f_p(x) = x^p / ‖x^p‖ · ‖x‖ over the channel axis (x > 0). Powers above 6 are taken of x/max(x)
+/// first, as FLatten does, to stay in range.
+fn focus_power(x: Tensor<3>, power: f64) -> Tensor<3> {
+    let norm = x.clone().powf_scalar(2.0).sum_dim(2).sqrt(); // (B, N, 1)
+    let x = if power <= 6.0 {
+        x
+    } else {
+        let max = x.clone().max_dim(2);
+        x.div(max)
+    };
+    let xp = x.powf_scalar(power);
+    let norm_p = xp.clone().powf_scalar(2.0).sum_dim(2).sqrt();
+    xp.div(norm_p).mul(norm)
+}
+
+/// Whether K·V first (`d_k × d_v` state) is cheaper than Q·Kᵀ first (`N_q × N_k` matrix), the
+/// official rule: `n_q·n_k·(c + d) > c·d·(n_q + n_k)`.
+pub fn linear_order(n_q: usize, n_k: usize, c: usize, d: usize) -> bool {
+    n_q * n_k * (c + d) > c * d * (n_q + n_k)
+}
+
+/// out_i = Σ_j (q_i·k_j) v_j / (q_i·Σ_j k_j + ε) for q, k, v of shape (B, h, N, d), evaluated in
+/// whichever order costs less; both orders are the same sum.
+pub fn linear_attention_core(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, eps: f64) -> Tensor<4> {
+    let [_, _, n_q, c] = q.dims();
+    let [_, _, n_k, d] = v.dims();
+    linear_attention_core_ordered(q, k, v, eps, linear_order(n_q, n_k, c, d))
+}
+
+/// The core in a chosen order (`kv_first`: Q·(KᵀV); otherwise (QKᵀ)·V).
+pub fn linear_attention_core_ordered(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    eps: f64,
+    kv_first: bool,
+) -> Tensor<4> {
+    let k_sum = k.clone().sum_dim(2); // (B, h, 1, c)
+    let denominator = q.clone().mul(k_sum).sum_dim(3).add_scalar(eps); // (B, h, N, 1)
+    let numerator = if kv_first {
+        q.matmul(k.swap_dims(2, 3).matmul(v)) // (B, h, N, c)·(B, h, c, d)
+    } else {
+        q.matmul(k.swap_dims(2, 3)).matmul(v) // (B, h, N, N)·(B, h, N, d)
+    };
+    numerator.div(denominator)
+}

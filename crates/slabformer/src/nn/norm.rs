@@ -1,0 +1,381 @@
+//! Normalizations over the channels of token tensors `(B, N, C)`: LayerNorm, BatchNorm over
+//! tokens, RepBN and the progressive LN→RepBN mix (PRepBN, the official `LinearNorm`).
+
+use burn::module::{Flag, Module, Param, RunningState};
+use burn::nn::Initializer;
+use burn::tensor::module::{batch_norm, batch_norm_train, layer_norm};
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::counter::Counter;
+use super::is_training;
+use super::schedule::{Decay, Phase, PrepbnSchedule};
+use crate::error::{Error, Result, check_tokens};
+
+/// LayerNorm over the last axis (biased variance), `weight`/`bias` as in PyTorch.
+#[derive(Module, Debug)]
+pub struct LayerNorm {
+    pub weight: Param<Tensor<1>>,
+    pub bias: Param<Tensor<1>>,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(channels: usize, eps: f64, device: &Device) -> Self {
+        Self {
+            weight: Initializer::Ones.init([channels], device),
+            bias: Initializer::Zeros.init([channels], device),
+            eps,
+        }
+    }
+
+    pub fn channels(&self) -> usize {
+        self.weight.lazy_shape()[0]
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        layer_norm(x, self.weight.val(), Some(self.bias.val()), self.eps)
+    }
+}
+
+/// PyTorch `BatchNorm1d` applied to tokens: per channel, statistics over all B·N tokens.
+///
+/// Training mode normalizes with the biased batch variance and folds the *unbiased* one into
+/// `running_var` with `momentum`; eval mode uses the running statistics.
+#[derive(Module, Debug)]
+pub struct BatchNorm {
+    pub weight: Param<Tensor<1>>,
+    pub bias: Param<Tensor<1>>,
+    pub running_mean: RunningState<Tensor<1>>,
+    pub running_var: RunningState<Tensor<1>>,
+    pub num_batches_tracked: Counter,
+    pub training: Param<Flag>,
+    pub eps: f64,
+    pub momentum: f64,
+}
+
+impl BatchNorm {
+    pub fn new(channels: usize, eps: f64, momentum: f64, affine_init: f64, device: &Device) -> Self {
+        Self {
+            weight: Initializer::Constant { value: affine_init }.init([channels], device),
+            bias: Initializer::Zeros.init([channels], device),
+            running_mean: RunningState::new(Tensor::zeros([channels], device)),
+            running_var: RunningState::new(Tensor::ones([channels], device)),
+            num_batches_tracked: Counter::new(0, device),
+            training: Param::from_bool(true),
+            eps,
+            momentum,
+        }
+    }
+
+    pub fn channels(&self) -> usize {
+        self.weight.lazy_shape()[0]
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, n, c] = x.dims();
+        let tokens = x.reshape([b * n, c]); // (B·N, C): batch_norm's [batch, channels] layout
+        let y = if is_training(&self.training, &tokens) {
+            self.forward_train(tokens)
+        } else {
+            self.forward_eval(tokens)
+        };
+        y.reshape([b, n, c])
+    }
+
+    fn forward_eval(&self, tokens: Tensor<2>) -> Tensor<2> {
+        let device = tokens.device();
+        batch_norm(
+            tokens,
+            self.weight.val(),
+            self.bias.val(),
+            self.running_mean.value().to_device(&device),
+            self.running_var.value().to_device(&device),
+            self.eps,
+        )
+    }
+
+    fn forward_train(&self, tokens: Tensor<2>) -> Tensor<2> {
+        let count = tokens.dims()[0];
+        assert!(count > 1, "BatchNorm needs more than one token per channel in training");
+        let device = tokens.device();
+        let out = batch_norm_train(tokens, self.weight.val(), self.bias.val(), self.eps);
+        let unbiased = count as f64 / (count as f64 - 1.0);
+        let m = self.momentum;
+        let mean = self.running_mean.value_sync().to_device(&device);
+        let var = self.running_var.value_sync().to_device(&device);
+        let mean = mean.mul_scalar(1.0 - m).add(out.mean.mul_scalar(m));
+        let var = var
+            .mul_scalar(1.0 - m)
+            .add(out.variance.mul_scalar(m * unbiased));
+        self.running_mean.update(mean.detach());
+        self.running_var.update(var.detach());
+        // RunningState parks an update per thread until synced; sync now so that state dicts
+        // and checkpoints taken right after this call see it.
+        self.running_mean.value_sync();
+        self.running_var.value_sync();
+        self.num_batches_tracked.set(self.num_batches_tracked.get() + 1);
+        out.output
+    }
+
+    /// `γ / sqrt(running_var + ε)` and `running_mean`: the eval-mode map is
+    /// `scale·(x − mean) + β`.
+    fn eval_scale_and_mean(&self) -> (Tensor<1>, Tensor<1>) {
+        let scale = self
+            .weight
+            .val()
+            .div(self.running_var.value_sync().add_scalar(self.eps).sqrt());
+        (scale, self.running_mean.value_sync())
+    }
+}
+
+/// How RepBN is initialised: the vision models start as BN(x) + x, the LLaMA model as 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RepBnInit {
+    /// α = 1, BN γ = 1, β = 0.
+    #[default]
+    Vision,
+    /// α = 0, BN γ = 0, β = 0 (the output is exactly 0 at init).
+    Llama,
+}
+
+/// RepBN(x) = BN(x) + α·x with one learnable scalar α (`alpha`).
+#[derive(Module, Debug)]
+pub struct RepBN {
+    pub alpha: Param<Tensor<1>>,
+    pub bn: BatchNorm,
+}
+
+impl RepBN {
+    pub fn new(channels: usize, eps: f64, init: RepBnInit, device: &Device) -> Self {
+        let (alpha, gamma) = match init {
+            RepBnInit::Vision => (1.0, 1.0),
+            RepBnInit::Llama => (0.0, 0.0),
+        };
+        Self {
+            alpha: Initializer::Constant { value: alpha }.init([1], device),
+            bn: BatchNorm::new(channels, eps, 0.1, gamma, device),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let alpha = self.alpha.val().reshape([1, 1, 1]);
+        self.bn.forward(x.clone()).add(x.mul(alpha))
+    }
+
+    /// The eval-mode map as a per-channel affine `a ⊙ x + b` (SPEC §2.4):
+    /// `a = γ/sqrt(v+ε) + α`, `b = β − γ·μ/sqrt(v+ε)`. Fusion folds exactly this.
+    pub fn affine(&self) -> (Tensor<1>, Tensor<1>) {
+        let (scale, mean) = self.bn.eval_scale_and_mean();
+        let a = scale.clone().add(self.alpha.val());
+        let b = self.bn.bias.val().sub(scale.mul(mean));
+        (a, b)
+    }
+}
+
+/// Progressive LN → RepBN (`LinearNorm` in the official code): λ·LN(x) + (1−λ)·RepBN(x) in
+/// training, RepBN alone in eval.
+///
+/// The counters are the official buffers and advance exactly when the official ones do: once
+/// per training-mode forward of this layer; `warm` first, then `iter` (λ = r0·iter/total_step,
+/// taken before the decrement). See SPEC §2.5.
+#[derive(Module, Debug)]
+pub struct LinearNorm {
+    pub norm1: LayerNorm,
+    pub norm2: RepBN,
+    pub warm: Counter,
+    pub iter: Counter,
+    pub total_step: Counter,
+    pub training: Param<Flag>,
+    pub r0: f64,
+    #[module(skip)]
+    pub decay: Decay,
+}
+
+impl LinearNorm {
+    /// Built only for `schedule.total > 0`; T = 0 is a plain [`RepBN`] (see [`NormKind::init`]).
+    pub fn new(channels: usize, ln_eps: f64, bn_eps: f64, schedule: PrepbnSchedule, device: &Device) -> Self {
+        assert!(schedule.total > 0, "LinearNorm with T = 0 is a RepBN");
+        Self {
+            norm1: LayerNorm::new(channels, ln_eps, device),
+            norm2: RepBN::new(channels, bn_eps, RepBnInit::Vision, device),
+            warm: Counter::new(schedule.warm as i64, device),
+            iter: Counter::new(schedule.total as i64, device),
+            total_step: Counter::new(schedule.total as i64, device),
+            training: Param::from_bool(true),
+            r0: schedule.r0,
+            decay: schedule.decay,
+        }
+    }
+
+    /// What the next training-mode call will compute, from the counters (advances nothing).
+    pub fn next_phase(&self) -> Phase {
+        let total = self.total_step.get();
+        if self.warm.get() > 0 {
+            Phase::Warm
+        } else if total <= 0 {
+            Phase::RepBn
+        } else {
+            Phase::Mix(self.decay.lambda(self.r0, self.iter.get(), total))
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        if !is_training(&self.training, &x) {
+            return self.norm2.forward(x);
+        }
+        let phase = self.next_phase();
+        match phase {
+            Phase::Warm => {
+                self.warm.set(self.warm.get() - 1);
+                self.norm1.forward(x)
+            }
+            Phase::RepBn => self.norm2.forward(x),
+            Phase::Mix(lambda) => {
+                let iter = self.iter.get();
+                if iter > 0 {
+                    self.iter.set(iter - 1);
+                }
+                let ln = self.norm1.forward(x.clone()).mul_scalar(lambda);
+                let rep = self.norm2.forward(x).mul_scalar(1.0f32 - lambda);
+                ln.add(rep)
+            }
+        }
+    }
+}
+
+/// Which normalization a model uses everywhere it has one (SPEC §2.6).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum NormKind {
+    LayerNorm {
+        eps: f64,
+    },
+    /// Pure RepBN (the paper's "T = 0").
+    RepBn {
+        eps: f64,
+    },
+    /// Progressive LN → RepBN; `schedule.total == 0` builds a pure RepBN.
+    Prepbn {
+        ln_eps: f64,
+        bn_eps: f64,
+        schedule: PrepbnSchedule,
+    },
+}
+
+impl NormKind {
+    pub fn layer_norm(eps: f64) -> Self {
+        NormKind::LayerNorm { eps }
+    }
+
+    pub fn repbn() -> Self {
+        NormKind::RepBn { eps: 1e-5 }
+    }
+
+    /// The official vision PRepBN: linear decay over `total` calls, no warm-up, r0 = 1.
+    pub fn prepbn(ln_eps: f64, total: u64) -> Self {
+        NormKind::Prepbn {
+            ln_eps,
+            bn_eps: 1e-5,
+            schedule: PrepbnSchedule {
+                warm: 0,
+                total,
+                r0: 1.0,
+                decay: Decay::Linear,
+            },
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let positive = |name: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(Error::Config(format!("norm {name} must be finite and > 0, got {v}")))
+            }
+        };
+        match *self {
+            NormKind::LayerNorm { eps } | NormKind::RepBn { eps } => positive("eps", eps),
+            NormKind::Prepbn { ln_eps, bn_eps, schedule } => {
+                positive("ln_eps", ln_eps)?;
+                positive("bn_eps", bn_eps)?;
+                if !(schedule.r0.is_finite() && (0.0..=1.0).contains(&schedule.r0)) {
+                    return Err(Error::Config(format!(
+                        "norm schedule r0 must lie in [0, 1], got {}",
+                        schedule.r0
+                    )));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub fn init(&self, channels: usize, device: &Device) -> Norm {
+        match *self {
+            NormKind::LayerNorm { eps } => Norm::LayerNorm(LayerNorm::new(channels, eps, device)),
+            NormKind::RepBn { eps } => Norm::RepBN(RepBN::new(channels, eps, RepBnInit::Vision, device)),
+            NormKind::Prepbn { bn_eps, schedule, .. } if schedule.total == 0 => {
+                Norm::RepBN(RepBN::new(channels, bn_eps, RepBnInit::Vision, device))
+            }
+            NormKind::Prepbn { ln_eps, bn_eps, schedule } => {
+                Norm::LinearNorm(LinearNorm::new(channels, ln_eps, bn_eps, schedule, device))
+            }
+        }
+    }
+
+    /// Trainable parameters of one such norm over `channels`.
+    pub fn param_count(&self, channels: usize) -> usize {
+        match *self {
+            NormKind::LayerNorm { .. } => 2 * channels,
+            NormKind::RepBn { .. } => 2 * channels + 1,
+            NormKind::Prepbn { schedule, .. } if schedule.total == 0 => 2 * channels + 1,
+            NormKind::Prepbn { .. } => 4 * channels + 1,
+        }
+    }
+}
+
+/// A norm layer of any kind; adds no component to parameter keys.
+#[derive(Module, Debug)]
+pub enum Norm {
+    LayerNorm(LayerNorm),
+    RepBN(RepBN),
+    LinearNorm(LinearNorm),
+}
+
+impl Norm {
+    pub fn channels(&self) -> usize {
+        match self {
+            Norm::LayerNorm(n) => n.channels(),
+            Norm::RepBN(n) => n.bn.channels(),
+            Norm::LinearNorm(n) => n.norm1.channels(),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        match self {
+            Norm::LayerNorm(n) => n.forward(x),
+            Norm::RepBN(n) => n.forward(x),
+            Norm::LinearNorm(n) => n.forward(x),
+        }
+    }
+
+    /// [`forward`](Self::forward) after checking the input is `(B, N, C)` with this norm's C.
+    pub fn try_forward(&self, x: Tensor<3>) -> Result<Tensor<3>> {
+        check_tokens("norm", x.dims(), None, self.channels())?;
+        let [b, n, _] = x.dims();
+        let uses_batch_stats = match self {
+            Norm::LayerNorm(_) => false,
+            Norm::RepBN(n) => is_training(&n.bn.training, &x),
+            Norm::LinearNorm(l) => is_training(&l.training, &x) && l.next_phase() != Phase::Warm,
+        };
+        if uses_batch_stats && b * n < 2 {
+            return Err(Error::InputShape {
+                layer: "norm",
+                expected: "at least 2 tokens in the batch for BatchNorm statistics".into(),
+                found: vec![b, n, self.channels()],
+            });
+        }
+        Ok(self.forward(x))
+    }
+}

@@ -1,0 +1,38 @@
+//! Whole models against the official code's tensors (../shared/golden).
+
+mod common;
+
+use burn::module::Module;
+use burn::tensor::Tensor;
+use common::*;
+use slabformer::models::VitConfig;
+use slabformer::nn::set_training;
+use slabformer::state::{collect_grads, collect_state, load_state};
+
+#[test]
+fn slab_deit_tiny_matches_official_train_step_and_eval() {
+    let g = golden("slab_deit_tiny");
+    let device = autodiff();
+    let model = VitConfig::golden_slab_deit_tiny().init(&device).unwrap();
+    let (model, _) = load_state(model, &g.subset("param"), false).unwrap();
+
+    let images: Tensor<4> = g.tensor("input.x", &device).unwrap().require_grad();
+    let logits = model.try_forward(images.clone()).unwrap();
+    let weight: Tensor<2> = g.tensor("input.loss_weight", &device).unwrap();
+    let grads = logits.clone().mul(weight).sum().backward();
+    assert_tensor("train logits", logits, &g, "output.train", Tol::Output);
+    assert_grads("slab_deit_tiny", &collect_grads(&model, &grads), &g.subset("grad"));
+    let (shape, v) = tensor_values(images.grad(&grads).unwrap());
+    let w = g.get("grad.input").unwrap();
+    assert_close("grad [input]", &shape, &v, &w.shape, &values_of(w), Tol::Grad);
+    assert_state("after train", &collect_state(&model), &g.subset("state_after_train"), Tol::Output);
+
+    let model = set_training(model, false);
+    let logits = model.forward(g.tensor("input.x", &device).unwrap());
+    assert_tensor("eval logits", logits, &g, "output.eval", Tol::Output);
+
+    // The same eval on a plain (no-autodiff) device, as inference runs.
+    let inference = model.valid();
+    let logits = inference.forward(g.tensor("input.x", &plain()).unwrap());
+    assert_tensor("inference logits", logits, &g, "output.eval", Tol::Output);
+}
