@@ -554,3 +554,100 @@ pub fn trainable_param_count<M: Module>(module: &M) -> usize {
     module.visit(&mut counter);
     counter.count
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::VitConfig;
+    use crate::nn::norm::LinearNorm;
+    use crate::nn::schedule::{Decay, PrepbnSchedule};
+    use burn::tensor::Device;
+
+    fn tiny() -> VitConfig {
+        VitConfig { img_size: 16, patch_size: 4, embed_dim: 12, depth: 1, num_heads: 2, num_classes: 3, ..VitConfig::slab_deit_tiny() }
+    }
+
+    #[test]
+    fn state_round_trips_through_safetensors_bytes() {
+        let device = Device::flex();
+        let model = tiny().init(&device).unwrap();
+        let state = collect_state(&model);
+        assert!(state.contains("blocks.0.norm1.norm2.bn.running_var"));
+        assert!(state.contains("blocks.0.attn.qkv.weight"));
+        assert_eq!(state.get("blocks.0.attn.qkv.weight").unwrap().shape, vec![36, 12]);
+        assert_eq!(state.get("norm.iter").unwrap().shape, Vec::<usize>::new());
+        let bytes = state.to_safetensors_bytes().unwrap();
+        let read = StateDict::from_safetensors_bytes(&bytes, "memory".into()).unwrap();
+        let fresh = tiny().init(&device).unwrap();
+        let (loaded, report) = load_state(fresh, &read, false).unwrap();
+        assert_eq!(report.loaded, state.len());
+        let again = collect_state(&loaded);
+        for (key, t) in state.iter() {
+            assert_eq!(again.get(key).unwrap(), t, "{key}");
+        }
+    }
+
+    #[test]
+    fn prepbn_counters_survive_a_round_trip_and_continue_the_sequence() {
+        let device = Device::flex().autodiff();
+        let schedule = PrepbnSchedule { warm: 1, total: 5, r0: 1.0, decay: Decay::Linear };
+        let norm = LinearNorm::new(4, 1e-6, 1e-5, schedule, &device);
+        let x = Tensor::<3>::ones([2, 3, 4], &device);
+        for _ in 0..3 {
+            let _ = norm.forward(x.clone());
+        }
+        let saved = StateDict::from_safetensors_bytes(&collect_state(&norm).to_safetensors_bytes().unwrap(), "memory".into()).unwrap();
+        let (restored, _) = load_state(LinearNorm::new(4, 1e-6, 1e-5, schedule, &device), &saved, false).unwrap();
+        for call in 3..8 {
+            assert_eq!(restored.next_phase(), schedule.phase(call));
+            assert_eq!(restored.next_phase(), norm.next_phase());
+            let _ = restored.forward(x.clone());
+            let _ = norm.forward(x.clone());
+        }
+    }
+
+    #[test]
+    fn load_errors_name_the_key_and_shapes() {
+        let device = Device::flex();
+        let state = collect_state(&tiny().init(&device).unwrap());
+
+        let mut missing = StateDict::new("missing.safetensors");
+        for (k, t) in state.iter().filter(|(k, _)| k.as_str() != "head.bias") {
+            missing.insert(k.clone(), t.clone());
+        }
+        let err = load_state(tiny().init(&device).unwrap(), &missing, false).unwrap_err().to_string();
+        assert!(err.contains("head.bias") && err.contains("missing.safetensors"), "{err}");
+
+        let mut wrong = state.clone();
+        wrong.insert("head.weight", StateTensor::f32(vec![4, 12], vec![0.0; 48]));
+        let err = load_state(tiny().init(&device).unwrap(), &wrong, false).unwrap_err().to_string();
+        assert!(err.contains("head.weight") && err.contains("[3, 12]") && err.contains("[4, 12]"), "{err}");
+
+        let mut extra = state.clone();
+        extra.insert("blocks.7.attn.qkv.weight", StateTensor::f32(vec![1], vec![0.0]));
+        let err = load_state(tiny().init(&device).unwrap(), &extra, false).unwrap_err().to_string();
+        assert!(err.contains("blocks.7.attn.qkv.weight"), "{err}");
+        assert!(load_state(tiny().init(&device).unwrap(), &extra, true).is_ok());
+
+        let mut int_for_float = state.clone();
+        int_for_float.insert("pos_embed", StateTensor { shape: vec![1, 16, 12], values: Values::I64(vec![0; 192]) });
+        let err = load_state(tiny().init(&device).unwrap(), &int_for_float, false).unwrap_err().to_string();
+        assert!(err.contains("pos_embed"), "{err}");
+
+        // A LayerNorm-only model is not a SLAB model: RepBN keys are unexpected, PRepBN keys missing.
+        let deit = VitConfig { norm: crate::nn::norm::NormKind::layer_norm(1e-6), ..tiny() };
+        assert!(load_state(deit.init(&device).unwrap(), &state, false).is_err());
+    }
+
+    #[test]
+    fn corrupt_files_are_clear_errors() {
+        let device = Device::flex();
+        let bytes = collect_state(&tiny().init(&device).unwrap()).to_safetensors_bytes().unwrap();
+        for cut in [0, 7, 20, bytes.len() / 2, bytes.len() - 1] {
+            let err = StateDict::from_safetensors_bytes(&bytes[..cut], "cut.safetensors".into()).unwrap_err();
+            assert!(err.to_string().contains("cut.safetensors"), "{err}");
+        }
+        let err = StateDict::read_safetensors(std::path::Path::new("/nonexistent/model.safetensors")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/model.safetensors"), "{err}");
+    }
+}

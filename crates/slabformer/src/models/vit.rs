@@ -340,3 +340,91 @@ impl VisionTransformer {
         Ok(self.forward(images))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::trainable_param_count;
+
+    #[test]
+    fn parameter_counts_match_spec() {
+        // SPEC §7.2 item 14 (training form).
+        let cases = [
+            (VitConfig::deit_tiny(), 5_717_416),
+            (VitConfig::deit_small(), 22_050_664),
+            (VitConfig::prepbn_deit_tiny(), 5_717_441),
+            (VitConfig::prepbn_deit_small(), 22_069_889),
+            (VitConfig::slab_deit_tiny(), 6_198_401),
+            (VitConfig::slab_deit_small(), 22_992_641),
+        ];
+        let device = Device::flex();
+        for (config, want) in cases {
+            assert_eq!(config.param_count(), want, "{config:?}");
+            // Parameters are lazy: counting a built model allocates nothing big.
+            let model = config.init(&device).unwrap();
+            assert_eq!(trainable_param_count(&model), want, "{config:?}");
+        }
+    }
+
+    #[test]
+    fn flops_match_published_figures() {
+        // Published GFLOPs (MACs) at 224², SPEC §4.1, given to one decimal: accept 2 % or the
+        // rounding of the last digit, whichever is wider.
+        let cases = [
+            ("deit_tiny", 1.3),
+            ("deit_small", 4.6),
+            ("slab_deit_tiny", 1.1),
+            ("flatten_deit_tiny", 1.1),
+        ];
+        for (name, published) in cases {
+            let ours = crate::models::preset(name).unwrap().macs() as f64 / 1e9;
+            let slack = f64::max(0.02 * published, 0.05);
+            assert!((ours - published).abs() <= slack, "{name}: {ours:.3} G vs {published} G");
+        }
+    }
+
+    #[test]
+    fn every_preset_is_valid_and_names_are_unique() {
+        let mut names: Vec<_> = crate::models::presets().iter().map(|p| p.name).collect();
+        for preset in crate::models::presets() {
+            (preset.config)().validate().unwrap_or_else(|e| panic!("{}: {e}", preset.name));
+        }
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), crate::models::presets().len());
+        assert!(crate::models::preset("no_such_model").is_err());
+    }
+
+    #[test]
+    fn token_grid_follows_the_config_resolution() {
+        // The official SLA hard-codes 14×14; ours takes the grid from img_size / patch_size.
+        let device = Device::flex();
+        let config = VitConfig { img_size: 32, patch_size: 4, embed_dim: 24, depth: 1, num_heads: 2, num_classes: 5, ..VitConfig::slab_deit_tiny() };
+        let model = config.init(&device).unwrap();
+        let logits = model.try_forward(Tensor::zeros([3, 3, 32, 32], &device)).unwrap();
+        assert_eq!(logits.dims(), [3, 5]);
+        let Attention::Linear(attn) = &model.blocks[0].attn else { panic!("SLA") };
+        assert_eq!(attn.positional_encoding.dims(), [1, 64, 24]);
+    }
+
+    #[test]
+    fn bad_inputs_and_configs_are_errors_not_panics() {
+        let device = Device::flex();
+        let config = VitConfig::golden_slab_deit_tiny();
+        let model = config.init(&device).unwrap();
+        for dims in [[2, 3, 64, 64], [2, 1, 56, 56], [0, 3, 56, 56]] {
+            let err = model.try_forward(Tensor::zeros(dims, &device)).unwrap_err();
+            assert!(err.to_string().contains(&format!("{dims:?}")), "{err}");
+        }
+        let bad = [
+            VitConfig { img_size: 50, ..config.clone() },
+            VitConfig { num_heads: 5, ..config.clone() },
+            VitConfig { pool: Pool::ClassToken, ..config.clone() },
+            VitConfig { drop_path_rate: 1.0, ..config.clone() },
+            VitConfig { norm: NormKind::layer_norm(0.0), ..config.clone() },
+        ];
+        for config in bad {
+            assert!(config.init(&device).is_err(), "{config:?}");
+        }
+    }
+}

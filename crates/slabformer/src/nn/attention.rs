@@ -419,3 +419,173 @@ pub fn linear_attention_core_ordered(
     };
     numerator.div(denominator)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+    }
+
+    fn max_abs<const D: usize>(t: Tensor<D>) -> f32 {
+        values(t.abs().max())[0]
+    }
+
+    fn positive(shape: [usize; 4], device: &Device) -> Tensor<4> {
+        relu(Tensor::random(shape, Distribution::Normal(0.0, 1.0), device))
+    }
+
+    #[test]
+    fn order_rule_matches_spec() {
+        // SPEC §7.3 item 16 (c = d = 64).
+        assert!(!linear_order(49, 49, 64, 64));
+        assert!(!linear_order(64, 64, 64, 64)); // a tie is not "greater"
+        assert!(linear_order(65, 65, 64, 64));
+        assert!(linear_order(196, 196, 64, 64));
+    }
+
+    #[test]
+    fn both_orders_compute_the_same_attention() {
+        let device = Device::flex();
+        for n in [16, 49, 64, 65, 196, 3136] {
+            for d in [32, 64] {
+                let [q, k, v] = [0; 3].map(|_| positive([1, 2, n, d], &device));
+                let kv_first = linear_attention_core_ordered(q.clone(), k.clone(), v.clone(), 1e-6, true);
+                let qk_first = linear_attention_core_ordered(q, k, v, 1e-6, false);
+                let scale = max_abs(qk_first.clone());
+                let diff = max_abs(kv_first.sub(qk_first));
+                assert!(diff <= 1e-5 * scale, "n={n} d={d}: {diff} vs scale {scale}");
+            }
+        }
+    }
+
+    #[test]
+    fn sla_cost_is_linear_in_tokens_and_softmax_quadratic() {
+        let config = |kind| AttentionConfig { dim: 192, num_heads: 3, qkv_bias: true, kind, grid: Some([32, 32]) };
+        let sla = config(AttentionKind::sla());
+        let softmax = config(AttentionKind::Softmax);
+        // Attention cores only (projections are linear in N for both).
+        let core = |c: &AttentionConfig, n: usize| c.macs(n) - 4 * (n * 192 * 192) as u64;
+        for n in [1024, 2048, 4096] {
+            assert_eq!(core(&sla, 2 * n), 2 * core(&sla, n), "SLA core at N = {n}");
+            assert_eq!(core(&softmax, 2 * n), 4 * core(&softmax, n), "softmax core at N = {n}");
+        }
+        // DeiT-T layer (h = 3, d = 64, N = 196): linear order, 2·N·d² + 2·N·d per head (+ DWC).
+        let deit = AttentionConfig { grid: Some([14, 14]), ..sla };
+        let per_head = 2 * 196 * 64 * 64 + 2 * 196 * 64;
+        assert_eq!(core(&deit, 196), 3 * (per_head + 25 * 196 * 64));
+    }
+
+    #[test]
+    fn zero_query_rows_give_only_the_conv_term_without_nan() {
+        let device = Device::flex();
+        let mut q = positive([1, 1, 16, 8], &device);
+        q = q.slice_assign([0..1, 0..1, 0..1, 0..8], Tensor::zeros([1, 1, 1, 8], &device));
+        let out = linear_attention_core(q, positive([1, 1, 16, 8], &device), positive([1, 1, 16, 8], &device), 1e-6);
+        let row0 = values(out.clone().narrow(2, 0, 1));
+        assert!(row0.iter().all(|v| *v == 0.0));
+        assert!(values(out).iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn dwc_is_shared_across_heads() {
+        let device = Device::flex();
+        for heads in [1, 2, 4] {
+            let config = AttentionConfig { dim: 64, num_heads: heads, qkv_bias: true, kind: AttentionKind::sla(), grid: Some([4, 4]) };
+            let Attention::Linear(attn) = config.init(&device) else { panic!("SLA is linear") };
+            let d = 64 / heads;
+            assert_eq!(attn.dwc.weight.dims(), [d, 1, 5, 5]);
+            // Permuting heads permutes the DWC outputs the same way.
+            let v = Tensor::<4>::random([1, heads, 16, d], Distribution::Normal(0.0, 1.0), &device);
+            let out = attn.depthwise_branch(v.clone());
+            let flipped = attn.depthwise_branch(v.flip([1]));
+            assert!(max_abs(out.flip([1]).sub(flipped)) < 1e-6);
+        }
+    }
+
+    #[test]
+    fn focusing_keeps_the_norm_and_softplus_zero_is_ln2() {
+        let device = Device::flex();
+        let x = relu(Tensor::<3>::random([2, 5, 16], Distribution::Normal(0.0, 1.0), &device)).add_scalar(1e-6);
+        for p in [3.0, 8.0] {
+            let f = focus_power(x.clone(), p);
+            let norm_x = x.clone().powf_scalar(2.0).sum_dim(2).sqrt();
+            let norm_f = f.powf_scalar(2.0).sum_dim(2).sqrt();
+            assert!(max_abs(norm_f.sub(norm_x.clone()).div(norm_x)) < 1e-5);
+        }
+        let s = values(softplus(Tensor::<1>::zeros([1], &device), 1.0))[0];
+        assert!((s - std::f32::consts::LN_2).abs() < 1e-6);
+    }
+
+    #[test]
+    fn focused_attention_is_a_positive_row_normalised_weighting() {
+        let device = Device::flex();
+        let config = AttentionConfig { dim: 32, num_heads: 2, qkv_bias: true, kind: AttentionKind::focused(), grid: Some([4, 4]) };
+        let Attention::Linear(attn) = config.init(&device) else { panic!("FLatten is linear") };
+        let x = Tensor::<3>::random([2, 16, 32], Distribution::Normal(0.0, 1.0), &device);
+        let qkv = attn.qkv.forward(x).reshape([2, 16, 3, 32]);
+        let theta = attn.scale.as_ref().unwrap().val();
+        let scale = softplus(theta, 1.0);
+        let feature = |i: usize| {
+            let t = qkv.clone().narrow(2, i, 1).reshape([2, 16, 32]);
+            split_heads(focus_power(relu(t).add_scalar(1e-6).div(scale.clone()), 3.0), 2)
+        };
+        let (q, k) = (feature(0), feature(1));
+        // Attention weights of the quadratic form: A_ij = q_i·k_j / Σ_j q_i·k_j.
+        let scores = q.clone().matmul(k.clone().swap_dims(2, 3));
+        assert!(values(scores.clone()).iter().all(|s| *s > 0.0));
+        let weights = scores.clone().div(scores.sum_dim(3));
+        let ones = Tensor::<4>::ones([2, 2, 16, 1], &device);
+        // Rows sum to one; the ε (FLatten: N·1e-6) only guards zero rows, so leave it out here.
+        let row_sums = linear_attention_core(q.clone(), k.clone(), ones, 0.0);
+        assert!(max_abs(row_sums.sub_scalar(1.0)) < 1e-5);
+        // The linear form equals the quadratic one.
+        let v = Tensor::<4>::random([2, 2, 16, 16], Distribution::Normal(0.0, 1.0), &device);
+        let linear_form = linear_attention_core_ordered(q, k, v.clone(), 0.0, true);
+        assert!(max_abs(linear_form.sub(weights.matmul(v))) < 1e-4);
+    }
+
+    #[test]
+    fn relu_over_length_rows_sum_to_one_over_sqrt_two_pi() {
+        // SPEC §7.3 item 21: q, k ~ N(0, 1), s = q·k/√d → mean_i Σ_j ReLU(s_ij)/L → 1/√(2π).
+        let device = Device::flex();
+        let (l, d) = (4096, 64);
+        let q = Tensor::<4>::random([1, 1, l, d], Distribution::Normal(0.0, 1.0), &device);
+        let k = Tensor::<4>::random([1, 1, l, d], Distribution::Normal(0.0, 1.0), &device);
+        let s = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f64).sqrt());
+        let row_sums = relu(s.clone()).div_scalar(l as f64).sum_dim(3);
+        let mean = values(row_sums.mean())[0];
+        assert!((mean - 0.398_942).abs() < 0.01, "{mean}");
+        let softmax_sums = softmax(s, 3).sum_dim(3);
+        assert!(max_abs(softmax_sums.sub_scalar(1.0)) < 1e-5);
+    }
+
+    #[test]
+    fn relu_attention_with_qk_norm_and_gate_has_the_extra_parameters() {
+        let device = Device::flex();
+        let config = AttentionConfig { dim: 48, num_heads: 3, qkv_bias: true, kind: AttentionKind::ReluL { qk_norm: true, gated: true }, grid: None };
+        let attn = config.init(&device);
+        assert_eq!(crate::state::trainable_param_count(&attn), config.param_count());
+        let x = Tensor::<3>::random([2, 10, 48], Distribution::Normal(0.0, 1.0), &device);
+        assert_eq!(attn.try_forward(x).unwrap().dims(), [2, 10, 48]);
+        let keys: Vec<String> = crate::state::collect_state(&attn).keys().cloned().collect();
+        for key in ["q_norm.weight", "k_norm.bias", "gate.weight", "qkv.weight", "proj.bias"] {
+            assert!(keys.iter().any(|k| k == key), "{key} in {keys:?}");
+        }
+    }
+
+    #[test]
+    fn attention_rejects_wrong_shapes_and_configs() {
+        let device = Device::flex();
+        let sla = AttentionConfig { dim: 32, num_heads: 2, qkv_bias: true, kind: AttentionKind::sla(), grid: Some([4, 4]) };
+        let attn = sla.init(&device);
+        let err = attn.try_forward(Tensor::zeros([1, 15, 32], &device)).unwrap_err();
+        assert!(err.to_string().contains("[1, 15, 32]"), "{err}");
+        assert!(attn.try_forward(Tensor::zeros([1, 16, 30], &device)).is_err());
+        assert!(AttentionConfig { num_heads: 3, ..sla }.validate().is_err());
+        assert!(AttentionConfig { grid: None, ..sla }.validate().is_err());
+        assert!(AttentionConfig { kind: AttentionKind::Sla { kernel_size: 4 }, ..sla }.validate().is_err());
+    }
+}

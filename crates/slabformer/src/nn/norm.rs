@@ -379,3 +379,168 @@ impl Norm {
         Ok(self.forward(x))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::set_training;
+    use burn::tensor::Distribution;
+
+    fn autodiff() -> Device {
+        Device::flex().autodiff()
+    }
+
+    fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+    }
+
+    fn max_abs_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        values(a.sub(b).abs().max())[0]
+    }
+
+    fn random(shape: [usize; 3], device: &Device) -> Tensor<3> {
+        Tensor::random(shape, Distribution::Normal(0.5, 2.0), device)
+    }
+
+    /// Random running statistics and affine parameters, so eval-mode maps are non-trivial.
+    fn randomized_repbn(channels: usize, device: &Device) -> RepBN {
+        let mut rep = RepBN::new(channels, 1e-5, RepBnInit::Vision, device);
+        let uniform = |lo, hi| Tensor::<1>::random([channels], Distribution::Uniform(lo, hi), device);
+        rep.alpha = Param::from_tensor(Tensor::from_floats([0.37], device));
+        rep.bn.weight = Param::from_tensor(uniform(0.5, 1.5));
+        rep.bn.bias = Param::from_tensor(uniform(-0.5, 0.5));
+        rep.bn.running_mean = RunningState::new(uniform(-1.0, 1.0));
+        rep.bn.running_var = RunningState::new(uniform(0.5, 2.0));
+        rep
+    }
+
+    #[test]
+    fn batch_norm_training_normalizes_and_updates_unbiased_running_stats() {
+        let device = autodiff();
+        let bn = BatchNorm::new(8, 1e-5, 0.1, 1.0, &device);
+        let x = random([3, 5, 8], &device);
+        let y = bn.forward(x.clone());
+        let flat = y.reshape([15, 8]);
+        let mean = flat.clone().mean_dim(0);
+        let var = flat.clone().sub(mean.clone()).powf_scalar(2.0).mean_dim(0);
+        assert!(values(mean).iter().all(|m| m.abs() < 1e-4));
+        assert!(values(var).iter().all(|v| (v - 1.0).abs() < 1e-3));
+
+        let xs = x.reshape([15, 8]);
+        let batch_mean = xs.clone().mean_dim(0).reshape([8]);
+        let unbiased = xs.sub(batch_mean.clone().reshape([1, 8])).powf_scalar(2.0).sum_dim(0).reshape([8]).div_scalar(14.0);
+        let want_mean = batch_mean.mul_scalar(0.1);
+        let want_var = unbiased.mul_scalar(0.1).add_scalar(0.9);
+        assert!(max_abs_diff(bn.running_mean.value_sync(), want_mean) < 1e-5);
+        assert!(max_abs_diff(bn.running_var.value_sync(), want_var) < 1e-5);
+        assert_eq!(bn.num_batches_tracked.get(), 1);
+    }
+
+    #[test]
+    fn repbn_eval_is_its_affine_form_and_lemma_4_1_holds() {
+        let device = Device::flex();
+        let rep = randomized_repbn(6, &device);
+        let x = random([2, 7, 6], &device);
+        let y = rep.forward(x.clone()); // plain device: eval mode
+        let (a, b) = rep.affine();
+        let affine = x.clone().mul(a.reshape([1, 1, 6])).add(b.reshape([1, 1, 6]));
+        assert!(max_abs_diff(y.clone(), affine) < 1e-5);
+
+        // Lemma 4.1: RepBN(x; μ, σ, γ, β) = BN(x; μ, σ, γ + ησ, β + ημ).
+        let eta = 0.37;
+        let sigma = rep.bn.running_var.value().add_scalar(1e-5).sqrt();
+        let mu = rep.bn.running_mean.value();
+        let mut plain_bn = BatchNorm::new(6, 1e-5, 0.1, 1.0, &device);
+        plain_bn.weight = Param::from_tensor(rep.bn.weight.val().add(sigma.mul_scalar(eta)));
+        plain_bn.bias = Param::from_tensor(rep.bn.bias.val().add(mu.clone().mul_scalar(eta)));
+        plain_bn.running_mean = RunningState::new(mu);
+        plain_bn.running_var = RunningState::new(rep.bn.running_var.value());
+        assert!(max_abs_diff(y, plain_bn.forward(x)) < 1e-5);
+    }
+
+    #[test]
+    fn llama_repbn_starts_at_exactly_zero() {
+        let device = autodiff();
+        let rep = RepBN::new(8, 1e-6, RepBnInit::Llama, &device);
+        let out = rep.forward(random([2, 4, 8], &device));
+        assert!(values(out).iter().all(|v| *v == 0.0));
+    }
+
+    #[test]
+    fn prepbn_counters_follow_the_schedule_and_eval_is_repbn() {
+        let device = autodiff();
+        let schedule = PrepbnSchedule { warm: 3, total: 4, r0: 1.0, decay: Decay::Linear };
+        let norm = LinearNorm::new(8, 1e-6, 1e-5, schedule, &device);
+        let initial_mean = values(norm.norm2.bn.running_mean.value_sync());
+        let x = random([2, 5, 8], &device);
+        for call in 0..10 {
+            assert_eq!(norm.next_phase(), schedule.phase(call), "call {call}");
+            let phase = norm.next_phase();
+            let out = values(norm.forward(x.clone()));
+            if call < 3 {
+                // Warm-up: LayerNorm only, BatchNorm statistics untouched.
+                assert_eq!(phase, Phase::Warm);
+                assert_eq!(values(norm.norm2.bn.running_mean.value_sync()), initial_mean);
+            }
+            if matches!(phase, Phase::Warm | Phase::Mix(1.0)) {
+                assert_eq!(out, values(norm.norm1.forward(x.clone())));
+            }
+            // An eval call in between advances nothing and is RepBN with running statistics.
+            let snapshot = (norm.warm.get(), norm.iter.get());
+            let e = set_training(norm.clone(), false).forward(x.clone());
+            assert_eq!((norm.warm.get(), norm.iter.get()), snapshot);
+            let rep_eval = set_training(norm.norm2.clone(), false).forward(x.clone());
+            assert_eq!(values(e), values(rep_eval));
+        }
+        assert_eq!(norm.next_phase(), Phase::Mix(0.0));
+    }
+
+    #[test]
+    fn prepbn_at_lambda_zero_is_repbn_exactly() {
+        let device = autodiff();
+        let schedule = PrepbnSchedule { warm: 0, total: 1, r0: 1.0, decay: Decay::Linear };
+        let norm = LinearNorm::new(8, 1e-6, 1e-5, schedule, &device);
+        let x = random([2, 5, 8], &device);
+        let _ = norm.forward(x.clone()); // λ = 1, iter → 0
+        assert_eq!(norm.next_phase(), Phase::Mix(0.0));
+        let twin = norm.norm2.clone(); // shares the running statistics
+        let want = RepBN {
+            alpha: twin.alpha.clone(),
+            bn: BatchNorm::new(8, 1e-5, 0.1, 1.0, &device),
+        }
+        .forward(x.clone());
+        let got = norm.forward(x);
+        assert!(max_abs_diff(got, want) < 1e-6);
+    }
+
+    #[test]
+    fn zero_total_builds_pure_repbn() {
+        let device = autodiff();
+        let norm = NormKind::prepbn(1e-6, 0).init(8, &device);
+        assert!(matches!(norm, Norm::RepBN(_)));
+        let out = norm.forward(random([2, 3, 8], &device));
+        assert!(values(out).iter().all(|v| v.is_finite()));
+        assert_eq!(NormKind::prepbn(1e-6, 0).param_count(8), 17);
+    }
+
+    #[test]
+    fn norm_rejects_wrong_width_and_single_token_batches() {
+        let device = autodiff();
+        let norm = NormKind::repbn().init(8, &device);
+        let err = norm.try_forward(random([2, 3, 7], &device)).unwrap_err();
+        assert!(err.to_string().contains("[2, 3, 7]"), "{err}");
+        assert!(norm.try_forward(random([1, 1, 8], &device)).is_err());
+        assert!(NormKind::layer_norm(1e-6).init(8, &device).try_forward(random([1, 1, 8], &device)).is_ok());
+    }
+
+    #[test]
+    fn layer_norm_rows_have_zero_mean_unit_variance() {
+        let device = Device::flex();
+        let ln = LayerNorm::new(64, 1e-6, &device);
+        let y = ln.forward(random([2, 10, 64], &device));
+        let mean = y.clone().mean_dim(2);
+        let var = y.sub(mean.clone()).powf_scalar(2.0).mean_dim(2);
+        assert!(values(mean).iter().all(|m| m.abs() < 1e-5));
+        assert!(values(var).iter().all(|v| (v - 1.0).abs() < 1e-4));
+    }
+}
