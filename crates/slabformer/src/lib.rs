@@ -4,9 +4,11 @@
 //! the model families as config presets, [`state`] the state-dict I/O under official PyTorch key
 //! names.
 
+pub mod data;
 pub mod error;
 pub mod models;
 pub mod nn;
 pub mod state;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -13,6 +13,7 @@ use super::Preset;
 use crate::error::{Error, Result};
 use crate::nn::attention::{Attention, AttentionConfig, AttentionKind, linear};
 use crate::nn::drop_path::DropPath;
+use crate::nn::fuse::fold_into_next_linear;
 use crate::nn::mlp::Mlp;
 use crate::nn::norm::{Norm, NormKind};
 use crate::nn::patch_embed::PatchEmbed;
@@ -284,6 +285,97 @@ impl Block {
         let x = x.clone().add(self.drop_path.forward(self.attn.forward(self.norm1.forward(x))));
         x.clone().add(self.drop_path.forward(self.mlp.forward(self.norm2.forward(x))))
     }
+
+    /// norm1 folded into `attn.qkv`, norm2 into `mlp.fc1`.
+    pub fn fuse(&self) -> Result<DeployBlock> {
+        let not_foldable = || Error::Config("LayerNorm blocks cannot be re-parameterized".into());
+        let (a1, b1) = self.norm1.eval_affine().ok_or_else(not_foldable)?;
+        let (a2, b2) = self.norm2.eval_affine().ok_or_else(not_foldable)?;
+        let qkv = fold_into_next_linear(self.attn.qkv(), a1, b1);
+        Ok(DeployBlock {
+            attn: self.attn.clone().with_qkv(qkv),
+            mlp: Mlp { fc1: fold_into_next_linear(&self.mlp.fc1, a2, b2), fc2: self.mlp.fc2.clone() },
+        })
+    }
+}
+
+/// A block with its norms folded away: `x + attn(x)`, `x + mlp(x)`.
+#[derive(Module, Debug)]
+pub struct DeployBlock {
+    pub attn: Attention,
+    pub mlp: Mlp,
+}
+
+impl DeployBlock {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = x.clone().add(self.attn.forward(x));
+        x.clone().add(self.mlp.forward(x))
+    }
+}
+
+/// The norm-free deploy model made by [`VisionTransformer::fuse`].
+#[derive(Module, Debug)]
+pub struct DeployVit {
+    pub patch_embed: PatchEmbed,
+    pub cls_token: Param<Tensor<3>>,
+    pub pos_embed: Param<Tensor<3>>,
+    pub blocks: Vec<DeployBlock>,
+    pub head: Linear,
+    #[module(skip)]
+    pub config: VitConfig,
+}
+
+impl DeployVit {
+    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        let x = embed(&self.patch_embed, &self.cls_token, &self.pos_embed, self.config.pool, images);
+        let x = self.blocks.iter().fold(x, |x, block| block.forward(x));
+        classify(x, self.config.pool, &self.head)
+    }
+}
+
+/// Patch tokens, with the class token if the head reads it, plus position embeddings.
+fn embed(patch_embed: &PatchEmbed, cls_token: &Param<Tensor<3>>, pos_embed: &Param<Tensor<3>>, pool: Pool, images: Tensor<4>) -> Tensor<3> {
+    let x = patch_embed.forward(images); // (B, N, C)
+    let [b, _, c] = x.dims();
+    let x = match pool {
+        Pool::ClassToken => Tensor::cat(vec![cls_token.val().expand([b, 1, c]), x], 1), // (B, N + 1, C)
+        Pool::Mean => x,
+    };
+    x.add(pos_embed.val())
+}
+
+/// The head on the class token or on the token mean.
+fn classify(x: Tensor<3>, pool: Pool, head: &Linear) -> Tensor<2> {
+    let [b, _, c] = x.dims();
+    let pooled = match pool {
+        Pool::ClassToken => x.narrow(1, 0, 1), // (B, 1, C)
+        Pool::Mean => x.mean_dim(1),           // (B, 1, C)
+    };
+    head.forward(pooled.reshape([b, c])) // (B, num_classes)
+}
+
+/// A model that maps images to logits: trained and deploy forms alike.
+pub trait ImageClassifier: Module {
+    fn config(&self) -> &VitConfig;
+    fn logits(&self, images: Tensor<4>) -> Tensor<2>;
+}
+
+impl ImageClassifier for VisionTransformer {
+    fn config(&self) -> &VitConfig {
+        &self.config
+    }
+    fn logits(&self, images: Tensor<4>) -> Tensor<2> {
+        self.forward(images)
+    }
+}
+
+impl ImageClassifier for DeployVit {
+    fn config(&self) -> &VitConfig {
+        &self.config
+    }
+    fn logits(&self, images: Tensor<4>) -> Tensor<2> {
+        self.forward(images)
+    }
 }
 
 #[derive(Module, Debug)]
@@ -302,27 +394,46 @@ impl VisionTransformer {
     /// Images (B, in_chans, H, W) → logits (B, num_classes). The input must have the configured
     /// size; see [`try_forward`](Self::try_forward) for a checked call.
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        let x = self.patch_embed.forward(images); // (B, N, C)
-        let [b, _, c] = x.dims();
-        let x = match self.config.pool {
-            Pool::ClassToken => {
-                let cls = self.cls_token.val().expand([b, 1, c]);
-                Tensor::cat(vec![cls, x], 1) // (B, N + 1, C)
-            }
-            Pool::Mean => x,
-        };
-        let x = x.add(self.pos_embed.val());
+        let x = embed(&self.patch_embed, &self.cls_token, &self.pos_embed, self.config.pool, images);
         let x = self.blocks.iter().fold(x, |x, block| block.forward(x));
-        let x = self.norm.forward(x);
-        let pooled = match self.config.pool {
-            Pool::ClassToken => x.narrow(1, 0, 1), // (B, 1, C)
-            Pool::Mean => x.mean_dim(1),           // (B, 1, C)
-        };
-        self.head.forward(pooled.reshape([b, c])) // (B, num_classes)
+        classify(self.norm.forward(x), self.config.pool, &self.head)
     }
 
-    /// [`forward`](Self::forward) after checking the input is (B > 0, in_chans, img, img), and
-    /// that training-mode BatchNorm has more than one token to take statistics over.
+    /// The deploy form: every norm folded into the Linear after it (block norms into `qkv` and
+    /// `fc1`, the final norm into the head, which only sees a token average or the class token,
+    /// both linear). Eval-mode outputs are unchanged; needs RepBN/PRepBN norms, as LayerNorm
+    /// computes its statistics online. The deploy model is an inference model: it lives on the
+    /// device without autodiff.
+    pub fn fuse(&self) -> Result<DeployVit> {
+        let model = self.valid();
+        model.fuse_inference()
+    }
+
+    fn fuse_inference(&self) -> Result<DeployVit> {
+        let final_norm = self.norm.eval_affine().ok_or_else(|| {
+            Error::Config("LayerNorm models have no foldable norms: only RepBN/PRepBN models re-parameterize".into())
+        })?;
+        let blocks = self.blocks.iter().map(Block::fuse).collect::<Result<Vec<_>>>()?;
+        let valid = |p: &Param<Tensor<3>>| Param::from_tensor(p.val());
+        Ok(DeployVit {
+            patch_embed: self.patch_embed.clone(),
+            cls_token: valid(&self.cls_token),
+            pos_embed: valid(&self.pos_embed),
+            blocks,
+            head: fold_into_next_linear(&self.head, final_norm.0, final_norm.1),
+            config: self.config.clone(),
+        })
+    }
+
+    /// The phase the first PRepBN layer will compute next (its λ is the one training logs).
+    pub fn prepbn_phase(&self) -> Option<crate::nn::schedule::Phase> {
+        match &self.blocks.first()?.norm1 {
+            Norm::LinearNorm(n) => Some(n.next_phase()),
+            _ => None,
+        }
+    }
+
+    /// [`forward`](Self::forward) after checking the input is (B > 0, in_chans, img, img).
     pub fn try_forward(&self, images: Tensor<4>) -> Result<Tensor<2>> {
         let cfg = &self.config;
         let dims = images.dims();
@@ -405,6 +516,50 @@ mod tests {
         assert_eq!(logits.dims(), [3, 5]);
         let Attention::Linear(attn) = &model.blocks[0].attn else { panic!("SLA") };
         assert_eq!(attn.positional_encoding.dims(), [1, 64, 24]);
+    }
+
+    /// Random BatchNorm statistics, α and affine parameters everywhere, so folding is non-trivial.
+    fn randomize_norms(model: VisionTransformer) -> VisionTransformer {
+        use burn::tensor::Distribution;
+        crate::state::map_float_tensors(model, |key, t| {
+            let n = t.dims()[0];
+            let device = t.device();
+            let uniform = |lo, hi| Tensor::<1>::random([n], Distribution::Uniform(lo, hi), &device);
+            if key.ends_with("running_var") {
+                Some(uniform(0.5, 2.0))
+            } else if key.ends_with("running_mean") || key.ends_with("bias") {
+                Some(uniform(-0.5, 0.5))
+            } else if key.ends_with("alpha") || key.ends_with("norm2.weight") || key.ends_with("bn.weight") {
+                Some(uniform(0.3, 1.5))
+            } else {
+                None
+            }
+        })
+    }
+
+    #[test]
+    fn fused_models_equal_unfused_eval_and_have_no_norms() {
+        use burn::tensor::Distribution;
+        // SPEC §7.2 item 13 for the DeiT family: SLAB (PRepBN + SLA, mean pool) and PRepBN-DeiT
+        // (pure RepBN, class token).
+        let device = Device::flex();
+        let small = |base: VitConfig| VitConfig { img_size: 32, patch_size: 4, embed_dim: 24, depth: 2, num_heads: 2, num_classes: 7, ..base };
+        for config in [small(VitConfig::slab_deit_tiny()), small(VitConfig::prepbn_deit_tiny()), small(VitConfig::prepbn_deit_small())] {
+            let model = randomize_norms(config.init(&device).unwrap());
+            let deploy = model.fuse().unwrap();
+            let keys = crate::state::collect_state(&deploy);
+            assert!(keys.keys().all(|k| !k.contains("norm") && !k.contains("bn.") && !k.contains("alpha")), "{:?}", keys.keys().collect::<Vec<_>>());
+            let images = Tensor::<4>::random([64, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
+            let want = model.forward(images.clone());
+            let got = deploy.forward(images);
+            let scale: f32 = want.clone().abs().max().into_scalar();
+            let diff: f32 = got.clone().sub(want.clone()).abs().max().into_scalar();
+            assert!(diff <= 1e-4 * scale.max(1.0), "{config:?}: {diff} vs max |logit| {scale}");
+            let same_top1: bool = got.argmax(1).equal(want.argmax(1)).all().into_scalar();
+            assert!(same_top1);
+        }
+        let err = VitConfig { depth: 1, ..small(VitConfig::deit_tiny()) }.init(&device).unwrap().fuse().unwrap_err();
+        assert!(err.to_string().contains("LayerNorm"), "{err}");
     }
 
     #[test]

@@ -212,11 +212,23 @@ impl Attention {
     }
 
     pub fn dim(&self) -> usize {
-        let qkv = match self {
+        self.qkv().weight.lazy_shape()[0]
+    }
+
+    /// The input projection, where a preceding norm folds.
+    pub fn qkv(&self) -> &Linear {
+        match self {
             Attention::Dot(a) => &a.qkv,
             Attention::Linear(a) => &a.qkv,
-        };
-        qkv.weight.lazy_shape()[0]
+        }
+    }
+
+    /// The same attention with another input projection.
+    pub fn with_qkv(self, qkv: Linear) -> Self {
+        match self {
+            Attention::Dot(a) => Attention::Dot(DotAttention { qkv, ..a }),
+            Attention::Linear(a) => Attention::Linear(LinearAttention { qkv, ..a }),
+        }
     }
 
     /// Tokens this layer is fixed to (linear kinds), if any.

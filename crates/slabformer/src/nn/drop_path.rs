@@ -1,10 +1,30 @@
 //! Stochastic depth: in training, drop a sample's residual branch with probability `rate` and
 //! scale the kept ones by 1/(1 − rate).
+//!
+//! Masks come from a generator the caller seeds for the current step ([`with_seed`]), so a run is
+//! reproducible and resumable whatever else draws random numbers in the process (burn's own
+//! generator is process-wide). Without one, burn's generator is used.
+
+use std::cell::RefCell;
 
 use burn::module::{Flag, Module, Param};
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Distribution, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_pcg::Pcg64;
 
 use super::is_training;
+
+thread_local! {
+    static STEP_RNG: RefCell<Option<Pcg64>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with drop-path masks drawn from a generator seeded with `seed` (on this thread).
+pub fn with_seed<R>(seed: u64, f: impl FnOnce() -> R) -> R {
+    let previous = STEP_RNG.with(|rng| rng.replace(Some(Pcg64::seed_from_u64(seed))));
+    let result = f();
+    STEP_RNG.with(|rng| *rng.borrow_mut() = previous);
+    result
+}
 
 #[derive(Module, Debug)]
 pub struct DropPath {
@@ -26,7 +46,40 @@ impl DropPath {
         }
         let keep = 1.0 - self.rate;
         let [b, _, _] = x.dims();
-        let mask = Tensor::<3>::random([b, 1, 1], Distribution::Bernoulli(keep), &x.device());
-        x.mul(mask.div_scalar(keep))
+        let device = x.device();
+        let drawn: Option<Vec<f32>> = STEP_RNG.with(|rng| {
+            rng.borrow_mut()
+                .as_mut()
+                .map(|rng| (0..b).map(|_| if rng.random_bool(keep) { (1.0 / keep) as f32 } else { 0.0 }).collect())
+        });
+        let mask = match drawn {
+            Some(values) => Tensor::<3>::from_data(TensorData::new(values, [b, 1, 1]), &device),
+            None => Tensor::<3>::random([b, 1, 1], Distribution::Bernoulli(keep), &device).div_scalar(keep),
+        };
+        x.mul(mask)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+
+    #[test]
+    fn seeded_masks_repeat_and_scale_kept_samples() {
+        let device = Device::flex().autodiff();
+        let drop = DropPath::new(0.5);
+        let x = Tensor::<3>::ones([64, 2, 3], &device);
+        let a: Vec<f32> = with_seed(7, || drop.forward(x.clone())).into_data().try_to_vec().unwrap();
+        let b: Vec<f32> = with_seed(7, || drop.forward(x.clone())).into_data().try_to_vec().unwrap();
+        let c: Vec<f32> = with_seed(8, || drop.forward(x.clone())).into_data().try_to_vec().unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert!(a.iter().all(|v| *v == 0.0 || *v == 2.0));
+        let kept = a.iter().filter(|v| **v == 2.0).count() / 6;
+        assert!((16..=48).contains(&kept), "{kept} of 64 kept");
+        // Off outside training.
+        let plain = Tensor::<3>::ones([4, 2, 3], &Device::flex());
+        assert_eq!(drop.forward(plain.clone()).into_data(), plain.into_data());
     }
 }

@@ -188,6 +188,8 @@ pub struct LinearNorm {
     pub iter: Counter,
     pub total_step: Counter,
     pub training: Param<Flag>,
+    /// Off for the extra micro-batches of an accumulated step (see `set_counter_advance`).
+    pub advance: Param<Flag>,
     pub r0: f64,
     #[module(skip)]
     pub decay: Decay,
@@ -204,6 +206,7 @@ impl LinearNorm {
             iter: Counter::new(schedule.total as i64, device),
             total_step: Counter::new(schedule.total as i64, device),
             training: Param::from_bool(true),
+            advance: Param::from_bool(true),
             r0: schedule.r0,
             decay: schedule.decay,
         }
@@ -228,13 +231,15 @@ impl LinearNorm {
         let phase = self.next_phase();
         match phase {
             Phase::Warm => {
-                self.warm.set(self.warm.get() - 1);
+                if self.advance.is_enabled() {
+                    self.warm.set(self.warm.get() - 1);
+                }
                 self.norm1.forward(x)
             }
             Phase::RepBn => self.norm2.forward(x),
             Phase::Mix(lambda) => {
                 let iter = self.iter.get();
-                if iter > 0 {
+                if iter > 0 && self.advance.is_enabled() {
                     self.iter.set(iter - 1);
                 }
                 let ln = self.norm1.forward(x.clone()).mul_scalar(lambda);
@@ -357,6 +362,16 @@ impl Norm {
             Norm::LayerNorm(n) => n.forward(x),
             Norm::RepBN(n) => n.forward(x),
             Norm::LinearNorm(n) => n.forward(x),
+        }
+    }
+
+    /// The eval-mode map as `(a, b)` with `y = a ⊙ x + b`, for folding into a neighbour; `None`
+    /// for LayerNorm, whose statistics are computed online and cannot be folded.
+    pub fn eval_affine(&self) -> Option<(Tensor<1>, Tensor<1>)> {
+        match self {
+            Norm::LayerNorm(_) => None,
+            Norm::RepBN(n) => Some(n.affine()),
+            Norm::LinearNorm(n) => Some(n.norm2.affine()),
         }
     }
 

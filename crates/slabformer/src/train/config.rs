@@ -1,0 +1,434 @@
+//! Training configuration: TOML files and named presets. Every field has a default (documented
+//! beside it); unknown keys and invalid values are errors that name the key.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::augment::{AugmentConfig, MixConfig};
+use crate::error::{Error, Result};
+use crate::models::{self, VitConfig};
+use crate::nn::norm::NormKind;
+use crate::nn::schedule::Decay;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: ModelSpec,
+    #[serde(default)]
+    pub data: DataConfig,
+    #[serde(default)]
+    pub run: RunConfig,
+    #[serde(default)]
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    #[serde(default)]
+    pub prepbn: PrepbnConfig,
+    #[serde(default)]
+    pub augment: AugmentConfig,
+    #[serde(default)]
+    pub mix: MixConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+}
+
+/// A model preset plus overrides of its fields.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// A name from `slabformer info` (required).
+    pub preset: String,
+    pub img_size: Option<usize>,
+    pub patch_size: Option<usize>,
+    pub in_chans: Option<usize>,
+    pub num_classes: Option<usize>,
+    pub embed_dim: Option<usize>,
+    pub depth: Option<usize>,
+    pub num_heads: Option<usize>,
+    pub mlp_ratio: Option<f64>,
+    pub drop_path_rate: Option<f64>,
+}
+
+impl ModelSpec {
+    /// The preset with the overrides applied (the PRepBN T is set by the trainer).
+    pub fn config(&self) -> Result<VitConfig> {
+        let mut c = models::preset(&self.preset)?;
+        macro_rules! apply {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
+        }
+        apply!(img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, drop_path_rate);
+        Ok(c)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Dataset {
+    /// Raw idx files of Fashion-MNIST in `root` (train and t10k).
+    FashionMnist,
+    /// `root/<class>/<image>` for training and `eval_root/<class>/<image>` for evaluation.
+    Folder,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Default `fashion-mnist`.
+    pub dataset: Dataset,
+    /// Default `data/fashion-mnist`.
+    pub root: PathBuf,
+    /// Evaluation folder for `dataset = "folder"`.
+    pub eval_root: Option<PathBuf>,
+    /// Use only the first N images of each class (small real subsets; default: all).
+    pub train_per_class: Option<usize>,
+    pub eval_per_class: Option<usize>,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dataset: Dataset::FashionMnist,
+            root: PathBuf::from("data/fashion-mnist"),
+            eval_root: None,
+            train_per_class: None,
+            eval_per_class: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Epochs of the cosine schedule (default 300).
+    pub epochs: u64,
+    /// Images per optimizer step (default 1024).
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (default 1); `batch_size` must divide evenly.
+    pub accum_steps: usize,
+    /// Default 256.
+    pub eval_batch_size: usize,
+    /// Final BatchNorm re-calibration epochs: parameters frozen, statistics re-estimated, no
+    /// mixing (default 10, as the paper).
+    pub recalibrate_epochs: u64,
+    /// Exponential moving average of the weights (default off; e.g. 0.9998).
+    pub ema_decay: Option<f64>,
+    /// Seed of data order, augmentation, mixing and drop-path (default 0).
+    pub seed: u64,
+    /// Stop after this many optimizer steps (default: the full schedule); for smoke runs.
+    pub max_steps: Option<u64>,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 300,
+            batch_size: 1024,
+            accum_steps: 1,
+            eval_batch_size: 256,
+            recalibrate_epochs: 10,
+            ema_decay: None,
+            seed: 0,
+            max_steps: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// Base learning rate per 512 images (default 5e-4 → 1e-3 at batch 1024).
+    pub lr: f64,
+    /// Default 0.05.
+    pub weight_decay: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    /// Gradient clipping by global norm (default 5.0; none when absent).
+    pub clip_grad: Option<f64>,
+    /// Key suffixes without weight decay, besides every 1-D tensor (norm weights, biases, α).
+    /// Default: `pos_embed`, `cls_token`, `positional_encoding`. (The official script decays the
+    /// SLA `positional_encoding`; drop it from this list to match.)
+    pub no_decay: Vec<String>,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr: 5e-4,
+            weight_decay: 0.05,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            clip_grad: Some(5.0),
+            no_decay: vec!["pos_embed".into(), "cls_token".into(), "positional_encoding".into()],
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    /// Linear warm-up epochs (default 20).
+    pub warmup_epochs: f64,
+    /// Warm-up start and final learning rates per 512 images (defaults 5e-7, 5e-6).
+    pub warmup_lr: f64,
+    pub min_lr: f64,
+    /// Extra epochs at `min_lr` after the cosine (default 0).
+    pub cooldown_epochs: u64,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self { warmup_epochs: 20.0, warmup_lr: 5e-7, min_lr: 5e-6, cooldown_epochs: 0 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrepbnConfig {
+    /// Decay steps T, in optimizer steps: default 0.8 × the run's steps; 0 = pure RepBN. Must not
+    /// exceed the run (training would end with λ > 0 while eval uses pure RepBN).
+    pub steps: Option<u64>,
+    /// Pure-LayerNorm steps before the decay (default 0).
+    pub warm: u64,
+    /// Default 1.0.
+    pub r0: f64,
+    /// Default linear.
+    pub decay: Decay,
+}
+
+impl Default for PrepbnConfig {
+    fn default() -> Self {
+        Self { steps: None, warm: 0, r0: 1.0, decay: Decay::Linear }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Also checkpoint every N optimizer steps (default: only at epoch ends).
+    pub every_steps: Option<u64>,
+    /// Checkpoints kept (default 3).
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { every_steps: None, keep: 3 }
+    }
+}
+
+/// What validation says about a config beyond hard errors.
+#[derive(Debug, Default)]
+pub struct Validated {
+    pub model: Option<VitConfig>,
+    pub warnings: Vec<String>,
+}
+
+impl TrainConfig {
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::Config(format!("{origin}: {e}")))
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes")
+    }
+
+    /// Micro-batch size.
+    pub fn micro_batch(&self) -> usize {
+        self.run.batch_size / self.run.accum_steps.max(1)
+    }
+
+    pub fn steps_per_epoch(&self, train_len: usize) -> u64 {
+        (train_len / self.run.batch_size) as u64
+    }
+
+    /// Optimizer steps of the whole run (cosine + cooldown), before `max_steps`.
+    pub fn total_steps(&self, train_len: usize) -> u64 {
+        self.steps_per_epoch(train_len) * (self.run.epochs + self.schedule.cooldown_epochs)
+    }
+
+    /// Checks every field and resolves the model with its PRepBN T for a training set of
+    /// `train_len` images.
+    pub fn resolve(&self, train_len: usize) -> Result<Validated> {
+        let err = |m: String| Err(Error::Config(m));
+        let r = &self.run;
+        if r.batch_size == 0 || r.accum_steps == 0 || r.batch_size % r.accum_steps != 0 {
+            return err(format!("run.batch_size ({}) must be a positive multiple of run.accum_steps ({})", r.batch_size, r.accum_steps));
+        }
+        if r.epochs == 0 || r.eval_batch_size == 0 {
+            return err("run.epochs and run.eval_batch_size must be > 0".into());
+        }
+        if train_len < r.batch_size {
+            return err(format!("run.batch_size {} exceeds the {train_len} training images", r.batch_size));
+        }
+        if let Some(d) = r.ema_decay
+            && !(0.0..1.0).contains(&d)
+        {
+            return err(format!("run.ema_decay must lie in [0, 1), got {d}"));
+        }
+        let o = &self.optim;
+        if !(o.lr > 0.0 && o.lr.is_finite()) || o.weight_decay < 0.0 || o.eps <= 0.0 {
+            return err("optim.lr must be > 0, optim.weight_decay ≥ 0 and optim.eps > 0".into());
+        }
+        if o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return err(format!("optim.betas must lie in [0, 1), got {:?}", o.betas));
+        }
+        if o.clip_grad.is_some_and(|c| c <= 0.0) {
+            return err("optim.clip_grad must be > 0 (leave it out to disable clipping)".into());
+        }
+        let s = &self.schedule;
+        if s.warmup_epochs < 0.0 || s.warmup_lr < 0.0 || s.min_lr < 0.0 {
+            return err("schedule values must be ≥ 0".into());
+        }
+        self.augment.validate(self.model.config()?.in_chans)?;
+        self.mix.validate()?;
+        if self.checkpoint.keep == 0 {
+            return err("checkpoint.keep must be ≥ 1".into());
+        }
+
+        let mut model = self.model.config()?;
+        let mut warnings = Vec::new();
+        let total = self.run.max_steps.unwrap_or(u64::MAX).min(self.total_steps(train_len));
+        if let NormKind::Prepbn { schedule, .. } = &mut model.norm {
+            let t = self.prepbn.steps.unwrap_or((total as f64 * 0.8).round() as u64);
+            if t + self.prepbn.warm > total {
+                return err(format!(
+                    "prepbn.steps T = {t} (+ warm {}) exceeds the {total} optimizer steps of this run: training would end with λ > 0 \
+                     while evaluation uses pure RepBN. Use T ≤ {total} (default 0.8 × steps = {}), or 0 for pure RepBN",
+                    self.prepbn.warm,
+                    (total as f64 * 0.8).round() as u64
+                ));
+            }
+            if t > 0 && t < total / 2 {
+                warnings.push(format!(
+                    "prepbn.steps T = {t} is below half of the run ({total} steps): removing LayerNorm early has been reported to \
+                     diverge to NaN; 0.8 × steps = {} is the stable choice",
+                    (total as f64 * 0.8).round() as u64
+                ));
+            }
+            if !(0.0..=1.0).contains(&self.prepbn.r0) {
+                return err(format!("prepbn.r0 must lie in [0, 1], got {}", self.prepbn.r0));
+            }
+            schedule.total = t;
+            schedule.warm = self.prepbn.warm;
+            schedule.r0 = self.prepbn.r0;
+            schedule.decay = self.prepbn.decay;
+        } else if self.prepbn.steps.is_some() {
+            warnings.push(format!("prepbn.steps is set but model `{}` has no PRepBN norm; ignored", self.model.preset));
+        }
+        model.validate()?;
+        Ok(Validated { model: Some(model), warnings })
+    }
+
+    /// Named training presets.
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "fashion-slab" => Ok(Self::fashion_slab()),
+            "imagenet-slab-deit-tiny" => Ok(Self::imagenet("slab_deit_tiny")),
+            "imagenet-deit-tiny" => Ok(Self::imagenet("deit_tiny")),
+            other => Err(Error::Config(format!(
+                "unknown training preset `{other}`; known: fashion-slab, imagenet-slab-deit-tiny, imagenet-deit-tiny"
+            ))),
+        }
+    }
+
+    /// The paper's ImageNet-1K recipe (SPEC §5.1) for a DeiT-family preset; point `data` at an
+    /// image folder.
+    pub fn imagenet(preset: &str) -> Self {
+        Self {
+            model: ModelSpec { preset: preset.into(), ..Default::default() },
+            data: DataConfig { dataset: Dataset::Folder, root: "data/imagenet/train".into(), eval_root: Some("data/imagenet/val".into()), ..Default::default() },
+            run: RunConfig::default(),
+            optim: OptimConfig::default(),
+            schedule: ScheduleConfig::default(),
+            prepbn: PrepbnConfig::default(),
+            augment: AugmentConfig::default(),
+            mix: MixConfig { mixup_alpha: 0.8, cutmix_alpha: 1.0, ..Default::default() },
+            checkpoint: CheckpointConfig::default(),
+        }
+    }
+
+    /// The quickstart: a small SLAB-DeiT (PRepBN + SLA, patch 4 on 28×28) on Fashion-MNIST.
+    pub fn fashion_slab() -> Self {
+        Self {
+            model: ModelSpec {
+                preset: "slab_deit_tiny".into(),
+                img_size: Some(28),
+                patch_size: Some(4),
+                in_chans: Some(1),
+                num_classes: Some(10),
+                embed_dim: Some(64),
+                depth: Some(4),
+                num_heads: Some(2),
+                mlp_ratio: Some(2.0),
+                drop_path_rate: Some(0.0),
+            },
+            data: DataConfig::default(),
+            run: RunConfig { epochs: 4, batch_size: 128, recalibrate_epochs: 1, ..Default::default() },
+            // 3e-3 after the batch/512 scaling: a 4-epoch schedule needs a brisk rate.
+            optim: OptimConfig { lr: 1.2e-2, clip_grad: Some(5.0), ..Default::default() },
+            schedule: ScheduleConfig { warmup_epochs: 0.5, warmup_lr: 1e-5, min_lr: 1e-5, cooldown_epochs: 0 },
+            prepbn: PrepbnConfig::default(),
+            augment: AugmentConfig {
+                random_resized_crop: false,
+                crop_padding: 0,
+                hflip: 0.5,
+                mean: vec![0.2860],
+                std: vec![0.3530],
+                ..Default::default()
+            },
+            mix: MixConfig { label_smoothing: 0.1, ..Default::default() },
+            checkpoint: CheckpointConfig::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let err = TrainConfig::from_toml("[model]\npreset = \"slab_deit_tiny\"\n[run]\nepochz = 3\n", "x.toml").unwrap_err().to_string();
+        assert!(err.contains("epochz") && err.contains("x.toml"), "{err}");
+        let err = TrainConfig::from_toml("[run]\nepochs = 3\n", "x.toml").unwrap_err().to_string();
+        assert!(err.contains("model"), "{err}");
+        let mut c = TrainConfig::fashion_slab();
+        c.run.batch_size = 100;
+        c.run.accum_steps = 3;
+        assert!(c.resolve(60_000).unwrap_err().to_string().contains("accum_steps"));
+        let mut c = TrainConfig::fashion_slab();
+        c.model.preset = "nope".into();
+        assert!(c.resolve(60_000).unwrap_err().to_string().contains("nope"));
+    }
+
+    #[test]
+    fn toml_round_trips_and_defaults_fill_in() {
+        let c = TrainConfig::fashion_slab();
+        assert_eq!(TrainConfig::from_toml(&c.to_toml(), "rt").unwrap(), c);
+        let minimal = TrainConfig::from_toml("[model]\npreset = \"deit_tiny\"\n", "m").unwrap();
+        assert_eq!(minimal.run, RunConfig::default());
+        assert_eq!(minimal.optim, OptimConfig::default());
+    }
+
+    #[test]
+    fn prepbn_steps_default_to_eight_tenths_and_are_checked() {
+        let c = TrainConfig::fashion_slab();
+        let total = c.total_steps(60_000); // 468 steps × 4 epochs
+        assert_eq!(total, 1872);
+        let model = c.resolve(60_000).unwrap().model.unwrap();
+        let NormKind::Prepbn { schedule, .. } = model.norm else { panic!("PRepBN") };
+        assert_eq!(schedule.total, 1498);
+        let mut long = c.clone();
+        long.prepbn.steps = Some(total + 1);
+        let err = long.resolve(60_000).unwrap_err().to_string();
+        assert!(err.contains("λ > 0") && err.contains("1872"), "{err}");
+        let mut short = c.clone();
+        short.prepbn.steps = Some(100);
+        assert!(short.resolve(60_000).unwrap().warnings[0].contains("NaN"));
+        let mut pure = c;
+        pure.prepbn.steps = Some(0);
+        let model = pure.resolve(60_000).unwrap().model.unwrap();
+        assert!(matches!(model.norm, NormKind::Prepbn { schedule, .. } if schedule.total == 0));
+    }
+}

@@ -1,0 +1,422 @@
+//! Training: the SLAB recipe (SPEC §5) on an image set, with evaluation, metrics, plots,
+//! checkpoints and exact resume.
+
+pub mod checkpoint;
+pub mod config;
+pub mod metrics;
+pub mod optim;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::Rng;
+
+use self::checkpoint::Position;
+use self::config::{Dataset, TrainConfig};
+use self::metrics::{EvalRow, Metrics, StepRow};
+use self::optim::{AdamW, Ema, LrSchedule, param_ranks};
+use crate::data::augment::AugmentConfig;
+use crate::data::loader::{Loader, TrainEpoch};
+use crate::data::{ImageSet, Split, derived_rng, fashion_mnist, image_folder};
+use crate::error::{Error, Result};
+use crate::models::vit::ImageClassifier;
+use crate::models::{VisionTransformer, VitConfig};
+use crate::nn::{drop_path, recalibration_mode, set_counter_advance};
+use crate::state::{StateDict, collect_state, float_tensors, load_state};
+
+pub struct Datasets {
+    pub train: Arc<ImageSet>,
+    pub eval: Arc<ImageSet>,
+}
+
+/// The training and evaluation sets a config names.
+pub fn load_datasets(config: &TrainConfig) -> Result<Datasets> {
+    let model = config.model.config()?;
+    let (train, eval) = match config.data.dataset {
+        Dataset::FashionMnist => (fashion_mnist(&config.data.root, Split::Train)?, fashion_mnist(&config.data.root, Split::Test)?),
+        Dataset::Folder => {
+            let eval_root = config
+                .data
+                .eval_root
+                .as_ref()
+                .ok_or_else(|| Error::Config("data.eval_root is required for dataset = \"folder\"".into()))?;
+            // Keep a margin around the crop: images are stored at img_size / eval_crop.
+            let load = (model.img_size as f64 / config.augment.eval_crop).round() as usize;
+            (image_folder(&config.data.root, load)?, image_folder(eval_root, load)?)
+        }
+    };
+    let subset = |set: ImageSet, per_class: Option<usize>| match per_class {
+        Some(n) => set.balanced_subset(n),
+        None => set,
+    };
+    Ok(Datasets {
+        train: Arc::new(subset(train, config.data.train_per_class)),
+        eval: Arc::new(subset(eval, config.data.eval_per_class)),
+    })
+}
+
+pub struct TrainOptions {
+    pub run_dir: PathBuf,
+    pub resume: bool,
+    pub progress: bool,
+    /// Stop right after this optimizer step and its checkpoint, as an interrupted run would
+    /// (used to test resume; `None` runs to the end).
+    pub interrupt_after: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub run_dir: PathBuf,
+    pub steps: u64,
+    pub seconds: f64,
+    pub warnings: Vec<String>,
+    /// The final evaluation of the trained (and re-calibrated) model.
+    pub final_eval: EvalRow,
+    /// The same for its fused deploy form (RepBN/PRepBN models).
+    pub fused_eval: Option<EvalRow>,
+    pub model_path: PathBuf,
+}
+
+/// Soft-target cross-entropy, mean over the batch.
+pub fn soft_cross_entropy(logits: Tensor<2>, targets: Tensor<2>) -> Tensor<1> {
+    log_softmax(logits, 1).mul(targets).sum_dim(1).neg().mean()
+}
+
+/// Top-1 / top-5 accuracy (%) and mean cross-entropy of `model` on `set` (evaluation view).
+pub fn evaluate<M: ImageClassifier>(model: &M, set: &Arc<ImageSet>, augment: &AugmentConfig, batch: usize) -> EvalRow {
+    let inference = model.valid();
+    let device = Device::flex();
+    let cfg = model.config();
+    let size = cfg.img_size;
+    let (mut top1, mut top5, mut loss, mut seen) = (0usize, 0usize, 0.0f64, 0usize);
+    for b in Loader::eval(set.clone(), Arc::new(augment.clone()), size, batch) {
+        let n = b.len();
+        let x = Tensor::<4>::from_data(TensorData::new(b.images, [n, set.channels, size, size]), &device);
+        let logits = inference.logits(x).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 logits");
+        for (row, &label) in logits.chunks(cfg.num_classes).zip(&b.labels) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let log_sum = row.iter().map(|v| ((v - max) as f64).exp()).sum::<f64>().ln() + max as f64;
+            loss += log_sum - row[label as usize] as f64;
+            let rank = row.iter().filter(|&&v| v > row[label as usize]).count();
+            top1 += usize::from(rank == 0);
+            top5 += usize::from(rank < 5);
+        }
+        seen += n;
+    }
+    let pct = |k: usize| 100.0 * k as f64 / seen.max(1) as f64;
+    EvalRow { step: 0, epoch: 0, model: "model".into(), top1: pct(top1), top5: pct(top5), loss: loss / seen.max(1) as f64 }
+}
+
+/// The model file a run leaves: official keys, with its config in the metadata.
+pub fn model_file_bytes(model: &VisionTransformer) -> Result<Vec<u8>> {
+    let mut state = collect_state(model);
+    state.metadata.insert(checkpoint::MODEL_KEY.into(), serde_json::to_string(&model.config).expect("config serializes"));
+    state.to_safetensors_bytes()
+}
+
+fn prefixed(prefix: &str, dict: StateDict, into: &mut StateDict) {
+    for (key, t) in dict.iter() {
+        into.insert(format!("{prefix}{key}"), t.clone());
+    }
+}
+
+/// burn's generator is process-wide: seed it and draw every initial weight under one lock, so
+/// runs in parallel threads (tests) still start from the same weights for the same seed.
+fn initial_model(config: &VitConfig, device: &Device, seed: u64) -> Result<VisionTransformer> {
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    device.seed(seed);
+    let model = config.init(device)?;
+    let _ = float_tensors(&model, None); // materializes the lazily initialized parameters
+    Ok(model)
+}
+
+fn drop_path_seed(seed: u64, step: u64, micro: usize) -> u64 {
+    derived_rng(&[seed, step, micro as u64, 0xD809]).random()
+}
+
+struct Run<'a> {
+    config: &'a TrainConfig,
+    data: &'a Datasets,
+    dir: PathBuf,
+    model_config: VitConfig,
+    device: Device,
+    model: VisionTransformer,
+    optimizer: AdamW,
+    ema: Option<Ema>,
+    metrics: Metrics,
+    position: Position,
+    config_toml: String,
+    last_checkpoint: Option<PathBuf>,
+}
+
+impl Run<'_> {
+    fn checkpoint(&mut self) -> Result<()> {
+        let mut dict = StateDict::new("checkpoint");
+        prefixed("model.", collect_state(&self.model), &mut dict);
+        prefixed("", self.optimizer.state(), &mut dict);
+        if let Some(ema) = &self.ema {
+            prefixed("", ema.state(), &mut dict);
+        }
+        self.last_checkpoint = Some(checkpoint::save(&self.dir, dict, self.position, &self.config_toml, self.config.checkpoint.keep)?);
+        self.metrics.write(&self.dir)
+    }
+
+    fn restore(&mut self, path: &Path) -> Result<()> {
+        let (dict, position, stored_config) = checkpoint::load(path)?;
+        if stored_config != self.config_toml {
+            return Err(Error::Config(format!(
+                "{} was written with another training config; resume with that config (it is stored in the checkpoint)",
+                path.display()
+            )));
+        }
+        let model = self.model.clone();
+        self.model = load_state(model, &dict.subset("model"), false)?.0;
+        let inner = self.device.clone().without_autodiff();
+        self.optimizer.load_state(&dict, position.step, &inner)?;
+        if let Some(ema) = &mut self.ema {
+            ema.load_state(&dict, &inner)?;
+        }
+        let csv = self.dir.join("metrics.csv");
+        if csv.exists() {
+            let text = std::fs::read_to_string(&csv).map_err(|source| Error::Io { path: csv.clone(), source })?;
+            self.metrics = Metrics::from_csv(&text, &csv)?;
+            self.metrics.truncate_after(position.step);
+        }
+        self.position = position;
+        self.last_checkpoint = Some(path.to_path_buf());
+        Ok(())
+    }
+
+    fn nan_error(&self, what: &str, value: f64, lr: f64, lambda: Option<f64>) -> Error {
+        let t = match self.model_config.norm {
+            crate::nn::norm::NormKind::Prepbn { schedule, .. } => format!(
+                "; or the PRepBN decay is too short (prepbn.steps T = {}, λ = {}): LayerNorm removed too early diverges, try T ≈ 0.8 × the run",
+                schedule.total,
+                lambda.map_or("-".into(), |l| format!("{l:.4}"))
+            ),
+            _ => String::new(),
+        };
+        Error::Training(format!(
+            "{what} is {value} at step {} (epoch {}). Last good checkpoint: {}. Likely cause: the learning rate is too high (lr {lr:.3e} at this step, optim.lr = {}){t}",
+            self.position.step + 1,
+            self.position.epoch,
+            self.last_checkpoint.as_ref().map_or("none yet".into(), |p| p.display().to_string()),
+            self.config.optim.lr,
+        ))
+    }
+
+    fn evaluate_all(&mut self, label: &str) -> EvalRow {
+        let cfg = self.config;
+        let mut row = evaluate(&self.model, &self.data.eval, &cfg.augment, cfg.run.eval_batch_size);
+        (row.step, row.epoch, row.model) = (self.position.step, self.position.epoch, label.into());
+        self.metrics.evals.push(row.clone());
+        // The deploy model (norms folded away), for models whose norms fold.
+        if let Ok(deploy) = self.model.fuse() {
+            let mut f = evaluate(&deploy, &self.data.eval, &cfg.augment, cfg.run.eval_batch_size);
+            (f.step, f.epoch, f.model) = (self.position.step, self.position.epoch, "fused".into());
+            self.metrics.evals.push(f);
+        }
+        if let Some(ema) = &self.ema {
+            let averaged = ema.apply(self.model.clone());
+            let mut e = evaluate(&averaged, &self.data.eval, &cfg.augment, cfg.run.eval_batch_size);
+            (e.step, e.epoch, e.model) = (self.position.step, self.position.epoch, "ema".into());
+            self.metrics.evals.push(e);
+        }
+        row
+    }
+}
+
+/// Trains `config` on `data` into `options.run_dir` (or continues the run there).
+pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> Result<Summary> {
+    let started = Instant::now();
+    let train_len = data.train.len();
+    let resolved = config.resolve(train_len)?;
+    let model_config = resolved.model.expect("resolve gives the model");
+    if data.train.channels != model_config.in_chans || data.eval.channels != model_config.in_chans {
+        return Err(Error::Config(format!("the data has {} channels, the model expects {}", data.train.channels, model_config.in_chans)));
+    }
+    if data.train.classes.len() != model_config.num_classes {
+        return Err(Error::Config(format!("the data has {} classes, the model has {} outputs (model.num_classes)", data.train.classes.len(), model_config.num_classes)));
+    }
+    let dir = options.run_dir.clone();
+    if !options.resume && dir.exists() && std::fs::read_dir(&dir).map(|mut d| d.next().is_some()).unwrap_or(false) {
+        return Err(Error::Config(format!("{} already holds a run; not overwriting it (use --resume, or another --out)", dir.display())));
+    }
+    let device = Device::flex().autodiff();
+    let model = initial_model(&model_config, &device, config.run.seed)?;
+    let ranks = param_ranks(&model);
+    let ema = config.run.ema_decay.map(|d| Ema::new(d, &model));
+    let mut run = Run {
+        config,
+        data,
+        dir: dir.clone(),
+        model_config: model_config.clone(),
+        device: device.clone(),
+        model,
+        optimizer: AdamW::new(config.optim.clone()),
+        ema,
+        metrics: Metrics::default(),
+        position: Position::default(),
+        config_toml: config.to_toml(),
+        last_checkpoint: None,
+    };
+    if options.resume {
+        let latest = checkpoint::latest(&dir).ok_or_else(|| Error::Config(format!("no checkpoint under {} to resume from", checkpoint::checkpoint_dir(&dir).display())))?;
+        run.restore(&latest)?;
+    } else {
+        checkpoint::write_atomic(&dir.join("config.toml"), run.config_toml.as_bytes())?;
+    }
+
+    let steps_per_epoch = config.steps_per_epoch(train_len);
+    let train_epochs = config.run.epochs + config.schedule.cooldown_epochs;
+    let total_steps = config.run.max_steps.unwrap_or(u64::MAX).min(config.total_steps(train_len));
+    let schedule = LrSchedule::new(&config.optim, &config.schedule, config.run.batch_size, steps_per_epoch, config.run.epochs);
+    let (accum, micro, size) = (config.run.accum_steps, config.micro_batch(), model_config.img_size);
+    let (channels, classes) = (data.train.channels, model_config.num_classes);
+    let augment = Arc::new(config.augment.clone());
+    let mix = Arc::new(config.mix.clone());
+    let recal_epochs = config.run.recalibrate_epochs;
+
+    let bar = if options.progress { ProgressBar::new(total_steps) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:28.cyan/blue} {pos}/{len} steps [{elapsed_precise} < {eta_precise}] {msg}")
+            .expect("valid template"),
+    );
+    bar.set_position(run.position.step);
+
+    while run.position.epoch < train_epochs && run.position.step < total_steps {
+        let epoch = run.position.epoch;
+        let mut loader = Loader::train(TrainEpoch {
+            set: data.train.clone(),
+            augment: augment.clone(),
+            mix: Some(mix.clone()),
+            size,
+            batch: micro,
+            seed: config.run.seed,
+            epoch,
+            skip: run.position.step_in_epoch as usize * accum,
+        });
+        while run.position.step_in_epoch < steps_per_epoch && run.position.step < total_steps {
+            let step_started = Instant::now();
+            let lr = schedule.at(run.position.step);
+            let lambda = run.model.prepbn_phase().map(|p| p.lambda() as f64);
+            let mut grads: BTreeMap<String, Tensor<1>> = BTreeMap::new();
+            let mut loss_sum = 0.0;
+            for m in 0..accum {
+                let batch = loader.next().expect("the loader yields every batch of the epoch");
+                if accum > 1 {
+                    run.model = set_counter_advance(run.model.clone(), m == 0);
+                }
+                let n = batch.len();
+                let x = Tensor::<4>::from_data(TensorData::new(batch.images, [n, channels, size, size]), &device);
+                let targets = Tensor::<2>::from_data(TensorData::new(batch.targets, [n, classes]), &device);
+                let logits = drop_path::with_seed(drop_path_seed(config.run.seed, run.position.step, m), || run.model.forward(x));
+                let loss = soft_cross_entropy(logits, targets);
+                let loss = if accum > 1 { loss.div_scalar(accum as f64) } else { loss };
+                let backward = loss.backward();
+                let value = loss.into_scalar::<f32>() as f64;
+                if !value.is_finite() {
+                    return Err(run.nan_error("the loss", value, lr, lambda));
+                }
+                loss_sum += value;
+                for (key, g) in float_tensors(&run.model, Some(&backward)) {
+                    let g = match grads.remove(&key) {
+                        Some(sum) => sum.add(g),
+                        None => g,
+                    };
+                    grads.insert(key, g);
+                }
+            }
+            let grad_norm = run.optimizer.clip(&mut grads);
+            if !grad_norm.is_finite() {
+                return Err(run.nan_error("the gradient norm", grad_norm, lr, lambda));
+            }
+            run.model = run.optimizer.step(run.model.clone(), &grads, &ranks, lr);
+            if let Some(ema) = &mut run.ema {
+                ema.update(&run.model);
+            }
+            run.position.step += 1;
+            run.position.step_in_epoch += 1;
+            let images_per_s = config.run.batch_size as f64 / step_started.elapsed().as_secs_f64();
+            run.metrics.steps.push(StepRow { step: run.position.step, epoch, loss: loss_sum, lr, lambda, grad_norm, images_per_s });
+            bar.set_position(run.position.step);
+            bar.set_message(format!(
+                "epoch {} loss {loss_sum:.4} lr {lr:.2e} λ {} {images_per_s:.0} img/s",
+                epoch + 1,
+                lambda.map_or("-".into(), |l| format!("{l:.3}"))
+            ));
+            if config.checkpoint.every_steps.is_some_and(|n| run.position.step % n == 0) && run.position.step_in_epoch < steps_per_epoch {
+                run.checkpoint()?;
+            }
+            if options.interrupt_after == Some(run.position.step) {
+                return Err(Error::Training(format!("interrupted after step {}", run.position.step)));
+            }
+        }
+        drop(loader);
+        if run.position.step_in_epoch == steps_per_epoch {
+            run.position.epoch += 1;
+            run.position.step_in_epoch = 0;
+        }
+        let row = run.evaluate_all("model");
+        bar.println(format!(
+            "epoch {:>3}: top-1 {:.2} %, top-5 {:.2} %, eval loss {:.4}, step {}",
+            epoch + 1,
+            row.top1,
+            row.top5,
+            row.loss,
+            run.position.step
+        ));
+        run.checkpoint()?;
+    }
+    bar.finish_and_clear();
+
+    // BatchNorm re-calibration (SPEC §2.7): frozen parameters, statistics re-estimated with the
+    // training augmentation and no mixing.
+    let finished_training = run.position.epoch >= train_epochs;
+    if finished_training && recal_epochs > 0 && run.position.epoch < train_epochs + recal_epochs {
+        let model = recalibration_mode(run.model.clone().no_grad());
+        while run.position.epoch < train_epochs + recal_epochs {
+            let loader = Loader::train(TrainEpoch {
+                set: data.train.clone(),
+                augment: augment.clone(),
+                mix: None,
+                size,
+                batch: config.run.batch_size,
+                seed: config.run.seed,
+                epoch: run.position.epoch,
+                skip: 0,
+            });
+            for batch in loader {
+                let n = batch.len();
+                let x = Tensor::<4>::from_data(TensorData::new(batch.images, [n, channels, size, size]), &device);
+                let _ = model.forward(x);
+            }
+            run.position.epoch += 1;
+            run.model = model.clone();
+            let row = run.evaluate_all("recalibrated");
+            if options.progress {
+                println!("BN re-calibration epoch {}/{recal_epochs}: top-1 {:.2} %, top-5 {:.2} %", run.position.epoch - train_epochs, row.top1, row.top5);
+            }
+            run.checkpoint()?;
+        }
+    }
+
+    let mut final_eval = evaluate(&run.model, &data.eval, &config.augment, config.run.eval_batch_size);
+    (final_eval.step, final_eval.epoch, final_eval.model) = (run.position.step, run.position.epoch, "final".into());
+    let fused_eval = run.model.fuse().ok().map(|deploy| {
+        let mut e = evaluate(&deploy, &data.eval, &config.augment, config.run.eval_batch_size);
+        (e.step, e.epoch, e.model) = (run.position.step, run.position.epoch, "final-fused".into());
+        e
+    });
+    let model_path = dir.join("model.safetensors");
+    checkpoint::write_atomic(&model_path, &model_file_bytes(&run.model)?)?;
+    run.metrics.write(&dir)?;
+    Ok(Summary { run_dir: dir, steps: run.position.step, seconds: started.elapsed().as_secs_f64(), warnings: resolved.warnings, final_eval, fused_eval, model_path })
+}
