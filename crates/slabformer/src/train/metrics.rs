@@ -101,7 +101,7 @@ impl Metrics {
 
     /// Four panels over optimizer steps: training loss, evaluation top-1/top-5, learning rate, λ.
     pub fn plot(&self, path: &Path) -> Result<()> {
-        let tmp = path.with_file_name(format!(".{}.tmp.png", std::process::id()));
+        let tmp = path.with_file_name(format!(".plot-{}.tmp.png", super::checkpoint::unique_suffix()));
         self.draw(&tmp).map_err(|e| Error::Data { path: path.to_path_buf(), reason: format!("plotting failed: {e}") })?;
         std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
     }
