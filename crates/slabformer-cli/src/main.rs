@@ -61,6 +61,38 @@ enum Command {
         #[arg(long)]
         print_config: bool,
     },
+    /// Import an official PyTorch checkpoint (.pth) into a slabformer model file.
+    Import {
+        /// The official checkpoint (state_dict, or {"model": state_dict}).
+        #[arg(long = "from")]
+        from: PathBuf,
+        /// The preset it is a checkpoint of.
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing --out file.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Fold every RepBN into its neighbouring Linear: a norm-free deploy model file.
+    Fuse {
+        /// A trained model file.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Top-5 classes for PNG/JPEG images, with the preprocessing the model was trained with.
+    Predict {
+        /// A model file (trained or fused).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
     /// The main job: fetch Fashion-MNIST if missing, train a small SLAB-DeiT, evaluate it.
     Quickstart {
         #[arg(long, default_value = "runs/quickstart")]
@@ -110,6 +142,9 @@ fn run(cli: Cli) -> Result<()> {
             train(&config, out, resume)?;
         }
         Command::Quickstart { out, data } => quickstart(out, data)?,
+        Command::Import { from, model, out, overwrite } => import(&from, &model, &out, overwrite)?,
+        Command::Fuse { model, out, overwrite } => fuse(&model, &out, overwrite)?,
+        Command::Predict { model, images } => predict(&model, &images)?,
     }
     Ok(())
 }
@@ -252,5 +287,45 @@ fn quickstart(out: PathBuf, data: PathBuf) -> Result<()> {
     config.data.root = data;
     let summary = train(&config, out, false)?;
     println!("quickstart: test top-1 {:.2} % in {:.1} min", summary.final_eval.top1, started.elapsed().as_secs_f64() / 60.0);
+    Ok(())
+}
+
+fn import(from: &Path, preset: &str, out: &Path, overwrite: bool) -> Result<()> {
+    let config = models::preset(preset)?;
+    let state = slabformer::deploy::import::read_pytorch(from)?;
+    let model = config.init(&Device::flex())?;
+    let (model, report) = slabformer::state::load_state(model, &state, false)
+        .with_context(|| format!("{} does not fit `{preset}`", from.display()))?;
+    let preprocess = slabformer::deploy::model_file::Preprocess::imagenet(config.in_chans);
+    slabformer::deploy::model_file::save_model(out, &model, &preprocess, overwrite)?;
+    println!("imported {} tensors of {} into {} ({preset}, {} parameters)", report.loaded, from.display(), out.display(), trainable_param_count(&model));
+    Ok(())
+}
+
+fn fuse(input: &Path, out: &Path, overwrite: bool) -> Result<()> {
+    let (model, preprocess) = slabformer::deploy::model_file::load_model(input, &Device::flex())?;
+    let slabformer::deploy::model_file::LoadedModel::Trained(model) = model else {
+        anyhow::bail!("{} is already a fused deploy model", input.display());
+    };
+    let deploy = model.fuse()?;
+    slabformer::deploy::model_file::save_deploy(out, &deploy, &preprocess, overwrite)?;
+    println!(
+        "fused {} → {}: {} → {} parameters, no normalization layers left",
+        input.display(),
+        out.display(),
+        trainable_param_count(&model),
+        trainable_param_count(&deploy)
+    );
+    Ok(())
+}
+
+fn predict(model_path: &Path, images: &[PathBuf]) -> Result<()> {
+    let (model, preprocess) = slabformer::deploy::model_file::load_model(model_path, &Device::flex())?;
+    for path in images {
+        println!("{}:", path.display());
+        for (class, p) in slabformer::deploy::predict::top_k(&model, &preprocess, path, 5)? {
+            println!("  {:>6.2} %  {class}", p * 100.0);
+        }
+    }
     Ok(())
 }

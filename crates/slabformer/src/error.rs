@@ -33,6 +33,8 @@ pub enum Error {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
+    #[error("{origin}: {} problems:\n  - {}", problems.len(), problems.join("\n  - "))]
+    StateMismatch { origin: String, problems: Vec<String> },
     #[error("{origin}: `{key}` has dtype {found}, expected {expected}")]
     DType {
         origin: String,

@@ -5,6 +5,7 @@
 //! names.
 
 pub mod data;
+pub mod deploy;
 pub mod error;
 pub mod models;
 pub mod nn;

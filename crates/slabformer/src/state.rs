@@ -432,26 +432,35 @@ pub fn load_state<M: Module>(module: M, dict: &StateDict, allow_unused: bool) ->
         errors: Vec::new(),
     };
     let module = module.map(&mut loader);
-    if let Some(error) = loader.errors.into_iter().next() {
-        return Err(error);
-    }
-    if !loader.missing.is_empty() {
-        return Err(Error::MissingKeys {
-            origin: dict.origin.clone(),
-            count: loader.missing.len(),
-            keys: loader.missing.join(", "),
-        });
-    }
     let unused: Vec<String> = dict
         .keys()
         .filter(|k| !loader.used.contains(*k))
         .cloned()
         .collect();
+    let mut errors = loader.errors;
+    if !loader.missing.is_empty() {
+        errors.push(Error::MissingKeys {
+            origin: dict.origin.clone(),
+            count: loader.missing.len(),
+            keys: loader.missing.join(", "),
+        });
+    }
     if !unused.is_empty() && !allow_unused {
-        return Err(Error::UnexpectedKeys {
+        errors.push(Error::UnexpectedKeys {
             origin: dict.origin.clone(),
             count: unused.len(),
             keys: unused.join(", "),
+        });
+    }
+    // One problem is reported as itself; several together, so a foreign file is explained at once.
+    if errors.len() == 1 {
+        return Err(errors.remove(0));
+    }
+    if !errors.is_empty() {
+        let prefix = format!("{}: ", dict.origin);
+        return Err(Error::StateMismatch {
+            origin: dict.origin.clone(),
+            problems: errors.iter().map(|e| e.to_string().trim_start_matches(&prefix).to_string()).collect(),
         });
     }
     Ok((

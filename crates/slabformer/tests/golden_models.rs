@@ -36,3 +36,29 @@ fn slab_deit_tiny_matches_official_train_step_and_eval() {
     let logits = inference.forward(g.tensor("input.x", &plain()).unwrap());
     assert_tensor("inference logits", logits, &g, "output.eval", Tol::Output);
 }
+
+#[test]
+fn official_checkpoint_imports_and_reproduces_logits_trained_and_fused() {
+    let dir = golden_dir().join("checkpoints");
+    let state = slabformer::deploy::import::read_pytorch(&dir.join("slab_deit_tiny_official.pth"))
+        .unwrap_or_else(|e| panic!("import failed: {e}"));
+    let g = slabformer::state::StateDict::read_safetensors(&dir.join("slab_deit_tiny_official_logits.safetensors")).unwrap();
+    let device = plain();
+    let model = VitConfig::slab_deit_tiny().init(&device).unwrap();
+    let (model, report) = load_state(model, &state, false).unwrap();
+    assert_eq!(report.loaded, state.len());
+    let images = g.tensor::<4>("input.x", &device).unwrap();
+    assert_tensor("imported eval logits", model.forward(images.clone()), &g, "output.eval", Tol::Output);
+    let deploy = model.fuse().unwrap();
+    assert_tensor("fused eval logits", deploy.forward(images), &g, "output.eval", Tol::Output);
+}
+
+#[test]
+fn a_truncated_official_checkpoint_is_refused() {
+    let bytes = std::fs::read(golden_dir().join("checkpoints/slab_deit_tiny_official.pth")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.pth");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let err = slabformer::deploy::import::read_pytorch(&cut).unwrap_err().to_string();
+    assert!(err.contains("cut.pth"), "{err}");
+}

@@ -225,18 +225,28 @@ pub fn image_folder(root: &Path, size: usize) -> Result<ImageSet> {
 
 /// One image file as RGB bytes (3, size, size), resized with a bilinear filter.
 pub fn load_image(path: &Path, size: usize) -> Result<Vec<u8>> {
+    load_image_channels(path, size, 3)
+}
+
+/// One image file as (channels, size, size) bytes: 3 for RGB, 1 for luma.
+pub fn load_image_channels(path: &Path, size: usize, channels: usize) -> Result<Vec<u8>> {
     let image = image::open(path).map_err(|e| data_error(path, format!("cannot decode image: {e}")))?;
-    let rgb = image
-        .resize_exact(size as u32, size as u32, image::imageops::FilterType::Triangle)
-        .to_rgb8();
-    let (hw, raw) = (size * size, rgb.into_raw());
-    let mut chw = vec![0u8; 3 * hw];
-    for (i, px) in raw.chunks_exact(3).enumerate() {
-        for c in 0..3 {
-            chw[c * hw + i] = px[c];
+    let resized = image.resize_exact(size as u32, size as u32, image::imageops::FilterType::Triangle);
+    let hw = size * size;
+    match channels {
+        1 => Ok(resized.to_luma8().into_raw()),
+        3 => {
+            let raw = resized.to_rgb8().into_raw();
+            let mut chw = vec![0u8; 3 * hw];
+            for (i, px) in raw.chunks_exact(3).enumerate() {
+                for c in 0..3 {
+                    chw[c * hw + i] = px[c];
+                }
+            }
+            Ok(chw)
         }
+        other => Err(data_error(path, format!("models with {other} input channels take no image files"))),
     }
-    Ok(chw)
 }
 
 #[cfg(test)]

@@ -11,7 +11,6 @@ use crate::state::StateDict;
 
 pub const POSITION_KEY: &str = "slabformer.position";
 pub const CONFIG_KEY: &str = "slabformer.train_config";
-pub const MODEL_KEY: &str = "slabformer.model";
 
 /// Where a run stands: enough, with the derived-randomness data pipeline, to continue exactly.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -22,6 +22,7 @@ use self::config::{Dataset, TrainConfig};
 use self::metrics::{EvalRow, Metrics, StepRow};
 use self::optim::{AdamW, Ema, LrSchedule, param_ranks};
 use crate::data::augment::AugmentConfig;
+use crate::deploy::model_file::{Preprocess, save_model};
 use crate::data::loader::{Loader, TrainEpoch};
 use crate::data::{ImageSet, Split, derived_rng, fashion_mnist, image_folder};
 use crate::error::{Error, Result};
@@ -111,13 +112,6 @@ pub fn evaluate<M: ImageClassifier>(model: &M, set: &Arc<ImageSet>, augment: &Au
     }
     let pct = |k: usize| 100.0 * k as f64 / seen.max(1) as f64;
     EvalRow { step: 0, epoch: 0, model: "model".into(), top1: pct(top1), top5: pct(top5), loss: loss / seen.max(1) as f64 }
-}
-
-/// The model file a run leaves: official keys, with its config in the metadata.
-pub fn model_file_bytes(model: &VisionTransformer) -> Result<Vec<u8>> {
-    let mut state = collect_state(model);
-    state.metadata.insert(checkpoint::MODEL_KEY.into(), serde_json::to_string(&model.config).expect("config serializes"));
-    state.to_safetensors_bytes()
 }
 
 fn prefixed(prefix: &str, dict: StateDict, into: &mut StateDict) {
@@ -416,7 +410,13 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
         e
     });
     let model_path = dir.join("model.safetensors");
-    checkpoint::write_atomic(&model_path, &model_file_bytes(&run.model)?)?;
+    let preprocess = Preprocess {
+        mean: config.augment.mean.clone(),
+        std: config.augment.std.clone(),
+        eval_crop: config.augment.eval_crop,
+        classes: data.train.classes.clone(),
+    };
+    save_model(&model_path, &run.model, &preprocess, true)?;
     run.metrics.write(&dir)?;
     Ok(Summary { run_dir: dir, steps: run.position.step, seconds: started.elapsed().as_secs_f64(), warnings: resolved.warnings, final_eval, fused_eval, model_path })
 }
