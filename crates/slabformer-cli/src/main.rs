@@ -93,6 +93,16 @@ enum Command {
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
+    /// Export a model file's fused deploy form to ONNX (opset 17, dynamic batch).
+    ExportOnnx {
+        /// A model file (trained: it is fused first; or already fused).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        overwrite: bool,
+    },
     /// The main job: fetch Fashion-MNIST if missing, train a small SLAB-DeiT, evaluate it.
     Quickstart {
         #[arg(long, default_value = "runs/quickstart")]
@@ -145,6 +155,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Import { from, model, out, overwrite } => import(&from, &model, &out, overwrite)?,
         Command::Fuse { model, out, overwrite } => fuse(&model, &out, overwrite)?,
         Command::Predict { model, images } => predict(&model, &images)?,
+        Command::ExportOnnx { model, out, overwrite } => export_onnx(&model, &out, overwrite)?,
     }
     Ok(())
 }
@@ -327,5 +338,17 @@ fn predict(model_path: &Path, images: &[PathBuf]) -> Result<()> {
             println!("  {:>6.2} %  {class}", p * 100.0);
         }
     }
+    Ok(())
+}
+
+fn export_onnx(input: &Path, out: &Path, overwrite: bool) -> Result<()> {
+    use slabformer::deploy::model_file::{LoadedModel, load_model};
+    let (model, _) = load_model(input, &Device::flex())?;
+    let deploy = match model {
+        LoadedModel::Trained(m) => m.fuse()?,
+        LoadedModel::Deploy(m) => m,
+    };
+    slabformer::deploy::onnx::export(&deploy, out, overwrite)?;
+    println!("exported the fused model of {} to {} (ONNX opset {})", input.display(), out.display(), slabformer::deploy::onnx::OPSET);
     Ok(())
 }

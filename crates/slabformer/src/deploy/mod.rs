@@ -3,4 +3,5 @@
 
 pub mod import;
 pub mod model_file;
+pub mod onnx;
 pub mod predict;

@@ -1,0 +1,130 @@
+//! The exported ONNX file, run by ONNX Runtime (Python `onnxruntime`, which `.ci/run` installs
+//! in `.ci/venv`; `$SLABFORMER_PYTHON` names another interpreter), gives slabformer's logits.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use burn::tensor::{Device, Distribution, Tensor};
+use slabformer::deploy::onnx::export;
+use slabformer::models::{Pool, VitConfig};
+use slabformer::models::vit::DeployVit;
+use slabformer::nn::attention::AttentionKind;
+use slabformer::state::map_float_tensors;
+
+/// `$SLABFORMER_PYTHON`, else `.ci/venv` (made with the pinned onnxruntime from PyPI on first use,
+/// exactly as `.ci/run` makes it).
+fn python() -> PathBuf {
+    static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            if let Some(p) = std::env::var_os("SLABFORMER_PYTHON") {
+                return PathBuf::from(p);
+            }
+            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+            let python = root.join(".ci/venv/bin/python");
+            let ready = |p: &Path| Command::new(p).args(["-c", "import onnxruntime, numpy"]).status().is_ok_and(|s| s.success());
+            if !ready(&python) {
+                let status = Command::new("bash").arg(root.join(".ci/python-env")).status();
+                assert!(status.is_ok_and(|s| s.success()), "could not set up .ci/venv with onnxruntime (see .ci/python-env)");
+            }
+            python
+        })
+        .clone()
+}
+
+/// A fused model of `config` with random BatchNorm statistics and α, so the folds matter, and
+/// weights at a scale that gives O(1) logits (timm's 0.02-std init gives tiny ones, against which
+/// a 1e-4 tolerance would prove little).
+fn deploy(config: VitConfig) -> DeployVit {
+    let device = Device::flex();
+    let model = map_float_tensors(config.init(&device).unwrap(), |key, t| {
+        let n = t.dims()[0];
+        let uniform = |lo, hi| Tensor::<1>::random([n], Distribution::Uniform(lo, hi), &t.device());
+        if key.ends_with("running_var") {
+            Some(uniform(0.5, 2.0))
+        } else if key.ends_with("running_mean") || key.ends_with("alpha") || key.ends_with("bias") {
+            Some(uniform(-0.5, 0.5))
+        } else if key.ends_with("positional_encoding") {
+            Some(uniform(-0.3, 0.3))
+        } else if key.ends_with("qkv.weight") || key.ends_with("proj.weight") || key.ends_with("fc1.weight") || key.ends_with("fc2.weight") || key.ends_with("head.weight") || key.ends_with("gate.weight") {
+            Some(t.mul_scalar(6.0))
+        } else {
+            None
+        }
+    });
+    model.fuse().unwrap()
+}
+
+fn run_onnx_runtime(model: &Path, input: &[f32], shape: [usize; 4]) -> Vec<f32> {
+    let dir = model.parent().unwrap();
+    let (src, dst) = (dir.join("input.bin"), dir.join("output.bin"));
+    std::fs::write(&src, input.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/onnx_run.py");
+    let output = Command::new(python())
+        .arg(&script)
+        .args([model, &src, &dst])
+        .args(shape.map(|d| d.to_string()))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e} (run .ci/run, or set SLABFORMER_PYTHON to a python with onnxruntime)", python().display()));
+    assert!(
+        output.status.success(),
+        "ONNX Runtime failed (needs `pip install onnxruntime numpy`; .ci/run sets up .ci/venv):\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    std::fs::read(&dst).unwrap().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
+fn check(name: &str, config: VitConfig) {
+    let model = deploy(config.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(format!("{name}.onnx"));
+    export(&model, &path, false).unwrap();
+    let shape = [3, config.in_chans, config.img_size, config.img_size];
+    let images = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &Device::flex());
+    let input: Vec<f32> = images.clone().into_data().try_to_vec().unwrap();
+    let ours: Vec<f32> = model.forward(images).into_data().try_to_vec().unwrap();
+    let theirs = run_onnx_runtime(&path, &input, shape);
+    assert_eq!(ours.len(), theirs.len(), "{name}: logits count");
+    let scale = ours.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 0.5, "{name}: logits too small to test against ({scale})");
+    let worst = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst <= 1e-4, "{name}: max |slabformer − onnxruntime| = {worst:e} (max |logit| {scale})");
+}
+
+fn small(base: VitConfig) -> VitConfig {
+    VitConfig { img_size: 32, patch_size: 4, embed_dim: 48, depth: 2, num_heads: 3, num_classes: 10, ..base }
+}
+
+#[test]
+fn slab_deit_onnx_matches_slabformer() {
+    check("slab_deit", small(VitConfig::slab_deit_tiny()));
+}
+
+#[test]
+fn prepbn_deit_with_class_token_onnx_matches_slabformer() {
+    check("prepbn_deit", small(VitConfig::prepbn_deit_tiny()));
+}
+
+#[test]
+fn relu_attention_with_qk_norm_and_gate_onnx_matches_slabformer() {
+    let config = VitConfig {
+        attention: AttentionKind::ReluL { qk_norm: true, gated: true },
+        pool: Pool::ClassToken,
+        ..small(VitConfig::prepbn_deit_tiny())
+    };
+    check("relu_vit", config);
+}
+
+#[test]
+fn unsupported_attention_and_existing_files_are_clear_errors() {
+    let focused = VitConfig { attention: AttentionKind::focused(), pool: Pool::Mean, ..small(VitConfig::prepbn_deit_tiny()) };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f.onnx");
+    let err = export(&deploy(focused), &path, false).unwrap_err().to_string();
+    assert!(err.contains("not supported"), "{err}");
+    assert!(!path.exists(), "no partial file");
+    let slab = deploy(small(VitConfig::slab_deit_tiny()));
+    export(&slab, &path, false).unwrap();
+    let err = export(&slab, &path, false).unwrap_err().to_string();
+    assert!(err.contains("not overwriting"), "{err}");
+}
