@@ -475,6 +475,9 @@ mod tests {
             let model = config.init(&device).unwrap();
             assert_eq!(trainable_param_count(&model), want, "{config:?}");
         }
+        // The fused SLAB-DeiT-T: every norm folded away (SPEC §7.2 item 14).
+        let fused = VitConfig::slab_deit_tiny().init(&device).unwrap().fuse().unwrap();
+        assert_eq!(trainable_param_count(&fused), 6_179_176);
     }
 
     #[test]

@@ -3,7 +3,38 @@
 
 use burn::module::Param;
 use burn::nn::Linear;
+use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
+
+/// How F2 treats the conv bias.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ConvFold {
+    /// `c' = a ⊙ c + b`: exact.
+    Exact,
+    /// The official Swin `PatchEmbed.merge_bn`, which drops the `η·c` term of RepBN
+    /// (`c' = γ(c − μ)/s + β`); only for reproducing official fused checkpoints.
+    OfficialPatchEmbed { alpha: f32 },
+}
+
+/// F2: `RepBN(conv(x))` as one conv (a, b from [`RepBN::affine`](crate::nn::norm::RepBN::affine),
+/// per output channel): `W' = a ⊙ W`, `c' = a ⊙ c + b`.
+pub fn fold_into_previous_conv(conv: &Conv2d, a: Tensor<1>, b: Tensor<1>, mode: ConvFold) -> Conv2d {
+    let weight = conv.weight.val(); // [out, in/groups, kh, kw]
+    let out = weight.dims()[0];
+    let c = match &conv.bias {
+        Some(c) => c.val(),
+        None => Tensor::zeros([out], &weight.device()),
+    };
+    let bias = a.clone().mul(c.clone()).add(b);
+    let bias = match mode {
+        ConvFold::Exact => bias,
+        ConvFold::OfficialPatchEmbed { alpha } => bias.sub(c.mul_scalar(alpha)),
+    };
+    let mut fused = conv.clone();
+    fused.weight = Param::from_tensor(weight.mul(a.reshape([out, 1, 1, 1])));
+    fused.bias = Some(Param::from_tensor(bias));
+    fused
+}
 
 /// F1: `Linear(a ⊙ x + b)` as one Linear: `W' = diag(a)·W`, `c' = c + b·W` (burn layout
 /// `W: [in, out]`). A Linear without bias gains one.
@@ -30,16 +61,46 @@ mod tests {
     use burn::tensor::{Device, Distribution};
 
     #[test]
-    fn folded_linear_equals_linear_after_repbn() {
-        // SPEC §7.2 item 10, with and without an original bias.
+    fn folded_conv_equals_repbn_after_conv_and_compat_mode_misses_alpha_bias() {
+        // SPEC §7.2 item 11.
+        use burn::nn::conv::Conv2dConfig;
         let device = Device::flex();
-        let uniform = |lo, hi| Tensor::<1>::random([16], Distribution::Uniform(lo, hi), &device);
-        let mut rep = RepBN::new(16, 1e-5, RepBnInit::Vision, &device);
-        rep.alpha = Param::from_tensor(Tensor::from_floats([0.4], &device));
+        let rep = randomized(8, &device);
+        let mut conv = Conv2dConfig::new([3, 8], [2, 2]).with_stride([2, 2]).init(&device);
+        conv.bias = Some(Param::from_tensor(Tensor::random([8], Distribution::Uniform(-1.0, 1.0), &device)));
+        let x = Tensor::<4>::random([2, 3, 8, 8], Distribution::Normal(0.0, 1.0), &device);
+        let tokens = |y: Tensor<4>| {
+            let [b, c, h, w] = y.dims();
+            y.reshape([b, c, h * w]).swap_dims(1, 2) // (B, N, C) for RepBN
+        };
+        let want = rep.forward(tokens(conv.forward(x.clone())));
+        let (a, b) = rep.affine();
+        let exact = tokens(fold_into_previous_conv(&conv, a.clone(), b.clone(), ConvFold::Exact).forward(x.clone()));
+        let diff: f32 = exact.clone().sub(want.clone()).abs().max().into_scalar();
+        assert!(diff < 1e-5, "{diff}");
+        let official = tokens(fold_into_previous_conv(&conv, a, b, ConvFold::OfficialPatchEmbed { alpha: 0.4 }).forward(x));
+        // The official merge is off by exactly η·c per output channel.
+        let eta_c = conv.bias.as_ref().unwrap().val().mul_scalar(0.4).reshape([1, 1, 8]);
+        let gap: f32 = exact.sub(official).sub(eta_c).abs().max().into_scalar();
+        assert!(gap < 1e-5, "{gap}");
+    }
+
+    fn randomized(channels: usize, device: &Device) -> RepBN {
+        let uniform = |lo, hi| Tensor::<1>::random([channels], Distribution::Uniform(lo, hi), device);
+        let mut rep = RepBN::new(channels, 1e-5, RepBnInit::Vision, device);
+        rep.alpha = Param::from_tensor(Tensor::from_floats([0.4], device));
         rep.bn.weight = Param::from_tensor(uniform(0.5, 1.5));
         rep.bn.bias = Param::from_tensor(uniform(-0.5, 0.5));
         rep.bn.running_mean = RunningState::new(uniform(-1.0, 1.0));
         rep.bn.running_var = RunningState::new(uniform(0.5, 2.0));
+        rep
+    }
+
+    #[test]
+    fn folded_linear_equals_linear_after_repbn() {
+        // SPEC §7.2 item 10, with and without an original bias.
+        let device = Device::flex();
+        let rep = randomized(16, &device);
         let x = Tensor::<3>::random([2, 5, 16], Distribution::Normal(0.3, 1.5), &device);
         for bias in [true, false] {
             let mut lin = linear(16, 8, bias, &device);
