@@ -396,7 +396,7 @@ impl Norm {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::nn::set_training;
     use burn::tensor::Distribution;
@@ -417,8 +417,9 @@ mod tests {
         Tensor::random(shape, Distribution::Normal(0.5, 2.0), device)
     }
 
-    /// Random running statistics and affine parameters, so eval-mode maps are non-trivial.
-    fn randomized_repbn(channels: usize, device: &Device) -> RepBN {
+    /// Random running statistics and affine parameters (α = 0.37), so eval-mode maps are
+    /// non-trivial.
+    pub(crate) fn randomized_repbn(channels: usize, device: &Device) -> RepBN {
         let mut rep = RepBN::new(channels, 1e-5, RepBnInit::Vision, device);
         let uniform = |lo, hi| Tensor::<1>::random([channels], Distribution::Uniform(lo, hi), device);
         rep.alpha = Param::from_tensor(Tensor::from_floats([0.37], device));
