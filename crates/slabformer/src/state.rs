@@ -202,11 +202,9 @@ impl StateDict {
             });
         };
         if t.shape.len() != D {
-            return Err(Error::ShapeMismatch {
+            return Err(Error::Format {
                 origin: self.origin.clone(),
-                key: key.to_string(),
-                expected: vec![0; D],
-                found: t.shape.clone(),
+                reason: format!("`{key}` has shape {:?}, expected a rank-{D} tensor", t.shape),
             });
         }
         Ok(Tensor::from_data(
@@ -214,23 +212,10 @@ impl StateDict {
             device,
         ))
     }
-
-    /// An integer scalar (shape `[]` or `[1]`).
-    pub fn scalar_i64(&self, key: &str) -> Result<i64> {
-        let t = self.get(key)?;
-        match &t.values {
-            Values::I64(v) if v.len() == 1 => Ok(v[0]),
-            _ => Err(Error::DType {
-                origin: self.origin.clone(),
-                key: key.to_string(),
-                expected: "an integer scalar",
-                found: format!("{} {:?}", t.dtype_name(), t.shape),
-            }),
-        }
-    }
 }
 
-fn le_chunks<const N: usize>(raw: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
+/// Little-endian `N`-byte words of `raw`.
+pub(crate) fn le_chunks<const N: usize>(raw: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
     raw.chunks_exact(N)
         .map(|c| <[u8; N]>::try_from(c).expect("chunk of N bytes"))
 }

@@ -8,11 +8,7 @@ use std::path::Path;
 use burn::store::pytorch_reader::{DType, PytorchReader};
 
 use crate::error::{Error, Result};
-use crate::state::{StateDict, StateTensor, Values};
-
-fn le<const N: usize>(bytes: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
-    bytes.chunks_exact(N).map(|c| <[u8; N]>::try_from(c).expect("N bytes"))
-}
+use crate::state::{StateDict, StateTensor, Values, le_chunks};
 
 /// All tensors of a PyTorch checkpoint as a state dict (floats as f32, integers as i64).
 pub fn read_pytorch(path: &Path) -> Result<StateDict> {
@@ -35,10 +31,10 @@ pub fn read_pytorch(path: &Path) -> Result<StateDict> {
     for (name, tensor) in reader.tensors() {
         let bytes = tensor.read().map_err(|e| refuse(format!("`{name}`: {e}")))?;
         let values = match tensor.dtype() {
-            DType::F32 => Values::F32(le::<4>(&bytes).map(f32::from_le_bytes).collect()),
-            DType::F64 => Values::F32(le::<8>(&bytes).map(|b| f64::from_le_bytes(b) as f32).collect()),
-            DType::I64 => Values::I64(le::<8>(&bytes).map(i64::from_le_bytes).collect()),
-            DType::I32 => Values::I64(le::<4>(&bytes).map(|b| i32::from_le_bytes(b) as i64).collect()),
+            DType::F32 => Values::F32(le_chunks::<4>(&bytes).map(f32::from_le_bytes).collect()),
+            DType::F64 => Values::F32(le_chunks::<8>(&bytes).map(|b| f64::from_le_bytes(b) as f32).collect()),
+            DType::I64 => Values::I64(le_chunks::<8>(&bytes).map(i64::from_le_bytes).collect()),
+            DType::I32 => Values::I64(le_chunks::<4>(&bytes).map(|b| i32::from_le_bytes(b) as i64).collect()),
             other => return Err(refuse(format!("`{name}` has dtype {other:?}; f32, f64, i32 and i64 are supported"))),
         };
         dict.insert(name.clone(), StateTensor { shape: tensor.shape().to_vec(), values });
