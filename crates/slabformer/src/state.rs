@@ -549,6 +549,75 @@ pub fn trainable_param_count<M: Module>(module: &M) -> usize {
     counter.count
 }
 
+/// Float tensors of a module by official key, flattened and without autodiff: parameters and
+/// buffers (`grads = None`) or gradients. Unlike [`collect_state`] this stays on the device, in
+/// burn's layout (Linear weights `[in, out]`), for optimizer and EMA arithmetic.
+pub fn float_tensors<M: Module>(module: &M, grads: Option<&Gradients>) -> BTreeMap<String, Tensor<1>> {
+    struct Flat<'a> {
+        path: KeyPath,
+        grads: Option<&'a Gradients>,
+        out: BTreeMap<String, Tensor<1>>,
+    }
+    impl ModuleVisitor for Flat<'_> {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let tensor = match self.grads {
+                None => Some(param.val()),
+                Some(grads) => param.val().grad(grads),
+            };
+            if let Some(t) = tensor {
+                let n = t.shape().num_elements();
+                self.out.insert(self.path.key(), t.without_autodiff().reshape([n]));
+            }
+        }
+    }
+    let mut flat = Flat { path: KeyPath::default(), grads, out: BTreeMap::new() };
+    module.visit(&mut flat);
+    flat.out
+}
+
+/// Replaces float parameters/buffers by key: `update(key, current)` gets the flattened value
+/// without autodiff and returns the new one, or `None` to keep it. Gradient tracking and device
+/// stay as they were.
+pub fn map_float_tensors<M: Module>(module: M, update: impl FnMut(&str, Tensor<1>) -> Option<Tensor<1>>) -> M {
+    struct Update<F> {
+        path: KeyPath,
+        update: F,
+    }
+    impl<F: FnMut(&str, Tensor<1>) -> Option<Tensor<1>>> ModuleMapper for Update<F> {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.exit();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let key = self.path.key();
+            let (id, tensor, mapper) = param.consume();
+            let shape = tensor.shape();
+            let flat = tensor.clone().without_autodiff().reshape([shape.num_elements()]);
+            let tensor = match (self.update)(&key, flat) {
+                None => tensor,
+                Some(new) => {
+                    let new = new.reshape(shape);
+                    match (tensor.is_autodiff(), tensor.is_require_grad()) {
+                        (true, true) => new.autodiff().require_grad(),
+                        (true, false) => new.autodiff(),
+                        (false, _) => new,
+                    }
+                }
+            };
+            Param::from_mapped_value(id, tensor, mapper)
+        }
+    }
+    module.map(&mut Update { path: KeyPath::default(), update })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -644,73 +713,4 @@ mod tests {
         let err = StateDict::read_safetensors(std::path::Path::new("/nonexistent/model.safetensors")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/model.safetensors"), "{err}");
     }
-}
-
-/// Float tensors of a module by official key, flattened and without autodiff: parameters and
-/// buffers (`grads = None`) or gradients. Unlike [`collect_state`] this stays on the device, in
-/// burn's layout (Linear weights `[in, out]`), for optimizer and EMA arithmetic.
-pub fn float_tensors<M: Module>(module: &M, grads: Option<&Gradients>) -> BTreeMap<String, Tensor<1>> {
-    struct Flat<'a> {
-        path: KeyPath,
-        grads: Option<&'a Gradients>,
-        out: BTreeMap<String, Tensor<1>>,
-    }
-    impl ModuleVisitor for Flat<'_> {
-        fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.path.enter(name, container_type);
-        }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.path.exit();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let tensor = match self.grads {
-                None => Some(param.val()),
-                Some(grads) => param.val().grad(grads),
-            };
-            if let Some(t) = tensor {
-                let n = t.shape().num_elements();
-                self.out.insert(self.path.key(), t.without_autodiff().reshape([n]));
-            }
-        }
-    }
-    let mut flat = Flat { path: KeyPath::default(), grads, out: BTreeMap::new() };
-    module.visit(&mut flat);
-    flat.out
-}
-
-/// Replaces float parameters/buffers by key: `update(key, current)` gets the flattened value
-/// without autodiff and returns the new one, or `None` to keep it. Gradient tracking and device
-/// stay as they were.
-pub fn map_float_tensors<M: Module>(module: M, update: impl FnMut(&str, Tensor<1>) -> Option<Tensor<1>>) -> M {
-    struct Update<F> {
-        path: KeyPath,
-        update: F,
-    }
-    impl<F: FnMut(&str, Tensor<1>) -> Option<Tensor<1>>> ModuleMapper for Update<F> {
-        fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.path.enter(name, container_type);
-        }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.path.exit();
-        }
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            let key = self.path.key();
-            let (id, tensor, mapper) = param.consume();
-            let shape = tensor.shape();
-            let flat = tensor.clone().without_autodiff().reshape([shape.num_elements()]);
-            let tensor = match (self.update)(&key, flat) {
-                None => tensor,
-                Some(new) => {
-                    let new = new.reshape(shape);
-                    match (tensor.is_autodiff(), tensor.is_require_grad()) {
-                        (true, true) => new.autodiff().require_grad(),
-                        (true, false) => new.autodiff(),
-                        (false, _) => new,
-                    }
-                }
-            };
-            Param::from_mapped_value(id, tensor, mapper)
-        }
-    }
-    module.map(&mut Update { path: KeyPath::default(), update })
 }

@@ -66,7 +66,7 @@ impl AugmentConfig {
         if self.mean.len() != channels || self.std.len() != channels {
             return err(format!("mean/std need {channels} values (one per channel), got {}/{}", self.mean.len(), self.std.len()));
         }
-        if self.std.iter().any(|s| !(*s > 0.0)) {
+        if self.std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
             return err("std values must be > 0".into());
         }
         if !(0.0..=1.0).contains(&self.hflip) {

@@ -13,7 +13,7 @@ use super::{ImageSet, derived_rng};
 
 /// Batches kept ready ahead of the consumer.
 const PREFETCH: usize = 3;
-const MIX_STREAM: u64 = 0x4D49_58;
+const MIX_STREAM: u64 = 0x004D_4958;
 
 pub struct Batch {
     /// B × C × size × size, normalized.

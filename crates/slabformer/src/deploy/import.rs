@@ -50,7 +50,7 @@ mod tests {
     fn foreign_truncated_and_malicious_files_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let random = dir.path().join("random.pth");
-        std::fs::write(&random, (0..4096u32).map(|i| (i * 2654435761u32 >> 13) as u8).collect::<Vec<_>>()).unwrap();
+        std::fs::write(&random, (0..4096u32).map(|i| ((i * 2654435761u32) >> 13) as u8).collect::<Vec<_>>()).unwrap();
         assert!(read_pytorch(&random).unwrap_err().to_string().contains("random.pth"));
 
         // pickle.dumps({'w': obj}) where obj.__reduce__ = (os.system, ('touch …',)): a reader

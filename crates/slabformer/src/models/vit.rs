@@ -180,7 +180,7 @@ impl VitConfig {
 
     pub fn validate(&self) -> Result<()> {
         let err = |msg: String| Err(Error::Config(msg));
-        if self.patch_size == 0 || self.img_size == 0 || self.img_size % self.patch_size != 0 {
+        if self.patch_size == 0 || self.img_size == 0 || !self.img_size.is_multiple_of(self.patch_size) {
             return err(format!(
                 "img_size {} must be a positive multiple of patch_size {}",
                 self.img_size, self.patch_size

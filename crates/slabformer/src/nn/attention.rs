@@ -63,7 +63,7 @@ pub struct AttentionConfig {
 
 impl AttentionConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.num_heads == 0 || self.dim % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.dim.is_multiple_of(self.num_heads) {
             return Err(Error::Config(format!(
                 "attention dim {} is not divisible by num_heads {}",
                 self.dim, self.num_heads

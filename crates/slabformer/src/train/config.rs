@@ -252,7 +252,7 @@ impl TrainConfig {
     pub fn resolve(&self, train_len: usize) -> Result<Validated> {
         let err = |m: String| Err(Error::Config(m));
         let r = &self.run;
-        if r.batch_size == 0 || r.accum_steps == 0 || r.batch_size % r.accum_steps != 0 {
+        if r.batch_size == 0 || r.accum_steps == 0 || !r.batch_size.is_multiple_of(r.accum_steps) {
             return err(format!("run.batch_size ({}) must be a positive multiple of run.accum_steps ({})", r.batch_size, r.accum_steps));
         }
         if r.epochs == 0 || r.eval_batch_size == 0 {

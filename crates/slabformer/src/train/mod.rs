@@ -346,7 +346,7 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
                 epoch + 1,
                 lambda.map_or("-".into(), |l| format!("{l:.3}"))
             ));
-            if config.checkpoint.every_steps.is_some_and(|n| run.position.step % n == 0) && run.position.step_in_epoch < steps_per_epoch {
+            if config.checkpoint.every_steps.is_some_and(|n| run.position.step.is_multiple_of(n)) && run.position.step_in_epoch < steps_per_epoch {
                 run.checkpoint()?;
             }
             if options.interrupt_after == Some(run.position.step) {
