@@ -133,6 +133,11 @@ fn divergence_stops_with_the_step_and_the_likely_cause() {
     let run = tempfile::tempdir().unwrap();
     let err = train(&config, &data, &options(run.path())).unwrap_err().to_string();
     assert!(err.contains("at step") && err.contains("learning rate") && err.contains("prepbn.steps"), "{err}");
+    assert!(err.contains("Last good checkpoint"), "{err}");
+    // Nothing was written after the divergence: every checkpoint present is a complete one.
+    for path in slabformer::train::checkpoint::list(run.path()) {
+        slabformer::train::checkpoint::load(&path).unwrap();
+    }
 }
 
 #[test]

@@ -84,6 +84,10 @@ fn run(command: &mut Command, what: &str, scratch: &Path) -> Result<()> {
 /// Fetches Fashion-MNIST into `dest` (which must not exist, or already hold the verified files).
 /// Returns `false` when the files were already there.
 pub fn fetch_fashion_mnist(dest: &Path) -> Result<bool> {
+    fetch_with(dest, "apt-get")
+}
+
+fn fetch_with(dest: &Path, apt_get: &str) -> Result<bool> {
     if dest.exists() {
         if fashion_mnist_present(dest)? {
             return Ok(false);
@@ -96,10 +100,10 @@ pub fn fetch_fashion_mnist(dest: &Path) -> Result<bool> {
     std::fs::create_dir_all(&scratch.0).map_err(io(&scratch.0))?;
 
     let spec = format!("{FASHION_MNIST_PACKAGE}={FASHION_MNIST_VERSION}");
-    let download = || run(Command::new("apt-get").args(["download", &spec]).current_dir(&scratch.0), "apt-get download", &scratch.0);
+    let download = || run(Command::new(apt_get).args(["download", &spec]).current_dir(&scratch.0), "apt-get download", &scratch.0);
     if download().is_err() {
         // The package lists may be missing on a fresh machine ("apt-get update once per machine").
-        run(Command::new("apt-get").args(["update", "-qq"]), "apt-get update", &scratch.0)?;
+        run(Command::new(apt_get).args(["update", "-qq"]), "apt-get update", &scratch.0)?;
         download()?;
     }
     let deb = std::fs::read_dir(&scratch.0)
@@ -151,4 +155,33 @@ fn gunzip_hashing(gz: &Path, out: &Path) -> Result<String> {
     }
     writer.flush().map_err(io(out))?;
     Ok(format!("{:x}", hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_client_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("fashion-mnist");
+        let err = fetch_with(&dest, "/nonexistent/apt-get").unwrap_err().to_string();
+        assert!(err.contains("apt-get") && err.contains("cannot run"), "{err}");
+        assert!(!dest.exists());
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(leftovers.is_empty(), "scratch folder left behind: {leftovers:?}");
+    }
+
+    #[test]
+    fn a_folder_with_wrong_files_is_refused_not_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FASHION_MNIST_FILES[0].0), b"not the real file").unwrap();
+        let err = fetch_with(dir.path(), "/nonexistent/apt-get").unwrap_err().to_string();
+        assert!(err.contains("sha256"), "{err}");
+        assert_eq!(std::fs::read(dir.path().join(FASHION_MNIST_FILES[0].0)).unwrap(), b"not the real file");
+        let other = tempfile::tempdir().unwrap();
+        std::fs::write(other.path().join("notes.txt"), b"mine").unwrap();
+        let err = fetch_with(other.path(), "/nonexistent/apt-get").unwrap_err().to_string();
+        assert!(err.contains("not overwriting"), "{err}");
+    }
 }
