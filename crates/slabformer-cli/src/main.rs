@@ -1,5 +1,7 @@
 //! The `slabformer` command line.
 
+mod bench;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -103,6 +105,17 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Time slabformer beside ONNX Runtime (DeiT-T, PRepBN-DeiT-T, SLAB-DeiT-T at 224²).
+    Bench {
+        #[arg(long, default_value_t = 10)]
+        repeats: usize,
+        /// A Python with onnxruntime (default: .ci/venv, as `.ci/python-env` makes it).
+        #[arg(long)]
+        python: Option<PathBuf>,
+        /// Write the Markdown report here as well.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// The main job: fetch Fashion-MNIST if missing, train a small SLAB-DeiT, evaluate it.
     Quickstart {
         #[arg(long, default_value = "runs/quickstart")]
@@ -156,6 +169,20 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fuse { model, out, overwrite } => fuse(&model, &out, overwrite)?,
         Command::Predict { model, images } => predict(&model, &images)?,
         Command::ExportOnnx { model, out, overwrite } => export_onnx(&model, &out, overwrite)?,
+        Command::Bench { repeats, python, out } => {
+            let python = python.or_else(|| {
+                let venv = PathBuf::from(".ci/venv/bin/python");
+                venv.exists().then_some(venv)
+            });
+            if python.is_none() {
+                eprintln!("no Python with onnxruntime (run `bash .ci/python-env`): timing slabformer alone");
+            }
+            let report = bench::run(repeats, python.as_deref())?;
+            print!("{report}");
+            if let Some(out) = out {
+                slabformer::train::checkpoint::write_atomic(&out, report.as_bytes())?;
+            }
+        }
     }
     Ok(())
 }
