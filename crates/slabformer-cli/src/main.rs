@@ -115,6 +115,9 @@ enum Command {
         /// Write the Markdown report here as well.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Replace an existing --out file.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// The main job: fetch Fashion-MNIST if missing, train a small SLAB-DeiT, evaluate it.
     Quickstart {
@@ -169,7 +172,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fuse { model, out, overwrite } => fuse(&model, &out, overwrite)?,
         Command::Predict { model, images } => predict(&model, &images)?,
         Command::ExportOnnx { model, out, overwrite } => export_onnx(&model, &out, overwrite)?,
-        Command::Bench { repeats, python, out } => {
+        Command::Bench { repeats, python, out, overwrite } => {
             let python = python.or_else(|| {
                 let venv = PathBuf::from(".ci/venv/bin/python");
                 venv.exists().then_some(venv)
@@ -180,7 +183,7 @@ fn run(cli: Cli) -> Result<()> {
             let report = bench::run(repeats, python.as_deref())?;
             print!("{report}");
             if let Some(out) = out {
-                slabformer::train::checkpoint::write_atomic(&out, report.as_bytes())?;
+                slabformer::files::write_new(&out, report.as_bytes(), overwrite)?;
             }
         }
     }

@@ -7,6 +7,7 @@
 pub mod data;
 pub mod deploy;
 pub mod error;
+pub mod files;
 pub mod models;
 pub mod nn;
 pub mod state;

@@ -96,7 +96,7 @@ fn fetch_with(dest: &Path, apt_get: &str) -> Result<bool> {
     }
     let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let scratch = Scratch(parent.join(format!(".fashion-mnist.partial-{}", crate::train::checkpoint::unique_suffix())));
+    let scratch = Scratch(parent.join(format!(".fashion-mnist.partial-{}", crate::files::unique_suffix())));
     std::fs::create_dir_all(&scratch.0).map_err(io(&scratch.0))?;
 
     let spec = format!("{FASHION_MNIST_PACKAGE}={FASHION_MNIST_VERSION}");

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::models::vit::DeployVit;
 use crate::models::{VisionTransformer, VitConfig};
 use crate::state::{StateDict, collect_state, load_state};
-use crate::train::checkpoint::write_atomic;
+use crate::files::write_new;
 
 pub const FORMAT_KEY: &str = "slabformer.format";
 pub const FORMAT: &str = "slabformer-model-v1";
@@ -65,13 +65,6 @@ fn header(mut state: StateDict, config: &VitConfig, kind: &str, preprocess: &Pre
     state
 }
 
-fn refuse_overwrite(path: &Path, overwrite: bool) -> Result<()> {
-    if path.exists() && !overwrite {
-        return Err(Error::Config(format!("{} exists; not overwriting it (pass --overwrite to replace it)", path.display())));
-    }
-    Ok(())
-}
-
 pub fn model_bytes(model: &VisionTransformer, preprocess: &Preprocess) -> Result<Vec<u8>> {
     header(collect_state(model), &model.config, "trained", preprocess).to_safetensors_bytes()
 }
@@ -82,14 +75,12 @@ pub fn deploy_bytes(model: &DeployVit, preprocess: &Preprocess) -> Result<Vec<u8
 
 /// Writes a trained model atomically; an existing file is kept unless `overwrite`.
 pub fn save_model(path: &Path, model: &VisionTransformer, preprocess: &Preprocess, overwrite: bool) -> Result<()> {
-    refuse_overwrite(path, overwrite)?;
-    write_atomic(path, &model_bytes(model, preprocess)?)
+    write_new(path, &model_bytes(model, preprocess)?, overwrite)
 }
 
 /// Writes a fused deploy model atomically; an existing file is kept unless `overwrite`.
 pub fn save_deploy(path: &Path, model: &DeployVit, preprocess: &Preprocess, overwrite: bool) -> Result<()> {
-    refuse_overwrite(path, overwrite)?;
-    write_atomic(path, &deploy_bytes(model, preprocess)?)
+    write_new(path, &deploy_bytes(model, preprocess)?, overwrite)
 }
 
 /// Reads a model file written by [`save_model`] / [`save_deploy`] and rebuilds the model on

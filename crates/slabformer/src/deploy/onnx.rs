@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::models::Pool;
 use crate::models::vit::DeployVit;
 use crate::nn::attention::{Attention, DotAttention, FeatureMap, LinearAttention, Score, linear_order};
-use crate::train::checkpoint::write_atomic;
+use crate::files::write_new;
 
 pub const OPSET: i64 = 17;
 
@@ -454,9 +454,5 @@ pub fn to_onnx(model: &DeployVit) -> Result<ModelProto> {
 
 /// Writes the ONNX file atomically; an existing file is kept unless `overwrite`.
 pub fn export(model: &DeployVit, path: &Path, overwrite: bool) -> Result<()> {
-    if path.exists() && !overwrite {
-        return Err(Error::Config(format!("{} exists; not overwriting it (pass --overwrite to replace it)", path.display())));
-    }
-    let proto = to_onnx(model)?;
-    write_atomic(path, &proto.encode_to_vec())
+    write_new(path, &to_onnx(model)?.encode_to_vec(), overwrite)
 }

@@ -265,7 +265,7 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
         let latest = checkpoint::latest(&dir).ok_or_else(|| Error::Config(format!("no checkpoint under {} to resume from", checkpoint::checkpoint_dir(&dir).display())))?;
         run.restore(&latest)?;
     } else {
-        checkpoint::write_atomic(&dir.join("config.toml"), run.config_toml.as_bytes())?;
+        crate::files::write_atomic(&dir.join("config.toml"), run.config_toml.as_bytes())?;
     }
 
     let steps_per_epoch = config.steps_per_epoch(train_len);
