@@ -84,6 +84,12 @@ impl AugmentConfig {
         Ok(())
     }
 
+    /// The side images are stored at so that the evaluation crop yields `size` (the whole image
+    /// when `eval_crop` is 1).
+    pub fn stored_size(&self, size: usize) -> usize {
+        (size as f64 / self.eval_crop).round() as usize
+    }
+
     /// A training view of `src` into `out` (C × size × size floats).
     pub fn train_view(&self, src: &[u8], dims: [usize; 3], size: usize, rng: &mut impl Rng, out: &mut [f32]) {
         let [_, h, w] = dims;

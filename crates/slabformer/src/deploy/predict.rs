@@ -16,9 +16,9 @@ use crate::error::Result;
 pub fn top_k(model: &LoadedModel, preprocess: &Preprocess, image: &Path, k: usize) -> Result<Vec<(String, f32)>> {
     let config = model.config();
     let (size, channels) = (config.img_size, config.in_chans);
-    let stored = if preprocess.eval_crop < 1.0 { (size as f64 / preprocess.eval_crop).round() as usize } else { size };
-    let pixels = load_image_channels(image, stored, channels)?;
     let view = AugmentConfig { mean: preprocess.mean.clone(), std: preprocess.std.clone(), eval_crop: preprocess.eval_crop, ..Default::default() };
+    let stored = view.stored_size(size);
+    let pixels = load_image_channels(image, stored, channels)?;
     let mut input = vec![0.0f32; channels * size * size];
     view.eval_view(&pixels, [channels, stored, stored], size, &mut input);
     let device = Device::flex();

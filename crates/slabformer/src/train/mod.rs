@@ -48,7 +48,7 @@ pub fn load_datasets(config: &TrainConfig) -> Result<Datasets> {
                 .as_ref()
                 .ok_or_else(|| Error::Config("data.eval_root is required for dataset = \"folder\"".into()))?;
             // Keep a margin around the crop: images are stored at img_size / eval_crop.
-            let load = (model.img_size as f64 / config.augment.eval_crop).round() as usize;
+            let load = config.augment.stored_size(model.img_size);
             (image_folder(&config.data.root, load)?, image_folder(eval_root, load)?)
         }
     };
@@ -139,7 +139,6 @@ struct Run<'a> {
     config: &'a TrainConfig,
     data: &'a Datasets,
     dir: PathBuf,
-    model_config: VitConfig,
     device: Device,
     model: VisionTransformer,
     optimizer: AdamW,
@@ -148,6 +147,8 @@ struct Run<'a> {
     position: Position,
     config_toml: String,
     last_checkpoint: Option<PathBuf>,
+    /// The latest evaluation of the current weights and of their fused form.
+    last_eval: Option<(EvalRow, Option<EvalRow>)>,
 }
 
 impl Run<'_> {
@@ -189,7 +190,7 @@ impl Run<'_> {
     }
 
     fn nan_error(&self, what: &str, value: f64, lr: f64, lambda: Option<f64>) -> Error {
-        let t = match self.model_config.norm {
+        let t = match self.model.config.norm {
             crate::nn::norm::NormKind::Prepbn { schedule, .. } => format!(
                 "; or the PRepBN decay is too short (prepbn.steps T = {}, λ = {}): LayerNorm removed too early diverges, try T ≈ 0.8 × the run",
                 schedule.total,
@@ -212,17 +213,19 @@ impl Run<'_> {
         (row.step, row.epoch, row.model) = (self.position.step, self.position.epoch, label.into());
         self.metrics.evals.push(row.clone());
         // The deploy model (norms folded away), for models whose norms fold.
-        if let Ok(deploy) = self.model.fuse() {
+        let fused = self.model.fuse().ok().map(|deploy| {
             let mut f = evaluate(&deploy, &self.data.eval, &cfg.augment, cfg.run.eval_batch_size);
             (f.step, f.epoch, f.model) = (self.position.step, self.position.epoch, "fused".into());
-            self.metrics.evals.push(f);
-        }
+            f
+        });
+        self.metrics.evals.extend(fused.clone());
         if let Some(ema) = &self.ema {
             let averaged = ema.apply(self.model.clone());
             let mut e = evaluate(&averaged, &self.data.eval, &cfg.augment, cfg.run.eval_batch_size);
             (e.step, e.epoch, e.model) = (self.position.step, self.position.epoch, "ema".into());
             self.metrics.evals.push(e);
         }
+        self.last_eval = Some((row.clone(), fused));
         row
     }
 }
@@ -251,7 +254,6 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
         config,
         data,
         dir: dir.clone(),
-        model_config: model_config.clone(),
         device: device.clone(),
         model,
         optimizer: AdamW::new(config.optim.clone()),
@@ -260,6 +262,7 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
         position: Position::default(),
         config_toml: config.to_toml(),
         last_checkpoint: None,
+        last_eval: None,
     };
     if options.resume {
         let latest = checkpoint::latest(&dir).ok_or_else(|| Error::Config(format!("no checkpoint under {} to resume from", checkpoint::checkpoint_dir(&dir).display())))?;
@@ -402,13 +405,15 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
         }
     }
 
-    let mut final_eval = evaluate(&run.model, &data.eval, &config.augment, config.run.eval_batch_size);
-    (final_eval.step, final_eval.epoch, final_eval.model) = (run.position.step, run.position.epoch, "final".into());
-    let fused_eval = run.model.fuse().ok().map(|deploy| {
-        let mut e = evaluate(&deploy, &data.eval, &config.augment, config.run.eval_batch_size);
-        (e.step, e.epoch, e.model) = (run.position.step, run.position.epoch, "final-fused".into());
-        e
-    });
+    // Every training or re-calibration pass ends with an evaluation of the weights it left; only a
+    // resumed run that had nothing left to do evaluates here.
+    let (final_eval, fused_eval) = match run.last_eval.take() {
+        Some(evals) => evals,
+        None => {
+            run.evaluate_all("final");
+            run.last_eval.take().expect("evaluate_all records its evaluation")
+        }
+    };
     let model_path = dir.join("model.safetensors");
     let preprocess = Preprocess {
         mean: config.augment.mean.clone(),
