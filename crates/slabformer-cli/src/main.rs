@@ -373,12 +373,13 @@ fn predict(model_path: &Path, images: &[PathBuf]) -> Result<()> {
 
 fn export_onnx(input: &Path, out: &Path, overwrite: bool) -> Result<()> {
     use slabformer::deploy::model_file::{LoadedModel, load_model};
+    use slabformer::deploy::onnx;
     let (model, _) = load_model(input, &Device::flex())?;
-    let deploy = match model {
-        LoadedModel::Trained(m) => m.fuse()?,
-        LoadedModel::Deploy(m) => m,
-    };
-    slabformer::deploy::onnx::export(&deploy, out, overwrite)?;
-    println!("exported the fused model of {} to {} (ONNX opset {})", input.display(), out.display(), slabformer::deploy::onnx::OPSET);
+    match model {
+        // RepBN/PRepBN models are exported fused, LayerNorm models with their norms.
+        LoadedModel::Trained(m) => onnx::export_model(&m, out, overwrite)?,
+        LoadedModel::Deploy(m) => onnx::export(&m, out, overwrite)?,
+    }
+    println!("exported {} to {} (ONNX opset {})", input.display(), out.display(), onnx::OPSET);
     Ok(())
 }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod files;
 pub mod models;
 pub mod nn;
+pub mod runtime;
 pub mod state;
 pub mod train;
 

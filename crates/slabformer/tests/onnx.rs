@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use burn::tensor::{Device, Distribution, Tensor};
-use slabformer::deploy::onnx::export;
+use slabformer::deploy::onnx::{export, export_model};
 use slabformer::models::{Pool, VitConfig};
-use slabformer::models::vit::DeployVit;
+use slabformer::models::vit::{DeployVit, VisionTransformer};
 use slabformer::nn::attention::AttentionKind;
 use slabformer::state::map_float_tensors;
 
@@ -36,6 +36,11 @@ fn python() -> PathBuf {
 /// weights at a scale that gives O(1) logits (timm's 0.02-std init gives tiny ones, against which
 /// a 1e-4 tolerance would prove little).
 fn deploy(config: VitConfig) -> DeployVit {
+    randomized(config).fuse().unwrap()
+}
+
+/// The model before fusing, randomized as for [`deploy`] (LayerNorm affines too).
+fn randomized(config: VitConfig) -> VisionTransformer {
     let device = Device::flex();
     let model = map_float_tensors(config.init(&device).unwrap(), |key, t| {
         let n = t.dims()[0];
@@ -46,13 +51,15 @@ fn deploy(config: VitConfig) -> DeployVit {
             Some(uniform(-0.5, 0.5))
         } else if key.ends_with("positional_encoding") {
             Some(uniform(-0.3, 0.3))
+        } else if key.contains("norm") && key.ends_with("weight") {
+            Some(uniform(0.5, 1.5))
         } else if key.ends_with("qkv.weight") || key.ends_with("proj.weight") || key.ends_with("fc1.weight") || key.ends_with("fc2.weight") || key.ends_with("head.weight") || key.ends_with("gate.weight") {
             Some(t.mul_scalar(6.0))
         } else {
             None
         }
     });
-    model.fuse().unwrap()
+    model
 }
 
 fn run_onnx_runtime(model: &Path, input: &[f32], shape: [usize; 4]) -> Vec<f32> {
@@ -79,11 +86,16 @@ fn check(name: &str, config: VitConfig) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(format!("{name}.onnx"));
     export(&model, &path, false).unwrap();
+    compare(name, &path, &config, |images| model.forward(images));
+}
+
+/// slabformer's logits against ONNX Runtime's on the exported file, for 3 random images.
+fn compare(name: &str, path: &Path, config: &VitConfig, forward: impl Fn(Tensor<4>) -> Tensor<2>) {
     let shape = [3, config.in_chans, config.img_size, config.img_size];
     let images = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &Device::flex());
     let input: Vec<f32> = images.clone().into_data().try_to_vec().unwrap();
-    let ours: Vec<f32> = model.forward(images).into_data().try_to_vec().unwrap();
-    let theirs = run_onnx_runtime(&path, &input, shape);
+    let ours: Vec<f32> = forward(images).into_data().try_to_vec().unwrap();
+    let theirs = run_onnx_runtime(path, &input, shape);
     assert_eq!(ours.len(), theirs.len(), "{name}: logits count");
     let scale = ours.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     assert!(scale > 0.5, "{name}: logits too small to test against ({scale})");
@@ -93,6 +105,16 @@ fn check(name: &str, config: VitConfig) {
 
 fn small(base: VitConfig) -> VitConfig {
     VitConfig { img_size: 32, patch_size: 4, embed_dim: 48, depth: 2, num_heads: 3, num_classes: 10, ..base }
+}
+
+#[test]
+fn layer_norm_deit_exports_with_its_norms_and_matches_slabformer() {
+    let config = small(VitConfig::deit_tiny());
+    let model = randomized(config.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("deit.onnx");
+    export_model(&model, &path, false).unwrap();
+    compare("deit", &path, &config, |images| model.forward(images));
 }
 
 #[test]

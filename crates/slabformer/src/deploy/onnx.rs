@@ -13,8 +13,11 @@ use prost::Message;
 
 use crate::error::{Error, Result};
 use crate::models::Pool;
-use crate::models::vit::DeployVit;
+use crate::models::vit::{DeployVit, VisionTransformer, VitConfig};
 use crate::nn::attention::{Attention, DotAttention, FeatureMap, LinearAttention, Score, linear_order};
+use crate::nn::mlp::Mlp;
+use crate::nn::norm::{LayerNorm, Norm};
+use crate::nn::patch_embed::PatchEmbed;
 use crate::files::write_new;
 
 pub const OPSET: i64 = 17;
@@ -293,6 +296,21 @@ impl Builder {
         )
     }
 
+    /// LayerNorm over the last axis.
+    fn layer_norm(&mut self, x: &str, norm: &LayerNorm) -> String {
+        let scale = self.param("ln_weight", &norm.weight);
+        let bias = self.param("ln_bias", &norm.bias);
+        self.op("LayerNormalization", &[x, &scale, &bias], vec![attr_int("axis", -1), attr_float("epsilon", norm.eps as f32)])
+    }
+
+    /// `norm(x)` where the block keeps a LayerNorm, `x` where it was folded away.
+    fn maybe_norm(&mut self, x: &str, norm: Option<&LayerNorm>) -> String {
+        match norm {
+            Some(norm) => self.layer_norm(x, norm),
+            None => x.to_string(),
+        }
+    }
+
     /// 0.5·x·(1 + erf(x/√2)), the exact GELU.
     fn gelu(&mut self, x: &str) -> String {
         let scaled = self.binary_scalar("Div", x, std::f32::consts::SQRT_2);
@@ -369,9 +387,7 @@ impl Builder {
         let v = self.gather(&qkv, 2, 0);
         for (t, norm) in [(&mut q, &a.q_norm), (&mut k, &a.k_norm)] {
             if let Some(norm) = norm {
-                let scale = self.param("ln_weight", &norm.weight);
-                let bias = self.param("ln_bias", &norm.bias);
-                *t = self.op("LayerNormalization", &[t, &scale, &bias], vec![attr_int("axis", -1), attr_float("epsilon", norm.eps as f32)]);
+                *t = self.layer_norm(t, norm);
             }
         }
         let kt = self.transpose(&k, &[0, 1, 3, 2]);
@@ -398,9 +414,60 @@ fn unsupported(what: &str) -> Error {
     Error::Config(format!("ONNX export of {what} is not supported yet; export the other attention kinds, or run the model in slabformer"))
 }
 
+/// What the graph is built from: the deploy model (no norms) or a LayerNorm model as trained.
+struct Parts<'a> {
+    config: &'a VitConfig,
+    patch_embed: &'a PatchEmbed,
+    cls_token: &'a Param<Tensor<3>>,
+    pos_embed: &'a Param<Tensor<3>>,
+    /// (norm1, attention, norm2, mlp) per block.
+    blocks: Vec<(Option<&'a LayerNorm>, &'a Attention, Option<&'a LayerNorm>, &'a Mlp)>,
+    norm: Option<&'a LayerNorm>,
+    head: &'a Linear,
+}
+
 /// The deploy model as an ONNX model: input `images` (batch, C, H, W), output `logits`.
 pub fn to_onnx(model: &DeployVit) -> Result<ModelProto> {
-    let cfg = &model.config;
+    build(Parts {
+        config: &model.config,
+        patch_embed: &model.patch_embed,
+        cls_token: &model.cls_token,
+        pos_embed: &model.pos_embed,
+        blocks: model.blocks.iter().map(|b| (None, &b.attn, None, &b.mlp)).collect(),
+        norm: None,
+        head: &model.head,
+    })
+}
+
+/// A trained model as ONNX: RepBN/PRepBN models in their fused form, LayerNorm models (DeiT)
+/// with their norms as `LayerNormalization`.
+pub fn model_to_onnx(model: &VisionTransformer) -> Result<ModelProto> {
+    if let Ok(deploy) = model.fuse() {
+        return to_onnx(&deploy);
+    }
+    fn layer_norm(norm: &Norm) -> Result<&LayerNorm> {
+        match norm {
+            Norm::LayerNorm(n) => Ok(n),
+            _ => Err(Error::Config("a RepBN/PRepBN model that does not fuse cannot be exported".into())),
+        }
+    }
+    let mut blocks = Vec::new();
+    for b in &model.blocks {
+        blocks.push((Some(layer_norm(&b.norm1)?), &b.attn, Some(layer_norm(&b.norm2)?), &b.mlp));
+    }
+    build(Parts {
+        config: &model.config,
+        patch_embed: &model.patch_embed,
+        cls_token: &model.cls_token,
+        pos_embed: &model.pos_embed,
+        blocks,
+        norm: Some(layer_norm(&model.norm)?),
+        head: &model.head,
+    })
+}
+
+fn build(model: Parts<'_>) -> Result<ModelProto> {
+    let cfg = model.config;
     let (c, n) = (cfg.embed_dim, cfg.num_patches());
     let tokens = cfg.num_tokens();
     let mut g = Builder::default();
@@ -413,32 +480,35 @@ pub fn to_onnx(model: &DeployVit) -> Result<ModelProto> {
         let batch = g.op("Slice", &[&shape, &start, &end], vec![]);
         let rest = g.ints("rest", &[1, c as i64]);
         let target = g.op("Concat", &[&batch, &rest], vec![attr_int("axis", 0)]);
-        let cls = g.param("cls_token", &model.cls_token);
+        let cls = g.param("cls_token", model.cls_token);
         let cls = g.op("Expand", &[&cls, &target], vec![]);
         x = g.op("Concat", &[&cls, &x], vec![attr_int("axis", 1)]); // (B, N + 1, C)
     }
-    let pos = g.param("pos_embed", &model.pos_embed);
+    let pos = g.param("pos_embed", model.pos_embed);
     x = g.op("Add", &[&x, &pos], vec![]);
-    for block in &model.blocks {
-        let a = match &block.attn {
-            Attention::Linear(a) => g.linear_attention(&x, a)?,
-            Attention::Dot(a) => g.dot_attention(&x, a, tokens)?,
+    for (norm1, attn, norm2, mlp) in &model.blocks {
+        let input = g.maybe_norm(&x, *norm1);
+        let a = match attn {
+            Attention::Linear(a) => g.linear_attention(&input, a)?,
+            Attention::Dot(a) => g.dot_attention(&input, a, tokens)?,
         };
         x = g.op("Add", &[&x, &a], vec![]);
-        let hidden = g.linear(&x, &block.mlp.fc1);
+        let input = g.maybe_norm(&x, *norm2);
+        let hidden = g.linear(&input, &mlp.fc1);
         let hidden = g.gelu(&hidden);
-        let m = g.linear(&hidden, &block.mlp.fc2);
+        let m = g.linear(&hidden, &mlp.fc2);
         x = g.op("Add", &[&x, &m], vec![]);
     }
+    let x = g.maybe_norm(&x, model.norm);
     let pooled = match cfg.pool {
         Pool::Mean => g.op("ReduceMean", &[&x], vec![attr_ints("axes", &[1]), attr_int("keepdims", 0)]),
         Pool::ClassToken => g.gather(&x, 0, 1),
     };
-    let logits = g.linear(&pooled, &model.head);
+    let logits = g.linear(&pooled, model.head);
     g.rename(&logits, "logits");
     let graph = GraphProto {
         node: g.nodes,
-        name: "slabformer_deploy".into(),
+        name: "slabformer".into(),
         initializer: g.initializers,
         input: vec![value_info("images", &[batch_dim(), fixed(cfg.in_chans), fixed(cfg.img_size), fixed(cfg.img_size)])],
         output: vec![value_info("logits", &[batch_dim(), fixed(cfg.num_classes)])],
@@ -455,4 +525,9 @@ pub fn to_onnx(model: &DeployVit) -> Result<ModelProto> {
 /// Writes the ONNX file atomically; an existing file is kept unless `overwrite`.
 pub fn export(model: &DeployVit, path: &Path, overwrite: bool) -> Result<()> {
     write_new(path, &to_onnx(model)?.encode_to_vec(), overwrite)
+}
+
+/// [`model_to_onnx`] written like [`export`].
+pub fn export_model(model: &VisionTransformer, path: &Path, overwrite: bool) -> Result<()> {
+    write_new(path, &model_to_onnx(model)?.encode_to_vec(), overwrite)
 }

@@ -1,0 +1,504 @@
+//! [`CpuVit`]: the DeiT-family inference runtime.
+//!
+//! Layout: one image's tokens as a row-major (T, C) matrix; heads are column blocks read through
+//! strided GEMM views, so no head split/merge copies. Biases and residuals are fused into the
+//! GEMMs (the output starts as `x + bias` and the product is accumulated into it), GELU is applied
+//! with fc1's bias in one pass, SLA's feature maps, normaliser and depthwise conv work on the qkv
+//! buffer in place. A batch is split over threads image by image (each image's activations stay
+//! in the core's L2); a single image splits its GEMMs instead.
+
+use burn::module::Param;
+use burn::nn::Linear;
+use burn::nn::conv::Conv2d;
+use burn::tensor::{Tensor, TensorData};
+use rayon::prelude::*;
+
+use super::kernels::{self, MatMut, MatRef, matmul};
+use crate::error::{Error, Result};
+use crate::models::vit::{DeployVit, Pool, VisionTransformer, VitConfig};
+use crate::nn::attention::{Attention, FeatureMap, Score};
+use crate::nn::norm::{LayerNorm, Norm};
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data")
+}
+
+/// A linear layer as a row-major (inputs, outputs) weight matrix and a bias (zeros when the layer
+/// has none).
+struct Dense {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    inputs: usize,
+    outputs: usize,
+}
+
+impl Dense {
+    fn from_linear(linear: &Linear) -> Self {
+        let [inputs, outputs] = linear.weight.dims();
+        Dense {
+            weight: host(linear.weight.val()), // burn keeps Linear weights as (in, out)
+            bias: linear.bias.as_ref().map_or_else(|| vec![0.0; outputs], |b| host(b.val())),
+            inputs,
+            outputs,
+        }
+    }
+
+    /// A stride-p, p×p conv as a matrix over its im2col rows: weight (C_in·p·p, C_out).
+    fn from_patch_conv(conv: &Conv2d) -> Self {
+        let [outputs, in_chans, p, q] = conv.weight.dims();
+        let inputs = in_chans * p * q;
+        let w = host(conv.weight.val()); // (C_out, C_in·p·q)
+        let mut weight = vec![0.0; inputs * outputs];
+        for o in 0..outputs {
+            for i in 0..inputs {
+                weight[i * outputs + o] = w[o * inputs + i];
+            }
+        }
+        let bias = conv.bias.as_ref().map_or_else(|| vec![0.0; outputs], |b| host(b.val()));
+        Dense { weight, bias, inputs, outputs }
+    }
+
+    fn rhs(&self) -> MatRef<'_> {
+        MatRef::new(&self.weight, self.inputs, self.outputs)
+    }
+
+    /// `out = input · W + b` for `rows` rows.
+    fn forward(&self, input: &[f32], rows: usize, out: &mut [f32], threads: usize) {
+        matmul(MatMut::new(out, rows, self.outputs), MatRef::new(input, rows, self.inputs), self.rhs(), false, 1.0, threads);
+        kernels::add_bias(&mut out[..rows * self.outputs], &self.bias);
+    }
+
+    /// `x += input · W + b`: the residual branch's output layer.
+    fn forward_residual(&self, input: &[f32], rows: usize, x: &mut [f32], threads: usize) {
+        kernels::add_bias(&mut x[..rows * self.outputs], &self.bias);
+        matmul(MatMut::new(x, rows, self.outputs), MatRef::new(input, rows, self.inputs), self.rhs(), true, 1.0, threads);
+    }
+}
+
+struct LayerNormParams {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    eps: f32,
+}
+
+impl LayerNormParams {
+    fn new(norm: &LayerNorm) -> Self {
+        Self { weight: host(norm.weight.val()), bias: host(norm.bias.val()), eps: norm.eps as f32 }
+    }
+
+    fn from_norm(norm: &Norm) -> Result<Self> {
+        match norm {
+            Norm::LayerNorm(n) => Ok(Self::new(n)),
+            _ => Err(Error::Config("the CPU runtime runs RepBN/PRepBN models in their fused form".into())),
+        }
+    }
+}
+
+/// How a block mixes its tokens.
+enum Mixer {
+    /// Softmax or ReLU/L over the (T, T) score matrix of each head.
+    Dot { score: Score },
+    /// SLA: ReLU feature maps, K·V first, DWC on V (kernel taps tiled over the heads).
+    Linear { positional_encoding: Vec<f32>, taps: Vec<f32>, dwc_bias: Vec<f32>, kernel: usize, grid: [usize; 2] },
+}
+
+struct CpuBlock {
+    norm1: Option<LayerNormParams>,
+    qkv: Dense,
+    mixer: Mixer,
+    proj: Dense,
+    norm2: Option<LayerNormParams>,
+    fc1: Dense,
+    fc2: Dense,
+    heads: usize,
+}
+
+impl CpuBlock {
+    fn new(norms: Option<(&Norm, &Norm)>, attn: &Attention, fc1: &Linear, fc2: &Linear) -> Result<Self> {
+        let unsupported = |what: &str| Err(Error::Config(format!("the CPU runtime does not run {what} yet; use the burn path")));
+        let (qkv, proj, heads, mixer) = match attn {
+            Attention::Dot(a) => {
+                if a.q_norm.is_some() || a.gate.is_some() {
+                    return unsupported("qk-norm or gated ReLU attention");
+                }
+                (&a.qkv, &a.proj, a.num_heads, Mixer::Dot { score: a.score })
+            }
+            Attention::Linear(a) => {
+                if a.feature_map != FeatureMap::Relu {
+                    return unsupported("focused linear attention");
+                }
+                let dim = a.qkv.weight.dims()[0];
+                let [d, _, kernel, _] = a.dwc.weight.dims();
+                let w = host(a.dwc.weight.val()); // (d, 1, k, k), shared by every head
+                let b = a.dwc.bias.as_ref().map(|b| host(b.val())).unwrap_or_else(|| vec![0.0; d]);
+                let taps = (0..kernel * kernel).flat_map(|tap| (0..dim).map(move |ch| (tap, ch % d))).map(|(tap, ch)| w[ch * kernel * kernel + tap]).collect();
+                let mixer = Mixer::Linear {
+                    positional_encoding: host(a.positional_encoding.val()),
+                    taps,
+                    dwc_bias: (0..dim).map(|ch| b[ch % d]).collect(),
+                    kernel,
+                    grid: a.grid,
+                };
+                (&a.qkv, &a.proj, a.num_heads, mixer)
+            }
+        };
+        let (norm1, norm2) = match norms {
+            Some((n1, n2)) => (Some(LayerNormParams::from_norm(n1)?), Some(LayerNormParams::from_norm(n2)?)),
+            None => (None, None),
+        };
+        Ok(CpuBlock {
+            norm1,
+            qkv: Dense::from_linear(qkv),
+            mixer,
+            proj: Dense::from_linear(proj),
+            norm2,
+            fc1: Dense::from_linear(fc1),
+            fc2: Dense::from_linear(fc2),
+            heads,
+        })
+    }
+
+    /// x ← x + attn(norm1(x)); x ← x + mlp(norm2(x)), for one image's (T, C) tokens.
+    fn forward(&self, ws: &mut Workspace, threads: usize) {
+        let Workspace { x, normed, qkv, mixed, scratch, k_sum, hidden, .. } = ws;
+        let t = x.len() / self.qkv.inputs;
+        let c = self.qkv.inputs;
+        let input: &[f32] = match &self.norm1 {
+            Some(ln) => {
+                kernels::layer_norm(x, normed, &ln.weight, &ln.bias, ln.eps);
+                normed
+            }
+            None => x,
+        };
+        self.qkv.forward(input, t, qkv, threads); // (T, 3C)
+        let d = c / self.heads;
+        match &self.mixer {
+            Mixer::Dot { score } => {
+                let scores = &mut scratch[..t * t];
+                for h in 0..self.heads {
+                    let q = MatRef::columns(qkv, t, 3 * c, h * d, d);
+                    let k = MatRef::columns(qkv, t, 3 * c, c + h * d, d);
+                    let v = MatRef::columns(qkv, t, 3 * c, 2 * c + h * d, d);
+                    let scale = (d as f32).powf(-0.5);
+                    matmul(MatMut::new(scores, t, t), q, k.t(), false, scale, threads); // (T, T)
+                    match score {
+                        Score::Softmax => kernels::softmax_rows(scores, t),
+                        Score::ReluOverLength => kernels::scaled_relu(scores, 1.0 / t as f32),
+                    }
+                    matmul(MatMut::columns(mixed, t, c, h * d, d), MatRef::new(scores, t, t), v, false, 1.0, threads);
+                }
+            }
+            Mixer::Linear { positional_encoding, taps, dwc_bias, kernel, grid } => {
+                kernels::sla_feature_maps(qkv, positional_encoding, c);
+                kernels::column_sums(qkv, t, 3 * c, c, k_sum); // Σ_j φ(k_j), every head
+                let kv = &mut scratch[..d * d];
+                for h in 0..self.heads {
+                    let q = MatRef::columns(qkv, t, 3 * c, h * d, d);
+                    let k = MatRef::columns(qkv, t, 3 * c, c + h * d, d);
+                    let v = MatRef::columns(qkv, t, 3 * c, 2 * c + h * d, d);
+                    matmul(MatMut::new(kv, d, d), k.t(), v, false, 1.0, threads); // (d, d)
+                    matmul(MatMut::columns(mixed, t, c, h * d, d), q, MatRef::new(kv, d, d), false, 1.0, threads);
+                    kernels::normalize_rows(t, mixed, c, h * d, qkv, 3 * c, h * d, &k_sum[h * d..(h + 1) * d], 1e-6);
+                }
+                kernels::depthwise_conv_add(qkv, 3 * c, 2 * c, mixed, taps, dwc_bias, *grid, *kernel);
+            }
+        }
+        self.proj.forward_residual(mixed, t, x, threads);
+        let input: &[f32] = match &self.norm2 {
+            Some(ln) => {
+                kernels::layer_norm(x, normed, &ln.weight, &ln.bias, ln.eps);
+                normed
+            }
+            None => x,
+        };
+        let hidden = &mut hidden[..t * self.fc1.outputs];
+        matmul(MatMut::new(hidden, t, self.fc1.outputs), MatRef::new(input, t, c), self.fc1.rhs(), false, 1.0, threads);
+        kernels::bias_gelu(hidden, &self.fc1.bias);
+        self.fc2.forward_residual(hidden, t, x, threads);
+    }
+}
+
+/// One thread's activations for one image.
+struct Workspace {
+    patches: Vec<f32>,
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    qkv: Vec<f32>,
+    mixed: Vec<f32>,
+    /// (T, T) scores, or a head's (d, d) K·V state.
+    scratch: Vec<f32>,
+    k_sum: Vec<f32>,
+    hidden: Vec<f32>,
+    pooled: Vec<f32>,
+}
+
+impl Workspace {
+    fn new(model: &CpuVit) -> Self {
+        let cfg = &model.config;
+        let (t, c, n) = (cfg.num_tokens(), cfg.embed_dim, cfg.num_patches());
+        let hidden = model.blocks.iter().map(|b| b.fc1.outputs).max().unwrap_or(0);
+        Workspace {
+            patches: vec![0.0; n * model.patch_embed.inputs],
+            x: vec![0.0; t * c],
+            normed: vec![0.0; t * c],
+            qkv: vec![0.0; t * 3 * c],
+            mixed: vec![0.0; t * c],
+            scratch: vec![0.0; (t * t).max(c * c)],
+            k_sum: vec![0.0; c],
+            hidden: vec![0.0; t * hidden],
+            pooled: vec![0.0; c],
+        }
+    }
+}
+
+/// A DeiT-family model prepared for fast CPU inference: DeiT, PRepBN-DeiT and SLAB-DeiT (fused),
+/// LayerNorm models as they are; softmax, ReLU/L and SLA attention. Outputs equal the burn
+/// forward of the same model within float rounding (tested to 1e-4 of the largest logit).
+pub struct CpuVit {
+    config: VitConfig,
+    patch_embed: Dense,
+    cls_token: Vec<f32>,
+    pos_embed: Vec<f32>,
+    blocks: Vec<CpuBlock>,
+    norm: Option<LayerNormParams>,
+    head: Dense,
+}
+
+impl CpuVit {
+    /// From a trained model: RepBN/PRepBN models are fused first; LayerNorm models keep their
+    /// norms.
+    pub fn new(model: &VisionTransformer) -> Result<Self> {
+        if let Ok(deploy) = model.fuse() {
+            return Self::from_deploy(&deploy);
+        }
+        let blocks = model
+            .blocks
+            .iter()
+            .map(|b| CpuBlock::new(Some((&b.norm1, &b.norm2)), &b.attn, &b.mlp.fc1, &b.mlp.fc2))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self::assemble(&model.config, &model.patch_embed.proj, &model.cls_token, &model.pos_embed, blocks, Some(LayerNormParams::from_norm(&model.norm)?), &model.head))
+    }
+
+    /// From the norm-free deploy form.
+    pub fn from_deploy(model: &DeployVit) -> Result<Self> {
+        let blocks = model
+            .blocks
+            .iter()
+            .map(|b| CpuBlock::new(None, &b.attn, &b.mlp.fc1, &b.mlp.fc2))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self::assemble(&model.config, &model.patch_embed.proj, &model.cls_token, &model.pos_embed, blocks, None, &model.head))
+    }
+
+    fn assemble(
+        config: &VitConfig,
+        patch_conv: &Conv2d,
+        cls_token: &Param<Tensor<3>>,
+        pos_embed: &Param<Tensor<3>>,
+        blocks: Vec<CpuBlock>,
+        norm: Option<LayerNormParams>,
+        head: &Linear,
+    ) -> Self {
+        CpuVit {
+            config: config.clone(),
+            patch_embed: Dense::from_patch_conv(patch_conv),
+            cls_token: host(cls_token.val()),
+            pos_embed: host(pos_embed.val()),
+            blocks,
+            norm,
+            head: Dense::from_linear(head),
+        }
+    }
+
+    pub fn config(&self) -> &VitConfig {
+        &self.config
+    }
+
+    /// Images (B, C, H, W) → logits (B, num_classes), on the device of the input.
+    pub fn forward_tensor(&self, images: Tensor<4>) -> Result<Tensor<2>> {
+        let [b, ..] = images.dims();
+        self.check_input(&images.dims())?;
+        let device = images.device();
+        let logits = self.forward(&host(images), b)?;
+        Ok(Tensor::from_data(TensorData::new(logits, [b, self.config.num_classes]), &device))
+    }
+
+    fn check_input(&self, dims: &[usize]) -> Result<()> {
+        let cfg = &self.config;
+        let expected = [dims[0], cfg.in_chans, cfg.img_size, cfg.img_size];
+        if dims.len() != 4 || dims[0] == 0 || dims != expected {
+            return Err(Error::InputShape {
+                layer: "vision transformer",
+                expected: format!("(B > 0, {}, {}, {}) images", cfg.in_chans, cfg.img_size, cfg.img_size),
+                found: dims.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    /// `batch` images, row-major (B, C, H, W) → row-major (B, num_classes) logits.
+    pub fn forward(&self, images: &[f32], batch: usize) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        let per_image = cfg.in_chans * cfg.img_size * cfg.img_size;
+        if batch == 0 || images.len() != batch * per_image {
+            return Err(Error::InputShape {
+                layer: "vision transformer",
+                expected: format!("{batch} × ({}, {}, {}) = {} values", cfg.in_chans, cfg.img_size, cfg.img_size, batch * per_image),
+                found: vec![images.len()],
+            });
+        }
+        let classes = cfg.num_classes;
+        let mut logits = vec![0.0; batch * classes];
+        let threads = rayon::current_num_threads();
+        if batch == 1 || threads == 1 {
+            let mut ws = Workspace::new(self);
+            for (image, out) in images.chunks_exact(per_image).zip(logits.chunks_exact_mut(classes)) {
+                self.forward_image(image, out, &mut ws, threads);
+            }
+        } else {
+            logits
+                .par_chunks_exact_mut(classes)
+                .zip(images.par_chunks_exact(per_image))
+                .for_each_init(|| Workspace::new(self), |ws, (out, image)| self.forward_image(image, out, ws, 1));
+        }
+        Ok(logits)
+    }
+
+    fn forward_image(&self, image: &[f32], logits: &mut [f32], ws: &mut Workspace, threads: usize) {
+        let cfg = &self.config;
+        let (c, p, size) = (cfg.embed_dim, cfg.patch_size, cfg.img_size);
+        let [rows, cols] = cfg.grid();
+        let n = rows * cols;
+        // im2col: one row per patch, (channel, i, j) order like the conv weight.
+        let patch_len = self.patch_embed.inputs;
+        for r in 0..rows {
+            for q in 0..cols {
+                let dst = &mut ws.patches[(r * cols + q) * patch_len..(r * cols + q + 1) * patch_len];
+                for ch in 0..cfg.in_chans {
+                    for i in 0..p {
+                        let src = ch * size * size + (r * p + i) * size + q * p;
+                        dst[(ch * p + i) * p..(ch * p + i + 1) * p].copy_from_slice(&image[src..src + p]);
+                    }
+                }
+            }
+        }
+        let first = match cfg.pool {
+            Pool::ClassToken => {
+                ws.x[..c].copy_from_slice(&self.cls_token);
+                1
+            }
+            Pool::Mean => 0,
+        };
+        self.patch_embed.forward(&ws.patches, n, &mut ws.x[first * c..], threads); // (N, C) after the class token
+        kernels::add_assign(&mut ws.x, &self.pos_embed);
+        for block in &self.blocks {
+            block.forward(ws, threads);
+        }
+        let t = first + n;
+        let tokens = match (&self.norm, cfg.pool) {
+            (Some(ln), Pool::ClassToken) => {
+                kernels::layer_norm(&ws.x[..c], &mut ws.normed[..c], &ln.weight, &ln.bias, ln.eps);
+                &ws.normed[..c]
+            }
+            (Some(ln), Pool::Mean) => {
+                kernels::layer_norm(&ws.x, &mut ws.normed, &ln.weight, &ln.bias, ln.eps);
+                &ws.normed[..t * c]
+            }
+            (None, Pool::ClassToken) => &ws.x[..c],
+            (None, Pool::Mean) => &ws.x[..t * c],
+        };
+        match cfg.pool {
+            Pool::ClassToken => ws.pooled.copy_from_slice(tokens),
+            Pool::Mean => {
+                kernels::column_sums(tokens, t, c, 0, &mut ws.pooled);
+                ws.pooled.iter_mut().for_each(|v| *v /= t as f32);
+            }
+        }
+        self.head.forward(&ws.pooled, 1, logits, 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, Distribution};
+    use crate::nn::attention::AttentionKind;
+    use crate::nn::norm::NormKind;
+
+    fn max_abs(t: Tensor<2>) -> f32 {
+        t.abs().max().into_scalar()
+    }
+
+    /// Non-trivial BatchNorm statistics and norm affines, so fusing changes every weight, and
+    /// weights scaled up from their init so activations are O(1) and every op shows in the
+    /// logits (BatchNorm with fixed statistics does not rescale activations: those models take
+    /// less). Checked: a 1 % change of the DWC bias or 0.02 % of GELU fails the comparison.
+    fn randomized(config: VitConfig, device: &Device) -> VisionTransformer {
+        let weight_scale = if config.norm == NormKind::layer_norm(1e-6) { 10.0 } else { 5.0 };
+        let model = config.init(device).unwrap();
+        crate::state::map_float_tensors(model, |key, t| {
+            let n = t.dims()[0];
+            let uniform = |lo, hi| Tensor::<1>::random([n], Distribution::Uniform(lo, hi), &t.device());
+            if key.ends_with("running_var") {
+                Some(uniform(0.5, 2.0))
+            } else if key.ends_with("running_mean") || key.ends_with("bias") || key.ends_with("alpha") {
+                Some(uniform(-0.5, 0.5))
+            } else if key.contains("norm") && key.ends_with("weight") {
+                Some(uniform(0.5, 1.5))
+            } else if key.contains("positional_encoding") || key.contains("pos_embed") || key.contains("cls_token") {
+                Some(t.random_like(Distribution::Normal(0.0, 0.2)))
+            } else if key.ends_with("weight") {
+                Some(t.mul_scalar(weight_scale))
+            } else {
+                None
+            }
+        })
+    }
+
+    #[test]
+    fn runtime_equals_the_burn_forward_for_every_supported_kind() {
+        let device = Device::flex();
+        let small = |base: VitConfig| VitConfig { img_size: 32, patch_size: 4, embed_dim: 48, depth: 2, num_heads: 3, num_classes: 10, ..base };
+        let configs = [
+            small(VitConfig::deit_tiny()),
+            small(VitConfig::prepbn_deit_tiny()),
+            small(VitConfig::slab_deit_tiny()),
+            VitConfig { attention: AttentionKind::ReluL { qk_norm: false, gated: false }, ..small(VitConfig::relu_vit_tiny()) },
+        ];
+        for config in configs {
+            let model = randomized(config.clone(), &device);
+            let runtime = CpuVit::new(&model).unwrap();
+            for batch in [1, 5] {
+                let images = Tensor::<4>::random([batch, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
+                let want = model.forward(images.clone());
+                let got = runtime.forward_tensor(images).unwrap();
+                let scale = max_abs(want.clone());
+                let diff = max_abs(got.sub(want));
+                assert!(diff <= 1e-4 * scale, "{:?} batch {batch}: {diff} vs max |logit| {scale}", config.attention);
+            }
+        }
+    }
+
+    #[test]
+    fn the_deploy_form_and_the_trained_form_give_one_runtime() {
+        let device = Device::flex();
+        let config = VitConfig { img_size: 32, patch_size: 4, embed_dim: 24, depth: 1, num_heads: 2, num_classes: 4, ..VitConfig::slab_deit_tiny() };
+        let model = randomized(config, &device);
+        let images = Tensor::<4>::random([3, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
+        let a = CpuVit::new(&model).unwrap().forward_tensor(images.clone()).unwrap();
+        let b = CpuVit::from_deploy(&model.fuse().unwrap()).unwrap().forward_tensor(images).unwrap();
+        assert_eq!(host(a), host(b));
+    }
+
+    #[test]
+    fn wrong_inputs_and_unsupported_models_are_errors() {
+        let device = Device::flex();
+        let config = VitConfig { img_size: 32, patch_size: 4, embed_dim: 24, depth: 1, num_heads: 2, num_classes: 4, ..VitConfig::slab_deit_tiny() };
+        let runtime = CpuVit::new(&config.init(&device).unwrap()).unwrap();
+        let err = runtime.forward_tensor(Tensor::zeros([2, 3, 28, 28], &device)).unwrap_err();
+        assert!(err.to_string().contains("[2, 3, 28, 28]"), "{err}");
+        assert!(runtime.forward(&[0.0; 10], 1).is_err());
+        let focused = VitConfig { attention: AttentionKind::focused(), ..config };
+        let err = CpuVit::new(&focused.init(&device).unwrap()).err().unwrap();
+        assert!(err.to_string().contains("focused"), "{err}");
+    }
+}
