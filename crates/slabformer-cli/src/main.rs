@@ -109,15 +109,34 @@ enum Command {
     Bench {
         #[arg(long, default_value_t = 10)]
         repeats: usize,
-        /// A Python with onnxruntime (default: .ci/venv, as `.ci/python-env` makes it).
+        /// A Python with torch, timm and onnxruntime (default: bench/.venv as bench/compare.sh
+        /// makes it, else .ci/venv with onnxruntime only).
         #[arg(long)]
         python: Option<PathBuf>,
         /// Write the Markdown report here as well.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Replace an existing --out file.
+        /// Draw the SLA-vs-softmax attention sweep here (PNG; the sweep runs only with it).
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Replace existing --out/--plot files.
         #[arg(long)]
         overwrite: bool,
+    },
+    /// One benchmark case in this process, printed as JSON (what `bench` runs in a child).
+    #[command(hide = true)]
+    BenchCase {
+        #[arg(long, value_enum)]
+        engine: bench::Engine,
+        #[arg(long)]
+        model: String,
+        /// Images, or tokens for the attention engines.
+        #[arg(long)]
+        batch: usize,
+        #[arg(long)]
+        warmup: usize,
+        #[arg(long)]
+        repeats: usize,
     },
     /// The main job: fetch Fashion-MNIST if missing, train a small SLAB-DeiT, evaluate it.
     Quickstart {
@@ -172,15 +191,19 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fuse { model, out, overwrite } => fuse(&model, &out, overwrite)?,
         Command::Predict { model, images } => predict(&model, &images)?,
         Command::ExportOnnx { model, out, overwrite } => export_onnx(&model, &out, overwrite)?,
-        Command::Bench { repeats, python, out, overwrite } => {
-            let python = python.or_else(|| {
-                let venv = PathBuf::from(".ci/venv/bin/python");
-                venv.exists().then_some(venv)
-            });
-            if python.is_none() {
-                eprintln!("no Python with onnxruntime (run `bash .ci/python-env`): timing slabformer alone");
+        Command::BenchCase { engine, model, batch, warmup, repeats } => {
+            println!("{}", serde_json::to_string(&bench::run_case(engine, &model, batch, warmup, repeats)?)?);
+        }
+        Command::Bench { repeats, python, out, plot, overwrite } => {
+            for path in out.iter().chain(&plot) {
+                bench::check_writable(path, overwrite)?;
             }
-            let report = bench::run(repeats, python.as_deref())?;
+            // bench/compare.sh makes bench/.venv (torch, timm, onnxruntime); .ci/venv has onnxruntime.
+            let python = python.or_else(|| ["bench/.venv/bin/python", ".ci/venv/bin/python"].into_iter().map(PathBuf::from).find(|p| p.exists()));
+            if python.is_none() {
+                eprintln!("no Python peers (run `bash bench/compare.sh`, or give --python): timing slabformer alone");
+            }
+            let report = bench::run(&bench::Options { repeats, python: python.as_deref(), plot: plot.as_deref() })?;
             print!("{report}");
             if let Some(out) = out {
                 slabformer::files::write_new(&out, report.as_bytes(), overwrite)?;

@@ -93,14 +93,13 @@ impl<'a> MatMut<'a> {
     }
 }
 
-/// `dst = accumulate·dst + scale·lhs·rhs`, on one thread or split over the rayon pool.
-pub fn matmul(dst: MatMut<'_>, lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: bool, scale: f32, threads: usize) {
+/// `dst = accumulate·dst + scale·lhs·rhs` on the calling thread (callers split rows over threads).
+pub fn matmul(dst: MatMut<'_>, lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: bool, scale: f32) {
     assert_eq!(lhs.cols, rhs.rows, "inner dimensions");
     assert_eq!((dst.rows, dst.cols), (lhs.rows, rhs.cols), "output shape");
     lhs.check();
     rhs.check();
     MatRef { data: dst.data, offset: dst.offset, rows: dst.rows, cols: dst.cols, row_stride: dst.row_stride, col_stride: 1 }.check();
-    let parallelism = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
     // SAFETY: every view was checked to lie inside its slice; `dst` is borrowed mutably, so it
     // aliases neither input.
     unsafe {
@@ -123,7 +122,7 @@ pub fn matmul(dst: MatMut<'_>, lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: boo
             false,
             false,
             false,
-            parallelism,
+            Parallelism::None,
         );
     }
 }
@@ -261,12 +260,14 @@ multiversion! {
     /// Depthwise k×k convolution (stride 1, zero "same" padding) over a token grid, tokens
     /// row-major with `channels` contiguous: `out[t, ch] += bias[ch] + Σ taps[i·k + j][ch] ·
     /// x[t + (i - k/2, j - k/2), ch]`, where x is the columns `[start, start + channels)` of a
-    /// matrix with `x_stride`. Vectorized over channels.
+    /// matrix with `x_stride`, for the output tokens `first_token..` that `out` holds.
+    /// Vectorized over channels.
     pub fn depthwise_conv_add(
         x: &[f32],
         x_stride: usize,
         start: usize,
         out: &mut [f32],
+        first_token: usize,
         taps: &[f32],
         bias: &[f32],
         grid: [usize; 2],
@@ -275,21 +276,19 @@ multiversion! {
         let c = bias.len();
         let [rows, cols] = grid;
         let pad = kernel / 2;
-        for r in 0..rows {
-            for col in 0..cols {
-                let o = &mut out[(r * cols + col) * c..(r * cols + col + 1) * c];
-                for (v, b) in o.iter_mut().zip(bias) {
-                    *v += b;
-                }
-                for i in r.saturating_sub(pad)..(r + pad + 1).min(rows) {
-                    for j in col.saturating_sub(pad)..(col + pad + 1).min(cols) {
-                        let tap = ((i + pad - r) * kernel + (j + pad - col)) * c;
-                        let w = &taps[tap..tap + c];
-                        let src = (i * cols + j) * x_stride + start;
-                        let src = &x[src..src + c];
-                        for ((v, w), s) in o.iter_mut().zip(w).zip(src) {
-                            *v += w * s;
-                        }
+        for (index, o) in out.chunks_exact_mut(c).enumerate() {
+            let (r, col) = ((first_token + index) / cols, (first_token + index) % cols);
+            for (v, b) in o.iter_mut().zip(bias) {
+                *v += b;
+            }
+            for i in r.saturating_sub(pad)..(r + pad + 1).min(rows) {
+                for j in col.saturating_sub(pad)..(col + pad + 1).min(cols) {
+                    let tap = ((i + pad - r) * kernel + (j + pad - col)) * c;
+                    let w = &taps[tap..tap + c];
+                    let src = (i * cols + j) * x_stride + start;
+                    let src = &x[src..src + c];
+                    for ((v, w), s) in o.iter_mut().zip(w).zip(src) {
+                        *v += w * s;
                     }
                 }
             }
@@ -431,7 +430,7 @@ mod tests {
         let lhs = MatRef::columns(&a, 4, 7, 2, 3);
         let rhs = MatRef::columns(&b, 5, 6, 1, 3).t(); // 3×5
         let mut out = vec![1.0; 4 * 9];
-        matmul(MatMut::columns(&mut out, 4, 9, 2, 5), lhs, rhs, true, 2.0, 1);
+        matmul(MatMut::columns(&mut out, 4, 9, 2, 5), lhs, rhs, true, 2.0);
         for i in 0..4 {
             for j in 0..9 {
                 let want = if (2..7).contains(&j) {
@@ -449,7 +448,7 @@ mod tests {
     fn views_outside_their_slice_are_refused() {
         let a = vec![0.0; 10];
         let mut out = vec![0.0; 9];
-        matmul(MatMut::new(&mut out, 3, 3), MatRef::new(&a, 3, 4), MatRef::new(&a, 4, 3), false, 1.0, 1);
+        matmul(MatMut::new(&mut out, 3, 3), MatRef::new(&a, 3, 4), MatRef::new(&a, 4, 3), false, 1.0);
     }
 
     #[test]
@@ -459,7 +458,13 @@ mod tests {
         let taps: Vec<f32> = (0..k * k * c).map(|i| ((i * 5) % 7) as f32 * 0.25).collect();
         let bias = [0.5, -1.0, 2.0];
         let mut out = vec![0.0; rows * cols * c];
-        depthwise_conv_add(&x, 4, 1, &mut out, &taps, &bias, [rows, cols], k);
+        depthwise_conv_add(&x, 4, 1, &mut out, 0, &taps, &bias, [rows, cols], k);
+        // The same tokens computed in two blocks, as the threads split them.
+        let mut split = vec![0.0; rows * cols * c];
+        let (head, tail) = split.split_at_mut(7 * c);
+        depthwise_conv_add(&x, 4, 1, head, 0, &taps, &bias, [rows, cols], k);
+        depthwise_conv_add(&x, 4, 1, tail, 7, &taps, &bias, [rows, cols], k);
+        assert_eq!(split, out);
         for r in 0..rows as isize {
             for q in 0..cols as isize {
                 for ch in 0..c {

@@ -9,4 +9,4 @@
 pub mod kernels;
 mod vit;
 
-pub use vit::CpuVit;
+pub use vit::{CpuAttention, CpuVit};

@@ -4,8 +4,13 @@
 //! strided GEMM views, so no head split/merge copies. Biases and residuals are fused into the
 //! GEMMs (the output starts as `x + bias` and the product is accumulated into it), GELU is applied
 //! with fc1's bias in one pass, SLA's feature maps, normaliser and depthwise conv work on the qkv
-//! buffer in place. A batch is split over threads image by image (each image's activations stay
-//! in the core's L2); a single image splits its GEMMs instead.
+//! buffer in place.
+//!
+//! A block is two passes over row blocks of the tokens: (A) norm1 → qkv (→ SLA feature maps and
+//! this block's share of Σk and KᵀV), then, once every row's K and V exist, (B) attention of the
+//! block's query rows → proj + residual → norm2 → MLP + residual. A batch is split over threads
+//! image by image (each image's activations stay in its core's L2); a single image splits its
+//! rows over the threads, which then meet twice per block.
 
 use burn::module::Param;
 use burn::nn::Linear;
@@ -58,21 +63,44 @@ impl Dense {
         Dense { weight, bias, inputs, outputs }
     }
 
-    fn rhs(&self) -> MatRef<'_> {
-        MatRef::new(&self.weight, self.inputs, self.outputs)
+    /// `out = epilogue(input · W, b)` for the rows `out` holds.
+    fn apply_with(&self, input: &[f32], out: &mut [f32], epilogue: fn(&mut [f32], &[f32])) {
+        let rows = out.len() / self.outputs;
+        let input = MatRef::new(&input[..rows * self.inputs], rows, self.inputs);
+        matmul(MatMut::new(out, rows, self.outputs), input, MatRef::new(&self.weight, self.inputs, self.outputs), false, 1.0);
+        epilogue(out, &self.bias);
     }
 
-    /// `out = input · W + b` for `rows` rows.
-    fn forward(&self, input: &[f32], rows: usize, out: &mut [f32], threads: usize) {
-        matmul(MatMut::new(out, rows, self.outputs), MatRef::new(input, rows, self.inputs), self.rhs(), false, 1.0, threads);
-        kernels::add_bias(&mut out[..rows * self.outputs], &self.bias);
+    fn apply(&self, input: &[f32], out: &mut [f32]) {
+        self.apply_with(input, out, kernels::add_bias);
     }
 
-    /// `x += input · W + b`: the residual branch's output layer.
-    fn forward_residual(&self, input: &[f32], rows: usize, x: &mut [f32], threads: usize) {
-        kernels::add_bias(&mut x[..rows * self.outputs], &self.bias);
-        matmul(MatMut::new(x, rows, self.outputs), MatRef::new(input, rows, self.inputs), self.rhs(), true, 1.0, threads);
+    /// `x += input · W + b`: a residual branch's output layer.
+    fn apply_residual(&self, input: &[f32], x: &mut [f32]) {
+        let rows = x.len() / self.outputs;
+        kernels::add_bias(x, &self.bias);
+        let input = MatRef::new(&input[..rows * self.inputs], rows, self.inputs);
+        matmul(MatMut::new(x, rows, self.outputs), input, MatRef::new(&self.weight, self.inputs, self.outputs), true, 1.0);
     }
+}
+
+/// Splits a (rows, width) buffer into consecutive blocks of `per` rows.
+fn row_blocks(buf: &mut [f32], width: usize, per: usize) -> impl Iterator<Item = &mut [f32]> {
+    buf.chunks_mut(per * width)
+}
+
+/// Runs `f` on every item, in parallel when there is more than one.
+fn for_each_part<T: Send>(parts: Vec<T>, f: impl Fn(T) + Sync + Send) {
+    if parts.len() == 1 {
+        parts.into_iter().for_each(f);
+    } else {
+        parts.into_par_iter().for_each(f);
+    }
+}
+
+/// Rows `first..first + rows` of a strided view.
+fn rows_of(m: MatRef<'_>, first: usize, rows: usize) -> MatRef<'_> {
+    MatRef { offset: m.offset + first * m.row_stride, rows, ..m }
 }
 
 struct LayerNormParams {
@@ -94,6 +122,17 @@ impl LayerNormParams {
     }
 }
 
+/// `norm(x)` in `normed`, or `x` itself where the norm was folded away.
+fn norm_or_identity<'a>(norm: Option<&LayerNormParams>, x: &'a [f32], normed: &'a mut [f32]) -> &'a [f32] {
+    match norm {
+        Some(ln) => {
+            kernels::layer_norm(x, normed, &ln.weight, &ln.bias, ln.eps);
+            normed
+        }
+        None => x,
+    }
+}
+
 /// How a block mixes its tokens.
 enum Mixer {
     /// Softmax or ReLU/L over the (T, T) score matrix of each head.
@@ -102,19 +141,41 @@ enum Mixer {
     Linear { positional_encoding: Vec<f32>, taps: Vec<f32>, dwc_bias: Vec<f32>, kernel: usize, grid: [usize; 2] },
 }
 
+/// A transformer block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))` when it has an MLP (the
+/// attention sweep runs blocks without one). Norms are absent in fused models.
 struct CpuBlock {
     norm1: Option<LayerNormParams>,
     qkv: Dense,
     mixer: Mixer,
     proj: Dense,
-    norm2: Option<LayerNormParams>,
-    fc1: Dense,
-    fc2: Dense,
     heads: usize,
+    norm2: Option<LayerNormParams>,
+    mlp: Option<(Dense, Dense)>,
+}
+
+/// Pass A's share of one row block.
+struct PassA<'a> {
+    first: usize,
+    x: &'a [f32],
+    normed: &'a mut [f32],
+    qkv: &'a mut [f32],
+    /// This block's Σ_j φ(k_j) (C) and every head's Σ_j φ(k_j)ᵀ v_j (heads × d × d), SLA only.
+    k_sum: &'a mut [f32],
+    kv: &'a mut [f32],
+}
+
+/// Pass B's share of one row block.
+struct PassB<'a> {
+    first: usize,
+    x: &'a mut [f32],
+    normed: &'a mut [f32],
+    mixed: &'a mut [f32],
+    scores: &'a mut [f32],
+    hidden: &'a mut [f32],
 }
 
 impl CpuBlock {
-    fn new(norms: Option<(&Norm, &Norm)>, attn: &Attention, fc1: &Linear, fc2: &Linear) -> Result<Self> {
+    fn new(norms: Option<(&Norm, &Norm)>, attn: &Attention, mlp: Option<(&Linear, &Linear)>) -> Result<Self> {
         let unsupported = |what: &str| Err(Error::Config(format!("the CPU runtime does not run {what} yet; use the burn path")));
         let (qkv, proj, heads, mixer) = match attn {
             Attention::Dot(a) => {
@@ -151,100 +212,187 @@ impl CpuBlock {
             qkv: Dense::from_linear(qkv),
             mixer,
             proj: Dense::from_linear(proj),
-            norm2,
-            fc1: Dense::from_linear(fc1),
-            fc2: Dense::from_linear(fc2),
             heads,
+            norm2,
+            mlp: mlp.map(|(fc1, fc2)| (Dense::from_linear(fc1), Dense::from_linear(fc2))),
         })
     }
 
-    /// x ← x + attn(norm1(x)); x ← x + mlp(norm2(x)), for one image's (T, C) tokens.
-    fn forward(&self, ws: &mut Workspace, threads: usize) {
-        let Workspace { x, normed, qkv, mixed, scratch, k_sum, hidden, .. } = ws;
-        let t = x.len() / self.qkv.inputs;
-        let c = self.qkv.inputs;
-        let input: &[f32] = match &self.norm1 {
-            Some(ln) => {
-                kernels::layer_norm(x, normed, &ln.weight, &ln.bias, ln.eps);
-                normed
-            }
-            None => x,
-        };
-        self.qkv.forward(input, t, qkv, threads); // (T, 3C)
+    fn dim(&self) -> usize {
+        self.qkv.inputs
+    }
+
+    /// The block on one sequence's (T, C) tokens in `ws.x`, its rows split into `parts` blocks.
+    fn forward(&self, ws: &mut Workspace, parts: usize) {
+        let c = self.dim();
         let d = c / self.heads;
+        let t = ws.x.len() / c;
+        let per = t.div_ceil(parts.max(1)).max(1);
+        let Workspace { x, normed, qkv, mixed, scores, k_sum, kv, hidden, .. } = ws;
+
+        let pass_a: Vec<PassA> = x
+            .chunks(per * c)
+            .zip(row_blocks(normed, c, per))
+            .zip(row_blocks(qkv, 3 * c, per))
+            .zip(k_sum.chunks_mut(c))
+            .zip(kv.chunks_mut(c * d))
+            .enumerate()
+            .map(|(i, ((((x, normed), qkv), k_sum), kv))| PassA { first: i * per, x, normed, qkv, k_sum, kv })
+            .collect();
+        let blocks = pass_a.len();
+        for_each_part(pass_a, |part| self.pass_a(part));
+        if blocks > 1 {
+            // Every block's partial Σk and KᵀV into the first's.
+            let (first, rest) = k_sum.split_at_mut(c);
+            rest.chunks(c).take(blocks - 1).for_each(|p| kernels::add_assign(first, p));
+            let (first, rest) = kv.split_at_mut(c * d);
+            rest.chunks(c * d).take(blocks - 1).for_each(|p| kernels::add_assign(first, p));
+        }
+
+        let (qkv, k_sum, kv): (&[f32], &[f32], &[f32]) = (qkv, &k_sum[..c], &kv[..c * d]);
+        let hidden_width = self.mlp.as_ref().map_or(0, |(fc1, _)| fc1.outputs);
+        let score_width = if matches!(self.mixer, Mixer::Dot { .. }) { t } else { 0 };
+        let mut scores = row_blocks(scores, score_width.max(1), per);
+        let mut hidden = row_blocks(hidden, hidden_width.max(1), per);
+        let pass_b: Vec<PassB> = row_blocks(x, c, per)
+            .zip(row_blocks(normed, c, per))
+            .zip(row_blocks(mixed, c, per))
+            .enumerate()
+            .map(|(i, ((x, normed), mixed))| {
+                let rows = x.len() / c;
+                PassB { first: i * per, x, normed, mixed, scores: next_block(&mut scores, rows * score_width), hidden: next_block(&mut hidden, rows * hidden_width) }
+            })
+            .collect();
+        for_each_part(pass_b, |part| self.pass_b(part, qkv, k_sum, kv, t));
+    }
+
+    /// norm1 → qkv for a row block; SLA: feature maps, then the block's Σk and KᵀV.
+    fn pass_a(&self, part: PassA<'_>) {
+        let PassA { first, x, normed, qkv, k_sum, kv } = part;
+        let c = self.dim();
+        let d = c / self.heads;
+        let rows = x.len() / c;
+        self.qkv.apply(norm_or_identity(self.norm1.as_ref(), x, normed), qkv); // (rows, 3C)
+        if let Mixer::Linear { positional_encoding, .. } = &self.mixer {
+            kernels::sla_feature_maps(qkv, &positional_encoding[first * c..], c);
+            kernels::column_sums(qkv, rows, 3 * c, c, k_sum);
+            for h in 0..self.heads {
+                let k = MatRef::columns(qkv, rows, 3 * c, c + h * d, d);
+                let v = MatRef::columns(qkv, rows, 3 * c, 2 * c + h * d, d);
+                matmul(MatMut::new(&mut kv[h * d * d..(h + 1) * d * d], d, d), k.t(), v, false, 1.0); // (d, d)
+            }
+        }
+    }
+
+    /// Attention of a block of query rows over all T keys → proj + residual → norm2 → MLP +
+    /// residual.
+    fn pass_b(&self, part: PassB<'_>, qkv: &[f32], k_sum: &[f32], kv: &[f32], t: usize) {
+        let PassB { first, x, normed, mixed, scores, hidden } = part;
+        let c = self.dim();
+        let d = c / self.heads;
+        let rows = x.len() / c;
+        let column = |start: usize| MatRef::columns(qkv, t, 3 * c, start, d);
         match &self.mixer {
             Mixer::Dot { score } => {
-                let scores = &mut scratch[..t * t];
+                let scale = (d as f32).powf(-0.5);
                 for h in 0..self.heads {
-                    let q = MatRef::columns(qkv, t, 3 * c, h * d, d);
-                    let k = MatRef::columns(qkv, t, 3 * c, c + h * d, d);
-                    let v = MatRef::columns(qkv, t, 3 * c, 2 * c + h * d, d);
-                    let scale = (d as f32).powf(-0.5);
-                    matmul(MatMut::new(scores, t, t), q, k.t(), false, scale, threads); // (T, T)
+                    let (q, k, v) = (column(h * d), column(c + h * d), column(2 * c + h * d));
+                    matmul(MatMut::new(scores, rows, t), rows_of(q, first, rows), k.t(), false, scale); // (rows, T)
                     match score {
                         Score::Softmax => kernels::softmax_rows(scores, t),
                         Score::ReluOverLength => kernels::scaled_relu(scores, 1.0 / t as f32),
                     }
-                    matmul(MatMut::columns(mixed, t, c, h * d, d), MatRef::new(scores, t, t), v, false, 1.0, threads);
+                    matmul(MatMut::columns(mixed, rows, c, h * d, d), MatRef::new(scores, rows, t), v, false, 1.0);
                 }
             }
-            Mixer::Linear { positional_encoding, taps, dwc_bias, kernel, grid } => {
-                kernels::sla_feature_maps(qkv, positional_encoding, c);
-                kernels::column_sums(qkv, t, 3 * c, c, k_sum); // Σ_j φ(k_j), every head
-                let kv = &mut scratch[..d * d];
+            Mixer::Linear { taps, dwc_bias, kernel, grid, .. } => {
                 for h in 0..self.heads {
-                    let q = MatRef::columns(qkv, t, 3 * c, h * d, d);
-                    let k = MatRef::columns(qkv, t, 3 * c, c + h * d, d);
-                    let v = MatRef::columns(qkv, t, 3 * c, 2 * c + h * d, d);
-                    matmul(MatMut::new(kv, d, d), k.t(), v, false, 1.0, threads); // (d, d)
-                    matmul(MatMut::columns(mixed, t, c, h * d, d), q, MatRef::new(kv, d, d), false, 1.0, threads);
-                    kernels::normalize_rows(t, mixed, c, h * d, qkv, 3 * c, h * d, &k_sum[h * d..(h + 1) * d], 1e-6);
+                    let kv = MatRef::new(&kv[h * d * d..(h + 1) * d * d], d, d);
+                    matmul(MatMut::columns(mixed, rows, c, h * d, d), rows_of(column(h * d), first, rows), kv, false, 1.0);
+                    kernels::normalize_rows(rows, mixed, c, h * d, &qkv[first * 3 * c..], 3 * c, h * d, &k_sum[h * d..(h + 1) * d], 1e-6);
                 }
-                kernels::depthwise_conv_add(qkv, 3 * c, 2 * c, mixed, taps, dwc_bias, *grid, *kernel);
+                kernels::depthwise_conv_add(qkv, 3 * c, 2 * c, mixed, first, taps, dwc_bias, *grid, *kernel);
             }
         }
-        self.proj.forward_residual(mixed, t, x, threads);
-        let input: &[f32] = match &self.norm2 {
-            Some(ln) => {
-                kernels::layer_norm(x, normed, &ln.weight, &ln.bias, ln.eps);
-                normed
-            }
-            None => x,
-        };
-        let hidden = &mut hidden[..t * self.fc1.outputs];
-        matmul(MatMut::new(hidden, t, self.fc1.outputs), MatRef::new(input, t, c), self.fc1.rhs(), false, 1.0, threads);
-        kernels::bias_gelu(hidden, &self.fc1.bias);
-        self.fc2.forward_residual(hidden, t, x, threads);
+        self.proj.apply_residual(mixed, x);
+        if let Some((fc1, fc2)) = &self.mlp {
+            fc1.apply_with(norm_or_identity(self.norm2.as_ref(), x, normed), hidden, kernels::bias_gelu);
+            fc2.apply_residual(hidden, x);
+        }
     }
 }
 
-/// One thread's activations for one image.
+/// The next row block of a split buffer, trimmed to `len` values (empty when `len` is 0).
+fn next_block<'a>(blocks: &mut impl Iterator<Item = &'a mut [f32]>, len: usize) -> &'a mut [f32] {
+    match blocks.next() {
+        Some(block) => &mut block[..len],
+        None => &mut [],
+    }
+}
+
+/// One attention layer on its own with its residual, `x + attn(x)`, for the attention scaling
+/// sweep.
+pub struct CpuAttention {
+    block: CpuBlock,
+}
+
+impl CpuAttention {
+    pub fn new(attn: &Attention) -> Result<Self> {
+        Ok(Self { block: CpuBlock::new(None, attn, None)? })
+    }
+
+    /// (T, C) tokens → `x + attn(x)` for one sequence, rows split over the threads. Its buffers
+    /// are allocated here, sized for T: softmax's (T, T) score matrix, SLA's (d, d) states.
+    pub fn forward(&self, tokens: &[f32]) -> Result<Vec<f32>> {
+        let c = self.block.dim();
+        if tokens.is_empty() || !tokens.len().is_multiple_of(c) {
+            return Err(Error::InputShape { layer: "attention", expected: format!("(T, {c}) tokens"), found: vec![tokens.len()] });
+        }
+        let t = tokens.len() / c;
+        if let Mixer::Linear { grid, .. } = &self.block.mixer
+            && grid[0] * grid[1] != t
+        {
+            return Err(Error::InputShape { layer: "attention", expected: format!("{} tokens on the {grid:?} grid", grid[0] * grid[1]), found: vec![t, c] });
+        }
+        let parts = rayon::current_num_threads();
+        let mut ws = Workspace::new(t, c, &[&self.block], 0, parts);
+        ws.x.copy_from_slice(tokens);
+        self.block.forward(&mut ws, parts);
+        Ok(ws.x)
+    }
+}
+
+/// One thread's activations for one sequence of T tokens, with room for `parts` row blocks.
 struct Workspace {
     patches: Vec<f32>,
     x: Vec<f32>,
     normed: Vec<f32>,
     qkv: Vec<f32>,
     mixed: Vec<f32>,
-    /// (T, T) scores, or a head's (d, d) K·V state.
-    scratch: Vec<f32>,
+    /// (T, T) attention scores (softmax / ReLU-L blocks only).
+    scores: Vec<f32>,
+    /// Per row block: Σk (C) and K·V (heads × d × d) of SLA blocks.
     k_sum: Vec<f32>,
+    kv: Vec<f32>,
     hidden: Vec<f32>,
     pooled: Vec<f32>,
 }
 
 impl Workspace {
-    fn new(model: &CpuVit) -> Self {
-        let cfg = &model.config;
-        let (t, c, n) = (cfg.num_tokens(), cfg.embed_dim, cfg.num_patches());
-        let hidden = model.blocks.iter().map(|b| b.fc1.outputs).max().unwrap_or(0);
+    fn new(t: usize, c: usize, blocks: &[&CpuBlock], patch_len: usize, parts: usize) -> Self {
+        let parts = parts.max(1);
+        let hidden = blocks.iter().filter_map(|b| b.mlp.as_ref().map(|(fc1, _)| fc1.outputs)).max().unwrap_or(0);
+        let dot = blocks.iter().any(|b| matches!(b.mixer, Mixer::Dot { .. }));
+        let d = blocks.iter().map(|b| c / b.heads).max().unwrap_or(0);
         Workspace {
-            patches: vec![0.0; n * model.patch_embed.inputs],
+            patches: vec![0.0; t * patch_len],
             x: vec![0.0; t * c],
             normed: vec![0.0; t * c],
             qkv: vec![0.0; t * 3 * c],
             mixed: vec![0.0; t * c],
-            scratch: vec![0.0; (t * t).max(c * c)],
-            k_sum: vec![0.0; c],
+            scores: vec![0.0; if dot { t * t } else { 0 }],
+            k_sum: vec![0.0; parts * c],
+            kv: vec![0.0; parts * c * d],
             hidden: vec![0.0; t * hidden],
             pooled: vec![0.0; c],
         }
@@ -274,7 +422,7 @@ impl CpuVit {
         let blocks = model
             .blocks
             .iter()
-            .map(|b| CpuBlock::new(Some((&b.norm1, &b.norm2)), &b.attn, &b.mlp.fc1, &b.mlp.fc2))
+            .map(|b| CpuBlock::new(Some((&b.norm1, &b.norm2)), &b.attn, Some((&b.mlp.fc1, &b.mlp.fc2))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self::assemble(&model.config, &model.patch_embed.proj, &model.cls_token, &model.pos_embed, blocks, Some(LayerNormParams::from_norm(&model.norm)?), &model.head))
     }
@@ -284,7 +432,7 @@ impl CpuVit {
         let blocks = model
             .blocks
             .iter()
-            .map(|b| CpuBlock::new(None, &b.attn, &b.mlp.fc1, &b.mlp.fc2))
+            .map(|b| CpuBlock::new(None, &b.attn, Some((&b.mlp.fc1, &b.mlp.fc2))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self::assemble(&model.config, &model.patch_embed.proj, &model.cls_token, &model.pos_embed, blocks, None, &model.head))
     }
@@ -350,7 +498,8 @@ impl CpuVit {
         let mut logits = vec![0.0; batch * classes];
         let threads = rayon::current_num_threads();
         if batch == 1 || threads == 1 {
-            let mut ws = Workspace::new(self);
+            // One image: its token rows are split over the threads.
+            let mut ws = self.workspace(threads);
             for (image, out) in images.chunks_exact(per_image).zip(logits.chunks_exact_mut(classes)) {
                 self.forward_image(image, out, &mut ws, threads);
             }
@@ -358,12 +507,17 @@ impl CpuVit {
             logits
                 .par_chunks_exact_mut(classes)
                 .zip(images.par_chunks_exact(per_image))
-                .for_each_init(|| Workspace::new(self), |ws, (out, image)| self.forward_image(image, out, ws, 1));
+                .for_each_init(|| self.workspace(1), |ws, (out, image)| self.forward_image(image, out, ws, 1));
         }
         Ok(logits)
     }
 
-    fn forward_image(&self, image: &[f32], logits: &mut [f32], ws: &mut Workspace, threads: usize) {
+    fn workspace(&self, parts: usize) -> Workspace {
+        let blocks: Vec<&CpuBlock> = self.blocks.iter().collect();
+        Workspace::new(self.config.num_tokens(), self.config.embed_dim, &blocks, self.patch_embed.inputs, parts)
+    }
+
+    fn forward_image(&self, image: &[f32], logits: &mut [f32], ws: &mut Workspace, parts: usize) {
         let cfg = &self.config;
         let (c, p, size) = (cfg.embed_dim, cfg.patch_size, cfg.img_size);
         let [rows, cols] = cfg.grid();
@@ -388,10 +542,12 @@ impl CpuVit {
             }
             Pool::Mean => 0,
         };
-        self.patch_embed.forward(&ws.patches, n, &mut ws.x[first * c..], threads); // (N, C) after the class token
+        let per = n.div_ceil(parts.max(1)).max(1);
+        let jobs: Vec<_> = ws.patches[..n * patch_len].chunks(per * patch_len).zip(ws.x[first * c..].chunks_mut(per * c)).collect();
+        for_each_part(jobs, |(patches, x)| self.patch_embed.apply(patches, x)); // (N, C) after the class token
         kernels::add_assign(&mut ws.x, &self.pos_embed);
         for block in &self.blocks {
-            block.forward(ws, threads);
+            block.forward(ws, parts);
         }
         let t = first + n;
         let tokens = match (&self.norm, cfg.pool) {
@@ -413,7 +569,7 @@ impl CpuVit {
                 ws.pooled.iter_mut().for_each(|v| *v /= t as f32);
             }
         }
-        self.head.forward(&ws.pooled, 1, logits, 1);
+        self.head.apply(&ws.pooled, logits);
     }
 }
 
@@ -476,6 +632,26 @@ mod tests {
                 assert!(diff <= 1e-4 * scale, "{:?} batch {batch}: {diff} vs max |logit| {scale}", config.attention);
             }
         }
+    }
+
+    #[test]
+    fn a_single_attention_layer_with_its_residual_equals_burn() {
+        use crate::nn::attention::AttentionConfig;
+        let device = Device::flex();
+        for kind in [AttentionKind::Softmax, AttentionKind::sla()] {
+            let config = AttentionConfig { dim: 48, num_heads: 3, qkv_bias: true, kind, grid: Some([8, 8]) };
+            let attn = crate::state::map_float_tensors(config.init(&device), |key, t| {
+                (key.contains("weight") || key.contains("positional")).then(|| t.random_like(Distribution::Normal(0.0, 0.3)))
+            });
+            let x = Tensor::<3>::random([1, 64, 48], Distribution::Normal(0.0, 1.0), &device);
+            let want = host(attn.forward(x.clone()).add(x.clone())); // with the residual
+            let got = CpuAttention::new(&attn).unwrap().forward(&host(x)).unwrap();
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(scale > 0.1 && diff <= 1e-5 * scale, "{kind:?}: {diff} vs {scale}");
+        }
+        let sla = AttentionConfig { dim: 48, num_heads: 3, qkv_bias: true, kind: AttentionKind::sla(), grid: Some([8, 8]) }.init(&device);
+        assert!(CpuAttention::new(&sla).unwrap().forward(&[0.0; 48 * 63]).is_err());
     }
 
     #[test]

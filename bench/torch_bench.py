@@ -1,0 +1,68 @@
+"""Times a model in PyTorch eager (CPU) the way `slabformer bench` times slabformer.
+
+usage: torch_bench.py MODEL BATCH MODE WARMUP REPEATS      MODE: infer | train
+prints one JSON line: median_ms, min_ms, max_ms, peak_rss_mib, threads, torch
+infer: the deploy form in eval mode under torch.inference_mode. train: one step of the training
+form at batch BATCH: forward, cross-entropy, backward, AdamW update.
+"""
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_models  # noqa: E402
+
+
+def peak_rss_mib():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main():
+    name, batch, mode, warmup, repeats = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 224, 224)
+    if mode == "infer":
+        model = torch_models.create(name, deploy=True).eval()
+
+        def step():
+            with torch.inference_mode():
+                model(x)
+    elif mode == "train":
+        model = torch_models.create(name, deploy=False).train()
+        labels = torch.randint(0, 1000, (batch,))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+
+        def step():
+            loss = F.cross_entropy(model(x), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    print(json.dumps({
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "peak_rss_mib": peak_rss_mib(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }))
+
+
+main()

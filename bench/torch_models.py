@@ -1,0 +1,124 @@
+"""PyTorch eager versions of the benchmarked models, for `slabformer bench`.
+
+DeiT-T is timm's. PRepBN-DeiT-T is timm's VisionTransformer with its norms swapped: identity in the
+deploy form (every RepBN folded away), RepBN while training. SLAB-DeiT-T (simplified linear
+attention, mean pool, PRepBN) is written here after the SLAB paper's code and ../shared/SPEC.md §3:
+q ← ReLU(q), k ← ReLU(k + P), O = Q(KᵀV) ⊙ z with z = 1/(q·Σk + 1e-6), plus a 5×5 depthwise conv
+on V shared by all heads.
+"""
+import timm
+import torch
+from torch import nn
+from timm.models.vision_transformer import VisionTransformer
+
+
+class RepBN(nn.Module):
+    """BatchNorm over tokens plus α·x (SLAB's RepBN)."""
+
+    def __init__(self, dim, **_):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1))
+        self.bn = nn.BatchNorm1d(dim)
+
+    def forward(self, x):
+        x = x.transpose(1, 2)
+        x = self.bn(x) + self.alpha * x
+        return x.transpose(1, 2)
+
+
+class LinearNorm(nn.Module):
+    """PRepBN: λ·LayerNorm + (1 − λ)·RepBN while training, λ decaying linearly over `step` calls."""
+
+    def __init__(self, dim, warm=0, step=60000, **_):
+        super().__init__()
+        self.register_buffer("warm", torch.tensor(warm))
+        self.register_buffer("iter", torch.tensor(step))
+        self.register_buffer("total_step", torch.tensor(step))
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = RepBN(dim)
+
+    def forward(self, x):
+        if not self.training:
+            return self.norm2(x)
+        if self.warm > 0:
+            self.warm.copy_(self.warm - 1)
+            return self.norm1(x)
+        lam = self.iter / self.total_step
+        if self.iter > 0:
+            self.iter.copy_(self.iter - 1)
+        return lam * self.norm1(x) + (1 - lam) * self.norm2(x)
+
+
+class SimplifiedLinearAttention(nn.Module):
+    def __init__(self, dim, num_heads, tokens, kernel_size=5):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.positional_encoding = nn.Parameter(torch.zeros(1, tokens, dim))
+        d = dim // num_heads
+        self.dwc = nn.Conv2d(d, d, kernel_size, padding=kernel_size // 2, groups=d)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        h, d = self.num_heads, c // self.num_heads
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k = torch.relu(q), torch.relu(k + self.positional_encoding)
+        q, k, v = (t.reshape(b, n, h, d).transpose(1, 2) for t in (q, k, v))  # (B, h, N, d)
+        z = 1 / (q @ k.sum(dim=-2, keepdim=True).transpose(-2, -1) + 1e-6)  # (B, h, N, 1)
+        out = (q @ (k.transpose(-2, -1) @ v)) * z
+        side = int(n**0.5)
+        image = v.reshape(b * h, n, d).transpose(1, 2).reshape(b * h, d, side, side)
+        out = out + self.dwc(image).reshape(b, h, d, n).transpose(2, 3)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SlabBlock(nn.Module):
+    def __init__(self, dim, num_heads, tokens, norm):
+        super().__init__()
+        self.norm1, self.attn = norm(dim), SimplifiedLinearAttention(dim, num_heads, tokens)
+        self.norm2, self.mlp = norm(dim), Mlp(dim, 4 * dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class SlabDeiT(nn.Module):
+    def __init__(self, norm, img_size=224, patch=16, dim=192, depth=12, heads=3, classes=1000):
+        super().__init__()
+        tokens = (img_size // patch) ** 2
+        self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.blocks = nn.Sequential(*[SlabBlock(dim, heads, tokens, norm) for _ in range(depth)])
+        self.norm = norm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, images):
+        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, C)
+        x = self.norm(self.blocks(x))
+        return self.head(x.mean(dim=1))
+
+
+def identity(*_, **__):
+    return nn.Identity()
+
+
+def create(name, deploy):
+    """The model `name` of slabformer's presets; `deploy`: the fused, norm-free form."""
+    if name == "deit_tiny":
+        return timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    if name == "prepbn_deit_tiny":
+        return VisionTransformer(embed_dim=192, depth=12, num_heads=3, norm_layer=identity if deploy else RepBN)
+    if name == "slab_deit_tiny":
+        return SlabDeiT(identity if deploy else LinearNorm)
+    raise ValueError(f"unknown model {name}")
