@@ -12,4 +12,4 @@ if ! "$venv/bin/python" -c "import torch, timm, onnxruntime, safetensors" 2>/dev
     "$venv/bin/pip" install --quiet "${pins[@]}"
 fi
 cargo build --release --quiet
-./target/release/slabformer bench --python "$venv/bin/python" --out docs/bench.md --overwrite "$@"
+./target/release/slabformer bench --python "$venv/bin/python" --out docs/bench.md --plot docs/bench_scaling.png --overwrite "$@"

@@ -314,7 +314,7 @@ pub fn run(options: &Options) -> Result<String> {
     let dir = tempfile::tempdir()?;
     let (peak, isa) = measured_peak_gflops();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut out = String::new();
+    let mut out = String::from("# Benchmarks\n\nMade by `bash bench/compare.sh` (`slabformer bench` with the pinned peers of bench/.venv); rerun it to measure your machine.\n\n");
     out.push_str(&format!(
         "Machine: {} · {threads} logical cores · FP32 peak {peak:.0} GFLOP/s, measured: every core runs 12 independent {isa} FMA chains (2 FLOP per lane), \
          the most dense float math these cores do. slabformer {} (runtime on {threads} rayon threads; training on burn {}). {}.\n\n\

@@ -158,14 +158,53 @@ multiversion! {
     }
 }
 
+/// Reductions in 16 independent lanes: a float sum in one accumulator is a serial chain that
+/// LLVM may not reorder, so it would not vectorize.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn reduce(x: &[f32], init: f32, map: impl Fn(f32) -> f32, op: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a = op(*a, map(v));
+        }
+    }
+    let mut total = acc.into_iter().fold(init, &op);
+    for &v in tail {
+        total = op(total, map(v));
+    }
+    total
+}
+
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
+    reduce(x, 0.0, |v| v, |a, b| a + b)
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    acc.into_iter().sum::<f32>() + ta.iter().zip(tb).map(|(x, y)| x * y).sum::<f32>()
+}
+
 multiversion! {
     /// LayerNorm of each row of `x` (row length `weight.len()`) into `out`; two-pass variance
     /// like PyTorch.
     pub fn layer_norm(x: &[f32], out: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
         let c = weight.len();
         for (row, out) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
-            let mean = row.iter().sum::<f32>() / c as f32;
-            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+            let mean = sum(row) / c as f32;
+            let var = reduce(row, 0.0, |v| (v - mean) * (v - mean), |a, b| a + b) / c as f32;
             let inv = 1.0 / (var + eps).sqrt();
             for (((o, v), w), b) in out.iter_mut().zip(row).zip(weight).zip(bias) {
                 *o = (v - mean) * inv * w + b;
@@ -178,13 +217,11 @@ multiversion! {
     /// Softmax of each row (length `cols`) in place.
     pub fn softmax_rows(x: &mut [f32], cols: usize) {
         for row in x.chunks_exact_mut(cols) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let mut sum = 0.0;
+            let max = reduce(row, f32::NEG_INFINITY, |v| v, f32::max);
             for v in row.iter_mut() {
                 *v = exp(*v - max);
-                sum += *v;
             }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / sum(row);
             for v in row.iter_mut() {
                 *v *= inv;
             }
@@ -247,7 +284,7 @@ multiversion! {
         let d = k_sum.len();
         for t in 0..rows {
             let q_row = &q[t * q_stride + q_start..t * q_stride + q_start + d];
-            let denominator = q_row.iter().zip(k_sum).map(|(a, b)| a * b).sum::<f32>() + eps;
+            let denominator = dot(q_row, k_sum) + eps;
             let inv = 1.0 / denominator;
             for v in &mut out[t * out_stride + start..t * out_stride + start + d] {
                 *v *= inv;
@@ -315,7 +352,9 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let e_r = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n without a float→int conversion: adding 127 + 2²³ leaves n + 127 (< 2⁹) in the low
+    // mantissa bits, which the shift moves into the exponent field.
+    let scale = f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23);
     e_r * scale
 }
 

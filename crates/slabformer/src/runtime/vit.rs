@@ -17,6 +17,7 @@ use burn::nn::Linear;
 use burn::nn::conv::Conv2d;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 use super::kernels::{self, MatMut, MatRef, matmul};
 use crate::error::{Error, Result};
@@ -227,6 +228,7 @@ impl CpuBlock {
         let c = self.dim();
         let d = c / self.heads;
         let t = ws.x.len() / c;
+        assert!(parts <= ws.parts, "workspace sized for {} row blocks, asked for {parts}", ws.parts);
         let per = t.div_ceil(parts.max(1)).max(1);
         let Workspace { x, normed, qkv, mixed, scores, k_sum, kv, hidden, .. } = ws;
 
@@ -362,6 +364,33 @@ impl CpuAttention {
     }
 }
 
+/// A [`Workspace`] borrowed from a model's pool.
+struct PooledWorkspace<'a> {
+    workspace: Option<Workspace>,
+    pool: &'a Mutex<Vec<Workspace>>,
+}
+
+impl std::ops::Deref for PooledWorkspace<'_> {
+    type Target = Workspace;
+    fn deref(&self) -> &Workspace {
+        self.workspace.as_ref().expect("present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for PooledWorkspace<'_> {
+    fn deref_mut(&mut self) -> &mut Workspace {
+        self.workspace.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for PooledWorkspace<'_> {
+    fn drop(&mut self) {
+        if let Some(workspace) = self.workspace.take() {
+            self.pool.lock().unwrap_or_else(|p| p.into_inner()).push(workspace);
+        }
+    }
+}
+
 /// One thread's activations for one sequence of T tokens, with room for `parts` row blocks.
 struct Workspace {
     patches: Vec<f32>,
@@ -376,6 +405,8 @@ struct Workspace {
     kv: Vec<f32>,
     hidden: Vec<f32>,
     pooled: Vec<f32>,
+    /// How many row blocks `k_sum` and `kv` have room for.
+    parts: usize,
 }
 
 impl Workspace {
@@ -395,6 +426,7 @@ impl Workspace {
             kv: vec![0.0; parts * c * d],
             hidden: vec![0.0; t * hidden],
             pooled: vec![0.0; c],
+            parts,
         }
     }
 }
@@ -410,6 +442,7 @@ pub struct CpuVit {
     blocks: Vec<CpuBlock>,
     norm: Option<LayerNormParams>,
     head: Dense,
+    workspaces: Mutex<Vec<Workspace>>,
 }
 
 impl CpuVit {
@@ -454,6 +487,7 @@ impl CpuVit {
             blocks,
             norm,
             head: Dense::from_linear(head),
+            workspaces: Mutex::new(Vec::new()),
         }
     }
 
@@ -512,9 +546,15 @@ impl CpuVit {
         Ok(logits)
     }
 
-    fn workspace(&self, parts: usize) -> Workspace {
-        let blocks: Vec<&CpuBlock> = self.blocks.iter().collect();
-        Workspace::new(self.config.num_tokens(), self.config.embed_dim, &blocks, self.patch_embed.inputs, parts)
+    /// A workspace from the pool (returned when the guard drops), or a new one: reusing them
+    /// spares page faults on every call.
+    fn workspace(&self, parts: usize) -> PooledWorkspace<'_> {
+        let reused = self.workspaces.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let workspace = reused.filter(|ws| ws.parts >= parts).unwrap_or_else(|| {
+            let blocks: Vec<&CpuBlock> = self.blocks.iter().collect();
+            Workspace::new(self.config.num_tokens(), self.config.embed_dim, &blocks, self.patch_embed.inputs, parts)
+        });
+        PooledWorkspace { workspace: Some(workspace), pool: &self.workspaces }
     }
 
     fn forward_image(&self, image: &[f32], logits: &mut [f32], ws: &mut Workspace, parts: usize) {

@@ -29,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::models::vit::ImageClassifier;
 use crate::models::{VisionTransformer, VitConfig};
 use crate::nn::{drop_path, recalibration_mode, set_counter_advance};
+use crate::runtime::CpuVit;
 use crate::state::{StateDict, collect_state, float_tensors, load_state};
 
 pub struct Datasets {
@@ -93,13 +94,25 @@ pub fn soft_cross_entropy(logits: Tensor<2>, targets: Tensor<2>) -> Tensor<1> {
 pub fn evaluate<M: ImageClassifier>(model: &M, set: &Arc<ImageSet>, augment: &AugmentConfig, batch: usize) -> EvalRow {
     let inference = model.valid();
     let device = Device::flex();
-    let cfg = model.config();
-    let size = cfg.img_size;
+    let [channels, size] = [set.channels, model.config().img_size];
+    evaluate_logits(model.config(), set, augment, batch, |images, n| {
+        let x = Tensor::<4>::from_data(TensorData::new(images, [n, channels, size, size]), &device);
+        inference.logits(x).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 logits")
+    })
+}
+
+/// [`evaluate`] with the CPU runtime (the deploy model's fast path).
+pub fn evaluate_runtime(runtime: &CpuVit, set: &Arc<ImageSet>, augment: &AugmentConfig, batch: usize) -> EvalRow {
+    evaluate_logits(runtime.config(), set, augment, batch, |images, n| {
+        runtime.forward(&images, n).expect("the loader yields images of the model's size")
+    })
+}
+
+fn evaluate_logits(cfg: &VitConfig, set: &Arc<ImageSet>, augment: &AugmentConfig, batch: usize, logits_of: impl Fn(Vec<f32>, usize) -> Vec<f32>) -> EvalRow {
     let (mut top1, mut top5, mut loss, mut seen) = (0usize, 0usize, 0.0f64, 0usize);
-    for b in Loader::eval(set.clone(), Arc::new(augment.clone()), size, batch) {
+    for b in Loader::eval(set.clone(), Arc::new(augment.clone()), cfg.img_size, batch) {
         let n = b.len();
-        let x = Tensor::<4>::from_data(TensorData::new(b.images, [n, set.channels, size, size]), &device);
-        let logits = inference.logits(x).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 logits");
+        let logits = logits_of(b.images, n);
         for (row, &label) in logits.chunks(cfg.num_classes).zip(&b.labels) {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let log_sum = row.iter().map(|v| ((v - max) as f64).exp()).sum::<f64>().ln() + max as f64;
@@ -212,9 +225,10 @@ impl Run<'_> {
         let mut row = evaluate(&self.model, &self.data.eval, &cfg.augment, cfg.run.eval_batch_size);
         (row.step, row.epoch, row.model) = (self.position.step, self.position.epoch, label.into());
         self.metrics.evals.push(row.clone());
-        // The deploy model (norms folded away), for models whose norms fold.
-        let fused = self.model.fuse().ok().map(|deploy| {
-            let mut f = evaluate(&deploy, &self.data.eval, &cfg.augment, cfg.run.eval_batch_size);
+        // The deploy model (norms folded away), for models whose norms fold, on the CPU runtime:
+        // an independent check of fusing and of the runtime against the burn forward above.
+        let fused = self.model.fuse().ok().and_then(|deploy| CpuVit::from_deploy(&deploy).ok()).map(|runtime| {
+            let mut f = evaluate_runtime(&runtime, &self.data.eval, &cfg.augment, cfg.run.eval_batch_size);
             (f.step, f.epoch, f.model) = (self.position.step, self.position.epoch, "fused".into());
             f
         });
