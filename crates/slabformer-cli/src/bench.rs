@@ -420,7 +420,20 @@ fn draw_sweep(path: &Path, points: &[(usize, Measured, Measured)]) -> std::resul
                 .x_label_area_size(40)
                 .y_label_area_size(70)
                 .build_cartesian_2d(xs.log_scale(), ((lo * 0.7).max(1e-3)..hi * 1.5).log_scale())?;
-            chart.configure_mesh().x_desc("tokens").y_desc(unit).draw()?;
+            chart
+                .configure_mesh()
+                .x_desc("tokens")
+                .y_desc(unit)
+                .x_labels(4)
+                .y_labels(6)
+                .x_label_formatter(&|v| format!("{v:.0}"))
+                .y_label_formatter(&|v| format!("{v:.0}"))
+                .light_line_style(WHITE)
+                .draw()?;
+            for (n, _, _) in points {
+                let label = Text::new(format!("{n}"), (*n as f64, (lo * 0.75).max(1e-3)), ("sans-serif", 14));
+                chart.draw_series(std::iter::once(label))?;
+            }
             for (name, color, pick_one) in [("SLA", BLUE, true), ("softmax", RED, false)] {
                 let series: Vec<(f64, f64)> = points.iter().map(|(n, a, b)| (*n as f64, pick(if pick_one { a } else { b }))).collect();
                 chart
@@ -446,4 +459,21 @@ pub fn check_writable(path: &Path, overwrite: bool) -> Result<()> {
         bail!("{} exists; pass --overwrite to replace it", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sweep_plot_is_drawn_and_replaced_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sweep.png");
+        let m = |ms: f64, mib: f64| Measured { median_ms: ms, min_ms: ms, max_ms: ms, peak_rss_mib: mib };
+        let points: Vec<_> = SWEEP_TOKENS.iter().map(|&n| (n, m(n as f64 / 300.0, 20.0 + n as f64 / 100.0), m((n * n) as f64 / 1.5e5, 20.0 + (n * n) as f64 / 2.5e5))).collect();
+        draw_sweep(&path, &points).unwrap();
+        let png = std::fs::read(&path).unwrap();
+        assert_eq!(&png[1..4], b"PNG");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left behind");
+    }
 }
