@@ -76,18 +76,28 @@ fn random(dims: [usize; 4], device: &Device) -> Tensor<4> {
     Tensor::random(dims, Distribution::Normal(0.0, 1.0), device)
 }
 
+/// A model preset, or the model of a training preset (`fashion-slab`: the quickstart's).
+fn model_config(name: &str) -> Result<VitConfig> {
+    if let Ok(config) = models::preset(name) {
+        return Ok(config);
+    }
+    let training = slabformer::train::config::TrainConfig::preset(name).with_context(|| format!("`{name}` is neither a model nor a training preset"))?;
+    // The model does not depend on the data set size; ImageNet's keeps every preset's T within its run.
+    training.resolve(1_281_167)?.model.with_context(|| format!("training preset `{name}` names no model"))
+}
+
 /// Runs one case here and returns its measurement (`slabformer bench-case`).
 pub fn run_case(engine: Engine, model: &str, batch: usize, warmup: usize, repeats: usize) -> Result<Measured> {
     let device = Device::flex();
     match engine {
         Engine::Runtime => {
-            let config = models::preset(model)?;
+            let config = model_config(model)?;
             let runtime = CpuVit::new(&config.init(&device)?)?;
             let images = host(random([batch, config.in_chans, config.img_size, config.img_size], &device))?;
             time(warmup, repeats, || runtime.forward(&images, batch).map(drop).map_err(Into::into))
         }
         Engine::Burn => {
-            let config = models::preset(model)?;
+            let config = model_config(model)?;
             let trained = config.init(&device)?;
             let x = random([batch, config.in_chans, config.img_size, config.img_size], &device);
             match trained.fuse() {
@@ -99,7 +109,7 @@ pub fn run_case(engine: Engine, model: &str, batch: usize, warmup: usize, repeat
             }
         }
         Engine::Train => {
-            let config = models::preset(model)?;
+            let config = model_config(model)?;
             let device = device.autodiff();
             let mut model = config.init(&device)?;
             let x = random([batch, config.in_chans, config.img_size, config.img_size], &device);
