@@ -293,13 +293,80 @@ multiversion! {
     }
 }
 
+/// Depthwise k×k convolution (stride 1, zero "same" padding) over a token grid, tokens row-major
+/// with `channels` contiguous: `out[t, ch] += bias[ch] + Σ taps[i·k + j][ch] · x[t + (i - k/2,
+/// j - k/2), ch]`, where x is the columns `[start, start + channels)` of a matrix with `x_stride`,
+/// for the output tokens `first_token..` that `out` holds. Vectorized over channels; with
+/// AVX-512 and channels in blocks of 16, each block accumulates every tap in a register.
+#[allow(clippy::too_many_arguments)]
+pub fn depthwise_conv_add(
+    x: &[f32],
+    x_stride: usize,
+    start: usize,
+    out: &mut [f32],
+    first_token: usize,
+    taps: &[f32],
+    bias: &[f32],
+    grid: [usize; 2],
+    kernel: usize,
+) {
+    let c = bias.len();
+    let tokens = grid[0] * grid[1];
+    assert!(out.len().is_multiple_of(c) && first_token + out.len() / c <= tokens, "output tokens outside the grid");
+    assert!(taps.len() >= kernel * kernel * c, "taps for a {kernel}×{kernel} kernel over {c} channels");
+    assert!(tokens == 0 || x.len() >= (tokens - 1) * x_stride + start + c, "input rows shorter than the grid");
+    #[cfg(target_arch = "x86_64")]
+    if c.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present; the asserts above bound every load and store.
+        unsafe { depthwise_conv_add_avx512(x, x_stride, start, out, first_token, taps, bias, grid, kernel) };
+        return;
+    }
+    depthwise_conv_add_portable(x, x_stride, start, out, first_token, taps, bias, grid, kernel);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn depthwise_conv_add_avx512(
+    x: &[f32],
+    x_stride: usize,
+    start: usize,
+    out: &mut [f32],
+    first_token: usize,
+    taps: &[f32],
+    bias: &[f32],
+    grid: [usize; 2],
+    kernel: usize,
+) {
+    use std::arch::x86_64::*;
+    let c = bias.len();
+    let [rows, cols] = grid;
+    let pad = kernel / 2;
+    for (index, o) in out.chunks_exact_mut(c).enumerate() {
+        let (r, col) = ((first_token + index) / cols, (first_token + index) % cols);
+        let (i0, i1) = (r.saturating_sub(pad), (r + pad + 1).min(rows));
+        let (j0, j1) = (col.saturating_sub(pad), (col + pad + 1).min(cols));
+        for base in (0..c).step_by(16) {
+            // SAFETY (all pointer arithmetic): base + 16 ≤ c; tap < k²·c and src ≤ (tokens − 1)·
+            // x_stride + start + c − 16, as `depthwise_conv_add` asserted.
+            unsafe {
+                let mut acc = _mm512_add_ps(_mm512_loadu_ps(o.as_ptr().add(base)), _mm512_loadu_ps(bias.as_ptr().add(base)));
+                for i in i0..i1 {
+                    for j in j0..j1 {
+                        let tap = ((i + pad - r) * kernel + (j + pad - col)) * c + base;
+                        let src = (i * cols + j) * x_stride + start + base;
+                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(taps.as_ptr().add(tap)), _mm512_loadu_ps(x.as_ptr().add(src)), acc);
+                    }
+                }
+                _mm512_storeu_ps(o.as_mut_ptr().add(base), acc);
+            }
+        }
+    }
+}
+
 multiversion! {
-    /// Depthwise k×k convolution (stride 1, zero "same" padding) over a token grid, tokens
-    /// row-major with `channels` contiguous: `out[t, ch] += bias[ch] + Σ taps[i·k + j][ch] ·
-    /// x[t + (i - k/2, j - k/2), ch]`, where x is the columns `[start, start + channels)` of a
-    /// matrix with `x_stride`, for the output tokens `first_token..` that `out` holds.
-    /// Vectorized over channels.
-    pub fn depthwise_conv_add(
+    /// [`depthwise_conv_add`] for any channel count and CPU.
+    fn depthwise_conv_add_portable(
         x: &[f32],
         x_stride: usize,
         start: usize,
@@ -492,32 +559,36 @@ mod tests {
 
     #[test]
     fn depthwise_conv_matches_direct_sum() {
-        let (rows, cols, c, k) = (4, 5, 3, 3);
-        let x: Vec<f32> = (0..rows * cols * 4).map(|i| ((i * 13) % 9) as f32 - 4.0).collect(); // stride 4, channels at 1..4
-        let taps: Vec<f32> = (0..k * k * c).map(|i| ((i * 5) % 7) as f32 * 0.25).collect();
-        let bias = [0.5, -1.0, 2.0];
-        let mut out = vec![0.0; rows * cols * c];
-        depthwise_conv_add(&x, 4, 1, &mut out, 0, &taps, &bias, [rows, cols], k);
-        // The same tokens computed in two blocks, as the threads split them.
-        let mut split = vec![0.0; rows * cols * c];
-        let (head, tail) = split.split_at_mut(7 * c);
-        depthwise_conv_add(&x, 4, 1, head, 0, &taps, &bias, [rows, cols], k);
-        depthwise_conv_add(&x, 4, 1, tail, 7, &taps, &bias, [rows, cols], k);
-        assert_eq!(split, out);
-        for r in 0..rows as isize {
-            for q in 0..cols as isize {
-                for ch in 0..c {
-                    let mut want = bias[ch];
-                    for i in -1..=1isize {
-                        for j in -1..=1isize {
-                            let (rr, qq) = (r + i, q + j);
-                            if rr >= 0 && qq >= 0 && rr < rows as isize && qq < cols as isize {
-                                let tap = (((i + 1) * 3 + j + 1) as usize) * c + ch;
-                                want += taps[tap] * x[(rr as usize * cols + qq as usize) * 4 + 1 + ch];
+        // 3 channels: the portable kernel; 32: the AVX-512 one where the CPU has it.
+        for (c, stride, start) in [(3, 4, 1), (32, 40, 5)] {
+            let (rows, cols, k) = (4, 5, 3);
+            let x: Vec<f32> = (0..rows * cols * stride).map(|i| ((i * 13) % 9) as f32 - 4.0).collect();
+            let taps: Vec<f32> = (0..k * k * c).map(|i| ((i * 5) % 7) as f32 * 0.25).collect();
+            let bias: Vec<f32> = (0..c).map(|i| (i % 4) as f32 - 1.5).collect();
+            let mut out = vec![0.0; rows * cols * c];
+            depthwise_conv_add(&x, stride, start, &mut out, 0, &taps, &bias, [rows, cols], k);
+            // The same tokens computed in two blocks, as the threads split them.
+            let mut split = vec![0.0; rows * cols * c];
+            let (head, tail) = split.split_at_mut(7 * c);
+            depthwise_conv_add(&x, stride, start, head, 0, &taps, &bias, [rows, cols], k);
+            depthwise_conv_add(&x, stride, start, tail, 7, &taps, &bias, [rows, cols], k);
+            assert_eq!(split, out);
+            for r in 0..rows as isize {
+                for q in 0..cols as isize {
+                    for ch in 0..c {
+                        let mut want = bias[ch];
+                        for i in -1..=1isize {
+                            for j in -1..=1isize {
+                                let (rr, qq) = (r + i, q + j);
+                                if rr >= 0 && qq >= 0 && rr < rows as isize && qq < cols as isize {
+                                    let tap = (((i + 1) * 3 + j + 1) as usize) * c + ch;
+                                    want += taps[tap] * x[(rr as usize * cols + qq as usize) * stride + start + ch];
+                                }
                             }
                         }
+                        let got = out[(r as usize * cols + q as usize) * c + ch];
+                        assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "c {c}: {got} vs {want}");
                     }
-                    assert_eq!(out[(r as usize * cols + q as usize) * c + ch], want);
                 }
             }
         }
