@@ -196,7 +196,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench { repeats, python, out, plot, overwrite } => {
             for path in out.iter().chain(&plot) {
-                bench::check_writable(path, overwrite)?;
+                slabformer::files::check_new(path, overwrite)?;
             }
             // bench/compare.sh makes bench/.venv (torch, timm, onnxruntime); .ci/venv has onnxruntime.
             let python = python.or_else(|| ["bench/.venv/bin/python", ".ci/venv/bin/python"].into_iter().map(PathBuf::from).find(|p| p.exists()));

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::files::{unique_suffix, write_atomic};
+use crate::files::{write_atomic, write_atomic_with};
 use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -101,9 +101,7 @@ impl Metrics {
 
     /// Four panels over optimizer steps: training loss, evaluation top-1/top-5, learning rate, λ.
     pub fn plot(&self, path: &Path) -> Result<()> {
-        let tmp = path.with_file_name(format!(".plot-{}.tmp.png", unique_suffix()));
-        self.draw(&tmp).map_err(|e| Error::Data { path: path.to_path_buf(), reason: format!("plotting failed: {e}") })?;
-        std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_path_buf(), source })
+        write_atomic_with(path, "plotting", |tmp| self.draw(tmp).map_err(|e| e.to_string()))
     }
 
     fn draw(&self, path: &Path) -> std::result::Result<(), Box<dyn std::error::Error>> {
