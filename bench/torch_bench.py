@@ -5,25 +5,15 @@ prints one JSON line: median_ms, min_ms, max_ms, peak_rss_mib, threads, torch
 infer: the deploy form in eval mode under torch.inference_mode. train: one step of the training
 form at batch BATCH: forward, cross-entropy, backward, AdamW update.
 """
-import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_models  # noqa: E402
-
-
-def peak_rss_mib():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from measure import report  # noqa: E402
 
 
 def main():
@@ -48,21 +38,7 @@ def main():
             optimizer.step()
     else:
         raise SystemExit(f"unknown mode {mode}")
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
-    print(json.dumps({
-        "median_ms": statistics.median(times),
-        "min_ms": min(times),
-        "max_ms": max(times),
-        "peak_rss_mib": peak_rss_mib(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }))
+    report(step, warmup, repeats, threads=torch.get_num_threads(), torch=torch.__version__)
 
 
 main()
