@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::{Device, Distribution, Int, Tensor};
@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use slabformer::models::{self, VitConfig};
 use slabformer::nn::attention::{AttentionConfig, AttentionKind};
 use slabformer::runtime::{CpuAttention, CpuVit};
+use slabformer::state::host_f32;
 use slabformer::train::config::OptimConfig;
 use slabformer::train::optim::{AdamW, param_ranks};
 
@@ -68,10 +69,6 @@ fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-fn host<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
-    t.into_data().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("reading a tensor: {e:?}"))
-}
-
 fn random(dims: [usize; 4], device: &Device) -> Tensor<4> {
     Tensor::random(dims, Distribution::Normal(0.0, 1.0), device)
 }
@@ -93,7 +90,7 @@ pub fn run_case(engine: Engine, model: &str, batch: usize, warmup: usize, repeat
         Engine::Runtime => {
             let config = model_config(model)?;
             let runtime = CpuVit::new(&config.init(&device)?)?;
-            let images = host(random([batch, config.in_chans, config.img_size, config.img_size], &device))?;
+            let images = host_f32(random([batch, config.in_chans, config.img_size, config.img_size], &device));
             time(warmup, repeats, || runtime.forward(&images, batch).map(drop).map_err(Into::into))
         }
         Engine::Burn => {
@@ -131,7 +128,7 @@ pub fn run_case(engine: Engine, model: &str, batch: usize, warmup: usize, repeat
             let kind = if engine == Engine::SlaAttention { AttentionKind::sla() } else { AttentionKind::Softmax };
             let config = AttentionConfig { dim: 192, num_heads: 3, qkv_bias: true, kind, grid: Some([side, side]) };
             let layer = CpuAttention::new(&config.init(&device))?;
-            let tokens = host(Tensor::<2>::random([batch, 192], Distribution::Normal(0.0, 1.0), &device))?;
+            let tokens = host_f32(Tensor::<2>::random([batch, 192], Distribution::Normal(0.0, 1.0), &device));
             time(warmup, repeats, || layer.forward(&tokens).map(drop).map_err(Into::into))
         }
     }
@@ -409,15 +406,19 @@ fn sweep(plot: &Path, repeats: usize) -> Result<String> {
         ));
         points.push((tokens, sla, softmax));
     }
-    draw_sweep(plot, &points).map_err(|e| anyhow::anyhow!("plotting {}: {e}", plot.display()))?;
+    draw_sweep(plot, &points)?;
     Ok(out)
 }
 
-fn draw_sweep(path: &Path, points: &[(usize, Measured, Measured)]) -> std::result::Result<(), Box<dyn std::error::Error>> {
+/// The sweep as two log-log panels (latency, peak memory), written atomically.
+fn draw_sweep(path: &Path, points: &[(usize, Measured, Measured)]) -> slabformer::error::Result<()> {
+    slabformer::files::write_atomic_with(path, "plotting", |tmp| draw_sweep_panels(tmp, points).map_err(|e| e.to_string()))
+}
+
+fn draw_sweep_panels(path: &Path, points: &[(usize, Measured, Measured)]) -> std::result::Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
-    let tmp = path.with_file_name(format!(".{}.tmp.png", std::process::id()));
     {
-        let root = BitMapBackend::new(&tmp, (1200, 500)).into_drawing_area();
+        let root = BitMapBackend::new(path, (1200, 500)).into_drawing_area();
         root.fill(&WHITE)?;
         let panels = root.split_evenly((1, 2));
         let panel = |area: &DrawingArea<BitMapBackend, plotters::coord::Shift>, title: &str, unit: &str, pick: fn(&Measured) -> f64| -> std::result::Result<(), Box<dyn std::error::Error>> {
@@ -458,15 +459,6 @@ fn draw_sweep(path: &Path, points: &[(usize, Measured, Measured)]) -> std::resul
         panel(&panels[0], "latency (log-log)", "ms", |m| m.median_ms)?;
         panel(&panels[1], "peak memory of the process (log-log)", "MiB", |m| m.peak_rss_mib)?;
         root.present()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
-/// Refuses a bench run that would overwrite `path` without `--overwrite`.
-pub fn check_writable(path: &Path, overwrite: bool) -> Result<()> {
-    if path.exists() && !overwrite {
-        bail!("{} exists; pass --overwrite to replace it", path.display());
     }
     Ok(())
 }

@@ -46,7 +46,8 @@ fn row_kernels(c: &mut Criterion) {
     let mut out = vec![0.0; 196 * 192];
     group.throughput(Throughput::Elements(out.len() as u64));
     group.bench_function("depthwise_conv 14x14x192 k5", |b| {
-        b.iter(|| kernels::depthwise_conv_add(&qkv, 576, 384, &mut out, 0, &taps, &dwc_bias, [14, 14], 5))
+        let conv = kernels::DepthwiseConv { taps: &taps, bias: &dwc_bias, grid: [14, 14], kernel: 5 };
+        b.iter(|| conv.add_to(&qkv, 576, 384, &mut out, 0))
     });
     group.finish();
 }

@@ -251,7 +251,7 @@ impl KeyPath {
     }
 }
 
-fn transpose_2d(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+pub(crate) fn transpose_2d(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0; values.len()];
     for r in 0..rows {
         for c in 0..cols {
@@ -261,13 +261,14 @@ fn transpose_2d(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
+/// A float tensor's values on the host, row-major, as f32.
+pub fn host_f32<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+    tensor.into_data().convert::<f32>().try_to_vec::<f32>().expect("float tensor converts to f32")
+}
+
 fn float_state<const D: usize>(tensor: Tensor<D>, linear_weight: bool) -> StateTensor {
     let shape = tensor.dims().to_vec();
-    let values = tensor
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .expect("float tensor converts to f32");
+    let values = host_f32(tensor);
     if linear_weight && D == 2 {
         let (rows, cols) = (shape[0], shape[1]);
         StateTensor::f32(vec![cols, rows], transpose_2d(&values, rows, cols))

@@ -19,6 +19,7 @@ use crate::nn::mlp::Mlp;
 use crate::nn::norm::{LayerNorm, Norm};
 use crate::nn::patch_embed::PatchEmbed;
 use crate::files::write_new;
+use crate::state::host_f32;
 
 pub const OPSET: i64 = 17;
 
@@ -150,7 +151,7 @@ fn attr_float(name: &str, f: f32) -> AttributeProto {
 
 fn host<const D: usize>(t: Tensor<D>) -> (Vec<i64>, Vec<f32>) {
     let dims = t.dims().iter().map(|&d| d as i64).collect();
-    (dims, t.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 weights"))
+    (dims, host_f32(t))
 }
 
 fn value_info(name: &str, dims: &[Dimension]) -> ValueInfoProto {

@@ -10,6 +10,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use super::model_file::{LoadedModel, Preprocess};
 use crate::data::augment::AugmentConfig;
 use crate::data::load_image_channels;
+use crate::state::host_f32;
 use crate::error::Result;
 
 /// The `k` most probable classes of one image: `(class name or "class i", probability)`.
@@ -27,7 +28,7 @@ pub fn top_k(model: &LoadedModel, preprocess: &Preprocess, image: &Path, k: usiz
         LoadedModel::Trained(m) => m.valid().forward(x),
         LoadedModel::Deploy(m) => m.forward(x),
     };
-    let probs = softmax(logits, 1).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 probabilities");
+    let probs = host_f32(softmax(logits, 1));
     let mut ranked: Vec<(usize, f32)> = probs.into_iter().enumerate().collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
     Ok(ranked

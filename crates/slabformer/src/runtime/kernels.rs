@@ -293,69 +293,73 @@ multiversion! {
     }
 }
 
-/// Depthwise k×k convolution (stride 1, zero "same" padding) over a token grid, tokens row-major
-/// with `channels` contiguous: `out[t, ch] += bias[ch] + Σ taps[i·k + j][ch] · x[t + (i - k/2,
-/// j - k/2), ch]`, where x is the columns `[start, start + channels)` of a matrix with `x_stride`,
-/// for the output tokens `first_token..` that `out` holds. Vectorized over channels; with
-/// AVX-512 and channels in blocks of 16, each block accumulates every tap in a register.
-#[allow(clippy::too_many_arguments)]
-pub fn depthwise_conv_add(
-    x: &[f32],
-    x_stride: usize,
-    start: usize,
-    out: &mut [f32],
-    first_token: usize,
-    taps: &[f32],
-    bias: &[f32],
-    grid: [usize; 2],
-    kernel: usize,
-) {
-    let c = bias.len();
-    let tokens = grid[0] * grid[1];
-    assert!(out.len().is_multiple_of(c) && first_token + out.len() / c <= tokens, "output tokens outside the grid");
-    assert!(taps.len() >= kernel * kernel * c, "taps for a {kernel}×{kernel} kernel over {c} channels");
-    assert!(tokens == 0 || x.len() >= (tokens - 1) * x_stride + start + c, "input rows shorter than the grid");
-    #[cfg(target_arch = "x86_64")]
-    if c.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F is present; the asserts above bound every load and store.
-        unsafe { depthwise_conv_add_avx512(x, x_stride, start, out, first_token, taps, bias, grid, kernel) };
-        return;
+/// A depthwise k×k convolution (stride 1, zero "same" padding) over a token grid whose tokens are
+/// row-major with their channels contiguous; `taps[(i·k + j)·C + ch]` is channel ch's weight at
+/// kernel offset (i, j).
+#[derive(Clone, Copy, Debug)]
+pub struct DepthwiseConv<'a> {
+    pub taps: &'a [f32],
+    pub bias: &'a [f32],
+    pub grid: [usize; 2],
+    pub kernel: usize,
+}
+
+impl DepthwiseConv<'_> {
+    /// `out[t, ch] += bias[ch] + Σ taps[i·k + j][ch] · x[t + (i - k/2, j - k/2), ch]` for the
+    /// output tokens `first_token..` that `out` holds, where x is the columns `[start, start + C)`
+    /// of a matrix with `x_stride`. Vectorized over channels; with AVX-512 and channels in blocks
+    /// of 16, each block accumulates every tap in a register.
+    pub fn add_to(&self, x: &[f32], x_stride: usize, start: usize, out: &mut [f32], first_token: usize) {
+        let c = self.bias.len();
+        let tokens = self.grid[0] * self.grid[1];
+        let k = self.kernel;
+        assert!(out.len().is_multiple_of(c) && first_token + out.len() / c <= tokens, "output tokens outside the grid");
+        assert!(self.taps.len() >= k * k * c, "taps for a {k}×{k} kernel over {c} channels");
+        assert!(tokens == 0 || x.len() >= (tokens - 1) * x_stride + start + c, "input rows shorter than the grid");
+        #[cfg(target_arch = "x86_64")]
+        if c.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F is present; the asserts above bound every load and store.
+            unsafe { depthwise_conv_add_avx512(self, x, x_stride, start, out, first_token) };
+            return;
+        }
+        depthwise_conv_add_portable(self, x, x_stride, start, out, first_token);
     }
-    depthwise_conv_add_portable(x, x_stride, start, out, first_token, taps, bias, grid, kernel);
+
+    /// For an output token: its grid (row, column) and the input rows and columns its window
+    /// covers inside the grid.
+    #[inline(always)]
+    fn window(&self, token: usize) -> (usize, usize, std::ops::Range<usize>, std::ops::Range<usize>) {
+        let ([rows, cols], pad) = (self.grid, self.kernel / 2);
+        let (r, col) = (token / cols, token % cols);
+        (r, col, r.saturating_sub(pad)..(r + pad + 1).min(rows), col.saturating_sub(pad)..(col + pad + 1).min(cols))
+    }
+
+    /// Offset of the weights for input (i, j) seen from output (r, col).
+    #[inline(always)]
+    fn tap(&self, r: usize, col: usize, i: usize, j: usize) -> usize {
+        let pad = self.kernel / 2;
+        ((i + pad - r) * self.kernel + (j + pad - col)) * self.bias.len()
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn depthwise_conv_add_avx512(
-    x: &[f32],
-    x_stride: usize,
-    start: usize,
-    out: &mut [f32],
-    first_token: usize,
-    taps: &[f32],
-    bias: &[f32],
-    grid: [usize; 2],
-    kernel: usize,
-) {
+unsafe fn depthwise_conv_add_avx512(conv: &DepthwiseConv<'_>, x: &[f32], x_stride: usize, start: usize, out: &mut [f32], first_token: usize) {
     use std::arch::x86_64::*;
-    let c = bias.len();
-    let [rows, cols] = grid;
-    let pad = kernel / 2;
+    let c = conv.bias.len();
+    let cols = conv.grid[1];
     for (index, o) in out.chunks_exact_mut(c).enumerate() {
-        let (r, col) = ((first_token + index) / cols, (first_token + index) % cols);
-        let (i0, i1) = (r.saturating_sub(pad), (r + pad + 1).min(rows));
-        let (j0, j1) = (col.saturating_sub(pad), (col + pad + 1).min(cols));
+        let (r, col, window_rows, window_cols) = conv.window(first_token + index);
         for base in (0..c).step_by(16) {
             // SAFETY (all pointer arithmetic): base + 16 ≤ c; tap < k²·c and src ≤ (tokens − 1)·
-            // x_stride + start + c − 16, as `depthwise_conv_add` asserted.
+            // x_stride + start + c − 16, as `add_to` asserted.
             unsafe {
-                let mut acc = _mm512_add_ps(_mm512_loadu_ps(o.as_ptr().add(base)), _mm512_loadu_ps(bias.as_ptr().add(base)));
-                for i in i0..i1 {
-                    for j in j0..j1 {
-                        let tap = ((i + pad - r) * kernel + (j + pad - col)) * c + base;
+                let mut acc = _mm512_add_ps(_mm512_loadu_ps(o.as_ptr().add(base)), _mm512_loadu_ps(conv.bias.as_ptr().add(base)));
+                for i in window_rows.clone() {
+                    for j in window_cols.clone() {
+                        let tap = conv.tap(r, col, i, j) + base;
                         let src = (i * cols + j) * x_stride + start + base;
-                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(taps.as_ptr().add(tap)), _mm512_loadu_ps(x.as_ptr().add(src)), acc);
+                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(conv.taps.as_ptr().add(tap)), _mm512_loadu_ps(x.as_ptr().add(src)), acc);
                     }
                 }
                 _mm512_storeu_ps(o.as_mut_ptr().add(base), acc);
@@ -365,33 +369,20 @@ unsafe fn depthwise_conv_add_avx512(
 }
 
 multiversion! {
-    /// [`depthwise_conv_add`] for any channel count and CPU.
-    fn depthwise_conv_add_portable(
-        x: &[f32],
-        x_stride: usize,
-        start: usize,
-        out: &mut [f32],
-        first_token: usize,
-        taps: &[f32],
-        bias: &[f32],
-        grid: [usize; 2],
-        kernel: usize,
-    ) {
-        let c = bias.len();
-        let [rows, cols] = grid;
-        let pad = kernel / 2;
+    /// [`DepthwiseConv::add_to`] for any channel count and CPU.
+    fn depthwise_conv_add_portable(conv: &DepthwiseConv<'_>, x: &[f32], x_stride: usize, start: usize, out: &mut [f32], first_token: usize) {
+        let c = conv.bias.len();
+        let cols = conv.grid[1];
         for (index, o) in out.chunks_exact_mut(c).enumerate() {
-            let (r, col) = ((first_token + index) / cols, (first_token + index) % cols);
-            for (v, b) in o.iter_mut().zip(bias) {
+            let (r, col, window_rows, window_cols) = conv.window(first_token + index);
+            for (v, b) in o.iter_mut().zip(conv.bias) {
                 *v += b;
             }
-            for i in r.saturating_sub(pad)..(r + pad + 1).min(rows) {
-                for j in col.saturating_sub(pad)..(col + pad + 1).min(cols) {
-                    let tap = ((i + pad - r) * kernel + (j + pad - col)) * c;
-                    let w = &taps[tap..tap + c];
+            for i in window_rows {
+                for j in window_cols.clone() {
+                    let tap = conv.tap(r, col, i, j);
                     let src = (i * cols + j) * x_stride + start;
-                    let src = &x[src..src + c];
-                    for ((v, w), s) in o.iter_mut().zip(w).zip(src) {
+                    for ((v, w), s) in o.iter_mut().zip(&conv.taps[tap..tap + c]).zip(&x[src..src + c]) {
                         *v += w * s;
                     }
                 }
@@ -565,13 +556,14 @@ mod tests {
             let x: Vec<f32> = (0..rows * cols * stride).map(|i| ((i * 13) % 9) as f32 - 4.0).collect();
             let taps: Vec<f32> = (0..k * k * c).map(|i| ((i * 5) % 7) as f32 * 0.25).collect();
             let bias: Vec<f32> = (0..c).map(|i| (i % 4) as f32 - 1.5).collect();
+            let conv = DepthwiseConv { taps: &taps, bias: &bias, grid: [rows, cols], kernel: k };
             let mut out = vec![0.0; rows * cols * c];
-            depthwise_conv_add(&x, stride, start, &mut out, 0, &taps, &bias, [rows, cols], k);
+            conv.add_to(&x, stride, start, &mut out, 0);
             // The same tokens computed in two blocks, as the threads split them.
             let mut split = vec![0.0; rows * cols * c];
             let (head, tail) = split.split_at_mut(7 * c);
-            depthwise_conv_add(&x, stride, start, head, 0, &taps, &bias, [rows, cols], k);
-            depthwise_conv_add(&x, stride, start, tail, 7, &taps, &bias, [rows, cols], k);
+            conv.add_to(&x, stride, start, head, 0);
+            conv.add_to(&x, stride, start, tail, 7);
             assert_eq!(split, out);
             for r in 0..rows as isize {
                 for q in 0..cols as isize {

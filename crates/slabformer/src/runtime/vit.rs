@@ -24,10 +24,7 @@ use crate::error::{Error, Result};
 use crate::models::vit::{DeployVit, Pool, VisionTransformer, VitConfig};
 use crate::nn::attention::{Attention, FeatureMap, Score};
 use crate::nn::norm::{LayerNorm, Norm};
-
-fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data")
-}
+use crate::state::{host_f32, transpose_2d};
 
 /// A linear layer as a row-major (inputs, outputs) weight matrix and a bias (zeros when the layer
 /// has none).
@@ -42,8 +39,8 @@ impl Dense {
     fn from_linear(linear: &Linear) -> Self {
         let [inputs, outputs] = linear.weight.dims();
         Dense {
-            weight: host(linear.weight.val()), // burn keeps Linear weights as (in, out)
-            bias: linear.bias.as_ref().map_or_else(|| vec![0.0; outputs], |b| host(b.val())),
+            weight: host_f32(linear.weight.val()), // burn keeps Linear weights as (in, out)
+            bias: linear.bias.as_ref().map_or_else(|| vec![0.0; outputs], |b| host_f32(b.val())),
             inputs,
             outputs,
         }
@@ -53,14 +50,8 @@ impl Dense {
     fn from_patch_conv(conv: &Conv2d) -> Self {
         let [outputs, in_chans, p, q] = conv.weight.dims();
         let inputs = in_chans * p * q;
-        let w = host(conv.weight.val()); // (C_out, C_in·p·q)
-        let mut weight = vec![0.0; inputs * outputs];
-        for o in 0..outputs {
-            for i in 0..inputs {
-                weight[i * outputs + o] = w[o * inputs + i];
-            }
-        }
-        let bias = conv.bias.as_ref().map_or_else(|| vec![0.0; outputs], |b| host(b.val()));
+        let weight = transpose_2d(&host_f32(conv.weight.val()), outputs, inputs); // (C_out, C_in·p·q) → (C_in·p·q, C_out)
+        let bias = conv.bias.as_ref().map_or_else(|| vec![0.0; outputs], |b| host_f32(b.val()));
         Dense { weight, bias, inputs, outputs }
     }
 
@@ -112,7 +103,7 @@ struct LayerNormParams {
 
 impl LayerNormParams {
     fn new(norm: &LayerNorm) -> Self {
-        Self { weight: host(norm.weight.val()), bias: host(norm.bias.val()), eps: norm.eps as f32 }
+        Self { weight: host_f32(norm.weight.val()), bias: host_f32(norm.bias.val()), eps: norm.eps as f32 }
     }
 
     fn from_norm(norm: &Norm) -> Result<Self> {
@@ -191,11 +182,11 @@ impl CpuBlock {
                 }
                 let dim = a.qkv.weight.dims()[0];
                 let [d, _, kernel, _] = a.dwc.weight.dims();
-                let w = host(a.dwc.weight.val()); // (d, 1, k, k), shared by every head
-                let b = a.dwc.bias.as_ref().map(|b| host(b.val())).unwrap_or_else(|| vec![0.0; d]);
+                let w = host_f32(a.dwc.weight.val()); // (d, 1, k, k), shared by every head
+                let b = a.dwc.bias.as_ref().map(|b| host_f32(b.val())).unwrap_or_else(|| vec![0.0; d]);
                 let taps = (0..kernel * kernel).flat_map(|tap| (0..dim).map(move |ch| (tap, ch % d))).map(|(tap, ch)| w[ch * kernel * kernel + tap]).collect();
                 let mixer = Mixer::Linear {
-                    positional_encoding: host(a.positional_encoding.val()),
+                    positional_encoding: host_f32(a.positional_encoding.val()),
                     taps,
                     dwc_bias: (0..dim).map(|ch| b[ch % d]).collect(),
                     kernel,
@@ -313,7 +304,8 @@ impl CpuBlock {
                     matmul(MatMut::columns(mixed, rows, c, h * d, d), rows_of(column(h * d), first, rows), kv, false, 1.0);
                     kernels::normalize_rows(rows, mixed, c, h * d, &qkv[first * 3 * c..], 3 * c, h * d, &k_sum[h * d..(h + 1) * d], 1e-6);
                 }
-                kernels::depthwise_conv_add(qkv, 3 * c, 2 * c, mixed, first, taps, dwc_bias, *grid, *kernel);
+                let conv = kernels::DepthwiseConv { taps, bias: dwc_bias, grid: *grid, kernel: *kernel };
+                conv.add_to(qkv, 3 * c, 2 * c, mixed, first);
             }
         }
         self.proj.apply_residual(mixed, x);
@@ -482,8 +474,8 @@ impl CpuVit {
         CpuVit {
             config: config.clone(),
             patch_embed: Dense::from_patch_conv(patch_conv),
-            cls_token: host(cls_token.val()),
-            pos_embed: host(pos_embed.val()),
+            cls_token: host_f32(cls_token.val()),
+            pos_embed: host_f32(pos_embed.val()),
             blocks,
             norm,
             head: Dense::from_linear(head),
@@ -500,7 +492,7 @@ impl CpuVit {
         let [b, ..] = images.dims();
         self.check_input(&images.dims())?;
         let device = images.device();
-        let logits = self.forward(&host(images), b)?;
+        let logits = self.forward(&host_f32(images), b)?;
         Ok(Tensor::from_data(TensorData::new(logits, [b, self.config.num_classes]), &device))
     }
 
@@ -684,8 +676,8 @@ mod tests {
                 (key.contains("weight") || key.contains("positional")).then(|| t.random_like(Distribution::Normal(0.0, 0.3)))
             });
             let x = Tensor::<3>::random([1, 64, 48], Distribution::Normal(0.0, 1.0), &device);
-            let want = host(attn.forward(x.clone()).add(x.clone())); // with the residual
-            let got = CpuAttention::new(&attn).unwrap().forward(&host(x)).unwrap();
+            let want = host_f32(attn.forward(x.clone()).add(x.clone())); // with the residual
+            let got = CpuAttention::new(&attn).unwrap().forward(&host_f32(x)).unwrap();
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             let diff = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(scale > 0.1 && diff <= 1e-5 * scale, "{kind:?}: {diff} vs {scale}");
@@ -702,7 +694,7 @@ mod tests {
         let images = Tensor::<4>::random([3, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
         let a = CpuVit::new(&model).unwrap().forward_tensor(images.clone()).unwrap();
         let b = CpuVit::from_deploy(&model.fuse().unwrap()).unwrap().forward_tensor(images).unwrap();
-        assert_eq!(host(a), host(b));
+        assert_eq!(host_f32(a), host_f32(b));
     }
 
     #[test]

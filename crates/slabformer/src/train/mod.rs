@@ -30,7 +30,7 @@ use crate::models::vit::ImageClassifier;
 use crate::models::{VisionTransformer, VitConfig};
 use crate::nn::{drop_path, recalibration_mode, set_counter_advance};
 use crate::runtime::CpuVit;
-use crate::state::{StateDict, collect_state, float_tensors, load_state};
+use crate::state::{StateDict, collect_state, float_tensors, host_f32, load_state};
 
 pub struct Datasets {
     pub train: Arc<ImageSet>,
@@ -97,7 +97,7 @@ pub fn evaluate<M: ImageClassifier>(model: &M, set: &Arc<ImageSet>, augment: &Au
     let [channels, size] = [set.channels, model.config().img_size];
     evaluate_logits(model.config(), set, augment, batch, |images, n| {
         let x = Tensor::<4>::from_data(TensorData::new(images, [n, channels, size, size]), &device);
-        inference.logits(x).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 logits")
+        host_f32(inference.logits(x))
     })
 }
 

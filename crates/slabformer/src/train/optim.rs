@@ -12,7 +12,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::config::{OptimConfig, ScheduleConfig};
 use crate::error::{Error, Result};
-use crate::state::{StateDict, StateTensor, Values, float_tensors, is_buffer_key, map_float_tensors};
+use crate::state::{StateDict, StateTensor, Values, float_tensors, host_f32, is_buffer_key, map_float_tensors};
 
 /// Learning rate at optimizer step `t`, timm's `CosineLRScheduler` with `warmup_prefix = false`
 /// (t counted from 0, warm-up included in the cosine) and a cooldown at `min_lr`.
@@ -159,7 +159,7 @@ pub fn param_ranks<M: Module>(model: &M) -> BTreeMap<String, usize> {
 
 fn host(t: Tensor<1>) -> StateTensor {
     let n = t.dims()[0];
-    StateTensor::f32(vec![n], t.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 tensor"))
+    StateTensor::f32(vec![n], host_f32(t))
 }
 
 fn device_tensor(t: &StateTensor, key: &str, device: &Device) -> Result<Tensor<1>> {
