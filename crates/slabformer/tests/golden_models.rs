@@ -62,3 +62,24 @@ fn a_truncated_official_checkpoint_is_refused() {
     let err = slabformer::deploy::import::read_pytorch(&cut).unwrap_err().to_string();
     assert!(err.contains("cut.pth"), "{err}");
 }
+
+#[test]
+fn cpu_trainer_matches_official_train_step() {
+    use slabformer::runtime::CpuTrainer;
+    use slabformer::state::Values;
+    let g = golden("slab_deit_tiny");
+    let config = VitConfig::golden_slab_deit_tiny();
+    let mut trainer = CpuTrainer::from_state(&config, &g.subset("param"), Default::default()).unwrap();
+    let f32s = |key: &str| match &g.get(key).unwrap().values {
+        Values::F32(v) => v.clone(),
+        Values::I64(_) => panic!("{key} is not f32"),
+    };
+    let logits = trainer.forward(&f32s("input.x"), 2).unwrap();
+    let want = g.get("output.train").unwrap();
+    let as_f64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    assert_close("trainer logits", &[2, 10], &as_f64(&logits), &want.shape, &values_of(want), Tol::Output);
+    // loss = Σ logits ⊙ w, so ∂loss/∂logits = w.
+    trainer.backward(&f32s("input.loss_weight")).unwrap();
+    assert_grads("cpu trainer", &trainer.gradients(), &g.subset("grad"));
+    assert_state("cpu trainer after train", &trainer.state(), &g.subset("state_after_train"), Tol::Output);
+}

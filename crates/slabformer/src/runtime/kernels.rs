@@ -391,6 +391,226 @@ multiversion! {
     }
 }
 
+impl DepthwiseConv<'_> {
+    /// The backward pass of [`add_to`](Self::add_to) over a whole grid: `dx += convᵀ(dout)` into
+    /// the columns `[dx_start, dx_start + C)` of `dx`, and every tap's weight gradient into
+    /// `dtaps` (same layout as `taps`). The bias gradient is the column sum of `dout`.
+    pub fn backward(&self, dout: &[f32], x: &[f32], x_stride: usize, start: usize, dx: &mut [f32], dx_stride: usize, dx_start: usize, dtaps: &mut [f32]) {
+        let c = self.bias.len();
+        let tokens = self.grid[0] * self.grid[1];
+        let k = self.kernel;
+        assert_eq!(dout.len(), tokens * c, "output gradient for every grid token");
+        assert!(dtaps.len() >= k * k * c && self.taps.len() >= k * k * c, "taps for a {k}×{k} kernel over {c} channels");
+        assert!(x.len() >= (tokens - 1) * x_stride + start + c && dx.len() >= (tokens - 1) * dx_stride + dx_start + c, "input rows shorter than the grid");
+        depthwise_conv_backward(self, dout, x, x_stride, start, dx, dx_stride, dx_start, dtaps);
+    }
+}
+
+multiversion! {
+    fn depthwise_conv_backward(conv: &DepthwiseConv<'_>, dout: &[f32], x: &[f32], x_stride: usize, start: usize, dx: &mut [f32], dx_stride: usize, dx_start: usize, dtaps: &mut [f32]) {
+        let c = conv.bias.len();
+        let cols = conv.grid[1];
+        for (token, g) in dout.chunks_exact(c).enumerate() {
+            let (r, col, window_rows, window_cols) = conv.window(token);
+            for i in window_rows {
+                for j in window_cols.clone() {
+                    let tap = conv.tap(r, col, i, j);
+                    let input = i * cols + j;
+                    let src = &x[input * x_stride + start..input * x_stride + start + c];
+                    for ((dt, g), s) in dtaps[tap..tap + c].iter_mut().zip(g).zip(src) {
+                        *dt += g * s;
+                    }
+                    let dst = &mut dx[input * dx_stride + dx_start..input * dx_stride + dx_start + c];
+                    for ((d, g), w) in dst.iter_mut().zip(g).zip(&conv.taps[tap..tap + c]) {
+                        *d += g * w;
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---- Training kernels: the forward pieces whose results the backward pass keeps, and the
+// backward passes of the row operations.
+
+multiversion! {
+    /// `pre += bias` and `act = gelu(pre)` row by row: fc1 keeps its pre-activation for the
+    /// backward pass.
+    pub fn bias_gelu_keep(pre: &mut [f32], act: &mut [f32], bias: &[f32]) {
+        for (row, out) in pre.chunks_exact_mut(bias.len()).zip(act.chunks_exact_mut(bias.len())) {
+            for ((v, o), b) in row.iter_mut().zip(out.iter_mut()).zip(bias) {
+                *v += b;
+                *o = gelu(*v);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `grad *= gelu'(pre)`, with gelu'(x) = Φ(x) + x·φ(x).
+    pub fn gelu_backward(pre: &[f32], grad: &mut [f32]) {
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        for (g, &x) in grad.iter_mut().zip(pre) {
+            let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = INV_SQRT_2PI * exp(-0.5 * x * x);
+            *g *= cdf + x * pdf;
+        }
+    }
+}
+
+multiversion! {
+    /// Each row's mean and 1/sqrt(var + eps) (biased variance, two passes) into `stats`, two
+    /// values per row.
+    pub fn row_stats(x: &[f32], c: usize, eps: f32, stats: &mut [f32]) {
+        for (row, s) in x.chunks_exact(c).zip(stats.chunks_exact_mut(2)) {
+            let mean = sum(row) / c as f32;
+            let var = reduce(row, 0.0, |v| (v - mean) * (v - mean), |a, b| a + b) / c as f32;
+            s[0] = mean;
+            s[1] = 1.0 / (var + eps).sqrt();
+        }
+    }
+}
+
+multiversion! {
+    /// `out[ch] = Σ_rows (x[row, ch] − mean[ch])²` (rows of `mean.len()` values).
+    pub fn column_square_deviations(x: &[f32], mean: &[f32], out: &mut [f32]) {
+        out.fill(0.0);
+        for row in x.chunks_exact(mean.len()) {
+            for ((o, v), m) in out.iter_mut().zip(row).zip(mean) {
+                *o += (v - m) * (v - m);
+            }
+        }
+    }
+}
+
+/// The two branches a training-mode norm mixes, `y = ln_weight·LN(x) + bn_weight·RepBN(x)`;
+/// an absent branch is not computed.
+#[derive(Clone, Copy, Debug)]
+pub struct NormTerms<'a> {
+    /// Per-row (mean, 1/std), LN weight and bias, and the branch's weight λ.
+    pub ln: Option<(&'a [f32], &'a [f32], &'a [f32], f32)>,
+    /// Per-channel BN mean and 1/std, γ, β, α, and the branch's weight 1 − λ.
+    pub bn: Option<BnTerms<'a>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct BnTerms<'a> {
+    pub mean: &'a [f32],
+    pub inv_std: &'a [f32],
+    pub gamma: &'a [f32],
+    pub beta: &'a [f32],
+    pub alpha: f32,
+    pub weight: f32,
+}
+
+multiversion! {
+    /// `out = ln_weight·((x − m)·r·w + b) + bn_weight·((x − μ)·s·γ + β + α·x)` row by row.
+    pub fn norm_apply(x: &[f32], out: &mut [f32], c: usize, terms: NormTerms<'_>) {
+        for (row_index, (row, o)) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)).enumerate() {
+            o.fill(0.0);
+            if let Some((stats, w, b, weight)) = terms.ln {
+                let (mean, inv) = (stats[2 * row_index], stats[2 * row_index + 1]);
+                for (((o, v), w), b) in o.iter_mut().zip(row).zip(w).zip(b) {
+                    *o = weight * ((v - mean) * inv * w + b);
+                }
+            }
+            if let Some(bn) = terms.bn {
+                for (((((o, v), m), s), g), b) in o.iter_mut().zip(row).zip(bn.mean).zip(bn.inv_std).zip(bn.gamma).zip(bn.beta) {
+                    *o += bn.weight * ((v - m) * s * g + b + bn.alpha * v);
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// A norm's backward reductions over a block of rows, added into `sums` (3C + 1 values):
+    /// Σ dy, Σ dy·x̂_ln, Σ dy·x̂_bn per channel and Σ dy·x over everything (x̂ the normalized
+    /// input of each branch). dy is the gradient of the norm's output, unweighted.
+    pub fn norm_backward_sums(x: &[f32], dy: &[f32], terms: NormTerms<'_>, sums: &mut [f32]) {
+        let c = (sums.len() - 1) / 3;
+        let (dy_sum, rest) = sums.split_at_mut(c);
+        let (dy_ln, rest) = rest.split_at_mut(c);
+        let (dy_bn, dy_x) = rest.split_at_mut(c);
+        let mut dot_x = 0.0f32;
+        for (row_index, (row, g)) in x.chunks_exact(c).zip(dy.chunks_exact(c)).enumerate() {
+            for (s, g) in dy_sum.iter_mut().zip(g) {
+                *s += g;
+            }
+            if let Some((stats, ..)) = terms.ln {
+                let (mean, inv) = (stats[2 * row_index], stats[2 * row_index + 1]);
+                for ((s, g), v) in dy_ln.iter_mut().zip(g).zip(row) {
+                    *s += g * (v - mean) * inv;
+                }
+            }
+            if let Some(bn) = terms.bn {
+                for ((((s, g), v), m), i) in dy_bn.iter_mut().zip(g).zip(row).zip(bn.mean).zip(bn.inv_std) {
+                    *s += g * (v - m) * i;
+                }
+                dot_x += dot(g, row);
+            }
+        }
+        dy_x[0] += dot_x;
+    }
+}
+
+multiversion! {
+    /// `dx += ∂y/∂x · dy` for the norm of [`norm_apply`]: the LN branch per row, the BN branch
+    /// with the batch sums `bn_sums` = (Σ dy, Σ dy·x̂_bn) per channel over all `count` rows.
+    pub fn norm_backward_apply(x: &[f32], dy: &[f32], dx: &mut [f32], c: usize, terms: NormTerms<'_>, bn_sums: (&[f32], &[f32]), count: usize) {
+        let inv_count = 1.0 / count as f32;
+        for (row_index, ((row, g), d)) in x.chunks_exact(c).zip(dy.chunks_exact(c)).zip(dx.chunks_exact_mut(c)).enumerate() {
+            if let Some((stats, w, _, weight)) = terms.ln {
+                let (mean, inv) = (stats[2 * row_index], stats[2 * row_index + 1]);
+                // g_w = dy·w; dx = r·(g_w − mean(g_w) − x̂·mean(g_w·x̂))
+                let mut sum_g = 0.0f32;
+                let mut sum_gx = 0.0f32;
+                for ((g, w), v) in g.iter().zip(w).zip(row) {
+                    let gw = g * w;
+                    sum_g += gw;
+                    sum_gx += gw * (v - mean) * inv;
+                }
+                let (mean_g, mean_gx) = (sum_g / c as f32, sum_gx / c as f32);
+                for (((d, g), w), v) in d.iter_mut().zip(g).zip(w).zip(row) {
+                    let xhat = (v - mean) * inv;
+                    *d += weight * inv * (g * w - mean_g - xhat * mean_gx);
+                }
+            }
+            if let Some(bn) = terms.bn {
+                let (dy_sum, dy_xhat) = bn_sums;
+                for (((((((d, g), v), m), s), gamma), ds), dxh) in
+                    d.iter_mut().zip(g).zip(row).zip(bn.mean).zip(bn.inv_std).zip(bn.gamma).zip(dy_sum).zip(dy_xhat)
+                {
+                    let xhat = (v - m) * s;
+                    *d += bn.weight * (gamma * s * (g - ds * inv_count - xhat * dxh * inv_count) + bn.alpha * g);
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Softmax backward in place: each row of `grad` (length `cols`) becomes
+    /// `p ⊙ (grad − Σ grad·p)` for the probabilities `p` of that row.
+    pub fn softmax_backward_rows(p: &[f32], grad: &mut [f32], cols: usize) {
+        for (p, g) in p.chunks_exact(cols).zip(grad.chunks_exact_mut(cols)) {
+            let s = dot(p, g);
+            for (g, p) in g.iter_mut().zip(p) {
+                *g = p * (*g - s);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `grad = grad·scale` where `out > 0`, else 0: the backward of `out = max(x·scale, 0)`.
+    pub fn relu_backward(out: &[f32], grad: &mut [f32], scale: f32) {
+        for (g, o) in grad.iter_mut().zip(out) {
+            *g = if *o > 0.0 { *g * scale } else { 0.0 };
+        }
+    }
+}
+
 /// e^x in f32, written so LLVM vectorizes it: 2^n · e^r with |r| ≤ ln2/2 and a degree-6
 /// polynomial (Cephes `expf` coefficients), relative error ~1e-7. Inputs are clamped to the
 /// normal range.

@@ -1,12 +1,15 @@
-//! A dedicated CPU inference runtime for the deploy models.
+//! A dedicated CPU runtime for the DeiT family: inference on the deploy models ([`CpuVit`]) and
+//! training steps ([`CpuTrainer`]).
 //!
-//! burn's flex backend runs every op as its own pass over freshly allocated tensors; for
-//! inference the model is fixed, so this runtime plans it once: weights laid out for the GEMM,
-//! activations in per-thread buffers reused for every image, biases, residuals, GELU and the SLA
-//! normaliser fused around the GEMMs, kernels compiled for AVX-512/AVX2 and picked at run time.
-//! It reads the same models (trained or fused) and matches their burn forward to float rounding.
+//! burn's flex backend runs every op as its own pass over freshly allocated tensors; here the
+//! model is planned once: weights laid out for the GEMM, activations in buffers reused from call
+//! to call, biases, residuals, GELU and the SLA normaliser fused around the GEMMs, kernels
+//! compiled for AVX-512/AVX2 and picked at run time, backward passes written out. Both read the
+//! same models (trained or fused) and match burn to float rounding.
 
 pub mod kernels;
+mod train;
 mod vit;
 
+pub use train::{CpuTrainer, StepReport, cross_entropy};
 pub use vit::{CpuAttention, CpuVit};

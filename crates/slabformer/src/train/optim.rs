@@ -135,7 +135,7 @@ impl AdamW {
     }
 }
 
-fn decays(config: &OptimConfig, key: &str, rank: usize) -> bool {
+pub(crate) fn decays(config: &OptimConfig, key: &str, rank: usize) -> bool {
     rank >= 2 && !key.ends_with(".bias") && !config.no_decay.iter().any(|s| key == s || key.ends_with(&format!(".{s}")))
 }
 
