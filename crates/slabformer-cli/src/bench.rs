@@ -15,7 +15,7 @@ use burn::tensor::{Device, Distribution, Int, Tensor};
 use serde::{Deserialize, Serialize};
 use slabformer::models::{self, VitConfig};
 use slabformer::nn::attention::{AttentionConfig, AttentionKind};
-use slabformer::runtime::{CpuAttention, CpuVit};
+use slabformer::runtime::{CpuAttention, CpuTrainer, CpuVit};
 use slabformer::state::host_f32;
 use slabformer::train::config::OptimConfig;
 use slabformer::train::optim::{AdamW, param_ranks};
@@ -39,8 +39,10 @@ pub enum Engine {
     Runtime,
     /// The burn flex forward of the deploy form.
     Burn,
-    /// A training step with burn autodiff: forward, cross-entropy, backward, AdamW.
+    /// A training step on the CPU runtime's trainer: forward, cross-entropy, backward, AdamW.
     Train,
+    /// The same step with burn autodiff and burn-tensor AdamW (the trainer before the runtime's).
+    BurnTrain,
     /// One SLA layer (C = 192, 3 heads) on `batch` tokens.
     SlaAttention,
     /// One softmax attention layer (C = 192, 3 heads) on `batch` tokens.
@@ -106,6 +108,14 @@ pub fn run_case(engine: Engine, model: &str, batch: usize, warmup: usize, repeat
             }
         }
         Engine::Train => {
+            let config = model_config(model)?;
+            let mut trainer = CpuTrainer::new(&config.init(&device)?, OptimConfig::default())?;
+            let images = host_f32(random([batch, config.in_chans, config.img_size, config.img_size], &device));
+            let classes = config.num_classes;
+            let targets: Vec<f32> = (0..batch * classes).map(|i| if i % classes == (i / classes) % classes { 1.0 } else { 0.0 }).collect();
+            time(warmup, repeats, || trainer.train_step(&images, &targets, batch, 1e-3).map(drop).map_err(Into::into))
+        }
+        Engine::BurnTrain => {
             let config = model_config(model)?;
             let device = device.autodiff();
             let mut model = config.init(&device)?;
@@ -324,7 +334,7 @@ pub fn run(options: &Options) -> Result<String> {
     let mut out = String::from("# Benchmarks\n\nMade by `bash bench/compare.sh` (`slabformer bench` with the pinned peers of bench/.venv); rerun it to measure your machine.\n\n");
     out.push_str(&format!(
         "Machine: {} · {threads} logical cores · FP32 peak {peak:.0} GFLOP/s, measured: every core runs 12 independent {isa} FMA chains (2 FLOP per lane), \
-         the most dense float math these cores do. slabformer {} (runtime on {threads} rayon threads; training on burn {}). {}.\n\n\
+         the most dense float math these cores do. slabformer {} (runtime and trainer on {threads} rayon threads; the burn {} columns are the generic path they replace). {}.\n\n\
          Each case runs in its own process: warm-up, then the median of {repeats} timed calls [min–max]; memory is that process's peak resident set (VmHWM), interpreter included for the Python peers. \
          Ratios are slabformer's time over the peer's: below 1 slabformer is faster.\n\n",
         cpu_name(),
@@ -363,21 +373,23 @@ pub fn run(options: &Options) -> Result<String> {
     out.push_str("\nPeak memory (MiB):\n\n");
     out.push_str(&memory);
     out.push_str("\n## Training step (batch 32, 224²: forward, cross-entropy, backward, AdamW)\n\n");
-    out.push_str("| model | slabformer (burn autodiff) | PyTorch eager | / PyTorch | slabformer GFLOP/s (3 × forward) | peak MiB slabformer / PyTorch |\n|---|---|---|---:|---:|---|\n");
+    out.push_str("| model | slabformer | PyTorch eager | / PyTorch | slabformer GFLOP/s (3 × forward) | peak MiB slabformer / PyTorch | burn autodiff (before the trainer) |\n|---|---|---|---:|---:|---|---|\n");
     for name in MODELS {
         let config = models::preset(name)?;
         eprintln!("bench: {name} training step");
         let step = ours(Engine::Train, name, 32, 1, repeats.min(5))?;
+        let burn = ours(Engine::BurnTrain, name, 32, 1, repeats.min(3))?;
         let torch = peers.as_ref().map(|p| p.torch(name, 32, "train", 1, repeats.min(5))).transpose()?.flatten();
         let gflops = 3.0 * 2.0 * config.macs() as f64 * 32.0 / (step.median_ms * 1e-3) / 1e9;
         out.push_str(&format!(
-            "| {name} | {} | {} | {} | {gflops:.0} ({:.0} %) | {:.0} / {} |\n",
+            "| {name} | {} | {} | {} | {gflops:.0} ({:.0} %) | {:.0} / {} | {} |\n",
             time_cell(&step, 32),
             cell(torch.as_ref(), 32),
             ratio(&step, torch.as_ref()),
             100.0 * gflops / peak,
             step.peak_rss_mib,
             mib(torch.as_ref()),
+            time_cell(&burn, 32),
         ));
     }
     if let Some(plot) = options.plot {

@@ -23,9 +23,14 @@ use crate::state::{StateDict, StateTensor, Values, collect_state, transpose_2d};
 use crate::train::config::OptimConfig;
 use crate::train::optim::decays;
 
-/// Rows per parallel task for row-local work: small enough to balance, large enough for the
-/// GEMM to run at speed.
-const ROW_BLOCK: usize = 256;
+/// Rows per parallel task for row-local work over `rows` rows: about 256 (small enough to stay in
+/// cache, large enough for the GEMM to run at speed), in a multiple of the thread count of
+/// blocks so that every thread gets the same share.
+fn row_block(rows: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let blocks = threads * (rows as f64 / (threads * 256) as f64).round().max(1.0) as usize;
+    rows.div_ceil(blocks).max(1)
+}
 
 /// SLA's normaliser epsilon (`q·Σk + 1e-6`), as in the official code and the burn layer.
 const SLA_EPS: f32 = 1e-6;
@@ -141,7 +146,8 @@ impl TrainLinear {
         let (inputs, outputs) = (self.inputs, self.outputs);
         let weight = MatRef::new(&p[self.weight.range()], inputs, outputs);
         let bias = self.bias.map(|b| &p[b.range()]);
-        out.par_chunks_mut(ROW_BLOCK * outputs).zip(x.par_chunks(ROW_BLOCK * inputs)).for_each(|(o, x)| {
+        let per = row_block(out.len() / outputs);
+        out.par_chunks_mut(per * outputs).zip(x.par_chunks(per * inputs)).for_each(|(o, x)| {
             let rows = o.len() / outputs;
             matmul(MatMut::new(o, rows, outputs), MatRef::new(x, rows, inputs), weight, accumulate, 1.0);
             if let Some(b) = bias {
@@ -154,10 +160,11 @@ impl TrainLinear {
     fn backward_input(&self, p: &[f32], dy: &[f32], dx: &mut [f32], epilogue: impl Fn(&mut [f32], usize) + Sync) {
         let (inputs, outputs) = (self.inputs, self.outputs);
         let weight_t = MatRef::new(&p[self.weight.range()], inputs, outputs).t(); // (out, in)
-        dx.par_chunks_mut(ROW_BLOCK * inputs).zip(dy.par_chunks(ROW_BLOCK * outputs)).enumerate().for_each(|(i, (dx, dy))| {
+        let per = row_block(dx.len() / inputs);
+        dx.par_chunks_mut(per * inputs).zip(dy.par_chunks(per * outputs)).enumerate().for_each(|(i, (dx, dy))| {
             let rows = dx.len() / inputs;
             matmul(MatMut::new(dx, rows, inputs), MatRef::new(dy, rows, outputs), weight_t, false, 1.0);
-            epilogue(dx, i * ROW_BLOCK);
+            epilogue(dx, i * per);
         });
     }
 
@@ -322,19 +329,20 @@ impl TrainNorm {
     /// and counters like one training-mode call of the burn layer.
     fn forward(&mut self, p: &[f32], x: &[f32], out: &mut [f32], cache: &mut NormCache, c: usize) -> Result<()> {
         let rows = x.len() / c;
+        let per = row_block(rows);
         let (ln_weight, bn_weight) = self.next_weights();
         (cache.ln_weight, cache.bn_weight) = (ln_weight, bn_weight);
         if let (Some(ln), Some(_)) = (&self.ln, ln_weight) {
             cache.row_stats.resize(2 * rows, 0.0);
-            cache.row_stats.par_chunks_mut(2 * ROW_BLOCK).zip(x.par_chunks(ROW_BLOCK * c)).for_each(|(s, x)| kernels::row_stats(x, c, ln.eps, s));
+            cache.row_stats.par_chunks_mut(2 * per).zip(x.par_chunks(per * c)).for_each(|(s, x)| kernels::row_stats(x, c, ln.eps, s));
         }
         if let (Some(bn), Some(_)) = (&mut self.bn, bn_weight) {
             if rows < 2 {
                 return Err(Error::InputShape { layer: "norm", expected: "at least 2 tokens in the batch for BatchNorm statistics".into(), found: vec![rows, c] });
             }
             let sums = |f: &(dyn Fn(&[f32], &mut [f32]) + Sync)| -> Vec<f32> {
-                let mut partials = vec![0.0; rows.div_ceil(ROW_BLOCK) * c];
-                partials.par_chunks_mut(c).zip(x.par_chunks(ROW_BLOCK * c)).for_each(|(out, x)| f(x, out));
+                let mut partials = vec![0.0; rows.div_ceil(per) * c];
+                partials.par_chunks_mut(c).zip(x.par_chunks(per * c)).for_each(|(out, x)| f(x, out));
                 let mut total = vec![0.0; c];
                 partials.chunks(c).for_each(|p| kernels::add_assign(&mut total, p));
                 total
@@ -352,8 +360,8 @@ impl TrainNorm {
             cache.alpha = p[bn.alpha.offset];
         }
         let this = &*self;
-        out.par_chunks_mut(ROW_BLOCK * c).zip(x.par_chunks(ROW_BLOCK * c)).enumerate().for_each(|(i, (o, x))| {
-            kernels::norm_apply(x, o, c, this.terms(p, cache, i * ROW_BLOCK, x.len() / c));
+        out.par_chunks_mut(per * c).zip(x.par_chunks(per * c)).enumerate().for_each(|(i, (o, x))| {
+            kernels::norm_apply(x, o, c, this.terms(p, cache, i * per, x.len() / c));
         });
         Ok(())
     }
@@ -361,10 +369,11 @@ impl TrainNorm {
     /// `dx += ∂norm/∂x · dy` and the norm's parameter gradients into `g`.
     fn backward(&self, p: &[f32], g: &mut [f32], x: &[f32], dy: &[f32], dx: &mut [f32], cache: &NormCache, c: usize) {
         let rows = x.len() / c;
+        let per = row_block(rows);
         let width = 3 * c + 1;
-        let mut partials = vec![0.0; rows.div_ceil(ROW_BLOCK) * width];
-        partials.par_chunks_mut(width).zip(x.par_chunks(ROW_BLOCK * c)).zip(dy.par_chunks(ROW_BLOCK * c)).enumerate().for_each(|(i, ((s, x), dy))| {
-            kernels::norm_backward_sums(x, dy, self.terms(p, cache, i * ROW_BLOCK, x.len() / c), s);
+        let mut partials = vec![0.0; rows.div_ceil(per) * width];
+        partials.par_chunks_mut(width).zip(x.par_chunks(per * c)).zip(dy.par_chunks(per * c)).enumerate().for_each(|(i, ((s, x), dy))| {
+            kernels::norm_backward_sums(x, dy, self.terms(p, cache, i * per, x.len() / c), s);
         });
         let mut sums = vec![0.0; width];
         partials.chunks(width).for_each(|s| kernels::add_assign(&mut sums, s));
@@ -378,8 +387,8 @@ impl TrainNorm {
             g[bn.beta.range()].iter_mut().zip(dy_sum).for_each(|(g, s)| *g += weight * s);
             g[bn.alpha.offset] += weight * dy_x;
         }
-        dx.par_chunks_mut(ROW_BLOCK * c).zip(x.par_chunks(ROW_BLOCK * c)).zip(dy.par_chunks(ROW_BLOCK * c)).enumerate().for_each(|(i, ((dx, x), dy))| {
-            kernels::norm_backward_apply(x, dy, dx, c, self.terms(p, cache, i * ROW_BLOCK, x.len() / c), (dy_sum, dy_bn), rows);
+        dx.par_chunks_mut(per * c).zip(x.par_chunks(per * c)).zip(dy.par_chunks(per * c)).enumerate().for_each(|(i, ((dx, x), dy))| {
+            kernels::norm_backward_apply(x, dy, dx, c, self.terms(p, cache, i * per, x.len() / c), (dy_sum, dy_bn), rows);
         });
     }
 
@@ -549,10 +558,11 @@ impl TrainBlock {
         let hidden = self.fc1.outputs;
         let fc1_bias = self.fc1.bias.map(|b| &p[b.range()]);
         let weight = MatRef::new(&p[self.fc1.weight.range()], c, hidden);
+        let per = row_block(rows);
         sized(&mut a.hidden, rows * hidden)
-            .par_chunks_mut(ROW_BLOCK * hidden)
-            .zip(sized(&mut a.act, rows * hidden).par_chunks_mut(ROW_BLOCK * hidden))
-            .zip(a.normed2.par_chunks(ROW_BLOCK * c))
+            .par_chunks_mut(per * hidden)
+            .zip(sized(&mut a.act, rows * hidden).par_chunks_mut(per * hidden))
+            .zip(a.normed2.par_chunks(per * c))
             .for_each(|((pre, act), x)| {
                 let rows = pre.len() / hidden;
                 matmul(MatMut::new(pre, rows, hidden), MatRef::new(x, rows, c), weight, false, 1.0);
