@@ -1,4 +1,5 @@
-//! Micro-benchmarks of the CPU runtime's kernels and of whole forwards, so regressions show:
+//! Micro-benchmarks of the CPU runtime's kernels, whole forwards and training steps, so
+//! regressions show:
 //! `cargo bench -p slabformer` (criterion; reports land in target/criterion).
 
 use burn::tensor::{Device, Distribution, Tensor};
@@ -6,7 +7,8 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use slabformer::models::VitConfig;
 use slabformer::nn::attention::{AttentionConfig, AttentionKind};
 use slabformer::runtime::kernels::{self, MatMut, MatRef};
-use slabformer::runtime::{CpuAttention, CpuVit};
+use slabformer::runtime::{CpuAttention, CpuTrainer, CpuVit};
+use slabformer::train::config::OptimConfig;
 use std::hint::black_box;
 
 fn values(n: usize) -> Vec<f32> {
@@ -85,5 +87,53 @@ fn models(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, gemm, row_kernels, attention, models);
+/// The training kernels' backward passes at DeiT-T sizes (8 images' rows where whole-batch), and
+/// whole training steps (forward, cross-entropy, backward, AdamW) at batch 8.
+fn training(c: &mut Criterion) {
+    let mut group = c.benchmark_group("training");
+    let rows = 8 * 197;
+    let (pre, mut grad) = (values(rows * 768), values(rows * 768));
+    group.throughput(Throughput::Elements(pre.len() as u64));
+    group.bench_function("gelu_backward 1576x768", |b| b.iter(|| kernels::gelu_backward(&pre, black_box(&mut grad))));
+    // A PRepBN at λ = 0.5: both branches' backward sums, then the input gradient.
+    let (x, dy, stats) = (values(rows * 192), values(rows * 192), values(2 * rows).iter().map(|v| v.abs() + 0.5).collect::<Vec<_>>());
+    let (w, beta, mean, inv_std) = (values(192), values(192), values(192), vec![1.2; 192]);
+    let terms = kernels::NormTerms {
+        ln: Some((&stats, &w, &beta, 0.5)),
+        bn: Some(kernels::BnTerms { mean: &mean, inv_std: &inv_std, gamma: &w, beta: &beta, alpha: 0.7, weight: 0.5 }),
+    };
+    let mut sums = vec![0.0; 3 * 192 + 1];
+    let mut dx = vec![0.0; x.len()];
+    group.throughput(Throughput::Elements(x.len() as u64));
+    group.bench_function("norm_backward 1576x192", |b| {
+        b.iter(|| {
+            kernels::norm_backward_sums(&x, &dy, terms, &mut sums);
+            kernels::norm_backward_apply(&x, &dy, black_box(&mut dx), 192, terms, (&sums[..192], &sums[384..576]), rows);
+        })
+    });
+    let mut scores = values(197 * 197);
+    let probs = values(197 * 197);
+    group.throughput(Throughput::Elements(scores.len() as u64));
+    group.bench_function("softmax_backward_rows 197x197", |b| b.iter(|| kernels::softmax_backward_rows(&probs, black_box(&mut scores), 197)));
+    let (qkv, taps, dwc_bias, d_out) = (values(196 * 576), values(25 * 192), values(192), values(196 * 192));
+    let (mut dqkv, mut dtaps) = (vec![0.0; 196 * 576], vec![0.0; 25 * 192]);
+    group.throughput(Throughput::Elements(d_out.len() as u64));
+    group.bench_function("depthwise_conv_backward 14x14x192 k5", |b| {
+        let conv = kernels::DepthwiseConv { taps: &taps, bias: &dwc_bias, grid: [14, 14], kernel: 5 };
+        b.iter(|| conv.backward(&d_out, &qkv, 576, 384, &mut dqkv, 576, 384, &mut dtaps))
+    });
+    group.sample_size(10);
+    let device = Device::flex();
+    let batch = 8;
+    for (name, config) in [("deit_tiny", VitConfig::deit_tiny()), ("slab_deit_tiny", VitConfig::slab_deit_tiny())] {
+        let mut trainer = CpuTrainer::new(&config.init(&device).unwrap(), OptimConfig::default()).unwrap();
+        let images: Vec<f32> = Tensor::<4>::random([batch, 3, 224, 224], Distribution::Normal(0.0, 1.0), &device).into_data().try_to_vec().unwrap();
+        let targets: Vec<f32> = (0..batch * 1000).map(|i| if i % 1000 == i / 1000 { 1.0 } else { 0.0 }).collect();
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_function(BenchmarkId::new(format!("step {name}"), batch), |b| b.iter(|| trainer.train_step(&images, &targets, batch, 1e-4).unwrap()));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, gemm, row_kernels, attention, models, training);
 criterion_main!(benches);

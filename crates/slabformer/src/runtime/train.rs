@@ -1248,6 +1248,8 @@ mod tests {
         // A sign flip of a near-zero gradient moves a weight by up to 2·lr in AdamW's first
         // steps; everything else agrees to rounding.
         assert_states_near("state after three steps", &trainer.state(), &collect_state(&model), 1e-5, 2e-5);
+        let applied = trainer.apply_to(config.init(&device).unwrap()).unwrap();
+        assert_states_near("state loaded into a burn model", &collect_state(&applied), &trainer.state(), 0.0, 0.0);
     }
 
     #[test]
