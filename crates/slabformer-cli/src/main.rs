@@ -333,8 +333,9 @@ fn train(config: &TrainConfig, out: PathBuf, resume: bool) -> Result<trainer::Su
     let summary = trainer::train(config, &data, &TrainOptions { run_dir: out, resume, progress: true, interrupt_after: None })?;
     let e = &summary.final_eval;
     println!(
-        "finished: {} steps in {:.1} min; test top-1 {:.2} %, top-5 {:.2} %, loss {:.4}; model {}, metrics and plots in {}",
+        "finished: {} steps ({} trainer) in {:.1} min; test top-1 {:.2} %, top-5 {:.2} %, loss {:.4}; model {}, metrics and plots in {}",
         summary.steps,
+        summary.engine,
         summary.seconds / 60.0,
         e.top1,
         e.top5,

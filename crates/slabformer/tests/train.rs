@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use slabformer::data::fetch::fetch_fashion_mnist;
 use slabformer::nn::schedule::{Decay, PrepbnSchedule};
-use slabformer::train::config::TrainConfig;
+use slabformer::train::config::{TrainConfig, TrainEngine};
 use slabformer::train::metrics::Metrics;
 use slabformer::train::optim::LrSchedule;
 use slabformer::train::{TrainOptions, load_datasets, train};
@@ -58,6 +58,7 @@ fn loss_falls_and_logged_schedules_are_the_schedule_functions() {
     let run = tempfile::tempdir().unwrap();
     let summary = train(&config, &data, &options(run.path())).unwrap();
     assert_eq!(summary.steps, 30);
+    assert_eq!(summary.engine, "cpu", "run.engine = auto picks the CPU trainer for this run");
     let m = metrics(run.path());
     assert_eq!(m.steps.len(), 30);
     let first: f64 = m.steps[..5].iter().map(|r| r.loss).sum::<f64>() / 5.0;
@@ -89,26 +90,18 @@ fn loss_falls_and_logged_schedules_are_the_schedule_functions() {
     assert!(err.contains("not overwriting"), "{err}");
 }
 
-#[test]
-fn interrupted_and_resumed_run_equals_the_straight_run_bit_for_bit() {
-    let mut config = small_config();
-    config.model.drop_path_rate = Some(0.1);
-    config.mix.mixup_alpha = 0.8;
-    config.mix.cutmix_alpha = 1.0;
-    config.run.accum_steps = 2;
-    config.run.ema_decay = Some(0.9);
-    config.run.epochs = 2;
-    config.checkpoint.every_steps = Some(7);
-    let data = load_datasets(&config).unwrap();
-
+/// Trains `config` straight through and again interrupted after step 7 then resumed: every
+/// parameter, buffer and logged loss must be bit-for-bit equal. Returns the engine that ran.
+fn assert_resume_is_exact(config: &TrainConfig) -> &'static str {
+    let data = load_datasets(config).unwrap();
     let straight = tempfile::tempdir().unwrap();
-    train(&config, &data, &options(straight.path())).unwrap();
+    let engine = train(config, &data, &options(straight.path())).unwrap().engine;
 
     let resumed = tempfile::tempdir().unwrap();
     let interrupted = TrainOptions { interrupt_after: Some(7), ..options(resumed.path()) };
-    let err = train(&config, &data, &interrupted).unwrap_err().to_string();
+    let err = train(config, &data, &interrupted).unwrap_err().to_string();
     assert!(err.contains("interrupted after step 7"), "{err}");
-    train(&config, &data, &TrainOptions { resume: true, ..options(resumed.path()) }).unwrap();
+    train(config, &data, &TrainOptions { resume: true, ..options(resumed.path()) }).unwrap();
 
     // Every parameter and buffer bit for bit (safetensors orders its metadata map freely, so the
     // files themselves are compared by content).
@@ -121,6 +114,48 @@ fn interrupted_and_resumed_run_equals_the_straight_run_bit_for_bit() {
     assert_eq!(a.metadata, b.metadata);
     let (ma, mb) = (metrics(straight.path()), metrics(resumed.path()));
     assert_eq!(ma.steps.iter().map(|r| r.loss).collect::<Vec<_>>(), mb.steps.iter().map(|r| r.loss).collect::<Vec<_>>());
+    engine
+}
+
+#[test]
+fn interrupted_and_resumed_run_equals_the_straight_run_bit_for_bit() {
+    // Stochastic depth, accumulation and the EMA: the burn trainer's run.
+    let mut config = small_config();
+    config.model.drop_path_rate = Some(0.1);
+    config.mix.mixup_alpha = 0.8;
+    config.mix.cutmix_alpha = 1.0;
+    config.run.accum_steps = 2;
+    config.run.ema_decay = Some(0.9);
+    config.run.epochs = 2;
+    config.checkpoint.every_steps = Some(7);
+    assert_eq!(assert_resume_is_exact(&config), "burn");
+}
+
+#[test]
+fn interrupted_and_resumed_cpu_trainer_run_equals_the_straight_run_bit_for_bit() {
+    // The CPU trainer's run: its weights, statistics, counters and AdamW moments go through the
+    // checkpoint and come back exactly.
+    let mut config = small_config();
+    config.run.engine = TrainEngine::Cpu;
+    config.run.epochs = 2;
+    config.checkpoint.every_steps = Some(7);
+    assert_eq!(assert_resume_is_exact(&config), "cpu");
+}
+
+#[test]
+fn the_cpu_engine_refuses_what_it_does_not_cover() {
+    let mut config = small_config();
+    config.run.engine = TrainEngine::Cpu;
+    config.run.accum_steps = 2;
+    let data = load_datasets(&config).unwrap();
+    let run = tempfile::tempdir().unwrap();
+    let err = train(&config, &data, &options(run.path())).unwrap_err().to_string();
+    assert!(err.contains("run.engine") && err.contains("accumulation"), "{err}");
+    let mut config = small_config();
+    config.run.engine = TrainEngine::Cpu;
+    config.model.drop_path_rate = Some(0.1);
+    let err = train(&config, &data, &options(run.path())).unwrap_err().to_string();
+    assert!(err.contains("stochastic depth"), "{err}");
 }
 
 #[test]

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::models::vit::{Pool, VisionTransformer, VitConfig};
 use crate::nn::attention::{AttentionKind, Score};
 use crate::nn::norm::NormKind;
-use crate::nn::schedule::Decay;
+use crate::nn::schedule::{Decay, Phase};
 use crate::state::{StateDict, StateTensor, Values, collect_state, transpose_2d};
 use crate::train::config::OptimConfig;
 use crate::train::optim::decays;
@@ -34,6 +34,16 @@ fn row_block(rows: usize) -> usize {
 
 /// SLA's normaliser epsilon (`q·Σk + 1e-6`), as in the official code and the burn layer.
 const SLA_EPS: f32 = 1e-6;
+
+/// How a parameter is kept in the flat buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    Official,
+    /// A Linear weight, official (out, in), kept (in, out) for the GEMM.
+    LinearWeight,
+    /// The patch conv, official (C, C_in, p, p), kept (C_in·p·p, C) for the GEMM.
+    PatchConv,
+}
 
 /// One parameter tensor's place in the flat buffers.
 #[derive(Clone, Copy, Debug)]
@@ -56,6 +66,8 @@ struct ParamInfo {
     /// Kept as the transpose of the official (rows, cols) matrix: Linear weights (out, in) and
     /// the patch conv (C, C_in·p·p) are stored (in, out) for the GEMM.
     transposed: Option<(usize, usize)>,
+    /// burn keeps Linear weights (in, out) as we do, and everything else in the official layout.
+    burn_layout_is_ours: bool,
     decays: bool,
     /// False for parameters the forward never reads (the class token of mean-pooled models):
     /// like PyTorch, the optimizer leaves them alone.
@@ -69,7 +81,8 @@ struct ParamTable {
 }
 
 impl ParamTable {
-    fn add(&mut self, state: &StateDict, optim: &OptimConfig, key: &str, shape: &[usize], transposed: bool) -> Result<Slot> {
+    fn add(&mut self, state: &StateDict, optim: &OptimConfig, key: &str, shape: &[usize], layout: Layout) -> Result<Slot> {
+        let transposed = layout != Layout::Official;
         let tensor = state.get(key)?;
         let Values::F32(values) = &tensor.values else {
             return Err(Error::DType { origin: state.origin.clone(), key: key.into(), expected: "f32", found: "i64".into() });
@@ -88,10 +101,26 @@ impl ParamTable {
             shape: shape.to_vec(),
             slot,
             transposed: matrix,
+            burn_layout_is_ours: layout != Layout::PatchConv,
             decays: decays(optim, key, shape.len().max(1)),
             trained: true,
         });
         Ok(slot)
+    }
+
+    /// Values of this parameter's slot in `buffer`, flattened in burn's layout (how burn's
+    /// AdamW stores its moments).
+    fn burn_flat(&self, info: &ParamInfo, buffer: &[f32]) -> Vec<f32> {
+        if info.burn_layout_is_ours { buffer[info.slot.range()].to_vec() } else { self.official(info, buffer) }
+    }
+
+    /// The inverse of [`burn_flat`](Self::burn_flat), into `buffer`.
+    fn set_from_burn_flat(&self, info: &ParamInfo, values: &[f32], buffer: &mut [f32]) {
+        let dst = &mut buffer[info.slot.range()];
+        match (info.burn_layout_is_ours, info.transposed) {
+            (false, Some((rows, cols))) => dst.copy_from_slice(&transpose_2d(values, rows, cols)),
+            _ => dst.copy_from_slice(values),
+        }
     }
 
     /// The parameter's values in the official layout.
@@ -107,7 +136,8 @@ impl ParamTable {
 fn int_value(state: &StateDict, key: &str) -> Result<i64> {
     match &state.get(key)?.values {
         Values::I64(v) if !v.is_empty() => Ok(v[0]),
-        _ => Err(Error::DType { origin: state.origin.clone(), key: key.into(), expected: "an integer scalar", found: "something else".into() }),
+        Values::I64(_) => Err(Error::ShapeMismatch { origin: state.origin.clone(), key: key.into(), expected: vec![1], found: vec![0] }),
+        Values::F32(_) => Err(Error::DType { origin: state.origin.clone(), key: key.into(), expected: "i64", found: "f32".into() }),
     }
 }
 
@@ -129,15 +159,15 @@ struct TrainLinear {
 
 impl TrainLinear {
     fn new(params: &mut ParamTable, state: &StateDict, optim: &OptimConfig, prefix: &str, inputs: usize, outputs: usize, bias: bool) -> Result<Self> {
-        let weight = params.add(state, optim, &format!("{prefix}.weight"), &[outputs, inputs], true)?;
-        let bias = if bias { Some(params.add(state, optim, &format!("{prefix}.bias"), &[outputs], false)?) } else { None };
+        let weight = params.add(state, optim, &format!("{prefix}.weight"), &[outputs, inputs], Layout::LinearWeight)?;
+        let bias = if bias { Some(params.add(state, optim, &format!("{prefix}.bias"), &[outputs], Layout::Official)?) } else { None };
         Ok(Self { weight, bias, inputs, outputs })
     }
 
     /// A stride-p, p×p conv over im2col rows: weight (C_in·p·p, C_out).
     fn patch_conv(params: &mut ParamTable, state: &StateDict, optim: &OptimConfig, prefix: &str, in_chans: usize, p: usize, outputs: usize) -> Result<Self> {
-        let weight = params.add(state, optim, &format!("{prefix}.weight"), &[outputs, in_chans, p, p], true)?;
-        let bias = Some(params.add(state, optim, &format!("{prefix}.bias"), &[outputs], false)?);
+        let weight = params.add(state, optim, &format!("{prefix}.weight"), &[outputs, in_chans, p, p], Layout::PatchConv)?;
+        let bias = Some(params.add(state, optim, &format!("{prefix}.bias"), &[outputs], Layout::Official)?);
         Ok(Self { weight, bias, inputs: in_chans * p * p, outputs })
     }
 
@@ -222,6 +252,19 @@ struct Counters {
     decay: Decay,
 }
 
+impl Counters {
+    /// What the next training-mode call computes, as the official `LinearNorm` decides it.
+    fn phase(&self) -> Phase {
+        if self.warm > 0 {
+            Phase::Warm
+        } else if self.total <= 0 {
+            Phase::RepBn
+        } else {
+            Phase::Mix(self.decay.lambda(self.r0, self.iter, self.total))
+        }
+    }
+}
+
 /// LayerNorm, RepBN or PRepBN (both, mixed by the counters' λ) in training mode.
 struct TrainNorm {
     ln: Option<LnParams>,
@@ -246,18 +289,18 @@ impl TrainNorm {
     fn new(kind: &NormKind, prefix: &str, c: usize, params: &mut ParamTable, state: &StateDict, optim: &OptimConfig) -> Result<Self> {
         let ln = |prefix: &str, eps: f64, params: &mut ParamTable| -> Result<LnParams> {
             Ok(LnParams {
-                weight: params.add(state, optim, &format!("{prefix}.weight"), &[c], false)?,
-                bias: params.add(state, optim, &format!("{prefix}.bias"), &[c], false)?,
+                weight: params.add(state, optim, &format!("{prefix}.weight"), &[c], Layout::Official)?,
+                bias: params.add(state, optim, &format!("{prefix}.bias"), &[c], Layout::Official)?,
                 eps: eps as f32,
             })
         };
         let bn = |prefix: &str, eps: f64, params: &mut ParamTable| -> Result<BnParams> {
-            let alpha = params.add(state, optim, &format!("{prefix}.alpha"), &[1], false)?;
+            let alpha = params.add(state, optim, &format!("{prefix}.alpha"), &[1], Layout::Official)?;
             let bn = format!("{prefix}.bn");
             Ok(BnParams {
                 alpha,
-                gamma: params.add(state, optim, &format!("{bn}.weight"), &[c], false)?,
-                beta: params.add(state, optim, &format!("{bn}.bias"), &[c], false)?,
+                gamma: params.add(state, optim, &format!("{bn}.weight"), &[c], Layout::Official)?,
+                beta: params.add(state, optim, &format!("{bn}.bias"), &[c], Layout::Official)?,
                 eps: eps as f32,
                 momentum: 0.1,
                 running_mean: float_buffer(state, &format!("{bn}.running_mean"), c)?,
@@ -291,17 +334,18 @@ impl TrainNorm {
         let Some(counters) = &mut self.counters else {
             return (self.ln.as_ref().map(|_| 1.0), self.bn.as_ref().map(|_| 1.0));
         };
-        if counters.warm > 0 {
-            counters.warm -= 1;
-            (Some(1.0), None)
-        } else if counters.total <= 0 {
-            (None, Some(1.0))
-        } else {
-            let lambda = counters.decay.lambda(counters.r0, counters.iter, counters.total);
-            if counters.iter > 0 {
-                counters.iter -= 1;
+        match counters.phase() {
+            Phase::Warm => {
+                counters.warm -= 1;
+                (Some(1.0), None)
             }
-            (Some(lambda), Some(1.0 - lambda))
+            Phase::RepBn => (None, Some(1.0)),
+            Phase::Mix(lambda) => {
+                if counters.iter > 0 {
+                    counters.iter -= 1;
+                }
+                (Some(lambda), Some(1.0 - lambda))
+            }
         }
     }
 
@@ -556,7 +600,7 @@ impl TrainBlock {
         self.proj.forward(p, &a.mixed, &mut a.mid, true); // x + proj(mixed)
         self.norm2.forward(p, &a.mid, sized(&mut a.normed2, rows * c), &mut a.norm2, c)?;
         let hidden = self.fc1.outputs;
-        let fc1_bias = self.fc1.bias.map(|b| &p[b.range()]);
+        let fc1_bias = &p[self.fc1.bias.expect("fc1 is built with a bias").range()];
         let weight = MatRef::new(&p[self.fc1.weight.range()], c, hidden);
         let per = row_block(rows);
         sized(&mut a.hidden, rows * hidden)
@@ -566,10 +610,7 @@ impl TrainBlock {
             .for_each(|((pre, act), x)| {
                 let rows = pre.len() / hidden;
                 matmul(MatMut::new(pre, rows, hidden), MatRef::new(x, rows, c), weight, false, 1.0);
-                match fc1_bias {
-                    Some(b) => kernels::bias_gelu_keep(pre, act, b),
-                    None => kernels::bias_gelu_keep(pre, act, &vec![0.0; hidden]),
-                }
+                kernels::bias_gelu_keep(pre, act, fc1_bias);
             });
         out.copy_from_slice(&a.mid);
         self.fc2.forward(p, &a.act, out, true); // mid + mlp(norm2(mid))
@@ -804,11 +845,11 @@ impl CpuTrainer {
         let mut params = ParamTable::default();
         let optim_ref = &optim;
         let patch_embed = TrainLinear::patch_conv(&mut params, state, optim_ref, "patch_embed.proj", config.in_chans, config.patch_size, c)?;
-        let cls_token = params.add(state, optim_ref, "cls_token", &[1, 1, c], false)?;
+        let cls_token = params.add(state, optim_ref, "cls_token", &[1, 1, c], Layout::Official)?;
         if config.pool == Pool::Mean {
             params.infos.last_mut().expect("just added").trained = false;
         }
-        let pos_embed = params.add(state, optim_ref, "pos_embed", &[1, t, c], false)?;
+        let pos_embed = params.add(state, optim_ref, "pos_embed", &[1, t, c], Layout::Official)?;
         let mut blocks = Vec::with_capacity(config.depth);
         for i in 0..config.depth {
             let prefix = format!("blocks.{i}");
@@ -817,9 +858,9 @@ impl CpuTrainer {
             let mixer = match mixer_kind {
                 None => TrainMixer::Dot { score: if config.attention == AttentionKind::Softmax { Score::Softmax } else { Score::ReluOverLength } },
                 Some(kernel) => TrainMixer::Linear {
-                    positional_encoding: params.add(state, optim_ref, &format!("{prefix}.attn.positional_encoding"), &[1, t, c], false)?,
-                    dwc_weight: params.add(state, optim_ref, &format!("{prefix}.attn.dwc.weight"), &[d, 1, kernel, kernel], false)?,
-                    dwc_bias: params.add(state, optim_ref, &format!("{prefix}.attn.dwc.bias"), &[d], false)?,
+                    positional_encoding: params.add(state, optim_ref, &format!("{prefix}.attn.positional_encoding"), &[1, t, c], Layout::Official)?,
+                    dwc_weight: params.add(state, optim_ref, &format!("{prefix}.attn.dwc.weight"), &[d, 1, kernel, kernel], Layout::Official)?,
+                    dwc_bias: params.add(state, optim_ref, &format!("{prefix}.attn.dwc.bias"), &[d], Layout::Official)?,
                     kernel,
                     grid: config.grid(),
                 },
@@ -1079,6 +1120,45 @@ impl CpuTrainer {
         dict
     }
 
+    /// The AdamW moments as burn's [`AdamW::state`](crate::train::optim::AdamW::state) writes
+    /// them (`optim.exp_avg.<key>`, `optim.exp_avg_sq.<key>`, flattened in burn's layout), so a
+    /// checkpoint reads the same whichever engine wrote it. Empty before the first step.
+    pub fn optimizer_state(&self) -> StateDict {
+        let mut dict = StateDict::new("optimizer");
+        if self.steps == 0 {
+            return dict;
+        }
+        for info in self.trained() {
+            for (prefix, buffer) in [("optim.exp_avg", &self.exp_avg), ("optim.exp_avg_sq", &self.exp_avg_sq)] {
+                dict.insert(format!("{prefix}.{}", info.key), StateTensor::f32(vec![info.slot.len], self.params.burn_flat(info, buffer)));
+            }
+        }
+        dict
+    }
+
+    /// Restores the moments written by [`optimizer_state`](Self::optimizer_state) (or burn's
+    /// AdamW) after `steps` optimizer steps.
+    pub fn load_optimizer_state(&mut self, dict: &StateDict, steps: u64) -> Result<()> {
+        self.steps = steps;
+        if steps == 0 {
+            return Ok(());
+        }
+        for info in self.params.infos.iter().filter(|i| i.trained) {
+            for (prefix, buffer) in [("optim.exp_avg", &mut self.exp_avg), ("optim.exp_avg_sq", &mut self.exp_avg_sq)] {
+                let key = format!("{prefix}.{}", info.key);
+                let values = float_buffer(dict, &key, info.slot.len)?;
+                self.params.set_from_burn_flat(info, &values, buffer);
+            }
+        }
+        Ok(())
+    }
+
+    /// What the next training-mode call of the first block's norm computes (PRepBN models only),
+    /// as [`VisionTransformer::prepbn_phase`] tells for the burn model.
+    pub fn prepbn_phase(&self) -> Option<Phase> {
+        Some(self.blocks.first()?.norm1.counters.as_ref()?.phase())
+    }
+
     /// `model` with this trainer's state.
     pub fn apply_to(&self, model: VisionTransformer) -> Result<VisionTransformer> {
         crate::state::load_state(model, &self.state(), false).map(|(model, _)| model)
@@ -1268,5 +1348,9 @@ mod tests {
         assert!(err.contains("(2, 10)"), "{err}");
         let err = trainer.train_step(&vec![0.5; 3 * 48 * 48], &[0.1; 9], 1, 1e-3).err().expect("targets of the wrong size").to_string();
         assert!(err.contains("targets"), "{err}");
+        // A state made for another model names the first tensor that does not fit.
+        let other = VitConfig { embed_dim: 24, ..config.clone() };
+        let err = CpuTrainer::from_state(&config, &collect_state(&other.init(&device).unwrap()), OptimConfig::default()).err().expect("foreign state").to_string();
+        assert!(err.contains("patch_embed.proj.weight") && err.contains("[48, 3, 8, 8]"), "{err}");
     }
 }

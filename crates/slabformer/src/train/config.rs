@@ -117,6 +117,23 @@ pub struct RunConfig {
     pub seed: u64,
     /// Stop after this many optimizer steps (default: the full schedule); for smoke runs.
     pub max_steps: Option<u64>,
+    /// What runs the training steps (default `auto`).
+    pub engine: TrainEngine,
+}
+
+/// What runs the training steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainEngine {
+    /// The CPU runtime's trainer where it covers the run (no gradient accumulation, no EMA, a
+    /// model it trains), burn otherwise.
+    #[default]
+    Auto,
+    /// The CPU runtime's trainer ([`crate::runtime::CpuTrainer`]); an error where it does not
+    /// cover the run.
+    Cpu,
+    /// burn autodiff on the flex backend.
+    Burn,
 }
 
 impl Default for RunConfig {
@@ -130,6 +147,7 @@ impl Default for RunConfig {
             ema_decay: None,
             seed: 0,
             max_steps: None,
+            engine: TrainEngine::Auto,
         }
     }
 }

@@ -18,7 +18,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
 
 use self::checkpoint::Position;
-use self::config::{Dataset, TrainConfig};
+use self::config::{Dataset, TrainConfig, TrainEngine};
 use self::metrics::{EvalRow, Metrics, StepRow};
 use self::optim::{AdamW, Ema, LrSchedule, param_ranks};
 use crate::data::augment::AugmentConfig;
@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::models::vit::ImageClassifier;
 use crate::models::{VisionTransformer, VitConfig};
 use crate::nn::{drop_path, recalibration_mode, set_counter_advance};
-use crate::runtime::CpuVit;
+use crate::runtime::{CpuTrainer, CpuVit, cross_entropy};
 use crate::state::{StateDict, collect_state, float_tensors, host_f32, load_state};
 
 pub struct Datasets {
@@ -83,6 +83,8 @@ pub struct Summary {
     /// The same for its fused deploy form (RepBN/PRepBN models).
     pub fused_eval: Option<EvalRow>,
     pub model_path: PathBuf,
+    /// What ran the training steps: "cpu" (the runtime's trainer) or "burn".
+    pub engine: &'static str,
 }
 
 /// Soft-target cross-entropy, mean over the batch.
@@ -154,6 +156,10 @@ struct Run<'a> {
     dir: PathBuf,
     device: Device,
     model: VisionTransformer,
+    /// The CPU runtime's trainer when it runs the steps: it then holds the current weights,
+    /// statistics, counters and optimizer moments, and `model` is brought up to date from it
+    /// before anything reads `model` (evaluation, checkpoints, re-calibration).
+    cpu: Option<Box<CpuTrainer>>,
     optimizer: AdamW,
     ema: Option<Ema>,
     metrics: Metrics,
@@ -165,10 +171,42 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// One optimizer step on the CPU trainer: forward, soft-target cross-entropy, backward,
+    /// clipping, AdamW. Returns the loss and the gradient norm before clipping.
+    fn cpu_step(&mut self, images: &[f32], targets: &[f32], classes: usize, lr: f64, lambda: Option<f64>) -> Result<(f64, f64)> {
+        let cpu = self.cpu.as_mut().expect("the CPU trainer runs the steps");
+        cpu.zero_grads();
+        let logits = cpu.forward(images, targets.len() / classes)?;
+        let (loss, dlogits) = cross_entropy(&logits, targets, classes);
+        if !loss.is_finite() {
+            return Err(self.nan_error("the loss", loss, lr, lambda));
+        }
+        cpu.backward(&dlogits)?;
+        let grad_norm = cpu.clip_grads();
+        if !grad_norm.is_finite() {
+            return Err(self.nan_error("the gradient norm", grad_norm, lr, lambda));
+        }
+        cpu.adamw(lr);
+        Ok((loss, grad_norm))
+    }
+
+    /// `model` := the CPU trainer's state, when it runs the steps.
+    fn sync_model(&mut self) -> Result<()> {
+        if let Some(cpu) = &self.cpu {
+            self.model = cpu.apply_to(self.model.clone())?;
+        }
+        Ok(())
+    }
+
     fn checkpoint(&mut self) -> Result<()> {
+        self.sync_model()?;
         let mut dict = StateDict::new("checkpoint");
         prefixed("model.", collect_state(&self.model), &mut dict);
-        prefixed("", self.optimizer.state(), &mut dict);
+        let optimizer = match &self.cpu {
+            Some(cpu) => cpu.optimizer_state(),
+            None => self.optimizer.state(),
+        };
+        prefixed("", optimizer, &mut dict);
         if let Some(ema) = &self.ema {
             prefixed("", ema.state(), &mut dict);
         }
@@ -188,6 +226,10 @@ impl Run<'_> {
         self.model = load_state(model, &dict.subset("model"), false)?.0;
         let inner = self.device.clone().without_autodiff();
         self.optimizer.load_state(&dict, position.step, &inner)?;
+        if let Some(cpu) = &mut self.cpu {
+            **cpu = CpuTrainer::new(&self.model, self.config.optim.clone())?;
+            cpu.load_optimizer_state(&dict, position.step)?;
+        }
         if let Some(ema) = &mut self.ema {
             ema.load_state(&dict, &inner)?;
         }
@@ -220,7 +262,8 @@ impl Run<'_> {
         ))
     }
 
-    fn evaluate_all(&mut self, label: &str) -> EvalRow {
+    fn evaluate_all(&mut self, label: &str) -> Result<EvalRow> {
+        self.sync_model()?;
         let cfg = self.config;
         let mut row = evaluate(&self.model, &self.data.eval, &cfg.augment, cfg.run.eval_batch_size);
         (row.step, row.epoch, row.model) = (self.position.step, self.position.epoch, label.into());
@@ -240,7 +283,24 @@ impl Run<'_> {
             self.metrics.evals.push(e);
         }
         self.last_eval = Some((row.clone(), fused));
-        row
+        Ok(row)
+    }
+}
+
+/// The CPU runtime's trainer for this run, when `run.engine` picks it (see [`TrainEngine`]).
+fn cpu_trainer(config: &TrainConfig, model: &VisionTransformer) -> Result<Option<CpuTrainer>> {
+    let unsupported = if config.run.accum_steps > 1 {
+        Some("gradient accumulation (run.accum_steps > 1)")
+    } else if config.run.ema_decay.is_some() {
+        Some("the weight EMA (run.ema_decay)")
+    } else {
+        None
+    };
+    match (config.run.engine, unsupported) {
+        (TrainEngine::Burn, _) | (TrainEngine::Auto, Some(_)) => Ok(None),
+        (TrainEngine::Auto, None) => Ok(CpuTrainer::new(model, config.optim.clone()).ok()),
+        (TrainEngine::Cpu, Some(what)) => Err(Error::Config(format!("run.engine = \"cpu\" does not support {what}; use \"auto\" or \"burn\""))),
+        (TrainEngine::Cpu, None) => CpuTrainer::new(model, config.optim.clone()).map(Some),
     }
 }
 
@@ -264,11 +324,14 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
     let model = initial_model(&model_config, &device, config.run.seed)?;
     let ranks = param_ranks(&model);
     let ema = config.run.ema_decay.map(|d| Ema::new(d, &model));
+    let cpu = cpu_trainer(config, &model)?.map(Box::new);
+    let engine = if cpu.is_some() { "cpu" } else { "burn" };
     let mut run = Run {
         config,
         data,
         dir: dir.clone(),
         device: device.clone(),
+        cpu,
         model,
         optimizer: AdamW::new(config.optim.clone()),
         ema,
@@ -317,42 +380,53 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
         while run.position.step_in_epoch < steps_per_epoch && run.position.step < total_steps {
             let step_started = Instant::now();
             let lr = schedule.at(run.position.step);
-            let lambda = run.model.prepbn_phase().map(|p| p.lambda() as f64);
-            let mut grads: BTreeMap<String, Tensor<1>> = BTreeMap::new();
-            let mut loss_sum = 0.0;
-            for m in 0..accum {
+            let lambda = match &run.cpu {
+                Some(cpu) => cpu.prepbn_phase(),
+                None => run.model.prepbn_phase(),
+            }
+            .map(|p| p.lambda() as f64);
+            let (loss_sum, grad_norm) = if run.cpu.is_some() {
+                // One micro-batch: the CPU trainer is chosen only without accumulation.
                 let batch = loader.next().expect("the loader yields every batch of the epoch");
-                if accum > 1 {
-                    run.model = set_counter_advance(run.model.clone(), m == 0);
+                run.cpu_step(&batch.images, &batch.targets, classes, lr, lambda)?
+            } else {
+                let mut grads: BTreeMap<String, Tensor<1>> = BTreeMap::new();
+                let mut loss_sum = 0.0;
+                for m in 0..accum {
+                    let batch = loader.next().expect("the loader yields every batch of the epoch");
+                    if accum > 1 {
+                        run.model = set_counter_advance(run.model.clone(), m == 0);
+                    }
+                    let n = batch.len();
+                    let x = Tensor::<4>::from_data(TensorData::new(batch.images, [n, channels, size, size]), &device);
+                    let targets = Tensor::<2>::from_data(TensorData::new(batch.targets, [n, classes]), &device);
+                    let logits = drop_path::with_seed(drop_path_seed(config.run.seed, run.position.step, m), || run.model.forward(x));
+                    let loss = soft_cross_entropy(logits, targets);
+                    let loss = if accum > 1 { loss.div_scalar(accum as f64) } else { loss };
+                    let backward = loss.backward();
+                    let value = loss.into_scalar::<f32>() as f64;
+                    if !value.is_finite() {
+                        return Err(run.nan_error("the loss", value, lr, lambda));
+                    }
+                    loss_sum += value;
+                    for (key, g) in float_tensors(&run.model, Some(&backward)) {
+                        let g = match grads.remove(&key) {
+                            Some(sum) => sum.add(g),
+                            None => g,
+                        };
+                        grads.insert(key, g);
+                    }
                 }
-                let n = batch.len();
-                let x = Tensor::<4>::from_data(TensorData::new(batch.images, [n, channels, size, size]), &device);
-                let targets = Tensor::<2>::from_data(TensorData::new(batch.targets, [n, classes]), &device);
-                let logits = drop_path::with_seed(drop_path_seed(config.run.seed, run.position.step, m), || run.model.forward(x));
-                let loss = soft_cross_entropy(logits, targets);
-                let loss = if accum > 1 { loss.div_scalar(accum as f64) } else { loss };
-                let backward = loss.backward();
-                let value = loss.into_scalar::<f32>() as f64;
-                if !value.is_finite() {
-                    return Err(run.nan_error("the loss", value, lr, lambda));
+                let grad_norm = run.optimizer.clip(&mut grads);
+                if !grad_norm.is_finite() {
+                    return Err(run.nan_error("the gradient norm", grad_norm, lr, lambda));
                 }
-                loss_sum += value;
-                for (key, g) in float_tensors(&run.model, Some(&backward)) {
-                    let g = match grads.remove(&key) {
-                        Some(sum) => sum.add(g),
-                        None => g,
-                    };
-                    grads.insert(key, g);
+                run.model = run.optimizer.step(run.model.clone(), &grads, &ranks, lr);
+                if let Some(ema) = &mut run.ema {
+                    ema.update(&run.model);
                 }
-            }
-            let grad_norm = run.optimizer.clip(&mut grads);
-            if !grad_norm.is_finite() {
-                return Err(run.nan_error("the gradient norm", grad_norm, lr, lambda));
-            }
-            run.model = run.optimizer.step(run.model.clone(), &grads, &ranks, lr);
-            if let Some(ema) = &mut run.ema {
-                ema.update(&run.model);
-            }
+                (loss_sum, grad_norm)
+            };
             run.position.step += 1;
             run.position.step_in_epoch += 1;
             let images_per_s = config.run.batch_size as f64 / step_started.elapsed().as_secs_f64();
@@ -375,7 +449,7 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
             run.position.epoch += 1;
             run.position.step_in_epoch = 0;
         }
-        let row = run.evaluate_all("model");
+        let row = run.evaluate_all("model")?;
         bar.println(format!(
             "epoch {:>3}: top-1 {:.2} %, top-5 {:.2} %, eval loss {:.4}, step {}",
             epoch + 1,
@@ -387,6 +461,9 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
         run.checkpoint()?;
     }
     bar.finish_and_clear();
+    // Re-calibration and the final save work on the burn model from here.
+    run.sync_model()?;
+    run.cpu = None;
 
     // BatchNorm re-calibration (SPEC §2.7): frozen parameters, statistics re-estimated with the
     // training augmentation and no mixing.
@@ -411,7 +488,7 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
             }
             run.position.epoch += 1;
             run.model = model.clone();
-            let row = run.evaluate_all("recalibrated");
+            let row = run.evaluate_all("recalibrated")?;
             if options.progress {
                 println!("BN re-calibration epoch {}/{recal_epochs}: top-1 {:.2} %, top-5 {:.2} %", run.position.epoch - train_epochs, row.top1, row.top5);
             }
@@ -424,7 +501,7 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
     let (final_eval, fused_eval) = match run.last_eval.take() {
         Some(evals) => evals,
         None => {
-            run.evaluate_all("final");
+            run.evaluate_all("final")?;
             run.last_eval.take().expect("evaluate_all records its evaluation")
         }
     };
@@ -437,5 +514,5 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
     };
     save_model(&model_path, &run.model, &preprocess, true)?;
     run.metrics.write(&dir)?;
-    Ok(Summary { run_dir: dir, steps: run.position.step, seconds: started.elapsed().as_secs_f64(), warnings: resolved.warnings, final_eval, fused_eval, model_path })
+    Ok(Summary { run_dir: dir, steps: run.position.step, seconds: started.elapsed().as_secs_f64(), warnings: resolved.warnings, final_eval, fused_eval, model_path, engine })
 }
