@@ -1186,7 +1186,7 @@ pub fn cross_entropy(logits: &[f32], targets: &[f32], classes: usize) -> (f64, V
 mod tests {
     use super::*;
     use burn::tensor::{Device, Distribution, Int, Tensor};
-    use crate::state::{collect_grads, float_tensors, load_state, map_float_tensors};
+    use crate::state::{collect_grads, float_tensors, map_float_tensors};
     use crate::train::optim::{AdamW, param_ranks};
     use crate::train::soft_cross_entropy;
 
