@@ -165,7 +165,7 @@ enum DataCommand {
 fn main() -> std::process::ExitCode {
     // Keep freed memory mapped: by default mimalloc returns it to the OS after 1 s, and the
     // next training step faults it back in page by page (the GEMM's packing buffers, freed after
-    // every call): 1,700 faults and ~9 % of a DeiT-T training step at batch 32.
+    // every call): 1,700 faults and ~9 % of a PRepBN-DeiT-T training step at batch 32.
     // SAFETY: called before any other thread exists; the option takes a plain integer.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     match run(Cli::parse()) {

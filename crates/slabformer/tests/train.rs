@@ -101,6 +101,10 @@ fn assert_resume_is_exact(config: &TrainConfig) -> &'static str {
     let interrupted = TrainOptions { interrupt_after: Some(7), ..options(resumed.path()) };
     let err = train(config, &data, &interrupted).unwrap_err().to_string();
     assert!(err.contains("interrupted after step 7"), "{err}");
+    let mut other = config.clone();
+    other.optim.lr *= 2.0;
+    let err = train(&other, &data, &TrainOptions { resume: true, ..options(resumed.path()) }).unwrap_err().to_string();
+    assert!(err.contains("another training config"), "{err}");
     train(config, &data, &TrainOptions { resume: true, ..options(resumed.path()) }).unwrap();
 
     // Every parameter and buffer bit for bit (safetensors orders its metadata map freely, so the

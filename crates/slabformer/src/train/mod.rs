@@ -216,7 +216,10 @@ impl Run<'_> {
 
     fn restore(&mut self, path: &Path) -> Result<()> {
         let (dict, position, stored_config) = checkpoint::load(path)?;
-        if stored_config != self.config_toml {
+        // Compared as configs, not as text: a run written before a field existed reads it as its
+        // default.
+        let stored = TrainConfig::from_toml(&stored_config, &path.display().to_string())?;
+        if stored != *self.config {
             return Err(Error::Config(format!(
                 "{} was written with another training config; resume with that config (it is stored in the checkpoint)",
                 path.display()
