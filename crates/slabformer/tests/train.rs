@@ -121,9 +121,8 @@ fn assert_resume_is_exact(config: &TrainConfig) -> &'static str {
     engine
 }
 
-#[test]
-fn interrupted_and_resumed_run_equals_the_straight_run_bit_for_bit() {
-    // Stochastic depth, accumulation and the EMA: the burn trainer's run.
+/// Stochastic depth, mixing, accumulation, the EMA and mid-epoch checkpoints.
+fn everything_config(engine: TrainEngine) -> TrainConfig {
     let mut config = small_config();
     config.model.drop_path_rate = Some(0.1);
     config.mix.mixup_alpha = 0.8;
@@ -131,35 +130,38 @@ fn interrupted_and_resumed_run_equals_the_straight_run_bit_for_bit() {
     config.run.accum_steps = 2;
     config.run.ema_decay = Some(0.9);
     config.run.epochs = 2;
+    config.run.engine = engine;
     config.checkpoint.every_steps = Some(7);
-    assert_eq!(assert_resume_is_exact(&config), "burn");
+    config
+}
+
+#[test]
+fn interrupted_and_resumed_run_equals_the_straight_run_bit_for_bit() {
+    assert_eq!(assert_resume_is_exact(&everything_config(TrainEngine::Burn)), "burn");
 }
 
 #[test]
 fn interrupted_and_resumed_cpu_trainer_run_equals_the_straight_run_bit_for_bit() {
-    // The CPU trainer's run: its weights, statistics, counters and AdamW moments go through the
+    // The CPU trainer's weights, statistics, counters and AdamW moments go through the
     // checkpoint and come back exactly.
-    let mut config = small_config();
-    config.run.engine = TrainEngine::Cpu;
-    config.run.epochs = 2;
-    config.checkpoint.every_steps = Some(7);
-    assert_eq!(assert_resume_is_exact(&config), "cpu");
+    assert_eq!(assert_resume_is_exact(&everything_config(TrainEngine::Cpu)), "cpu");
 }
 
 #[test]
 fn the_cpu_engine_refuses_what_it_does_not_cover() {
     let mut config = small_config();
     config.run.engine = TrainEngine::Cpu;
-    config.run.accum_steps = 2;
+    config.model.preset = "flatten_deit_tiny".into();
+    config.prepbn.steps = None;
     let data = load_datasets(&config).unwrap();
     let run = tempfile::tempdir().unwrap();
     let err = train(&config, &data, &options(run.path())).unwrap_err().to_string();
-    assert!(err.contains("run.engine") && err.contains("accumulation"), "{err}");
-    let mut config = small_config();
-    config.run.engine = TrainEngine::Cpu;
-    config.model.drop_path_rate = Some(0.1);
-    let err = train(&config, &data, &options(run.path())).unwrap_err().to_string();
-    assert!(err.contains("stochastic depth"), "{err}");
+    assert!(err.contains("CPU trainer") && err.contains("focused"), "{err}");
+    // auto falls back to burn for it.
+    config.run.engine = TrainEngine::Auto;
+    config.run.epochs = 1;
+    config.run.recalibrate_epochs = 0;
+    assert_eq!(train(&config, &data, &options(run.path())).unwrap().engine, "burn");
 }
 
 #[test]

@@ -20,10 +20,22 @@ thread_local! {
 
 /// Runs `f` with drop-path masks drawn from a generator seeded with `seed` (on this thread).
 pub fn with_seed<R>(seed: u64, f: impl FnOnce() -> R) -> R {
-    let previous = STEP_RNG.with(|rng| rng.replace(Some(Pcg64::seed_from_u64(seed))));
+    let previous = STEP_RNG.with(|rng| rng.replace(Some(step_rng(seed))));
     let result = f();
     STEP_RNG.with(|rng| *rng.borrow_mut() = previous);
     result
+}
+
+/// One step's generator for the masks, as [`with_seed`] seeds it.
+pub fn step_rng(seed: u64) -> Pcg64 {
+    Pcg64::seed_from_u64(seed)
+}
+
+/// `batch` per-sample factors: 0 (dropped, probability `rate`) or 1/(1 − rate). Shared with the
+/// CPU trainer, so both draw the same masks from the same generator.
+pub fn draw_mask(rng: &mut Pcg64, batch: usize, rate: f64) -> Vec<f32> {
+    let keep = 1.0 - rate;
+    (0..batch).map(|_| if rng.random_bool(keep) { (1.0 / keep) as f32 } else { 0.0 }).collect()
 }
 
 #[derive(Module, Debug)]
@@ -47,11 +59,7 @@ impl DropPath {
         let keep = 1.0 - self.rate;
         let [b, _, _] = x.dims();
         let device = x.device();
-        let drawn: Option<Vec<f32>> = STEP_RNG.with(|rng| {
-            rng.borrow_mut()
-                .as_mut()
-                .map(|rng| (0..b).map(|_| if rng.random_bool(keep) { (1.0 / keep) as f32 } else { 0.0 }).collect())
-        });
+        let drawn: Option<Vec<f32>> = STEP_RNG.with(|rng| rng.borrow_mut().as_mut().map(|rng| draw_mask(rng, b, self.rate)));
         let mask = match drawn {
             Some(values) => Tensor::<3>::from_data(TensorData::new(values, [b, 1, 1]), &device),
             None => Tensor::<3>::random([b, 1, 1], Distribution::Bernoulli(keep), &device).div_scalar(keep),

@@ -11,5 +11,5 @@ pub mod kernels;
 mod train;
 mod vit;
 
-pub use train::{CpuTrainer, StepReport, cross_entropy};
+pub use train::{CpuTrainer, ForwardOptions, StepReport, cross_entropy};
 pub use vit::{CpuAttention, CpuVit};

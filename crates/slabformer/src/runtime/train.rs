@@ -11,12 +11,14 @@
 
 use std::ops::Range;
 
+use rand_pcg::Pcg64;
 use rayon::prelude::*;
 
 use super::kernels::{self, BnTerms, DepthwiseConv, MatMut, MatRef, NormTerms, matmul};
 use crate::error::{Error, Result};
 use crate::models::vit::{Pool, VisionTransformer, VitConfig};
 use crate::nn::attention::{AttentionKind, Score};
+use crate::nn::drop_path::{draw_mask, step_rng};
 use crate::nn::norm::NormKind;
 use crate::nn::schedule::{Decay, Phase};
 use crate::state::{StateDict, StateTensor, Values, collect_state, transpose_2d};
@@ -329,19 +331,22 @@ impl TrainNorm {
     }
 
     /// The branch weights (LN, RepBN) of the next training-mode call, advancing the counters as
-    /// the official `LinearNorm` does.
-    fn next_weights(&mut self) -> (Option<f32>, Option<f32>) {
+    /// the official `LinearNorm` does when `advance` (off for the extra micro-batches of an
+    /// accumulated step, as the burn trainer does).
+    fn next_weights(&mut self, advance: bool) -> (Option<f32>, Option<f32>) {
         let Some(counters) = &mut self.counters else {
             return (self.ln.as_ref().map(|_| 1.0), self.bn.as_ref().map(|_| 1.0));
         };
         match counters.phase() {
             Phase::Warm => {
-                counters.warm -= 1;
+                if advance {
+                    counters.warm -= 1;
+                }
                 (Some(1.0), None)
             }
             Phase::RepBn => (None, Some(1.0)),
             Phase::Mix(lambda) => {
-                if counters.iter > 0 {
+                if counters.iter > 0 && advance {
                     counters.iter -= 1;
                 }
                 (Some(lambda), Some(1.0 - lambda))
@@ -371,10 +376,10 @@ impl TrainNorm {
 
     /// `out = norm(x)` over (rows, c), with batch statistics; updates the running statistics
     /// and counters like one training-mode call of the burn layer.
-    fn forward(&mut self, p: &[f32], x: &[f32], out: &mut [f32], cache: &mut NormCache, c: usize) -> Result<()> {
+    fn forward(&mut self, p: &[f32], x: &[f32], out: &mut [f32], cache: &mut NormCache, c: usize, advance: bool) -> Result<()> {
         let rows = x.len() / c;
         let per = row_block(rows);
-        let (ln_weight, bn_weight) = self.next_weights();
+        let (ln_weight, bn_weight) = self.next_weights(advance);
         (cache.ln_weight, cache.bn_weight) = (ln_weight, bn_weight);
         if let (Some(ln), Some(_)) = (&self.ln, ln_weight) {
             cache.row_stats.resize(2 * rows, 0.0);
@@ -479,6 +484,8 @@ struct TrainBlock {
     norm2: TrainNorm,
     fc1: TrainLinear,
     fc2: TrainLinear,
+    /// Stochastic depth rate of both residual branches.
+    drop_path: f64,
 }
 
 /// One block's activations, kept from the forward pass for the backward pass.
@@ -507,6 +514,9 @@ struct BlockActivations {
     /// (R, hidden) fc1 output before and after GELU.
     hidden: Vec<f32>,
     act: Vec<f32>,
+    /// Per-image drop-path factors of the attention and MLP branches (empty: kept).
+    attn_mask: Vec<f32>,
+    mlp_mask: Vec<f32>,
 }
 
 /// Reusable backward buffers.
@@ -516,7 +526,27 @@ struct Scratch {
     dmixed: Vec<f32>,
     dqkv: Vec<f32>,
     dhidden: Vec<f32>,
+    /// A residual branch's output gradient under drop-path.
+    dbranch: Vec<f32>,
     partials: Vec<f32>,
+}
+
+/// `out[image rows] = residual + mask[image]·out` (a drop-path residual; `out` holds the branch).
+fn add_masked_branch(residual: &[f32], out: &mut [f32], mask: &[f32]) {
+    let per_image = out.len() / mask.len();
+    out.par_chunks_mut(per_image).zip(residual.par_chunks(per_image)).zip(mask.par_iter()).for_each(|((o, r), &m)| {
+        o.iter_mut().zip(r).for_each(|(o, r)| *o = r + m * *o);
+    });
+}
+
+/// `dy` for a branch under drop-path: `dx` scaled by each image's factor, into `out`.
+fn masked_gradient<'a>(dx: &[f32], mask: &[f32], out: &'a mut Vec<f32>) -> &'a [f32] {
+    let per_image = dx.len() / mask.len();
+    let out = sized(out, dx.len());
+    out.par_chunks_mut(per_image).zip(dx.par_chunks(per_image)).zip(mask.par_iter()).for_each(|((o, d), &m)| {
+        o.iter_mut().zip(d).for_each(|(o, d)| *o = m * d);
+    });
+    out
 }
 
 fn sized(v: &mut Vec<f32>, len: usize) -> &mut Vec<f32> {
@@ -541,10 +571,14 @@ impl TrainBlock {
     }
 
     /// One block on `a.x` (B images of T tokens), its output into `out`.
-    fn forward(&mut self, p: &[f32], a: &mut BlockActivations, out: &mut [f32], batch: usize, t: usize) -> Result<()> {
+    fn forward(&mut self, p: &[f32], a: &mut BlockActivations, out: &mut [f32], batch: usize, t: usize, advance: bool, rng: &mut Pcg64) -> Result<()> {
         let c = self.dim();
         let (heads, d, rows) = (self.heads, c / self.heads, batch * t);
-        self.norm1.forward(p, &a.x, sized(&mut a.normed1, rows * c), &mut a.norm1, c)?;
+        // Masks drawn in burn's order: the attention branch's, then the MLP's.
+        let draw = |rng: &mut Pcg64| if self.drop_path > 0.0 { draw_mask(rng, batch, self.drop_path) } else { Vec::new() };
+        a.attn_mask = draw(rng);
+        a.mlp_mask = draw(rng);
+        self.norm1.forward(p, &a.x, sized(&mut a.normed1, rows * c), &mut a.norm1, c, advance)?;
         self.qkv.forward(p, &a.normed1, sized(&mut a.qkv, rows * 3 * c), false); // (R, 3C)
         sized(&mut a.mixed, rows * c);
         match &self.mixer {
@@ -596,9 +630,14 @@ impl TrainBlock {
                     });
             }
         }
-        sized(&mut a.mid, rows * c).copy_from_slice(&a.x);
-        self.proj.forward(p, &a.mixed, &mut a.mid, true); // x + proj(mixed)
-        self.norm2.forward(p, &a.mid, sized(&mut a.normed2, rows * c), &mut a.norm2, c)?;
+        if a.attn_mask.is_empty() {
+            sized(&mut a.mid, rows * c).copy_from_slice(&a.x);
+            self.proj.forward(p, &a.mixed, &mut a.mid, true); // x + proj(mixed)
+        } else {
+            self.proj.forward(p, &a.mixed, sized(&mut a.mid, rows * c), false);
+            add_masked_branch(&a.x, &mut a.mid, &a.attn_mask); // x + mask·proj(mixed)
+        }
+        self.norm2.forward(p, &a.mid, sized(&mut a.normed2, rows * c), &mut a.norm2, c, advance)?;
         let hidden = self.fc1.outputs;
         let fc1_bias = &p[self.fc1.bias.expect("fc1 is built with a bias").range()];
         let weight = MatRef::new(&p[self.fc1.weight.range()], c, hidden);
@@ -612,8 +651,13 @@ impl TrainBlock {
                 matmul(MatMut::new(pre, rows, hidden), MatRef::new(x, rows, c), weight, false, 1.0);
                 kernels::bias_gelu_keep(pre, act, fc1_bias);
             });
-        out.copy_from_slice(&a.mid);
-        self.fc2.forward(p, &a.act, out, true); // mid + mlp(norm2(mid))
+        if a.mlp_mask.is_empty() {
+            out.copy_from_slice(&a.mid);
+            self.fc2.forward(p, &a.act, out, true); // mid + mlp(norm2(mid))
+        } else {
+            self.fc2.forward(p, &a.act, out, false);
+            add_masked_branch(&a.mid, out, &a.mlp_mask); // mid + mask·mlp(norm2(mid))
+        }
         Ok(())
     }
 
@@ -624,16 +668,20 @@ impl TrainBlock {
         let hidden = self.fc1.outputs;
         // MLP: dh = (dx·W2ᵀ) ⊙ gelu'(pre), then fc1 and norm2.
         let pre = &a.hidden;
-        self.fc2.backward_input(p, dx, sized(&mut s.dhidden, rows * hidden), |dh, first| {
+        let mut dbranch = std::mem::take(&mut s.dbranch);
+        let dy: &[f32] = if a.mlp_mask.is_empty() { dx } else { masked_gradient(dx, &a.mlp_mask, &mut dbranch) };
+        self.fc2.backward_input(p, dy, sized(&mut s.dhidden, rows * hidden), |dh, first| {
             kernels::gelu_backward(&pre[first * hidden..first * hidden + dh.len()], dh);
         });
-        self.fc2.backward_params(g, &a.act, dx, &mut s.partials);
+        self.fc2.backward_params(g, &a.act, dy, &mut s.partials);
         self.fc1.backward_input(p, &s.dhidden, sized(&mut s.dnormed, rows * c), |_, _| {});
         self.fc1.backward_params(g, &a.normed2, &s.dhidden, &mut s.partials);
         self.norm2.backward(p, g, &a.mid, &s.dnormed, dx, &a.norm2, c);
         // Attention: proj, the mixer, qkv and norm1.
-        self.proj.backward_input(p, dx, sized(&mut s.dmixed, rows * c), |_, _| {});
-        self.proj.backward_params(g, &a.mixed, dx, &mut s.partials);
+        let dy: &[f32] = if a.attn_mask.is_empty() { dx } else { masked_gradient(dx, &a.attn_mask, &mut dbranch) };
+        self.proj.backward_input(p, dy, sized(&mut s.dmixed, rows * c), |_, _| {});
+        self.proj.backward_params(g, &a.mixed, dy, &mut s.partials);
+        s.dbranch = dbranch;
         let dqkv = sized(&mut s.dqkv, rows * 3 * c);
         match &self.mixer {
             TrainMixer::Dot { score } => {
@@ -783,6 +831,22 @@ struct Activations {
     pooled: Vec<f32>,
 }
 
+/// Per-call settings of [`CpuTrainer::forward_with`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForwardOptions {
+    /// Seeds this forward's drop-path masks (drawn like `nn::drop_path::with_seed` draws them).
+    pub drop_path_seed: u64,
+    /// Whether the PRepBN counters advance (off for the extra micro-batches of an accumulated
+    /// step).
+    pub advance_counters: bool,
+}
+
+impl Default for ForwardOptions {
+    fn default() -> Self {
+        Self { drop_path_seed: 0, advance_counters: true }
+    }
+}
+
 /// What one [`CpuTrainer::train_step`] reports.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepReport {
@@ -830,9 +894,6 @@ impl CpuTrainer {
     pub fn from_state(config: &VitConfig, state: &StateDict, optim: OptimConfig) -> Result<Self> {
         config.validate()?;
         let unsupported = |what: &str| Err(Error::Config(format!("the CPU trainer does not train {what} yet; use the burn trainer")));
-        if config.drop_path_rate > 0.0 {
-            return unsupported("with stochastic depth (drop_path_rate > 0)");
-        }
         let mixer_kind = match config.attention {
             AttentionKind::Softmax => None,
             AttentionKind::ReluL { qk_norm: false, gated: false } => None,
@@ -870,7 +931,9 @@ impl CpuTrainer {
             let hidden = config.mlp_hidden();
             let fc1 = TrainLinear::new(&mut params, state, optim_ref, &format!("{prefix}.mlp.fc1"), c, hidden, true)?;
             let fc2 = TrainLinear::new(&mut params, state, optim_ref, &format!("{prefix}.mlp.fc2"), hidden, c, true)?;
-            blocks.push(TrainBlock { norm1, qkv, mixer, proj, heads, norm2, fc1, fc2 });
+            // Stochastic depth grows linearly over the blocks, as `VitConfig::init` builds it.
+            let drop_path = if config.depth > 1 { config.drop_path_rate * i as f64 / (config.depth - 1) as f64 } else { config.drop_path_rate };
+            blocks.push(TrainBlock { norm1, qkv, mixer, proj, heads, norm2, fc1, fc2, drop_path });
         }
         let norm = TrainNorm::new(&config.norm, "norm", c, &mut params, state, optim_ref)?;
         let head = TrainLinear::new(&mut params, state, optim_ref, "head", c, config.num_classes, true)?;
@@ -902,8 +965,15 @@ impl CpuTrainer {
 
     /// Training-mode forward of `batch` row-major (B, C, H, W) images → (B, classes) logits,
     /// keeping the activations for [`backward`](Self::backward). Advances BatchNorm statistics
-    /// and PRepBN counters like one training-mode forward of the burn model.
+    /// and PRepBN counters like one training-mode forward of the burn model; drop-path masks
+    /// (if the model has stochastic depth) come from seed 0.
     pub fn forward(&mut self, images: &[f32], batch: usize) -> Result<Vec<f32>> {
+        self.forward_with(images, batch, ForwardOptions::default())
+    }
+
+    /// [`forward`](Self::forward) with the step's drop-path seed and whether the PRepBN counters
+    /// advance (as burn's `drop_path::with_seed` and `set_counter_advance` set them).
+    pub fn forward_with(&mut self, images: &[f32], batch: usize, options: ForwardOptions) -> Result<Vec<f32>> {
         let cfg = &self.config;
         let (c, p, size, chans) = (cfg.embed_dim, cfg.patch_size, cfg.img_size, cfg.in_chans);
         let per_image = chans * size * size;
@@ -944,15 +1014,16 @@ impl CpuTrainer {
             x[first * c..].copy_from_slice(embedded);
             kernels::add_assign(x, pos);
         });
+        let mut rng = step_rng(options.drop_path_seed);
         for i in 0..self.blocks.len() {
             let (done, rest) = acts.blocks.split_at_mut(i + 1);
             let out = match rest.first_mut() {
                 Some(next) => sized(&mut next.x, rows * c),
                 None => sized(&mut acts.last, rows * c),
             };
-            self.blocks[i].forward(params, &mut done[i], out, batch, t)?;
+            self.blocks[i].forward(params, &mut done[i], out, batch, t, options.advance_counters, &mut rng)?;
         }
-        self.norm.forward(params, &acts.last, sized(&mut acts.normed, rows * c), &mut acts.norm, c)?;
+        self.norm.forward(params, &acts.last, sized(&mut acts.normed, rows * c), &mut acts.norm, c, options.advance_counters)?;
         let pooled = sized(&mut acts.pooled, batch * c);
         for (image, out) in pooled.chunks_exact_mut(c).enumerate() {
             let tokens = &acts.normed[image * t * c..(image + 1) * t * c];
@@ -1029,12 +1100,13 @@ impl CpuTrainer {
         self.grads.par_chunks_mut(1 << 16).for_each(|g| g.fill(0.0));
     }
 
-    /// One optimizer step on one batch: forward, soft-target cross-entropy (targets (B, classes),
-    /// rows summing to 1), backward, gradient clipping, AdamW at learning rate `lr`. A
-    /// non-finite loss or gradient norm is an error and leaves the parameters as they were.
+    /// One optimizer step on one batch: forward (drop-path seeded with the step count),
+    /// soft-target cross-entropy (targets (B, classes), rows summing to 1), backward, gradient
+    /// clipping, AdamW at learning rate `lr`. A non-finite loss or gradient norm is an error and
+    /// leaves the parameters as they were.
     pub fn train_step(&mut self, images: &[f32], targets: &[f32], batch: usize, lr: f64) -> Result<StepReport> {
         self.zero_grads();
-        let logits = self.forward(images, batch)?;
+        let logits = self.forward_with(images, batch, ForwardOptions { drop_path_seed: self.steps, advance_counters: true })?;
         if targets.len() != logits.len() {
             return Err(Error::InputShape { layer: "cross-entropy", expected: format!("({batch}, {}) targets", self.config.num_classes), found: vec![targets.len()] });
         }
@@ -1330,6 +1402,39 @@ mod tests {
         assert_states_near("state after three steps", &trainer.state(), &collect_state(&model), 1e-5, 2e-5);
         let applied = trainer.apply_to(config.init(&device).unwrap()).unwrap();
         assert_states_near("state loaded into a burn model", &collect_state(&applied), &trainer.state(), 0.0, 0.0);
+    }
+
+    /// One accumulated step of two micro-batches with stochastic depth beside burn: the same masks
+    /// from the same seeds, the counters advancing on the first micro-batch only, the gradients
+    /// summed.
+    #[test]
+    fn drop_path_and_accumulation_match_burn_autodiff() {
+        let config = VitConfig { depth: 3, drop_path_rate: 0.5, ..small(NormKind::prepbn(1e-6, 4), AttentionKind::Softmax, Pool::ClassToken) };
+        let device = Device::flex().autodiff();
+        let mut model = randomized(&config, &device);
+        let mut trainer = CpuTrainer::new(&model, OptimConfig::default()).unwrap();
+        let batch = 4;
+        let mut want = StateDict::new("burn");
+        for m in 0..2u64 {
+            let x = images(&config, batch, &device);
+            let weight = Tensor::<2>::random([batch, config.num_classes], Distribution::Normal(0.0, 1.0), &device);
+            model = crate::nn::set_counter_advance(model, m == 0);
+            let logits = crate::nn::drop_path::with_seed(100 + m, || model.forward(x.clone()));
+            let grads = collect_grads(&model, &logits.clone().mul(weight.clone()).sum().backward());
+            for (key, g) in grads.iter() {
+                let sum = match want.get(key) {
+                    Ok(prev) => f32s(prev).iter().zip(f32s(g)).map(|(a, b)| a + b).collect(),
+                    Err(_) => f32s(g).to_vec(),
+                };
+                want.insert(key.clone(), StateTensor::f32(g.shape.clone(), sum));
+            }
+            let options = ForwardOptions { drop_path_seed: 100 + m, advance_counters: m == 0 };
+            let ours = trainer.forward_with(&crate::state::host_f32(x), batch, options).unwrap();
+            assert_near(&format!("logits of micro-batch {m}"), &ours, &crate::state::host_f32(logits), 1e-4, 1e-6);
+            trainer.backward(&crate::state::host_f32(weight)).unwrap();
+        }
+        assert_states_near("accumulated gradient", &trainer.gradients(), &want, 1e-4, 1e-5);
+        assert_states_near("state after the step", &trainer.state(), &collect_state(&model), 1e-5, 1e-6);
     }
 
     #[test]

@@ -125,8 +125,8 @@ pub struct RunConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum TrainEngine {
-    /// The CPU runtime's trainer where it covers the run (no gradient accumulation, no EMA, a
-    /// model it trains), burn otherwise.
+    /// The CPU runtime's trainer where it trains the model (the DeiT family with softmax,
+    /// ReLU/L or SLA attention), burn otherwise.
     #[default]
     Auto,
     /// The CPU runtime's trainer ([`crate::runtime::CpuTrainer`]); an error where it does not

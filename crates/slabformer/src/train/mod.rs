@@ -23,13 +23,13 @@ use self::metrics::{EvalRow, Metrics, StepRow};
 use self::optim::{AdamW, Ema, LrSchedule, param_ranks};
 use crate::data::augment::AugmentConfig;
 use crate::deploy::model_file::{Preprocess, save_model};
-use crate::data::loader::{Loader, TrainEpoch};
+use crate::data::loader::{Batch, Loader, TrainEpoch};
 use crate::data::{ImageSet, Split, derived_rng, fashion_mnist, image_folder};
 use crate::error::{Error, Result};
 use crate::models::vit::ImageClassifier;
 use crate::models::{VisionTransformer, VitConfig};
 use crate::nn::{drop_path, recalibration_mode, set_counter_advance};
-use crate::runtime::{CpuTrainer, CpuVit, cross_entropy};
+use crate::runtime::{CpuTrainer, CpuVit, ForwardOptions, cross_entropy};
 use crate::state::{StateDict, collect_state, float_tensors, host_f32, load_state};
 
 pub struct Datasets {
@@ -171,23 +171,41 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    /// One optimizer step on the CPU trainer: forward, soft-target cross-entropy, backward,
-    /// clipping, AdamW. Returns the loss and the gradient norm before clipping.
-    fn cpu_step(&mut self, images: &[f32], targets: &[f32], classes: usize, lr: f64, lambda: Option<f64>) -> Result<(f64, f64)> {
+    /// One optimizer step on the CPU trainer, as the burn path below takes it: per micro-batch
+    /// forward (seeded drop-path, counters advancing on the first only), soft-target
+    /// cross-entropy / accum, backward; then clipping, AdamW, the EMA. Returns the loss and the
+    /// gradient norm before clipping.
+    fn cpu_step(&mut self, micro_batches: &[Batch], classes: usize, lr: f64, lambda: Option<f64>) -> Result<(f64, f64)> {
+        let accum = micro_batches.len();
+        let step = self.position.step;
+        let seed = self.config.run.seed;
         let cpu = self.cpu.as_mut().expect("the CPU trainer runs the steps");
         cpu.zero_grads();
-        let logits = cpu.forward(images, targets.len() / classes)?;
-        let (loss, dlogits) = cross_entropy(&logits, targets, classes);
-        if !loss.is_finite() {
-            return Err(self.nan_error("the loss", loss, lr, lambda));
+        let mut loss_sum = 0.0;
+        for (m, batch) in micro_batches.iter().enumerate() {
+            let options = ForwardOptions { drop_path_seed: drop_path_seed(seed, step, m), advance_counters: m == 0 };
+            let logits = cpu.forward_with(&batch.images, batch.len(), options)?;
+            let (loss, mut dlogits) = cross_entropy(&logits, &batch.targets, classes);
+            let loss = loss / accum as f64;
+            if !loss.is_finite() {
+                return Err(self.nan_error("the loss", loss, lr, lambda));
+            }
+            if accum > 1 {
+                dlogits.iter_mut().for_each(|g| *g /= accum as f32);
+            }
+            cpu.backward(&dlogits)?;
+            loss_sum += loss;
         }
-        cpu.backward(&dlogits)?;
         let grad_norm = cpu.clip_grads();
         if !grad_norm.is_finite() {
             return Err(self.nan_error("the gradient norm", grad_norm, lr, lambda));
         }
         cpu.adamw(lr);
-        Ok((loss, grad_norm))
+        if self.ema.is_some() {
+            self.sync_model()?;
+            self.ema.as_mut().expect("checked").update(&self.model);
+        }
+        Ok((loss_sum, grad_norm))
     }
 
     /// `model` := the CPU trainer's state, when it runs the steps.
@@ -292,18 +310,10 @@ impl Run<'_> {
 
 /// The CPU runtime's trainer for this run, when `run.engine` picks it (see [`TrainEngine`]).
 fn cpu_trainer(config: &TrainConfig, model: &VisionTransformer) -> Result<Option<CpuTrainer>> {
-    let unsupported = if config.run.accum_steps > 1 {
-        Some("gradient accumulation (run.accum_steps > 1)")
-    } else if config.run.ema_decay.is_some() {
-        Some("the weight EMA (run.ema_decay)")
-    } else {
-        None
-    };
-    match (config.run.engine, unsupported) {
-        (TrainEngine::Burn, _) | (TrainEngine::Auto, Some(_)) => Ok(None),
-        (TrainEngine::Auto, None) => Ok(CpuTrainer::new(model, config.optim.clone()).ok()),
-        (TrainEngine::Cpu, Some(what)) => Err(Error::Config(format!("run.engine = \"cpu\" does not support {what}; use \"auto\" or \"burn\""))),
-        (TrainEngine::Cpu, None) => CpuTrainer::new(model, config.optim.clone()).map(Some),
+    match config.run.engine {
+        TrainEngine::Burn => Ok(None),
+        TrainEngine::Auto => Ok(CpuTrainer::new(model, config.optim.clone()).ok()),
+        TrainEngine::Cpu => CpuTrainer::new(model, config.optim.clone()).map(Some),
     }
 }
 
@@ -389,9 +399,8 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
             }
             .map(|p| p.lambda() as f64);
             let (loss_sum, grad_norm) = if run.cpu.is_some() {
-                // One micro-batch: the CPU trainer is chosen only without accumulation.
-                let batch = loader.next().expect("the loader yields every batch of the epoch");
-                run.cpu_step(&batch.images, &batch.targets, classes, lr, lambda)?
+                let micro_batches: Vec<Batch> = (0..accum).map(|_| loader.next().expect("the loader yields every batch of the epoch")).collect();
+                run.cpu_step(&micro_batches, classes, lr, lambda)?
             } else {
                 let mut grads: BTreeMap<String, Tensor<1>> = BTreeMap::new();
                 let mut loss_sum = 0.0;
