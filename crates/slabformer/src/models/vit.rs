@@ -164,6 +164,15 @@ impl VitConfig {
         self.num_patches() + usize::from(self.pool == Pool::ClassToken)
     }
 
+    /// Block `i`'s stochastic depth rate: it grows linearly over the blocks to `drop_path_rate`.
+    pub fn block_drop_path_rate(&self, i: usize) -> f64 {
+        if self.depth > 1 {
+            self.drop_path_rate * i as f64 / (self.depth - 1) as f64
+        } else {
+            self.drop_path_rate
+        }
+    }
+
     pub fn mlp_hidden(&self) -> usize {
         (self.embed_dim as f64 * self.mlp_ratio) as usize
     }
@@ -231,15 +240,7 @@ impl VitConfig {
         let c = self.embed_dim;
         let attention = self.attention_config();
         let blocks = (0..self.depth)
-            .map(|i| {
-                // Stochastic depth grows linearly over the blocks.
-                let rate = if self.depth > 1 {
-                    self.drop_path_rate * i as f64 / (self.depth - 1) as f64
-                } else {
-                    self.drop_path_rate
-                };
-                Block::new(&self.norm, &attention, self.mlp_hidden(), rate, device)
-            })
+            .map(|i| Block::new(&self.norm, &attention, self.mlp_hidden(), self.block_drop_path_rate(i), device))
             .collect();
         let embedding = Initializer::Normal { mean: 0.0, std: 0.02 };
         Ok(VisionTransformer {

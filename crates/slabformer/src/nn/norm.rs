@@ -214,14 +214,7 @@ impl LinearNorm {
 
     /// What the next training-mode call will compute, from the counters (advances nothing).
     pub fn next_phase(&self) -> Phase {
-        let total = self.total_step.get();
-        if self.warm.get() > 0 {
-            Phase::Warm
-        } else if total <= 0 {
-            Phase::RepBn
-        } else {
-            Phase::Mix(self.decay.lambda(self.r0, self.iter.get(), total))
-        }
+        Phase::of_counters(self.warm.get(), self.iter.get(), self.total_step.get(), self.r0, self.decay)
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {

@@ -62,6 +62,18 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// What a `LinearNorm` with these counters computes on its next training-mode call, as the
+    /// official layer decides it: `warm` first, then λ = decay(r0, iter, total).
+    pub fn of_counters(warm: i64, iter: i64, total: i64, r0: f64, decay: Decay) -> Phase {
+        if warm > 0 {
+            Phase::Warm
+        } else if total <= 0 {
+            Phase::RepBn
+        } else {
+            Phase::Mix(decay.lambda(r0, iter, total))
+        }
+    }
+
     /// The weight of the LayerNorm branch.
     pub fn lambda(self) -> f32 {
         match self {

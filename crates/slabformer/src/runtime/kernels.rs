@@ -311,6 +311,21 @@ pub struct DepthwiseConv<'a> {
     pub kernel: usize,
 }
 
+/// SLA's depthwise conv over head_dim `d` channels, shared by every head, laid out for
+/// [`DepthwiseConv`] over all `c` channels: weight (d, k·k) → taps (k·k, c), bias (d) → (c),
+/// channel ch taking channel ch mod d.
+pub fn tile_over_heads(weight: &[f32], bias: &[f32], c: usize, kernel: usize) -> (Vec<f32>, Vec<f32>) {
+    let (d, taps) = (bias.len(), kernel * kernel);
+    let tiled = (0..taps).flat_map(|tap| (0..c).map(move |ch| weight[(ch % d) * taps + tap])).collect();
+    (tiled, (0..c).map(|ch| bias[ch % d]).collect())
+}
+
+/// ln Σ exp(row) in f64, shifted by the row's maximum so that it cannot overflow.
+pub fn log_sum_exp(row: &[f32]) -> f64 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    row.iter().map(|v| ((v - max) as f64).exp()).sum::<f64>().ln() + max as f64
+}
+
 impl DepthwiseConv<'_> {
     /// `out[t, ch] += bias[ch] + Σ taps[i·k + j][ch] · x[t + (i - k/2, j - k/2), ch]` for the
     /// output tokens `first_token..` that `out` holds, where x is the columns `[start, start + C)`

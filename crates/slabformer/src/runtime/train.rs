@@ -257,13 +257,7 @@ struct Counters {
 impl Counters {
     /// What the next training-mode call computes, as the official `LinearNorm` decides it.
     fn phase(&self) -> Phase {
-        if self.warm > 0 {
-            Phase::Warm
-        } else if self.total <= 0 {
-            Phase::RepBn
-        } else {
-            Phase::Mix(self.decay.lambda(self.r0, self.iter, self.total))
-        }
+        Phase::of_counters(self.warm, self.iter, self.total, self.r0, self.decay)
     }
 }
 
@@ -562,12 +556,7 @@ impl TrainBlock {
     /// The depthwise conv's taps and bias tiled over the heads (the runtime's layout).
     fn tiled_conv(&self, p: &[f32]) -> Option<(Vec<f32>, Vec<f32>)> {
         let TrainMixer::Linear { dwc_weight, dwc_bias, kernel, .. } = &self.mixer else { return None };
-        let (c, taps) = (self.dim(), kernel * kernel);
-        let d = c / self.heads;
-        let w = &p[dwc_weight.range()]; // (d, k·k)
-        let b = &p[dwc_bias.range()];
-        let tiled = (0..taps).flat_map(|tap| (0..c).map(move |ch| w[(ch % d) * taps + tap])).collect();
-        Some((tiled, (0..c).map(|ch| b[ch % d]).collect()))
+        Some(kernels::tile_over_heads(&p[dwc_weight.range()], &p[dwc_bias.range()], self.dim(), *kernel))
     }
 
     /// One block on `a.x` (B images of T tokens), its output into `out`.
@@ -931,9 +920,7 @@ impl CpuTrainer {
             let hidden = config.mlp_hidden();
             let fc1 = TrainLinear::new(&mut params, state, optim_ref, &format!("{prefix}.mlp.fc1"), c, hidden, true)?;
             let fc2 = TrainLinear::new(&mut params, state, optim_ref, &format!("{prefix}.mlp.fc2"), hidden, c, true)?;
-            // Stochastic depth grows linearly over the blocks, as `VitConfig::init` builds it.
-            let drop_path = if config.depth > 1 { config.drop_path_rate * i as f64 / (config.depth - 1) as f64 } else { config.drop_path_rate };
-            blocks.push(TrainBlock { norm1, qkv, mixer, proj, heads, norm2, fc1, fc2, drop_path });
+            blocks.push(TrainBlock { norm1, qkv, mixer, proj, heads, norm2, fc1, fc2, drop_path: config.block_drop_path_rate(i) });
         }
         let norm = TrainNorm::new(&config.norm, "norm", c, &mut params, state, optim_ref)?;
         let head = TrainLinear::new(&mut params, state, optim_ref, "head", c, config.num_classes, true)?;
@@ -1243,8 +1230,7 @@ pub fn cross_entropy(logits: &[f32], targets: &[f32], classes: usize) -> (f64, V
     let mut grad = vec![0.0; logits.len()];
     let mut loss = 0.0f64;
     for ((z, target), g) in logits.chunks_exact(classes).zip(targets.chunks_exact(classes)).zip(grad.chunks_exact_mut(classes)) {
-        let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let log_sum = z.iter().map(|v| ((v - max) as f64).exp()).sum::<f64>().ln() + max as f64;
+        let log_sum = kernels::log_sum_exp(z);
         for ((g, &z), &y) in g.iter_mut().zip(z).zip(target) {
             let log_p = z as f64 - log_sum;
             loss -= y as f64 * log_p;

@@ -184,11 +184,11 @@ impl CpuBlock {
                 let [d, _, kernel, _] = a.dwc.weight.dims();
                 let w = host_f32(a.dwc.weight.val()); // (d, 1, k, k), shared by every head
                 let b = a.dwc.bias.as_ref().map(|b| host_f32(b.val())).unwrap_or_else(|| vec![0.0; d]);
-                let taps = (0..kernel * kernel).flat_map(|tap| (0..dim).map(move |ch| (tap, ch % d))).map(|(tap, ch)| w[ch * kernel * kernel + tap]).collect();
+                let (taps, dwc_bias) = kernels::tile_over_heads(&w, &b, dim, kernel);
                 let mixer = Mixer::Linear {
                     positional_encoding: host_f32(a.positional_encoding.val()),
                     taps,
-                    dwc_bias: (0..dim).map(|ch| b[ch % d]).collect(),
+                    dwc_bias,
                     kernel,
                     grid: a.grid,
                 };

@@ -116,9 +116,7 @@ fn evaluate_logits(cfg: &VitConfig, set: &Arc<ImageSet>, augment: &AugmentConfig
         let n = b.len();
         let logits = logits_of(b.images, n);
         for (row, &label) in logits.chunks(cfg.num_classes).zip(&b.labels) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let log_sum = row.iter().map(|v| ((v - max) as f64).exp()).sum::<f64>().ln() + max as f64;
-            loss += log_sum - row[label as usize] as f64;
+            loss += crate::runtime::kernels::log_sum_exp(row) - row[label as usize] as f64;
             let rank = row.iter().filter(|&&v| v > row[label as usize]).count();
             top1 += usize::from(rank == 0);
             top5 += usize::from(rank < 5);
