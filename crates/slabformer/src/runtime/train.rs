@@ -1361,10 +1361,21 @@ mod tests {
     /// the no-decay rule): the same losses and the same weights after.
     #[test]
     fn train_steps_match_the_burn_trainer() {
-        let config = small(NormKind::prepbn(1e-6, 2), AttentionKind::sla(), Pool::Mean);
+        // Several steps compound every difference, so the model has to be one whose gradients
+        // are smooth in the weights: with SLA's ReLU feature maps a kink crossed on one side only
+        // changed a gradient element outright and AdamW turned that into a weight ±lr apart
+        // (seen: 8.7e-4 on a positional encoding, 1 run in ~75). Softmax attention, GELU and
+        // the norms are smooth; SLA's backward is checked by the single-pass tests.
+        let config = small(NormKind::prepbn(1e-6, 2), AttentionKind::Softmax, Pool::ClassToken);
         let device = Device::flex().autodiff();
         let mut model = randomized(&config, &device);
-        let optim = OptimConfig { clip_grad: Some(1.0), ..OptimConfig::default() };
+        // AdamW divides by sqrt(v) + eps: with the default eps (1e-8) a gradient at rounding level
+        // (|g| ~ 1e-7) gets a full lr-sized step whose sign is the rounding's (seen: 2.6e-5 apart).
+        // eps = 1e-4 keeps those steps proportional to g while every real gradient still gets
+        // AdamW's normalized step. Weight decay 0.5 at lr 1e-2 makes a 10 % error in the decay
+        // move weights by 5e-4 per step, far outside the bound below.
+        let (lr, weight_decay) = (1e-2, 0.5);
+        let optim = OptimConfig { clip_grad: Some(1.0), eps: 1e-4, weight_decay, ..OptimConfig::default() };
         let mut trainer = CpuTrainer::new(&model, optim.clone()).unwrap();
         let mut adamw = AdamW::new(optim);
         let ranks = param_ranks(&model);
@@ -1377,14 +1388,12 @@ mod tests {
             let want_loss: f32 = loss.clone().into_scalar();
             let mut grads = float_tensors(&model, Some(&loss.backward()));
             let want_norm = adamw.clip(&mut grads);
-            model = adamw.step(model, &grads, &ranks, 1e-3);
+            model = adamw.step(model, &grads, &ranks, lr);
 
-            let report = trainer.train_step(&crate::state::host_f32(x), &crate::state::host_f32(targets), batch, 1e-3).unwrap();
+            let report = trainer.train_step(&crate::state::host_f32(x), &crate::state::host_f32(targets), batch, lr).unwrap();
             assert!((report.loss - want_loss as f64).abs() < 1e-5, "step {step}: loss {} vs {want_loss}", report.loss);
             assert!((report.grad_norm - want_norm).abs() < 1e-4 * want_norm, "step {step}: grad norm {} vs {want_norm}", report.grad_norm);
         }
-        // A sign flip of a near-zero gradient moves a weight by up to 2·lr in AdamW's first
-        // steps; everything else agrees to rounding.
         assert_states_near("state after three steps", &trainer.state(), &collect_state(&model), 1e-5, 2e-5);
         let applied = trainer.apply_to(config.init(&device).unwrap()).unwrap();
         assert_states_near("state loaded into a burn model", &collect_state(&applied), &trainer.state(), 0.0, 0.0);
