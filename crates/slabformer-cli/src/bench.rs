@@ -17,7 +17,7 @@ use slabformer::models::{self, VitConfig};
 use slabformer::nn::attention::{AttentionConfig, AttentionKind};
 use slabformer::runtime::{CpuAttention, CpuTrainer, CpuVit};
 use slabformer::state::host_f32;
-use slabformer::train::config::OptimConfig;
+use slabformer::optim::OptimConfig;
 use slabformer::train::optim::{AdamW, param_ranks};
 
 const MODELS: [&str; 3] = ["deit_tiny", "prepbn_deit_tiny", "slab_deit_tiny"];
@@ -127,7 +127,7 @@ pub fn run_case(engine: Engine, model: &str, batch: usize, warmup: usize, repeat
             time(warmup, repeats, || {
                 let loss = loss_fn.forward(model.forward(x.clone()), labels.clone());
                 let backward = loss.backward();
-                let grads = slabformer::state::float_tensors(&model, Some(&backward)).into_iter().collect();
+                let grads = slabformer::state::float_tensors(&model, Some(&backward)).into_iter().map(|(key, g)| (key, host_f32(g))).collect();
                 model = optimizer.step(model.clone(), &grads, &ranks, 1e-3);
                 Ok(())
             })

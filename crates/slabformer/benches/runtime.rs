@@ -6,9 +6,9 @@ use burn::tensor::{Device, Distribution, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use slabformer::models::VitConfig;
 use slabformer::nn::attention::{AttentionConfig, AttentionKind};
-use slabformer::runtime::kernels::{self, MatMut, MatRef};
+use slabformer::kernels::{self, MatMut, MatRef};
 use slabformer::runtime::{CpuAttention, CpuTrainer, CpuVit};
-use slabformer::train::config::OptimConfig;
+use slabformer::optim::OptimConfig;
 use std::hint::black_box;
 
 fn values(n: usize) -> Vec<f32> {

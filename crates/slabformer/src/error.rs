@@ -52,6 +52,9 @@ pub enum Error {
     Data { path: PathBuf, reason: String },
     #[error("training stopped: {0}")]
     Training(String),
+    /// A model or layer that this path (the fast CPU path, ONNX export, …) does not handle.
+    #[error("{path} does not support {what} yet")]
+    Unsupported { what: String, path: &'static str },
     #[error("invalid config: {0}")]
     Config(String),
     #[error("unknown model `{name}`; known models: {known}")]

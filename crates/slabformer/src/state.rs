@@ -8,7 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use std::collections::HashMap;
 use burn::tensor::{Gradients, Int, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
@@ -511,6 +512,32 @@ pub fn collect_grads<M: Module>(module: &M, grads: &Gradients) -> StateDict {
     };
     module.visit(&mut collector);
     collector.dict
+}
+
+/// Every parameter's and buffer's official key, by its id: how the fast path names what it
+/// lowered from a module without building keys itself.
+pub(crate) fn keys_by_id<M: Module>(module: &M) -> HashMap<ParamId, String> {
+    struct Keys {
+        path: KeyPath,
+        keys: HashMap<ParamId, String>,
+    }
+    impl ModuleVisitor for Keys {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.keys.insert(param.id, self.path.key());
+        }
+        fn visit_int<const D: usize>(&mut self, param: &Param<Tensor<D, Int>>) {
+            self.keys.insert(param.id, self.path.key());
+        }
+    }
+    let mut visitor = Keys { path: KeyPath::default(), keys: HashMap::new() };
+    module.visit(&mut visitor);
+    visitor.keys
 }
 
 /// BatchNorm running statistics are buffers, not parameters.

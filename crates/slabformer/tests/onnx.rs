@@ -138,15 +138,25 @@ fn relu_attention_with_qk_norm_and_gate_onnx_matches_slabformer() {
 }
 
 #[test]
-fn unsupported_attention_and_existing_files_are_clear_errors() {
-    let focused = VitConfig { attention: AttentionKind::focused(), pool: Pool::Mean, ..small(VitConfig::prepbn_deit_tiny()) };
+fn flatten_focused_attention_onnx_matches_slabformer() {
+    // With its LayerNorms (the FLatten-DeiT preset) and fused (PRepBN norms).
+    let config = small(VitConfig::flatten_deit_tiny());
+    let model = randomized(config.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flatten.onnx");
+    export_model(&model, &path, false).unwrap();
+    compare("flatten", &path, &config, |images| model.forward(images));
+    check("flatten_prepbn", VitConfig { attention: AttentionKind::focused(), pool: Pool::Mean, ..small(VitConfig::prepbn_deit_tiny()) });
+}
+
+#[test]
+fn existing_files_are_kept() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f.onnx");
-    let err = export(&deploy(focused), &path, false).unwrap_err().to_string();
-    assert!(err.contains("not supported"), "{err}");
-    assert!(!path.exists(), "no partial file");
     let slab = deploy(small(VitConfig::slab_deit_tiny()));
     export(&slab, &path, false).unwrap();
+    let before = std::fs::read(&path).unwrap();
     let err = export(&slab, &path, false).unwrap_err().to_string();
     assert!(err.contains("not overwriting"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), before, "the existing file is untouched");
 }

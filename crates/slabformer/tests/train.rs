@@ -156,12 +156,15 @@ fn the_cpu_engine_refuses_what_it_does_not_cover() {
     let data = load_datasets(&config).unwrap();
     let run = tempfile::tempdir().unwrap();
     let err = train(&config, &data, &options(run.path())).unwrap_err().to_string();
-    assert!(err.contains("CPU trainer") && err.contains("focused"), "{err}");
-    // auto falls back to burn for it.
+    assert!(err.contains("fast CPU path") && err.contains("focused"), "{err}");
+    // auto falls back to burn for it, and says why; LayerNorm models have no fused evaluation.
     config.run.engine = TrainEngine::Auto;
     config.run.epochs = 1;
     config.run.recalibrate_epochs = 0;
-    assert_eq!(train(&config, &data, &options(run.path())).unwrap().engine, "burn");
+    let summary = train(&config, &data, &options(run.path())).unwrap();
+    assert_eq!(summary.engine, "burn");
+    assert!(summary.notes.iter().any(|n| n.contains("burn autodiff") && n.contains("focused")), "{:?}", summary.notes);
+    assert!(summary.notes.iter().any(|n| n.contains("no fused evaluation")), "{:?}", summary.notes);
 }
 
 #[test]

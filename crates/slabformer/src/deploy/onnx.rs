@@ -1,24 +1,20 @@
-//! ONNX export of the fused deploy model (opset 17, dynamic batch).
+//! ONNX export (opset 17, dynamic batch): the graph builder every layer kind emits its ops into.
 //!
 //! The protobuf messages below are the subset of `onnx.proto` the export writes, with the official
-//! field numbers; prost does the encoding. The graph mirrors [`DeployVit::forward`] op for op.
+//! field numbers; prost does the encoding. Each layer kind implements [`ToOnnx`] next to its burn
+//! module, mirroring its forward op for op, and a model's emission walks its module tree the same
+//! way its forward does: the graph is derived from the one description of the model.
 
 use std::path::Path;
 
 use burn::module::Param;
-use burn::nn::Linear;
 use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
 use prost::Message;
 
-use crate::error::{Error, Result};
-use crate::models::Pool;
-use crate::models::vit::{DeployVit, VisionTransformer, VitConfig};
-use crate::nn::attention::{Attention, DotAttention, FeatureMap, LinearAttention, Score, linear_order};
-use crate::nn::mlp::Mlp;
-use crate::nn::norm::{LayerNorm, Norm};
-use crate::nn::patch_embed::PatchEmbed;
+use crate::error::Result;
 use crate::files::write_new;
+use crate::models::vit::{DeployVit, VisionTransformer};
 use crate::state::host_f32;
 
 pub const OPSET: i64 = 17;
@@ -137,15 +133,15 @@ pub struct Dimension {
     pub dim_param: Option<String>,
 }
 
-fn attr_int(name: &str, i: i64) -> AttributeProto {
+pub(crate) fn attr_int(name: &str, i: i64) -> AttributeProto {
     AttributeProto { name: name.into(), i, r#type: 2, ..Default::default() }
 }
 
-fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
+pub(crate) fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
     AttributeProto { name: name.into(), ints: ints.to_vec(), r#type: 7, ..Default::default() }
 }
 
-fn attr_float(name: &str, f: f32) -> AttributeProto {
+pub(crate) fn attr_float(name: &str, f: f32) -> AttributeProto {
     AttributeProto { name: name.into(), f, r#type: 1, ..Default::default() }
 }
 
@@ -171,54 +167,60 @@ fn batch_dim() -> Dimension {
     Dimension { dim_value: None, dim_param: Some("batch".into()) }
 }
 
-/// Builds a graph: constants become initializers, each node gets a fresh output name.
+/// A layer (or a whole model) as ONNX ops: `x` names its input in the graph, the result names
+/// its output. The emission mirrors the eval-mode forward of the burn module.
+pub trait ToOnnx {
+    fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String>;
+}
+
+/// The graph being built: constants become initializers, each node gets a fresh output name.
 #[derive(Default)]
-struct Builder {
+pub struct Graph {
     nodes: Vec<NodeProto>,
     initializers: Vec<TensorProto>,
     names: usize,
 }
 
-impl Builder {
+impl Graph {
     fn fresh(&mut self, hint: &str) -> String {
         self.names += 1;
         format!("{hint}_{}", self.names)
     }
 
-    fn floats(&mut self, hint: &str, dims: Vec<i64>, values: &[f32]) -> String {
+    pub fn floats(&mut self, hint: &str, dims: Vec<i64>, values: &[f32]) -> String {
         let name = self.fresh(hint);
         let raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.initializers.push(TensorProto { dims, data_type: 1, name: name.clone(), raw_data });
         name
     }
 
-    fn scalar(&mut self, hint: &str, value: f32) -> String {
+    pub fn scalar(&mut self, hint: &str, value: f32) -> String {
         self.floats(hint, vec![], &[value])
     }
 
-    fn ints(&mut self, hint: &str, values: &[i64]) -> String {
+    pub fn ints(&mut self, hint: &str, values: &[i64]) -> String {
         let name = self.fresh(hint);
         let raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.initializers.push(TensorProto { dims: vec![values.len() as i64], data_type: 7, name: name.clone(), raw_data });
         name
     }
 
-    fn int_scalar(&mut self, hint: &str, value: i64) -> String {
+    pub fn int_scalar(&mut self, hint: &str, value: i64) -> String {
         let name = self.fresh(hint);
         self.initializers.push(TensorProto { dims: vec![], data_type: 7, name: name.clone(), raw_data: value.to_le_bytes().to_vec() });
         name
     }
 
-    fn tensor<const D: usize>(&mut self, hint: &str, t: Tensor<D>) -> String {
+    pub fn tensor<const D: usize>(&mut self, hint: &str, t: Tensor<D>) -> String {
         let (dims, values) = host(t);
         self.floats(hint, dims, &values)
     }
 
-    fn param<const D: usize>(&mut self, hint: &str, p: &Param<Tensor<D>>) -> String {
+    pub fn param<const D: usize>(&mut self, hint: &str, p: &Param<Tensor<D>>) -> String {
         self.tensor(hint, p.val())
     }
 
-    fn op(&mut self, op: &str, inputs: &[&str], attribute: Vec<AttributeProto>) -> String {
+    pub fn op(&mut self, op: &str, inputs: &[&str], attribute: Vec<AttributeProto>) -> String {
         let output = self.fresh(&op.to_ascii_lowercase());
         self.nodes.push(NodeProto {
             input: inputs.iter().map(|s| s.to_string()).collect(),
@@ -239,44 +241,31 @@ impl Builder {
         }
     }
 
-    fn reshape(&mut self, x: &str, shape: &[i64]) -> String {
+    pub fn reshape(&mut self, x: &str, shape: &[i64]) -> String {
         let s = self.ints("shape", shape);
         self.op("Reshape", &[x, &s], vec![])
     }
 
-    fn transpose(&mut self, x: &str, perm: &[i64]) -> String {
+    pub fn transpose(&mut self, x: &str, perm: &[i64]) -> String {
         self.op("Transpose", &[x], vec![attr_ints("perm", perm)])
     }
 
-    fn gather(&mut self, x: &str, index: i64, axis: i64) -> String {
+    pub fn gather(&mut self, x: &str, index: i64, axis: i64) -> String {
         let i = self.int_scalar("index", index);
         self.op("Gather", &[x, &i], vec![attr_int("axis", axis)])
     }
 
-    fn reduce_sum(&mut self, x: &str, axis: i64) -> String {
+    pub fn reduce_sum(&mut self, x: &str, axis: i64) -> String {
         let axes = self.ints("axes", &[axis]);
         self.op("ReduceSum", &[x, &axes], vec![attr_int("keepdims", 1)])
     }
 
-    fn binary_scalar(&mut self, op: &str, x: &str, value: f32) -> String {
+    pub fn binary_scalar(&mut self, op: &str, x: &str, value: f32) -> String {
         let s = self.scalar("c", value);
         self.op(op, &[x, &s], vec![])
     }
 
-    /// burn's Linear (`W: [in, out]`) is exactly ONNX MatMul + Add.
-    fn linear(&mut self, x: &str, layer: &Linear) -> String {
-        let w = self.param("weight", &layer.weight);
-        let y = self.op("MatMul", &[x, &w], vec![]);
-        match &layer.bias {
-            Some(b) => {
-                let b = self.param("bias", b);
-                self.op("Add", &[&y, &b], vec![])
-            }
-            None => y,
-        }
-    }
-
-    fn conv(&mut self, x: &str, conv: &Conv2d, pad: usize) -> String {
+    pub fn conv(&mut self, x: &str, conv: &Conv2d, pad: usize) -> String {
         let w = self.param("conv_weight", &conv.weight);
         let [_, _, kh, kw] = conv.weight.dims();
         let mut inputs = vec![x.to_string(), w];
@@ -297,222 +286,30 @@ impl Builder {
         )
     }
 
-    /// LayerNorm over the last axis.
-    fn layer_norm(&mut self, x: &str, norm: &LayerNorm) -> String {
-        let scale = self.param("ln_weight", &norm.weight);
-        let bias = self.param("ln_bias", &norm.bias);
-        self.op("LayerNormalization", &[x, &scale, &bias], vec![attr_int("axis", -1), attr_float("epsilon", norm.eps as f32)])
-    }
-
-    /// `norm(x)` where the block keeps a LayerNorm, `x` where it was folded away.
-    fn maybe_norm(&mut self, x: &str, norm: Option<&LayerNorm>) -> String {
-        match norm {
-            Some(norm) => self.layer_norm(x, norm),
-            None => x.to_string(),
-        }
-    }
-
-    /// 0.5·x·(1 + erf(x/√2)), the exact GELU.
-    fn gelu(&mut self, x: &str) -> String {
-        let scaled = self.binary_scalar("Div", x, std::f32::consts::SQRT_2);
-        let erf = self.op("Erf", &[&scaled], vec![]);
-        let one_plus = self.binary_scalar("Add", &erf, 1.0);
-        let prod = self.op("Mul", &[x, &one_plus], vec![]);
-        self.binary_scalar("Mul", &prod, 0.5)
-    }
-
-    fn split_heads(&mut self, x: &str, n: usize, heads: usize, d: usize) -> String {
+    /// (B, N, h·d) → (B, h, N, d).
+    pub fn split_heads(&mut self, x: &str, n: usize, heads: usize, d: usize) -> String {
         let r = self.reshape(x, &[0, n as i64, heads as i64, d as i64]);
-        self.transpose(&r, &[0, 2, 1, 3]) // (B, h, N, d)
+        self.transpose(&r, &[0, 2, 1, 3])
     }
 
-    fn merge_heads(&mut self, x: &str, n: usize, c: usize) -> String {
+    /// (B, h, N, d) → (B, N, h·d).
+    pub fn merge_heads(&mut self, x: &str, n: usize, c: usize) -> String {
         let t = self.transpose(x, &[0, 2, 1, 3]);
         self.reshape(&t, &[0, n as i64, c as i64])
     }
-
-    fn linear_attention(&mut self, x: &str, a: &LinearAttention) -> Result<String> {
-        if let FeatureMap::Focused { .. } = a.feature_map {
-            return Err(unsupported("FLatten focused attention"));
-        }
-        let [rows, cols] = a.grid;
-        let n = rows * cols;
-        let h = a.num_heads;
-        let c = a.qkv.weight.dims()[0];
-        let d = c / h;
-        let qkv = self.linear(x, &a.qkv);
-        let qkv = self.reshape(&qkv, &[0, n as i64, 3, c as i64]);
-        let q = self.gather(&qkv, 0, 2);
-        let k = self.gather(&qkv, 1, 2);
-        let v = self.gather(&qkv, 2, 2);
-        let pos = self.param("positional_encoding", &a.positional_encoding);
-        let k = self.op("Add", &[&k, &pos], vec![]);
-        let q = self.op("Relu", &[&q], vec![]);
-        let k = self.op("Relu", &[&k], vec![]);
-        let (q, k, v) = (self.split_heads(&q, n, h, d), self.split_heads(&k, n, h, d), self.split_heads(&v, n, h, d));
-        let kt = self.transpose(&k, &[0, 1, 3, 2]);
-        let numerator = if linear_order(n, n, d, d) {
-            let kv = self.op("MatMul", &[&kt, &v], vec![]);
-            self.op("MatMul", &[&q, &kv], vec![])
-        } else {
-            let qk = self.op("MatMul", &[&q, &kt], vec![]);
-            self.op("MatMul", &[&qk, &v], vec![])
-        };
-        let k_sum = self.reduce_sum(&k, 2);
-        let qk_sum = self.op("Mul", &[&q, &k_sum], vec![]);
-        let denominator = self.reduce_sum(&qk_sum, 3);
-        let denominator = self.binary_scalar("Add", &denominator, 1e-6);
-        let out = self.op("Div", &[&numerator, &denominator], vec![]);
-        // DWC on each head's v as a d-channel image, one conv shared by the heads.
-        let image = self.reshape(&v, &[-1, n as i64, d as i64]);
-        let image = self.transpose(&image, &[0, 2, 1]);
-        let image = self.reshape(&image, &[-1, d as i64, rows as i64, cols as i64]);
-        let pad = a.dwc.weight.dims()[2] / 2;
-        let conv = self.conv(&image, &a.dwc, pad);
-        let conv = self.reshape(&conv, &[-1, h as i64, d as i64, n as i64]);
-        let conv = self.transpose(&conv, &[0, 1, 3, 2]);
-        let out = self.op("Add", &[&out, &conv], vec![]);
-        let merged = self.merge_heads(&out, n, c);
-        Ok(self.linear(&merged, &a.proj))
-    }
-
-    fn dot_attention(&mut self, x: &str, a: &DotAttention, tokens: usize) -> Result<String> {
-        let h = a.num_heads;
-        let c = a.qkv.weight.dims()[0];
-        let d = c / h;
-        let qkv = self.linear(x, &a.qkv);
-        let qkv = self.reshape(&qkv, &[0, tokens as i64, 3, h as i64, d as i64]);
-        let qkv = self.transpose(&qkv, &[2, 0, 3, 1, 4]); // (3, B, h, N, d)
-        let mut q = self.gather(&qkv, 0, 0);
-        let mut k = self.gather(&qkv, 1, 0);
-        let v = self.gather(&qkv, 2, 0);
-        for (t, norm) in [(&mut q, &a.q_norm), (&mut k, &a.k_norm)] {
-            if let Some(norm) = norm {
-                *t = self.layer_norm(t, norm);
-            }
-        }
-        let kt = self.transpose(&k, &[0, 1, 3, 2]);
-        let scores = self.op("MatMul", &[&q, &kt], vec![]);
-        let scores = self.binary_scalar("Mul", &scores, (d as f64).powf(-0.5) as f32);
-        let weights = match a.score {
-            Score::Softmax => self.op("Softmax", &[&scores], vec![attr_int("axis", -1)]),
-            Score::ReluOverLength => {
-                let r = self.op("Relu", &[&scores], vec![]);
-                self.binary_scalar("Div", &r, tokens as f32)
-            }
-        };
-        let out = self.op("MatMul", &[&weights, &v], vec![]);
-        let mut out = self.merge_heads(&out, tokens, c);
-        if let Some(gate) = &a.gate {
-            let g = self.linear(x, gate);
-            out = self.op("Mul", &[&out, &g], vec![]);
-        }
-        Ok(self.linear(&out, &a.proj))
-    }
 }
 
-fn unsupported(what: &str) -> Error {
-    Error::Config(format!("ONNX export of {what} is not supported yet; export the other attention kinds, or run the model in slabformer"))
-}
-
-/// What the graph is built from: the deploy model (no norms) or a LayerNorm model as trained.
-struct Parts<'a> {
-    config: &'a VitConfig,
-    patch_embed: &'a PatchEmbed,
-    cls_token: &'a Param<Tensor<3>>,
-    pos_embed: &'a Param<Tensor<3>>,
-    /// (norm1, attention, norm2, mlp) per block.
-    blocks: Vec<(Option<&'a LayerNorm>, &'a Attention, Option<&'a LayerNorm>, &'a Mlp)>,
-    norm: Option<&'a LayerNorm>,
-    head: &'a Linear,
-}
-
-/// The deploy model as an ONNX model: input `images` (batch, C, H, W), output `logits`.
-pub fn to_onnx(model: &DeployVit) -> Result<ModelProto> {
-    build(Parts {
-        config: &model.config,
-        patch_embed: &model.patch_embed,
-        cls_token: &model.cls_token,
-        pos_embed: &model.pos_embed,
-        blocks: model.blocks.iter().map(|b| (None, &b.attn, None, &b.mlp)).collect(),
-        norm: None,
-        head: &model.head,
-    })
-}
-
-/// A trained model as ONNX: RepBN/PRepBN models in their fused form, LayerNorm models (DeiT)
-/// with their norms as `LayerNormalization`.
-pub fn model_to_onnx(model: &VisionTransformer) -> Result<ModelProto> {
-    if let Ok(deploy) = model.fuse() {
-        return to_onnx(&deploy);
-    }
-    fn layer_norm(norm: &Norm) -> Result<&LayerNorm> {
-        match norm {
-            Norm::LayerNorm(n) => Ok(n),
-            _ => Err(Error::Config("a RepBN/PRepBN model that does not fuse cannot be exported".into())),
-        }
-    }
-    let mut blocks = Vec::new();
-    for b in &model.blocks {
-        blocks.push((Some(layer_norm(&b.norm1)?), &b.attn, Some(layer_norm(&b.norm2)?), &b.mlp));
-    }
-    build(Parts {
-        config: &model.config,
-        patch_embed: &model.patch_embed,
-        cls_token: &model.cls_token,
-        pos_embed: &model.pos_embed,
-        blocks,
-        norm: Some(layer_norm(&model.norm)?),
-        head: &model.head,
-    })
-}
-
-fn build(model: Parts<'_>) -> Result<ModelProto> {
-    let cfg = model.config;
-    let (c, n) = (cfg.embed_dim, cfg.num_patches());
-    let tokens = cfg.num_tokens();
-    let mut g = Builder::default();
-    let x = g.conv("images", &model.patch_embed.proj, 0); // (B, C, h, w)
-    let x = g.reshape(&x, &[0, c as i64, n as i64]);
-    let mut x = g.transpose(&x, &[0, 2, 1]); // (B, N, C)
-    if cfg.pool == Pool::ClassToken {
-        let shape = g.op("Shape", &["images"], vec![]);
-        let (start, end) = (g.ints("start", &[0]), g.ints("end", &[1]));
-        let batch = g.op("Slice", &[&shape, &start, &end], vec![]);
-        let rest = g.ints("rest", &[1, c as i64]);
-        let target = g.op("Concat", &[&batch, &rest], vec![attr_int("axis", 0)]);
-        let cls = g.param("cls_token", model.cls_token);
-        let cls = g.op("Expand", &[&cls, &target], vec![]);
-        x = g.op("Concat", &[&cls, &x], vec![attr_int("axis", 1)]); // (B, N + 1, C)
-    }
-    let pos = g.param("pos_embed", model.pos_embed);
-    x = g.op("Add", &[&x, &pos], vec![]);
-    for (norm1, attn, norm2, mlp) in &model.blocks {
-        let input = g.maybe_norm(&x, *norm1);
-        let a = match attn {
-            Attention::Linear(a) => g.linear_attention(&input, a)?,
-            Attention::Dot(a) => g.dot_attention(&input, a, tokens)?,
-        };
-        x = g.op("Add", &[&x, &a], vec![]);
-        let input = g.maybe_norm(&x, *norm2);
-        let hidden = g.linear(&input, &mlp.fc1);
-        let hidden = g.gelu(&hidden);
-        let m = g.linear(&hidden, &mlp.fc2);
-        x = g.op("Add", &[&x, &m], vec![]);
-    }
-    let x = g.maybe_norm(&x, model.norm);
-    let pooled = match cfg.pool {
-        Pool::Mean => g.op("ReduceMean", &[&x], vec![attr_ints("axes", &[1]), attr_int("keepdims", 0)]),
-        Pool::ClassToken => g.gather(&x, 0, 1),
-    };
-    let logits = g.linear(&pooled, model.head);
+/// An image classifier as an ONNX model: input `images` (batch, C, H, W), output `logits`.
+fn classifier_proto(model: &impl ToOnnx, in_chans: usize, img_size: usize, classes: usize) -> Result<ModelProto> {
+    let mut g = Graph::default();
+    let logits = model.to_onnx(&mut g, "images")?;
     g.rename(&logits, "logits");
     let graph = GraphProto {
         node: g.nodes,
         name: "slabformer".into(),
         initializer: g.initializers,
-        input: vec![value_info("images", &[batch_dim(), fixed(cfg.in_chans), fixed(cfg.img_size), fixed(cfg.img_size)])],
-        output: vec![value_info("logits", &[batch_dim(), fixed(cfg.num_classes)])],
+        input: vec![value_info("images", &[batch_dim(), fixed(in_chans), fixed(img_size), fixed(img_size)])],
+        output: vec![value_info("logits", &[batch_dim(), fixed(classes)])],
     };
     Ok(ModelProto {
         ir_version: 8,
@@ -521,6 +318,19 @@ fn build(model: Parts<'_>) -> Result<ModelProto> {
         graph: Some(graph),
         opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET }],
     })
+}
+
+/// The deploy model as an ONNX model.
+pub fn to_onnx(model: &DeployVit) -> Result<ModelProto> {
+    let cfg = &model.config;
+    classifier_proto(model, cfg.in_chans, cfg.img_size, cfg.num_classes)
+}
+
+/// A trained model as ONNX: RepBN/PRepBN models in their fused form, LayerNorm models (DeiT)
+/// with their norms as `LayerNormalization`.
+pub fn model_to_onnx(model: &VisionTransformer) -> Result<ModelProto> {
+    let cfg = &model.config;
+    classifier_proto(model, cfg.in_chans, cfg.img_size, cfg.num_classes)
 }
 
 /// Writes the ONNX file atomically; an existing file is kept unless `overwrite`.

@@ -34,6 +34,11 @@ impl Counter {
         }
     }
 
+    /// The id its key is found under (see `state::keys_by_id`).
+    pub(crate) fn id(&self) -> ParamId {
+        self.id
+    }
+
     pub fn get(&self) -> i64 {
         *self.value.lock().expect("counter lock poisoned")
     }

@@ -68,6 +68,27 @@ impl DropPath {
     }
 }
 
+/// The fast path's drop-path residual: `out[image rows] = residual + mask[image]·out` (`out`
+/// holds the branch's output).
+pub fn add_masked_branch(residual: &[f32], out: &mut [f32], mask: &[f32]) {
+    use rayon::prelude::*;
+    let per_image = out.len() / mask.len();
+    out.par_chunks_mut(per_image).zip(residual.par_chunks(per_image)).zip(mask.par_iter()).for_each(|((o, r), &m)| {
+        o.iter_mut().zip(r).for_each(|(o, r)| *o = r + m * *o);
+    });
+}
+
+/// Its backward: the branch's output gradient, `dx` scaled by each image's factor, into `out`.
+pub fn masked_gradient<'a>(dx: &[f32], mask: &[f32], out: &'a mut Vec<f32>) -> &'a [f32] {
+    use rayon::prelude::*;
+    let per_image = dx.len() / mask.len();
+    let out = crate::nn::lower::sized(out, dx.len());
+    out.par_chunks_mut(per_image).zip(dx.par_chunks(per_image)).zip(mask.par_iter()).for_each(|((o, d), &m)| {
+        o.iter_mut().zip(d).for_each(|(o, d)| *o = m * d);
+    });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,7 +55,7 @@ pub fn fold_into_next_linear(linear: &Linear, a: Tensor<1>, b: Tensor<1>) -> Lin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::attention::linear;
+    use crate::nn::linear::linear;
     use crate::nn::norm::tests::randomized_repbn;
     use burn::tensor::{Device, Distribution};
 

@@ -1,11 +1,17 @@
-//! The transformer MLP: fc1 → GELU (exact, erf) → fc2.
+//! The transformer MLP: fc1 → GELU (exact, erf) → fc2. The burn module, its fast CPU form
+//! ([`FastMlp`]: GELU fused into fc1's epilogue, fc2 accumulated into the residual) and its ONNX
+//! emission.
 
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Tensor};
 
-use super::attention::linear;
+use super::linear::{FastLinear, linear};
+use super::lower::{ParamTable, sized};
+use crate::deploy::onnx::{Graph, ToOnnx};
+use crate::error::Result;
+use crate::kernels;
 
 #[derive(Module, Debug)]
 pub struct Mlp {
@@ -27,5 +33,77 @@ impl Mlp {
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         self.fc2.forward(gelu(self.fc1.forward(x)))
+    }
+}
+
+impl ToOnnx for Mlp {
+    fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
+        let hidden = self.fc1.to_onnx(g, x)?;
+        // 0.5·x·(1 + erf(x/√2)), the exact GELU.
+        let scaled = g.binary_scalar("Div", &hidden, std::f32::consts::SQRT_2);
+        let erf = g.op("Erf", &[&scaled], vec![]);
+        let one_plus = g.binary_scalar("Add", &erf, 1.0);
+        let prod = g.op("Mul", &[&hidden, &one_plus], vec![]);
+        let act = g.binary_scalar("Mul", &prod, 0.5);
+        self.fc2.to_onnx(g, &act)
+    }
+}
+
+/// The MLP on the fast path.
+pub struct FastMlp {
+    pub fc1: FastLinear,
+    pub fc2: FastLinear,
+}
+
+/// What the MLP's training forward keeps for its backward.
+#[derive(Default)]
+pub struct MlpActivations {
+    /// (R, hidden) fc1 output before and after GELU.
+    pre: Vec<f32>,
+    act: Vec<f32>,
+}
+
+impl FastMlp {
+    pub fn lower(mlp: &Mlp, table: &mut ParamTable) -> Result<Self> {
+        Ok(Self { fc1: FastLinear::lower(&mlp.fc1, table)?, fc2: FastLinear::lower(&mlp.fc2, table)? })
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.fc1.outputs
+    }
+
+    /// Inference on this thread, first half: `hidden = gelu(fc1(input))` for the rows `hidden`
+    /// holds.
+    pub fn infer_hidden(&self, p: &[f32], input: &[f32], hidden: &mut [f32]) {
+        self.fc1.apply_with(p, input, hidden, kernels::bias_gelu);
+    }
+
+    /// Second half: `x += fc2(hidden)` (the residual).
+    pub fn infer_residual(&self, p: &[f32], hidden: &[f32], x: &mut [f32]) {
+        self.fc2.apply_residual(p, hidden, x);
+    }
+
+    /// `out (+)= mlp(x)` over all rows (`accumulate`: add to what `out` holds), keeping the
+    /// activations.
+    pub fn forward(&self, p: &[f32], x: &[f32], out: &mut [f32], a: &mut MlpActivations, accumulate: bool) {
+        let rows = x.len() / self.fc1.inputs;
+        let hidden = self.hidden();
+        self.fc1.forward_keep(p, x, sized(&mut a.pre, rows * hidden), sized(&mut a.act, rows * hidden), kernels::bias_gelu_keep);
+        self.fc2.forward(p, &a.act, out, accumulate);
+    }
+
+    /// `dx = ∂mlp/∂x · dy` (overwritten) and the parameter gradients into `g`; `dhidden` and
+    /// `partials` are scratch.
+    pub fn backward(&self, p: &[f32], g: &mut [f32], x: &[f32], a: &MlpActivations, dy: &[f32], dx: &mut [f32], dhidden: &mut Vec<f32>, partials: &mut Vec<f32>) {
+        let rows = x.len() / self.fc1.inputs;
+        let hidden = self.hidden();
+        let pre = &a.pre;
+        // dh = (dy·W2ᵀ) ⊙ gelu'(pre), then fc1.
+        self.fc2.backward_input(p, dy, sized(dhidden, rows * hidden), |dh, first| {
+            kernels::gelu_backward(&pre[first * hidden..first * hidden + dh.len()], dh);
+        });
+        self.fc2.backward_params(g, &a.act, dy, partials);
+        self.fc1.backward_input(p, dhidden, dx, |_, _| {});
+        self.fc1.backward_params(g, x, dhidden, partials);
     }
 }

@@ -1,15 +1,16 @@
-//! A dedicated CPU runtime for the DeiT family: inference on the deploy models ([`CpuVit`]) and
+//! The fast CPU executors for the DeiT family: inference on the deploy models ([`CpuVit`]) and
 //! training steps ([`CpuTrainer`]).
 //!
 //! burn's flex backend runs every op as its own pass over freshly allocated tensors; here the
-//! model is planned once: weights laid out for the GEMM, activations in buffers reused from call
-//! to call, biases, residuals, GELU and the SLA normaliser fused around the GEMMs, kernels
-//! compiled for AVX-512/AVX2 and picked at run time, backward passes written out. Both read the
-//! same models (trained or fused) and match burn to float rounding.
+//! model is lowered once (`models::vit::FastVit`, from the layer kinds' fast forms in `nn`):
+//! weights laid out for the GEMM, activations in buffers reused from call to call, biases,
+//! residuals, GELU and the SLA normaliser fused around the GEMMs, kernels compiled for
+//! AVX-512/AVX2 and picked at run time, backward passes written out. These executors own the
+//! threading, the workspaces and the optimizer state; both read the same models (trained or
+//! fused) and match burn to float rounding.
 
-pub mod kernels;
 mod train;
 mod vit;
 
-pub use train::{CpuTrainer, ForwardOptions, StepReport, cross_entropy};
+pub use train::{CpuTrainer, ForwardOptions, StepReport};
 pub use vit::{CpuAttention, CpuVit};

@@ -152,35 +152,7 @@ impl Default for RunConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OptimConfig {
-    /// Base learning rate per 512 images (default 5e-4 → 1e-3 at batch 1024).
-    pub lr: f64,
-    /// Default 0.05.
-    pub weight_decay: f64,
-    pub betas: [f64; 2],
-    pub eps: f64,
-    /// Gradient clipping by global norm (default 5.0; none when absent).
-    pub clip_grad: Option<f64>,
-    /// Key suffixes without weight decay, besides every 1-D tensor (norm weights, biases, α).
-    /// Default: `pos_embed`, `cls_token`, `positional_encoding`. (The official script decays the
-    /// SLA `positional_encoding`; drop it from this list to match.)
-    pub no_decay: Vec<String>,
-}
-
-impl Default for OptimConfig {
-    fn default() -> Self {
-        Self {
-            lr: 5e-4,
-            weight_decay: 0.05,
-            betas: [0.9, 0.999],
-            eps: 1e-8,
-            clip_grad: Some(5.0),
-            no_decay: vec!["pos_embed".into(), "cls_token".into(), "positional_encoding".into()],
-        }
-    }
-}
+pub use crate::optim::OptimConfig;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
@@ -29,7 +28,8 @@ use crate::error::{Error, Result};
 use crate::models::vit::ImageClassifier;
 use crate::models::{VisionTransformer, VitConfig};
 use crate::nn::{drop_path, recalibration_mode, set_counter_advance};
-use crate::runtime::{CpuTrainer, CpuVit, ForwardOptions, cross_entropy};
+use crate::nn::loss::cross_entropy;
+use crate::runtime::{CpuTrainer, CpuVit, ForwardOptions};
 use crate::state::{StateDict, collect_state, float_tensors, host_f32, load_state};
 
 pub struct Datasets {
@@ -85,11 +85,9 @@ pub struct Summary {
     pub model_path: PathBuf,
     /// What ran the training steps: "cpu" (the runtime's trainer) or "burn".
     pub engine: &'static str,
-}
-
-/// Soft-target cross-entropy, mean over the batch.
-pub fn soft_cross_entropy(logits: Tensor<2>, targets: Tensor<2>) -> Tensor<1> {
-    log_softmax(logits, 1).mul(targets).sum_dim(1).neg().mean()
+    /// Why a fast path was not taken: the burn engine instead of the CPU trainer, or the fused
+    /// model evaluated with burn or not at all.
+    pub notes: Vec<String>,
 }
 
 /// Top-1 / top-5 accuracy (%) and mean cross-entropy of `model` on `set` (evaluation view).
@@ -116,7 +114,7 @@ fn evaluate_logits(cfg: &VitConfig, set: &Arc<ImageSet>, augment: &AugmentConfig
         let n = b.len();
         let logits = logits_of(b.images, n);
         for (row, &label) in logits.chunks(cfg.num_classes).zip(&b.labels) {
-            loss += crate::runtime::kernels::log_sum_exp(row) - row[label as usize] as f64;
+            loss += crate::kernels::log_sum_exp(row) - row[label as usize] as f64;
             let rank = row.iter().filter(|&&v| v > row[label as usize]).count();
             top1 += usize::from(rank == 0);
             top5 += usize::from(rank < 5);
@@ -166,6 +164,30 @@ struct Run<'a> {
     last_checkpoint: Option<PathBuf>,
     /// The latest evaluation of the current weights and of their fused form.
     last_eval: Option<(EvalRow, Option<EvalRow>)>,
+    /// How the fused deploy model is evaluated.
+    fused_eval: FusedEval,
+}
+
+/// How the deploy model (norms folded away) is evaluated after each epoch: an independent check
+/// of fusing, and of the CPU runtime against the burn forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FusedEval {
+    Runtime,
+    Burn,
+    /// LayerNorm models have no deploy form.
+    None,
+}
+
+/// How this model's fused form can be evaluated, and a note for the user when it is not on the
+/// CPU runtime.
+fn fused_eval_for(model: &VisionTransformer) -> Result<(FusedEval, Option<String>)> {
+    if !model.config.norm.folds() {
+        return Ok((FusedEval::None, Some("no fused evaluation: LayerNorm models have no re-parameterized form".into())));
+    }
+    Ok(match CpuVit::from_deploy(&model.fuse()?) {
+        Ok(_) => (FusedEval::Runtime, None),
+        Err(e) => (FusedEval::Burn, Some(format!("the fused model is evaluated with burn, not the CPU runtime: {e}"))),
+    })
 }
 
 impl Run<'_> {
@@ -244,7 +266,7 @@ impl Run<'_> {
         let model = self.model.clone();
         self.model = load_state(model, &dict.subset("model"), false)?.0;
         let inner = self.device.clone().without_autodiff();
-        self.optimizer.load_state(&dict, position.step, &inner)?;
+        self.optimizer.load_state(&dict, position.step)?;
         if let Some(cpu) = &mut self.cpu {
             **cpu = CpuTrainer::new(&self.model, self.config.optim.clone())?;
             cpu.load_optimizer_state(&dict, position.step)?;
@@ -287,10 +309,12 @@ impl Run<'_> {
         let mut row = evaluate(&self.model, &self.data.eval, &cfg.augment, cfg.run.eval_batch_size);
         (row.step, row.epoch, row.model) = (self.position.step, self.position.epoch, label.into());
         self.metrics.evals.push(row.clone());
-        // The deploy model (norms folded away), for models whose norms fold, on the CPU runtime:
-        // an independent check of fusing and of the runtime against the burn forward above.
-        let fused = self.model.fuse().ok().and_then(|deploy| CpuVit::from_deploy(&deploy).ok()).map(|runtime| {
-            let mut f = evaluate_runtime(&runtime, &self.data.eval, &cfg.augment, cfg.run.eval_batch_size);
+        let fused = match self.fused_eval {
+            FusedEval::None => None,
+            FusedEval::Runtime => Some(evaluate_runtime(&CpuVit::from_deploy(&self.model.fuse()?)?, &self.data.eval, &cfg.augment, cfg.run.eval_batch_size)),
+            FusedEval::Burn => Some(evaluate(&self.model.fuse()?, &self.data.eval, &cfg.augment, cfg.run.eval_batch_size)),
+        }
+        .map(|mut f| {
             (f.step, f.epoch, f.model) = (self.position.step, self.position.epoch, "fused".into());
             f
         });
@@ -306,12 +330,17 @@ impl Run<'_> {
     }
 }
 
-/// The CPU runtime's trainer for this run, when `run.engine` picks it (see [`TrainEngine`]).
-fn cpu_trainer(config: &TrainConfig, model: &VisionTransformer) -> Result<Option<CpuTrainer>> {
+/// The CPU runtime's trainer for this run, when `run.engine` picks it (see [`TrainEngine`]), and
+/// a note saying why not when `auto` falls back to burn.
+fn cpu_trainer(config: &TrainConfig, model: &VisionTransformer) -> Result<(Option<CpuTrainer>, Option<String>)> {
     match config.run.engine {
-        TrainEngine::Burn => Ok(None),
-        TrainEngine::Auto => Ok(CpuTrainer::new(model, config.optim.clone()).ok()),
-        TrainEngine::Cpu => CpuTrainer::new(model, config.optim.clone()).map(Some),
+        TrainEngine::Burn => Ok((None, None)),
+        TrainEngine::Auto => match CpuTrainer::new(model, config.optim.clone()) {
+            Ok(trainer) => Ok((Some(trainer), None)),
+            Err(e @ Error::Unsupported { .. }) => Ok((None, Some(format!("training steps run on burn autodiff: {e}")))),
+            Err(e) => Err(e),
+        },
+        TrainEngine::Cpu => Ok((Some(CpuTrainer::new(model, config.optim.clone())?), None)),
     }
 }
 
@@ -335,8 +364,11 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
     let model = initial_model(&model_config, &device, config.run.seed)?;
     let ranks = param_ranks(&model);
     let ema = config.run.ema_decay.map(|d| Ema::new(d, &model));
-    let cpu = cpu_trainer(config, &model)?.map(Box::new);
+    let (cpu, engine_note) = cpu_trainer(config, &model)?;
+    let cpu = cpu.map(Box::new);
     let engine = if cpu.is_some() { "cpu" } else { "burn" };
+    let (fused_eval, fused_note) = fused_eval_for(&model)?;
+    let notes: Vec<String> = engine_note.into_iter().chain(fused_note).collect();
     let mut run = Run {
         config,
         data,
@@ -351,6 +383,7 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
         config_toml: config.to_toml(),
         last_checkpoint: None,
         last_eval: None,
+        fused_eval,
     };
     if options.resume {
         let latest = checkpoint::latest(&dir).ok_or_else(|| Error::Config(format!("no checkpoint under {} to resume from", checkpoint::checkpoint_dir(&dir).display())))?;
@@ -375,6 +408,9 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
             .expect("valid template"),
     );
     bar.set_position(run.position.step);
+    if options.progress {
+        notes.iter().for_each(|n| bar.println(format!("note: {n}")));
+    }
 
     while run.position.epoch < train_epochs && run.position.step < total_steps {
         let epoch = run.position.epoch;
@@ -400,7 +436,7 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
                 let micro_batches: Vec<Batch> = (0..accum).map(|_| loader.next().expect("the loader yields every batch of the epoch")).collect();
                 run.cpu_step(&micro_batches, classes, lr, lambda)?
             } else {
-                let mut grads: BTreeMap<String, Tensor<1>> = BTreeMap::new();
+                let mut grads: BTreeMap<String, Vec<f32>> = BTreeMap::new();
                 let mut loss_sum = 0.0;
                 for m in 0..accum {
                     let batch = loader.next().expect("the loader yields every batch of the epoch");
@@ -409,22 +445,28 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
                     }
                     let n = batch.len();
                     let x = Tensor::<4>::from_data(TensorData::new(batch.images, [n, channels, size, size]), &device);
-                    let targets = Tensor::<2>::from_data(TensorData::new(batch.targets, [n, classes]), &device);
                     let logits = drop_path::with_seed(drop_path_seed(config.run.seed, run.position.step, m), || run.model.forward(x));
-                    let loss = soft_cross_entropy(logits, targets);
-                    let loss = if accum > 1 { loss.div_scalar(accum as f64) } else { loss };
-                    let backward = loss.backward();
-                    let value = loss.into_scalar::<f32>() as f64;
-                    if !value.is_finite() {
-                        return Err(run.nan_error("the loss", value, lr, lambda));
+                    // The loss and ∂loss/∂logits of the shared cross-entropy; autodiff takes it
+                    // from there through Σ logits ⊙ ∂loss/∂logits.
+                    let (loss, mut dlogits) = cross_entropy(&host_f32(logits.clone()), &batch.targets, classes);
+                    let loss = loss / accum as f64;
+                    if !loss.is_finite() {
+                        return Err(run.nan_error("the loss", loss, lr, lambda));
                     }
-                    loss_sum += value;
+                    if accum > 1 {
+                        dlogits.iter_mut().for_each(|g| *g /= accum as f32);
+                    }
+                    let dlogits = Tensor::<2>::from_data(TensorData::new(dlogits, [n, classes]), &device);
+                    let backward = logits.mul(dlogits).sum().backward();
+                    loss_sum += loss;
                     for (key, g) in float_tensors(&run.model, Some(&backward)) {
-                        let g = match grads.remove(&key) {
-                            Some(sum) => sum.add(g),
-                            None => g,
-                        };
-                        grads.insert(key, g);
+                        let g = host_f32(g);
+                        match grads.get_mut(&key) {
+                            Some(sum) => sum.iter_mut().zip(&g).for_each(|(s, g)| *s += g),
+                            None => {
+                                grads.insert(key, g);
+                            }
+                        }
                     }
                 }
                 let grad_norm = run.optimizer.clip(&mut grads);
@@ -442,6 +484,9 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
             let images_per_s = config.run.batch_size as f64 / step_started.elapsed().as_secs_f64();
             run.metrics.steps.push(StepRow { step: run.position.step, epoch, loss: loss_sum, lr, lambda, grad_norm, images_per_s });
             bar.set_position(run.position.step);
+    if options.progress {
+        notes.iter().for_each(|n| bar.println(format!("note: {n}")));
+    }
             bar.set_message(format!(
                 "epoch {} loss {loss_sum:.4} lr {lr:.2e} λ {} {images_per_s:.0} img/s",
                 epoch + 1,
@@ -524,5 +569,5 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
     };
     save_model(&model_path, &run.model, &preprocess, true)?;
     run.metrics.write(&dir)?;
-    Ok(Summary { run_dir: dir, steps: run.position.step, seconds: started.elapsed().as_secs_f64(), warnings: resolved.warnings, final_eval, fused_eval, model_path, engine })
+    Ok(Summary { run_dir: dir, steps: run.position.step, seconds: started.elapsed().as_secs_f64(), warnings: resolved.warnings, final_eval, fused_eval, model_path, engine, notes })
 }

@@ -8,12 +8,18 @@
 
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Initializer, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{Initializer, Linear, PaddingConfig2d};
 use burn::tensor::Tensor;
 use burn::tensor::activation::{relu, softmax, softplus};
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
+pub mod fast;
+mod onnx;
+
+pub use fast::{AttentionActivations, AttentionScratch, FastAttention};
+
+use super::linear::linear;
 use super::norm::LayerNorm;
 use crate::error::{Error, Result, check_tokens};
 
@@ -182,18 +188,6 @@ impl AttentionConfig {
             }
         }
     }
-}
-
-/// A Linear initialised as timm's ViTs are (weight ~ N(0, 0.02), bias 0).
-pub(crate) fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
-    let mut layer = LinearConfig::new(d_in, d_out)
-        .with_bias(bias)
-        .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
-        .init(device);
-    if bias {
-        layer.bias = Some(Initializer::Zeros.init([d_out], device));
-    }
-    layer
 }
 
 /// An attention layer of any kind; adds no component to parameter keys.

@@ -7,9 +7,14 @@ use burn::tensor::module::{batch_norm, batch_norm_train, layer_norm};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub mod fast;
+
+pub use fast::{FastNorm, NormCache};
+
 use super::counter::Counter;
 use super::is_training;
 use super::schedule::{Decay, Phase, PrepbnSchedule};
+use crate::deploy::onnx::{Graph, ToOnnx, attr_float, attr_int};
 use crate::error::{Error, Result, check_tokens};
 
 /// LayerNorm over the last axis (biased variance), `weight`/`bias` as in PyTorch.
@@ -35,6 +40,15 @@ impl LayerNorm {
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         layer_norm(x, self.weight.val(), Some(self.bias.val()), self.eps)
+    }
+}
+
+/// LayerNorm over the last axis.
+impl ToOnnx for LayerNorm {
+    fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
+        let scale = g.param("ln_weight", &self.weight);
+        let bias = g.param("ln_bias", &self.bias);
+        Ok(g.op("LayerNormalization", &[x, &scale, &bias], vec![attr_int("axis", -1), attr_float("epsilon", self.eps as f32)]))
     }
 }
 
@@ -243,6 +257,17 @@ impl LinearNorm {
     }
 }
 
+/// The eval-mode norm. RepBN and PRepBN are exported folded into the next Linear (the deploy
+/// model), so only LayerNorm is emitted as an op.
+impl ToOnnx for Norm {
+    fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
+        match self {
+            Norm::LayerNorm(n) => n.to_onnx(g, x),
+            Norm::RepBN(_) | Norm::LinearNorm(_) => Err(Error::Unsupported { what: "an unfused RepBN/PRepBN (export the fused model)".into(), path: "ONNX export" }),
+        }
+    }
+}
+
 /// Which normalization a model uses everywhere it has one (SPEC §2.6).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
@@ -307,6 +332,12 @@ impl NormKind {
                 Ok(())
             }
         }
+    }
+
+    /// Whether the eval-mode norm is an affine map that folds into a neighbouring layer (RepBN,
+    /// PRepBN); LayerNorm computes its statistics online.
+    pub fn folds(&self) -> bool {
+        !matches!(self, NormKind::LayerNorm { .. })
     }
 
     pub fn init(&self, channels: usize, device: &Device) -> Norm {
