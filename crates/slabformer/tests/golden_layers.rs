@@ -6,8 +6,7 @@ mod common;
 use burn::tensor::Tensor;
 use common::*;
 use slabformer::nn::attention::{AttentionConfig, AttentionKind};
-use slabformer::nn::norm::{LinearNorm, NormKind, RepBN, RepBnInit};
-use slabformer::nn::schedule::{Decay, PrepbnSchedule};
+use slabformer::nn::norm::{LinearNorm, RepBN, RepBnInit};
 use slabformer::nn::set_training;
 use slabformer::state::{collect_grads, collect_state, load_state};
 
@@ -33,15 +32,20 @@ where
 
 #[test]
 fn repbn_matches_official() {
-    let g = golden("repbn");
+    let (g, config) = golden_with_config("repbn");
+    config.expect_class("models.prepbn.RepBN");
     let device = autodiff();
-    let module = RepBN::new(16, 1e-5, RepBnInit::Vision, &device);
+    let module = RepBN::new(config.usize("ctor.channels"), config.f64("bn.eps"), RepBnInit::Vision, &device);
     let (module, _) = load_state(module, &g.subset("param"), false).unwrap();
 
     check_step("repbn train", &module, &g, "input.x", "output.train", "grad", |m, x| m.forward(x));
     assert_state("repbn step 1", &collect_state(&module), &g.subset("state_after_step1"), Tol::Output);
 
-    for step in 2..=4 {
+    // The extra train forwards are steps 2, 3, …, after the first one above.
+    let steps = numbered_keys(&g, "input.x_step");
+    let extra = config.usize("n_extra_train_steps");
+    assert_eq!(steps, (2..2 + extra).collect::<Vec<_>>(), "repbn: input.x_step* keys vs n_extra_train_steps");
+    for step in steps {
         let x = g.tensor(&format!("input.x_step{step}"), &device).unwrap();
         let out = module.forward(x);
         assert_tensor("repbn train", out, &g, &format!("output.train_step{step}"), Tol::Output);
@@ -56,38 +60,68 @@ fn repbn_matches_official() {
 
 #[test]
 fn linear_norm_matches_official_counters_outputs_and_grads() {
-    let g = golden("linearnorm");
+    let (g, config) = golden_with_config("linearnorm");
+    config.expect_class("models.prepbn.LinearNorm");
+    assert_eq!(config.str("ctor.norm2"), "RepBN", "linearnorm: norm2");
     let device = autodiff();
-    let schedule = PrepbnSchedule { warm: 2, total: 4, r0: 1.0, decay: Decay::Linear };
-    let module = LinearNorm::new(16, 1e-6, 1e-5, schedule, &device);
+    let (ln_eps, schedule) = config.linear_norm("ctor");
+    let module = LinearNorm::new(config.usize("ctor.dim"), ln_eps, VISION_BN_EPS, schedule, &device);
+    let trace = config.array("counter_trace");
+    // The file starts from the official constructor's counters (warm, iter = step): so must we.
+    assert_counters("linearnorm as constructed", &collect_state(&module), &trace[0]["before"]);
     let (module, _) = load_state(module, &g.subset("param"), false).unwrap();
 
-    for t in 0..8 {
+    let calls = numbered_keys(&g, "input.x_t");
+    assert_eq!(calls, (0..config.usize("n_train_calls")).collect::<Vec<_>>(), "linearnorm: input.x_t* keys vs n_train_calls");
+    assert_eq!(calls.len(), trace.len(), "linearnorm: one counter_trace entry per call");
+    for (t, expected) in calls.into_iter().zip(trace) {
         let name = format!("linearnorm t{t}");
+        assert_counters(&format!("{name} before"), &collect_state(&module), &expected["before"]);
         check_step(&name, &module, &g, &format!("input.x_t{t}"), &format!("output.train_t{t}"), &format!("grad.t{t}"), |m, x| m.forward(x));
-        assert_state(&name, &collect_state(&module), &g.subset(&format!("state_after_t{t}")), Tol::Output);
+        let state = collect_state(&module);
+        assert_counters(&format!("{name} after"), &state, &expected["after"]);
+        assert_state(&name, &state, &g.subset(&format!("state_after_t{t}")), Tol::Output);
     }
     let module = set_training(module, false);
     let out = module.forward(g.tensor("input.x_eval", &device).unwrap());
     assert_tensor("linearnorm eval", out, &g, "output.eval", Tol::Output);
 }
 
+/// The SLA of `config`'s `ctor` on the token grid of the golden input `(B, N, C)`.
+fn sla_config(config: &GoldenConfig, g: &slabformer::state::StateDict) -> AttentionConfig {
+    let dim = config.usize("ctor.dim");
+    let input = &g.get("input.x").unwrap().shape;
+    assert_eq!(input.last(), Some(&dim), "input.x {input:?} has not ctor.dim = {dim} channels");
+    AttentionConfig {
+        dim,
+        num_heads: config.usize("ctor.num_heads"),
+        qkv_bias: config.bool("ctor.qkv_bias"),
+        // slab_deit's attention hard-codes its 5×5 DWC.
+        kind: AttentionKind::sla(),
+        grid: Some(square_grid(input[1])),
+    }
+}
+
 #[test]
 fn sla_matches_official_deit_attention() {
-    let g = golden("sla_deit");
+    let (g, config) = golden_with_config("sla_deit");
+    config.expect_class("models.slab_deit.Attention");
     let device = autodiff();
-    let config = AttentionConfig { dim: 32, num_heads: 2, qkv_bias: true, kind: AttentionKind::sla(), grid: Some([14, 14]) };
-    let (attention, _) = load_state(config.init(&device), &g.subset("param"), false).unwrap();
+    let (attention, _) = load_state(sla_config(&config, &g).init(&device), &g.subset("param"), false).unwrap();
     check_step("sla", &attention, &g, "input.x", "output.y", "grad", |m, x| m.forward(x));
 }
 
 #[test]
 fn slab_deit_block_matches_official_train_and_eval() {
-    let g = golden("slab_deit_block");
+    let (g, config) = golden_with_config("slab_deit_block");
+    config.expect_class("models.slab_deit.Block");
     let device = autodiff();
-    let attention = AttentionConfig { dim: 48, num_heads: 3, qkv_bias: true, kind: AttentionKind::sla(), grid: Some([14, 14]) };
-    let block = slabformer::models::vit::Block::new(&NormKind::prepbn(1e-6, 60_000), &attention, 192, 0.0, &device);
+    let attention = sla_config(&config, &g);
+    let mlp_hidden = (attention.dim as f64 * config.f64("ctor.mlp_ratio")) as usize;
+    let norm = config.prepbn_norm("norm_layer");
+    let block = slabformer::models::vit::Block::new(&norm, &attention, mlp_hidden, config.f64("ctor.drop_path"), &device);
     let (block, _) = load_state(block, &g.subset("param"), false).unwrap();
+    assert_counters("block loaded", &collect_state(&block), config.field("initial_counters"));
 
     check_step("block train", &block, &g, "input.x", "output.train", "grad", |m, x| m.forward(x));
     assert_state("block after train", &collect_state(&block), &g.subset("state_after_train"), Tol::Output);

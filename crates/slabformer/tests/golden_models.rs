@@ -11,10 +11,11 @@ use slabformer::state::{collect_grads, collect_state, load_state};
 
 #[test]
 fn slab_deit_tiny_matches_official_train_step_and_eval() {
-    let g = golden("slab_deit_tiny");
+    let (g, config) = golden_with_config("slab_deit_tiny");
     let device = autodiff();
-    let model = VitConfig::golden_slab_deit_tiny().init(&device).unwrap();
+    let model = slab_deit_config(&config).init(&device).unwrap();
     let (model, _) = load_state(model, &g.subset("param"), false).unwrap();
+    assert_counters("loaded", &collect_state(&model), config.field("initial_counters"));
 
     let images: Tensor<4> = g.tensor("input.x", &device).unwrap().require_grad();
     let logits = model.try_forward(images.clone()).unwrap();
@@ -35,6 +36,22 @@ fn slab_deit_tiny_matches_official_train_step_and_eval() {
     let inference = model.valid();
     let logits = inference.forward(g.tensor("input.x", &plain()).unwrap());
     assert_tensor("inference logits", logits, &g, "output.eval", Tol::Output);
+}
+
+#[test]
+#[should_panic(expected = "golden `slab_deit_tiny`: metadata `config` has no `ctor.embed_dim`")]
+fn a_golden_config_without_a_constructor_field_is_refused_by_name() {
+    let (_, config) = golden_with_config("slab_deit_tiny");
+    slab_deit_config(&config.edited(|json| {
+        json["ctor"].as_object_mut().unwrap().remove("embed_dim");
+    }));
+}
+
+#[test]
+#[should_panic(expected = "`norm_layer.norm1` = \"LayerNorm\" is not `LayerNorm(eps=<number>)`")]
+fn a_golden_norm_layer_without_its_eps_is_refused_by_name() {
+    let (_, config) = golden_with_config("slab_deit_tiny");
+    slab_deit_config(&config.edited(|json| json["norm_layer"]["norm1"] = "LayerNorm".into()));
 }
 
 #[test]
@@ -67,17 +84,19 @@ fn a_truncated_official_checkpoint_is_refused() {
 fn cpu_trainer_matches_official_train_step() {
     use slabformer::runtime::CpuTrainer;
     use slabformer::state::Values;
-    let g = golden("slab_deit_tiny");
-    let config = VitConfig::golden_slab_deit_tiny();
+    let (g, metadata) = golden_with_config("slab_deit_tiny");
+    let config = slab_deit_config(&metadata);
     let mut trainer = CpuTrainer::from_state(&config, &g.subset("param"), Default::default()).unwrap();
+    assert_counters("trainer loaded", &trainer.state(), metadata.field("initial_counters"));
     let f32s = |key: &str| match &g.get(key).unwrap().values {
         Values::F32(v) => v.clone(),
         Values::I64(_) => panic!("{key} is not f32"),
     };
-    let logits = trainer.forward(&f32s("input.x"), 2).unwrap();
+    let batch = g.get("input.x").unwrap().shape[0];
+    let logits = trainer.forward(&f32s("input.x"), batch).unwrap();
     let want = g.get("output.train").unwrap();
     let as_f64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-    assert_close("trainer logits", &[2, 10], &as_f64(&logits), &want.shape, &values_of(want), Tol::Output);
+    assert_close("trainer logits", &[batch, config.num_classes], &as_f64(&logits), &want.shape, &values_of(want), Tol::Output);
     // loss = Σ logits ⊙ w, so ∂loss/∂logits = w.
     trainer.backward(&f32s("input.loss_weight")).unwrap();
     assert_grads("cpu trainer", &trainer.gradients(), &g.subset("grad"));

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
 use burn::tensor::{Device, Distribution, Tensor};
 use slabformer::deploy::onnx::{export, export_model};
@@ -39,10 +40,24 @@ fn deploy(config: VitConfig) -> DeployVit {
     randomized(config).fuse().unwrap()
 }
 
-/// The model before fusing, randomized as for [`deploy`] (LayerNorm affines too).
-fn randomized(config: VitConfig) -> VisionTransformer {
+/// burn draws from one process-wide generator and the tests run in parallel threads: each draw is
+/// made under one lock right after seeding, so every run gets the same weights and images (as
+/// `slabformer::train` does for its initial model).
+fn seeded<R>(seed: u64, draw: impl FnOnce(&Device) -> R) -> R {
+    static RANDOM: Mutex<()> = Mutex::new(());
+    let _guard = RANDOM.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let device = Device::flex();
-    let model = map_float_tensors(config.init(&device).unwrap(), |key, t| {
+    device.seed(seed);
+    draw(&device)
+}
+
+const WEIGHTS_SEED: u64 = 17;
+const IMAGES_SEED: u64 = 18;
+
+/// The model before fusing, randomized as for [`deploy`] (LayerNorm affines too). Mapping every
+/// tensor also materializes the lazily initialized ones while the seeded generator is held.
+fn randomized(config: VitConfig) -> VisionTransformer {
+    seeded(WEIGHTS_SEED, |device| map_float_tensors(config.init(device).unwrap(), |key, t| {
         let n = t.dims()[0];
         let uniform = |lo, hi| Tensor::<1>::random([n], Distribution::Uniform(lo, hi), &t.device());
         if key.ends_with("running_var") {
@@ -58,8 +73,7 @@ fn randomized(config: VitConfig) -> VisionTransformer {
         } else {
             None
         }
-    });
-    model
+    }))
 }
 
 fn run_onnx_runtime(model: &Path, input: &[f32], shape: [usize; 4]) -> Vec<f32> {
@@ -89,18 +103,22 @@ fn check(name: &str, config: VitConfig) {
     compare(name, &path, &config, |images| model.forward(images));
 }
 
-/// slabformer's logits against ONNX Runtime's on the exported file, for 3 random images.
+/// slabformer's logits against ONNX Runtime's on the exported file, for 3 seeded random images.
 fn compare(name: &str, path: &Path, config: &VitConfig, forward: impl Fn(Tensor<4>) -> Tensor<2>) {
     let shape = [3, config.in_chans, config.img_size, config.img_size];
-    let images = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &Device::flex());
+    let images = seeded(IMAGES_SEED, |device| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), device));
     let input: Vec<f32> = images.clone().into_data().try_to_vec().unwrap();
     let ours: Vec<f32> = forward(images).into_data().try_to_vec().unwrap();
     let theirs = run_onnx_runtime(path, &input, shape);
     assert_eq!(ours.len(), theirs.len(), "{name}: logits count");
-    let scale = ours.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let scale = theirs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     assert!(scale > 0.5, "{name}: logits too small to test against ({scale})");
     let worst = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-    assert!(worst <= 1e-4, "{name}: max |slabformer − onnxruntime| = {worst:e} (max |logit| {scale})");
+    // The golden README's bound for two fp32 implementations: rounding grows with the logits, so a
+    // fixed 1e-4 failed at |logit| 8.5. Over 300 seeds per model on an AMX Xeon the worst Δ was
+    // 9.6e-6·max|logit| (9 % of this bound), and a 2e-3 shift of the logits still fails it.
+    let bound = 1e-4 + 1e-4 * scale;
+    assert!(worst <= bound, "{name}: max |slabformer − onnxruntime| = {worst:e} > {bound:e} (max |logit| {scale})");
 }
 
 fn small(base: VitConfig) -> VitConfig {

@@ -6,6 +6,10 @@
 use std::path::PathBuf;
 
 use burn::tensor::{Device, Tensor};
+use serde_json::Value;
+use slabformer::models::VitConfig;
+use slabformer::nn::norm::NormKind;
+use slabformer::nn::schedule::{Decay, PrepbnSchedule};
 use slabformer::state::{StateDict, StateTensor, Values};
 
 /// `$SLABFORMER_GOLDEN`, or `../shared/golden` beside the workspace. Relative paths are taken from
@@ -28,6 +32,152 @@ pub fn golden(case: &str) -> StateDict {
     let path = golden_dir().join(format!("{case}.safetensors"));
     StateDict::read_safetensors(&path)
         .unwrap_or_else(|e| panic!("golden case `{case}` is unreadable: {e}"))
+}
+
+/// A golden file's tensors and its `config` metadata.
+pub fn golden_with_config(case: &str) -> (StateDict, GoldenConfig) {
+    let g = golden(case);
+    let config = GoldenConfig::of(case, &g);
+    (g, config)
+}
+
+/// The `config` JSON in a golden file's safetensors metadata (official constructor arguments, norm
+/// layer, counters, what was run; `_configs.json` only collects these). Every accessor panics naming
+/// the file and the field, so a set lacking one fails clearly.
+pub struct GoldenConfig {
+    case: String,
+    json: Value,
+}
+
+/// BatchNorm eps of the official vision RepBN; the files describe only the LayerNorm of a LinearNorm.
+pub const VISION_BN_EPS: f64 = 1e-5;
+
+impl GoldenConfig {
+    pub fn of(case: &str, golden: &StateDict) -> Self {
+        let text = golden
+            .metadata
+            .get("config")
+            .unwrap_or_else(|| panic!("golden `{case}` has no `config` in its safetensors metadata"));
+        let json = serde_json::from_str(text).unwrap_or_else(|e| panic!("golden `{case}`: metadata `config` is not JSON: {e}"));
+        Self { case: case.into(), json }
+    }
+
+    /// A copy with `edit` applied, to test how a malformed config is refused.
+    pub fn edited(&self, edit: impl FnOnce(&mut Value)) -> Self {
+        let mut json = self.json.clone();
+        edit(&mut json);
+        Self { case: self.case.clone(), json }
+    }
+
+    /// The value at a dotted path such as `ctor.embed_dim`.
+    pub fn field(&self, path: &str) -> &Value {
+        path.split('.')
+            .try_fold(&self.json, |v, k| v.get(k))
+            .unwrap_or_else(|| panic!("golden `{}`: metadata `config` has no `{path}`", self.case))
+    }
+
+    fn typed<'a, T>(&'a self, path: &str, what: &str, get: impl FnOnce(&'a Value) -> Option<T>) -> T {
+        let v = self.field(path);
+        get(v).unwrap_or_else(|| panic!("golden `{}`: metadata `{path}` = {v} is not {what}", self.case))
+    }
+
+    pub fn usize(&self, path: &str) -> usize {
+        self.typed(path, "a non-negative integer", |v| v.as_u64().map(|n| n as usize))
+    }
+
+    pub fn f64(&self, path: &str) -> f64 {
+        self.typed(path, "a number", Value::as_f64)
+    }
+
+    pub fn bool(&self, path: &str) -> bool {
+        self.typed(path, "a boolean", Value::as_bool)
+    }
+
+    pub fn str(&self, path: &str) -> &str {
+        self.typed(path, "a string", Value::as_str)
+    }
+
+    pub fn array(&self, path: &str) -> &[Value] {
+        self.typed(path, "an array", |v| v.as_array().map(Vec::as_slice))
+    }
+
+    /// Guards against a file of another module under an expected name.
+    pub fn expect_class(&self, class: &str) {
+        assert_eq!(self.str("class"), class, "golden `{}` is not of the expected official class", self.case);
+    }
+
+    /// The LinearNorm described at `path` (`norm1` "LayerNorm(eps=…)", `warm`, `step`, `r0`):
+    /// its LayerNorm eps and schedule (linear decay, as the official `LinearNorm`).
+    pub fn linear_norm(&self, path: &str) -> (f64, PrepbnSchedule) {
+        let norm1_path = format!("{path}.norm1");
+        let norm1 = self.str(&norm1_path);
+        let ln_eps = norm1
+            .strip_prefix("LayerNorm(eps=")
+            .and_then(|rest| rest.strip_suffix(')'))
+            .and_then(|eps| eps.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("golden `{}`: metadata `{norm1_path}` = {norm1:?} is not `LayerNorm(eps=<number>)`", self.case));
+        let schedule = PrepbnSchedule {
+            warm: self.usize(&format!("{path}.warm")) as u64,
+            total: self.usize(&format!("{path}.step")) as u64,
+            r0: self.f64(&format!("{path}.r0")),
+            decay: Decay::Linear,
+        };
+        (ln_eps, schedule)
+    }
+
+    pub fn prepbn_norm(&self, path: &str) -> NormKind {
+        let (ln_eps, schedule) = self.linear_norm(path);
+        NormKind::Prepbn { ln_eps, bn_eps: VISION_BN_EPS, schedule }
+    }
+}
+
+/// The official `slab_deit.VisionTransformer` of a golden file: sizes from `ctor`, the PRepBN from
+/// `norm_layer`; SLA and mean pooling as in SLAB-DeiT.
+pub fn slab_deit_config(config: &GoldenConfig) -> VitConfig {
+    config.expect_class("models.slab_deit.VisionTransformer");
+    VitConfig {
+        img_size: config.usize("ctor.img_size"),
+        patch_size: config.usize("ctor.patch_size"),
+        in_chans: config.usize("ctor.in_chans"),
+        num_classes: config.usize("ctor.num_classes"),
+        embed_dim: config.usize("ctor.embed_dim"),
+        depth: config.usize("ctor.depth"),
+        num_heads: config.usize("ctor.num_heads"),
+        mlp_ratio: config.f64("ctor.mlp_ratio"),
+        qkv_bias: config.bool("ctor.qkv_bias"),
+        drop_path_rate: config.f64("ctor.drop_path_rate"),
+        norm: config.prepbn_norm("norm_layer"),
+        ..VitConfig::slab_deit_tiny()
+    }
+}
+
+/// The (rows, cols) grid of `tokens` row-major tokens; the official SLA maps are square.
+pub fn square_grid(tokens: usize) -> [usize; 2] {
+    let side = (tokens as f64).sqrt().round() as usize;
+    assert_eq!(side * side, tokens, "{tokens} tokens are not a square grid");
+    [side, side]
+}
+
+/// The numbers `n` of the keys `<prefix><n>` in `g`, ascending.
+pub fn numbered_keys(g: &StateDict, prefix: &str) -> Vec<usize> {
+    let mut numbers: Vec<usize> = g.keys().filter_map(|k| k.strip_prefix(prefix)?.parse().ok()).collect();
+    numbers.sort_unstable();
+    numbers
+}
+
+/// Every PRepBN counter of `state` named in `counters` (a metadata object such as
+/// `{"warm": 0, "iter": 30000}`) has that value, and `state` has at least one of each.
+pub fn assert_counters(name: &str, state: &StateDict, counters: &Value) {
+    let counters = counters.as_object().unwrap_or_else(|| panic!("{name}: counters {counters} are not an object"));
+    for (counter, want) in counters {
+        let want = want.as_i64().unwrap_or_else(|| panic!("{name}: counter `{counter}` = {want} is not an integer"));
+        let suffix = format!(".{counter}");
+        let found: Vec<_> = state.iter().filter(|(k, _)| *k == counter || k.ends_with(&suffix)).collect();
+        assert!(!found.is_empty(), "{name}: no `{counter}` counter in our state");
+        for (key, t) in found {
+            assert_eq!(t.values, Values::I64(vec![want]), "{name}: counter `{key}`");
+        }
+    }
 }
 
 pub fn plain() -> Device {
