@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 use slabformer::data::fetch::fetch_fashion_mnist;
+use slabformer::nn::attention::AttentionKind;
 use slabformer::nn::schedule::{Decay, PrepbnSchedule};
 use slabformer::train::config::{TrainConfig, TrainEngine};
 use slabformer::train::metrics::Metrics;
@@ -148,23 +149,33 @@ fn interrupted_and_resumed_cpu_trainer_run_equals_the_straight_run_bit_for_bit()
 }
 
 #[test]
-fn the_cpu_engine_refuses_what_it_does_not_cover() {
+fn auto_takes_the_fast_path_for_every_deit_family_kind_and_says_why_not_otherwise() {
+    // FLatten (LayerNorm: no fused evaluation) and ReLU/L with qk-norm run on the CPU trainer.
     let mut config = small_config();
-    config.run.engine = TrainEngine::Cpu;
-    config.model.preset = "flatten_deit_tiny".into();
-    config.prepbn.steps = None;
-    let data = load_datasets(&config).unwrap();
-    let run = tempfile::tempdir().unwrap();
-    let err = train(&config, &data, &options(run.path())).unwrap_err().to_string();
-    assert!(err.contains("fast CPU path") && err.contains("focused"), "{err}");
-    // auto falls back to burn for it, and says why; LayerNorm models have no fused evaluation.
-    config.run.engine = TrainEngine::Auto;
     config.run.epochs = 1;
     config.run.recalibrate_epochs = 0;
+    config.prepbn.steps = None;
+    let data = load_datasets(&config).unwrap();
+    for preset in ["flatten_deit_tiny", "relu_vit_tiny"] {
+        config.model.preset = preset.into();
+        let run = tempfile::tempdir().unwrap();
+        let summary = train(&config, &data, &options(run.path())).unwrap();
+        assert_eq!(summary.engine, "cpu", "{preset}");
+        assert!(summary.notes.iter().all(|n| !n.contains("burn autodiff")), "{preset}: {:?}", summary.notes);
+        assert!(summary.notes.iter().any(|n| n.contains("no fused evaluation")), "{preset}: {:?}", summary.notes);
+    }
+    // A focusing power above 6 (normalized by the row maximum) is not on the fast path: `cpu`
+    // refuses it by name, `auto` trains on burn and says why.
+    config.model.preset = "flatten_deit_tiny".into();
+    config.model.attention = Some(AttentionKind::Focused { power: 8.0, kernel_size: 3 });
+    config.run.engine = TrainEngine::Cpu;
+    let run = tempfile::tempdir().unwrap();
+    let err = train(&config, &data, &options(run.path())).unwrap_err().to_string();
+    assert!(err.contains("fast CPU path") && err.contains("power 8"), "{err}");
+    config.run.engine = TrainEngine::Auto;
     let summary = train(&config, &data, &options(run.path())).unwrap();
     assert_eq!(summary.engine, "burn");
-    assert!(summary.notes.iter().any(|n| n.contains("burn autodiff") && n.contains("focused")), "{:?}", summary.notes);
-    assert!(summary.notes.iter().any(|n| n.contains("no fused evaluation")), "{:?}", summary.notes);
+    assert!(summary.notes.iter().any(|n| n.contains("burn autodiff") && n.contains("power 8")), "{:?}", summary.notes);
 }
 
 #[test]

@@ -297,14 +297,14 @@ impl Block {
         x.clone().add(self.drop_path.forward(self.mlp.forward(self.norm2.forward(x))))
     }
 
-    /// norm1 folded into `attn.qkv`, norm2 into `mlp.fc1`.
+    /// norm1 folded into the attention's input projections (`qkv`, and the gate if it has one),
+    /// norm2 into `mlp.fc1`.
     pub fn fuse(&self) -> Result<DeployBlock> {
         let not_foldable = || Error::Config("LayerNorm blocks cannot be re-parameterized".into());
         let (a1, b1) = self.norm1.eval_affine().ok_or_else(not_foldable)?;
         let (a2, b2) = self.norm2.eval_affine().ok_or_else(not_foldable)?;
-        let qkv = fold_into_next_linear(self.attn.qkv(), a1, b1);
         Ok(DeployBlock {
-            attn: self.attn.clone().with_qkv(qkv),
+            attn: self.attn.fold_input(a1, b1),
             mlp: Mlp { fc1: fold_into_next_linear(&self.mlp.fc1, a2, b2), fc2: self.mlp.fc2.clone() },
         })
     }
@@ -563,7 +563,7 @@ impl FastBlock {
         let t = ws.x.len() / c;
         assert!(parts <= ws.parts, "workspace sized for {} row blocks, asked for {parts}", ws.parts);
         let per = t.div_ceil(parts.max(1)).max(1);
-        let InferWorkspace { x, normed, qkv, mixed, scores, k_sum, kv, hidden, .. } = ws;
+        let InferWorkspace { x, normed, qkv, mixed, scores, k_sum, kv, hidden, gate, .. } = ws;
 
         let pass_a: Vec<_> = x.chunks(per * c).zip(normed.chunks_mut(per * c)).zip(qkv.chunks_mut(per * 3 * c)).zip(k_sum.chunks_mut(c)).zip(kv.chunks_mut(c * d)).enumerate().collect();
         let blocks = pass_a.len();
@@ -585,6 +585,8 @@ impl FastBlock {
         let score_width = if self.attn.has_scores() { t } else { 0 };
         let mut scores = scores.chunks_mut((per * score_width).max(1));
         let mut hidden = hidden.chunks_mut((per * hidden_width).max(1));
+        let gate_width = if self.attn.has_gate() { c } else { 0 };
+        let mut gate = gate.chunks_mut((per * gate_width).max(1));
         let pass_b: Vec<_> = x
             .chunks_mut(per * c)
             .zip(normed.chunks_mut(per * c))
@@ -592,11 +594,14 @@ impl FastBlock {
             .enumerate()
             .map(|(i, ((x, normed), mixed))| {
                 let rows = x.len() / c;
-                (i * per, x, normed, mixed, next_block(&mut scores, rows * score_width), next_block(&mut hidden, rows * hidden_width))
+                let scratch = (next_block(&mut scores, rows * score_width), next_block(&mut hidden, rows * hidden_width), next_block(&mut gate, rows * gate_width));
+                (i * per, x, normed, mixed, scratch)
             })
             .collect();
-        for_each_part(pass_b, |(first, x, normed, mixed, scores, hidden)| {
-            self.attn.infer_queries(first, qkv, k_sum, kv, conv.as_ref(), mixed, scores);
+        for_each_part(pass_b, |(first, x, normed, mixed, (scores, hidden, gate))| {
+            // The gate reads the attention's input: norm1's output from pass A, or x itself.
+            let input: &[f32] = if self.norm1.is_some() { normed } else { x };
+            self.attn.infer_queries(p, first, qkv, k_sum, kv, conv.as_ref(), input, mixed, gate, scores);
             self.attn.proj.apply_residual(p, mixed, x);
             if let Some(mlp) = &self.mlp {
                 mlp.infer_hidden(p, norm_or_identity(self.norm2.as_ref(), p, x, normed), hidden);
@@ -621,9 +626,9 @@ impl FastBlock {
         let mid = sized(&mut a.mid, rows * c);
         if a.attn_mask.is_empty() {
             mid.copy_from_slice(&a.x);
-            self.attn.forward(p, &a.normed1, mid, &mut a.attn, batch, t, true); // x + attn(norm1(x))
+            self.attn.forward(p, &a.normed1, mid, &mut a.attn, batch, t, true)?; // x + attn(norm1(x))
         } else {
-            self.attn.forward(p, &a.normed1, mid, &mut a.attn, batch, t, false);
+            self.attn.forward(p, &a.normed1, mid, &mut a.attn, batch, t, false)?;
             add_masked_branch(&a.x, mid, &a.attn_mask); // x + mask·attn(norm1(x))
         }
         norm2.forward(p, &a.mid, sized(&mut a.normed2, rows * c), &mut a.norm2, c, advance)?;
@@ -671,6 +676,8 @@ pub struct InferWorkspace {
     k_sum: Vec<f32>,
     kv: Vec<f32>,
     hidden: Vec<f32>,
+    /// The output gate's values (gated ReLU attention only).
+    gate: Vec<f32>,
     pooled: Vec<f32>,
     /// How many row blocks `k_sum` and `kv` have room for.
     pub parts: usize,
@@ -681,6 +688,7 @@ impl InferWorkspace {
         let parts = parts.max(1);
         let hidden = blocks.iter().filter_map(|b| b.mlp.as_ref().map(FastMlp::hidden)).max().unwrap_or(0);
         let dot = blocks.iter().any(|b| b.attn.has_scores());
+        let gated = blocks.iter().any(|b| b.attn.has_gate());
         let d = blocks.iter().map(|b| c / b.attn.heads).max().unwrap_or(0);
         InferWorkspace {
             patches: vec![0.0; t * patch_len],
@@ -692,6 +700,7 @@ impl InferWorkspace {
             k_sum: vec![0.0; parts * c],
             kv: vec![0.0; parts * c * d],
             hidden: vec![0.0; t * hidden],
+            gate: vec![0.0; if gated { t * c } else { 0 }],
             pooled: vec![0.0; c],
             parts,
         }
@@ -1101,11 +1110,15 @@ mod tests {
         // (pure RepBN, class token).
         let device = Device::flex();
         let small = |base: VitConfig| VitConfig { img_size: 32, patch_size: 4, embed_dim: 24, depth: 2, num_heads: 2, num_classes: 7, ..base };
-        for config in [small(VitConfig::slab_deit_tiny()), small(VitConfig::prepbn_deit_tiny()), small(VitConfig::prepbn_deit_small())] {
+        let gated = VitConfig { attention: AttentionKind::ReluL { qk_norm: true, gated: true }, ..small(VitConfig::prepbn_deit_tiny()) };
+        let focused = VitConfig { attention: AttentionKind::focused(), pool: Pool::Mean, ..small(VitConfig::prepbn_deit_tiny()) };
+        for config in [small(VitConfig::slab_deit_tiny()), small(VitConfig::prepbn_deit_tiny()), small(VitConfig::prepbn_deit_small()), gated, focused] {
             let model = randomize_norms(config.init(&device).unwrap());
             let deploy = model.fuse().unwrap();
             let keys = crate::state::collect_state(&deploy);
-            assert!(keys.keys().all(|k| !k.contains("norm") && !k.contains("bn.") && !k.contains("alpha")), "{:?}", keys.keys().collect::<Vec<_>>());
+            // No block or final norm is left (qk-norm's per-head LayerNorms are not foldable and stay).
+            let folded = |k: &str| k.contains("norm1") || k.contains("norm2") || k.starts_with("norm.") || k.contains("bn.") || k.contains("alpha");
+            assert!(!keys.keys().any(|k| folded(k)), "{:?}", keys.keys().collect::<Vec<_>>());
             let images = Tensor::<4>::random([64, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
             let want = model.forward(images.clone());
             let got = deploy.forward(images);

@@ -357,6 +357,16 @@ mod tests {
     }
 
     #[test]
+    fn layer_norm_relu_attention_with_qk_norm_and_gate_matches_burn_autodiff() {
+        check_against_burn(small(NormKind::layer_norm(1e-6), AttentionKind::ReluL { qk_norm: true, gated: true }, Pool::ClassToken));
+    }
+
+    #[test]
+    fn flatten_focused_attention_matches_burn_autodiff() {
+        check_against_burn(small(NormKind::repbn(), AttentionKind::focused(), Pool::Mean));
+    }
+
+    #[test]
     fn prepbn_sla_mean_pool_matches_burn_autodiff() {
         // λ = 0.5: both branches, and the counters advance.
         let mut config = small(NormKind::prepbn(1e-6, 4), AttentionKind::sla(), Pool::Mean);
@@ -444,9 +454,9 @@ mod tests {
     #[test]
     fn unsupported_models_and_bad_inputs_are_refused() {
         let device = Device::flex();
-        let focused = small(NormKind::layer_norm(1e-6), AttentionKind::focused(), Pool::Mean);
-        let err = CpuTrainer::new(&focused.init(&device).unwrap(), OptimConfig::default()).err().expect("refused").to_string();
-        assert!(err.contains("focused"), "{err}");
+        let sharp = small(NormKind::layer_norm(1e-6), AttentionKind::Focused { power: 8.0, kernel_size: 3 }, Pool::Mean);
+        let err = CpuTrainer::new(&sharp.init(&device).unwrap(), OptimConfig::default()).err().expect("refused");
+        assert!(matches!(err, Error::Unsupported { .. }) && err.to_string().contains("power 8"), "{err}");
         let config = small(NormKind::repbn(), AttentionKind::Softmax, Pool::ClassToken);
         let mut trainer = CpuTrainer::new(&config.init(&device).unwrap(), OptimConfig::default()).unwrap();
         assert!(trainer.backward(&[0.0; 10]).is_err(), "backward before forward");

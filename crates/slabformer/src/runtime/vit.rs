@@ -167,6 +167,7 @@ impl CpuVit {
 mod tests {
     use super::*;
     use burn::tensor::{Device, Distribution};
+    use crate::models::vit::Pool;
     use crate::nn::attention::AttentionKind;
     use crate::nn::norm::NormKind;
 
@@ -209,6 +210,10 @@ mod tests {
             small(VitConfig::prepbn_deit_tiny()),
             small(VitConfig::slab_deit_tiny()),
             VitConfig { attention: AttentionKind::ReluL { qk_norm: false, gated: false }, ..small(VitConfig::relu_vit_tiny()) },
+            VitConfig { attention: AttentionKind::ReluL { qk_norm: true, gated: true }, ..small(VitConfig::relu_vit_tiny()) },
+            VitConfig { attention: AttentionKind::ReluL { qk_norm: true, gated: true }, ..small(VitConfig::prepbn_deit_tiny()) },
+            small(VitConfig::flatten_deit_tiny()),
+            VitConfig { attention: AttentionKind::focused(), pool: Pool::Mean, ..small(VitConfig::prepbn_deit_tiny()) },
         ];
         for config in configs {
             let model = randomized(config.clone(), &device);
@@ -263,8 +268,8 @@ mod tests {
         let err = runtime.forward_tensor(Tensor::zeros([2, 3, 28, 28], &device)).unwrap_err();
         assert!(err.to_string().contains("[2, 3, 28, 28]"), "{err}");
         assert!(runtime.forward(&[0.0; 10], 1).is_err());
-        let focused = VitConfig { attention: AttentionKind::focused(), ..config };
-        let err = CpuVit::new(&focused.init(&device).unwrap()).err().unwrap();
-        assert!(err.to_string().contains("focused"), "{err}");
+        let sharp = VitConfig { attention: AttentionKind::Focused { power: 8.0, kernel_size: 5 }, ..config };
+        let err = CpuVit::new(&sharp.init(&device).unwrap()).err().unwrap();
+        assert!(matches!(err, Error::Unsupported { .. }) && err.to_string().contains("power 8"), "{err}");
     }
 }

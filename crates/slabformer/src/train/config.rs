@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::augment::{AugmentConfig, MixConfig};
 use crate::error::{Error, Result};
 use crate::models::{self, VitConfig};
+use crate::nn::attention::AttentionKind;
 use crate::nn::norm::NormKind;
 use crate::nn::schedule::Decay;
 
@@ -48,6 +49,9 @@ pub struct ModelSpec {
     pub num_heads: Option<usize>,
     pub mlp_ratio: Option<f64>,
     pub drop_path_rate: Option<f64>,
+    /// Another attention kind for the preset's blocks, e.g. `{ kind = "focused", power = 2.0,
+    /// kernel_size = 5 }`.
+    pub attention: Option<AttentionKind>,
 }
 
 impl ModelSpec {
@@ -57,7 +61,7 @@ impl ModelSpec {
         macro_rules! apply {
             ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
         }
-        apply!(img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, drop_path_rate);
+        apply!(img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, drop_path_rate, attention);
         Ok(c)
     }
 }
@@ -352,6 +356,7 @@ impl TrainConfig {
                 num_heads: Some(2),
                 mlp_ratio: Some(2.0),
                 drop_path_rate: Some(0.0),
+                attention: None,
             },
             data: DataConfig::default(),
             run: RunConfig { epochs: 4, batch_size: 128, recalibrate_epochs: 1, ..Default::default() },

@@ -1,6 +1,7 @@
 //! The attention kinds on the fast path, lowered from their burn modules: softmax and ReLU/L over
-//! each head's (T, T) scores, and SLA (ReLU feature maps, positional encoding on K, KᵀV first,
-//! the depthwise conv on V shared by the heads).
+//! each head's (T, T) scores (ReLU/L optionally with per-head qk-LayerNorm and an output gate),
+//! and the linear kinds SLA and FLatten (a positive feature map, positional encoding on K, KᵀV
+//! first, the depthwise conv on V shared by the heads).
 //!
 //! Layout: one sequence's tokens as a row-major (T, C) matrix and qkv as (T, 3C); heads are column
 //! blocks read through strided GEMM views, so there are no head split/merge copies. Inference
@@ -9,29 +10,40 @@
 
 use rayon::prelude::*;
 
-use super::{Attention, FeatureMap, Score};
+use super::{Attention, FOCUS_OFFSET, FeatureMap, Score, linear_attention_eps};
 use crate::error::{Error, Result};
 use crate::kernels::{self, DepthwiseConv, MatMut, MatRef, matmul};
 use crate::nn::linear::FastLinear;
 use crate::nn::lower::{Layout, ParamTable, Slot, sized};
+use crate::nn::norm::{FastNorm, NormCache};
 
-/// SLA's normaliser epsilon (`q·Σk + ε`), as in the official code.
-pub const SLA_EPS: f32 = 1e-6;
+/// The positive feature map of a linear kind.
+#[derive(Clone, Copy, Debug)]
+pub enum Feature {
+    /// SLA: φ(x) = ReLU(x).
+    Relu,
+    /// FLatten: φ(x) = f_p((ReLU(x) + offset) / softplus(θ)) over the channel axis.
+    Focused { power: f32, theta: Slot },
+}
 
 /// How the layer mixes its tokens.
 pub enum Mixer {
     /// Softmax or ReLU/L over each head's (T, T) scores.
     Dot { score: Score },
-    /// SLA: ReLU feature maps, positional encoding on K, depthwise conv on V.
-    Sla { positional_encoding: Slot, dwc_weight: Slot, dwc_bias: Slot, kernel: usize, grid: [usize; 2] },
+    /// SLA / FLatten: feature maps, positional encoding on K, depthwise conv on V.
+    Linear { feature: Feature, eps: f32, positional_encoding: Slot, dwc_weight: Slot, dwc_bias: Slot, kernel: usize, grid: [usize; 2] },
 }
 
-/// An attention layer on the fast path: qkv → mixer → proj.
+/// An attention layer on the fast path: qkv → (qk-norm) → mixer → (gate) → proj.
 pub struct FastAttention {
     pub qkv: FastLinear,
     pub mixer: Mixer,
     pub proj: FastLinear,
     pub heads: usize,
+    /// Per-head LayerNorms over q and over k (ReLU/L with qk-norm).
+    qk_norm: Option<(FastNorm, FastNorm)>,
+    /// The output gate: heads' output ⊙ gate(x), before proj.
+    gate: Option<FastLinear>,
 }
 
 /// What the training forward keeps for the backward pass.
@@ -47,8 +59,20 @@ pub struct AttentionActivations {
     k_sum: Vec<f32>,
     den: Vec<f32>,
     attn: Vec<f32>,
-    /// (R, C) heads side by side, before proj.
+    /// (R, C) heads side by side, before proj (after the gate).
     mixed: Vec<f32>,
+    /// qk-norm: q and k before their LayerNorms, each (R, C), and the norms' statistics.
+    q_pre: Vec<f32>,
+    k_pre: Vec<f32>,
+    q_norm: NormCache,
+    k_norm: NormCache,
+    /// Gate: the gate's output and the heads' output before it, each (R, C).
+    gate: Vec<f32>,
+    ungated: Vec<f32>,
+    /// FLatten: q and k + pe before the feature map, (R, 2C).
+    pre_feature: Vec<f32>,
+    /// FLatten: softplus(θ) of this forward.
+    scale: Vec<f32>,
 }
 
 /// Reusable backward buffers.
@@ -57,6 +81,12 @@ pub struct AttentionScratch {
     dmixed: Vec<f32>,
     dqkv: Vec<f32>,
     partials: Vec<f32>,
+    /// qk-norm: one of q/k's gradients, contiguous, before and after its norm's backward.
+    dnormed: Vec<f32>,
+    dpre: Vec<f32>,
+    /// Gate: the gradient of the gate's output and of its input.
+    dgate: Vec<f32>,
+    dgate_input: Vec<f32>,
 }
 
 fn unsupported(what: &str) -> Error {
@@ -67,16 +97,25 @@ impl FastAttention {
     pub fn lower(attn: &Attention, table: &mut ParamTable) -> Result<Self> {
         match attn {
             Attention::Dot(a) => {
-                if a.q_norm.is_some() || a.gate.is_some() {
-                    return Err(unsupported("qk-norm or gated ReLU attention"));
-                }
-                Ok(Self { qkv: FastLinear::lower(&a.qkv, table)?, mixer: Mixer::Dot { score: a.score }, proj: FastLinear::lower(&a.proj, table)?, heads: a.num_heads })
+                let qkv = FastLinear::lower(&a.qkv, table)?;
+                let qk_norm = match (&a.q_norm, &a.k_norm) {
+                    (Some(q), Some(k)) => Some((FastNorm::lower_layer_norm(q, table)?, FastNorm::lower_layer_norm(k, table)?)),
+                    (None, None) => None,
+                    _ => return Err(unsupported("a LayerNorm on only one of q and k")),
+                };
+                let gate = a.gate.as_ref().map(|g| FastLinear::lower(g, table)).transpose()?;
+                Ok(Self { qkv, mixer: Mixer::Dot { score: a.score }, proj: FastLinear::lower(&a.proj, table)?, heads: a.num_heads, qk_norm, gate })
             }
             Attention::Linear(a) => {
-                if a.feature_map != FeatureMap::Relu {
-                    return Err(unsupported("focused linear attention (FLatten)"));
-                }
                 let qkv = FastLinear::lower(&a.qkv, table)?;
+                let feature = match a.feature_map {
+                    FeatureMap::Relu => Feature::Relu,
+                    FeatureMap::Focused { power } if power <= 6.0 => {
+                        let theta = a.scale.as_ref().ok_or_else(|| unsupported("focused attention without its scale"))?;
+                        Feature::Focused { power: power as f32, theta: table.add(theta, Layout::Official)? }
+                    }
+                    FeatureMap::Focused { power } => return Err(unsupported(&format!("focused attention with power {power} > 6 (normalized by the row maximum)"))),
+                };
                 let positional_encoding = table.add(&a.positional_encoding, Layout::Official)?;
                 let dwc_weight = table.add(&a.dwc.weight, Layout::Official)?;
                 let dwc_bias = match &a.dwc.bias {
@@ -84,8 +123,9 @@ impl FastAttention {
                     None => table.zeros(a.dwc.weight.dims()[0]),
                 };
                 let kernel = a.dwc.weight.dims()[2];
-                let mixer = Mixer::Sla { positional_encoding, dwc_weight, dwc_bias, kernel, grid: a.grid };
-                Ok(Self { qkv, mixer, proj: FastLinear::lower(&a.proj, table)?, heads: a.num_heads })
+                let eps = linear_attention_eps(a.feature_map, a.grid[0] * a.grid[1]) as f32;
+                let mixer = Mixer::Linear { feature, eps, positional_encoding, dwc_weight, dwc_bias, kernel, grid: a.grid };
+                Ok(Self { qkv, mixer, proj: FastLinear::lower(&a.proj, table)?, heads: a.num_heads, qk_norm: None, gate: None })
             }
         }
     }
@@ -98,7 +138,7 @@ impl FastAttention {
     pub fn grid(&self) -> Option<[usize; 2]> {
         match self.mixer {
             Mixer::Dot { .. } => None,
-            Mixer::Sla { grid, .. } => Some(grid),
+            Mixer::Linear { grid, .. } => Some(grid),
         }
     }
 
@@ -109,28 +149,53 @@ impl FastAttention {
 
     /// SLA's depthwise conv taps and bias tiled over the heads (the kernels' layout).
     pub fn tiled_conv(&self, p: &[f32]) -> Option<(Vec<f32>, Vec<f32>)> {
-        let Mixer::Sla { dwc_weight, dwc_bias, kernel, .. } = &self.mixer else { return None };
+        let Mixer::Linear { dwc_weight, dwc_bias, kernel, .. } = &self.mixer else { return None };
         Some(kernels::tile_over_heads(&p[dwc_weight.range()], &p[dwc_bias.range()], self.dim(), *kernel))
     }
 
     /// The depthwise conv over tiled taps (see [`tiled_conv`](Self::tiled_conv)); SLA only.
     pub fn conv_view<'a>(&self, taps: &'a [f32], bias: &'a [f32]) -> Option<DepthwiseConv<'a>> {
         match self.mixer {
-            Mixer::Sla { kernel, grid, .. } => Some(DepthwiseConv { taps, bias, grid, kernel }),
+            Mixer::Linear { kernel, grid, .. } => Some(DepthwiseConv { taps, bias, grid, kernel }),
             Mixer::Dot { .. } => None,
         }
     }
 
+    pub fn has_gate(&self) -> bool {
+        self.gate.is_some()
+    }
+
     /// Inference, first pass over a block of rows starting at token `first`: qkv of `input`
-    /// into `qkv` (rows, 3C); SLA: the feature maps, then this block's Σk into `k_sum` (C) and
-    /// every head's KᵀV into `kv` (heads·d·d).
+    /// into `qkv` (rows, 3C), q and k normalized (qk-norm) or through the feature maps (linear
+    /// kinds), then this block's Σk into `k_sum` (C) and every head's KᵀV into `kv` (heads·d·d).
     pub fn infer_keys(&self, p: &[f32], first: usize, input: &[f32], qkv: &mut [f32], k_sum: &mut [f32], kv: &mut [f32]) {
         let c = self.dim();
         let d = c / self.heads;
         let rows = qkv.len() / (3 * c);
         self.qkv.apply(p, input, qkv); // (rows, 3C)
-        if let Mixer::Sla { positional_encoding, .. } = &self.mixer {
-            kernels::sla_feature_maps(qkv, &p[positional_encoding.range()][first * c..], c);
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            let mut row_copy = vec![0.0; c];
+            for row in qkv.chunks_exact_mut(3 * c) {
+                for (norm, start) in [(q_norm, 0), (k_norm, c)] {
+                    row_copy.copy_from_slice(&row[start..start + c]);
+                    norm.infer(p, &row_copy, &mut row[start..start + c]); // per head: rows of d
+                }
+            }
+        }
+        if let Mixer::Linear { feature, positional_encoding, .. } = &self.mixer {
+            let pe = &p[positional_encoding.range()][first * c..];
+            match feature {
+                Feature::Relu => kernels::sla_feature_maps(qkv, pe, c),
+                Feature::Focused { power, theta } => {
+                    let scale = softplus(&p[theta.range()]);
+                    for (row, pe) in qkv.chunks_exact_mut(3 * c).zip(pe.chunks_exact(c)) {
+                        let (q, rest) = row.split_at_mut(c);
+                        focus(q, &scale, *power);
+                        rest[..c].iter_mut().zip(pe).for_each(|(k, p)| *k += p);
+                        focus(&mut rest[..c], &scale, *power);
+                    }
+                }
+            }
             kernels::column_sums(qkv, rows, 3 * c, c, k_sum);
             for h in 0..self.heads {
                 let k = MatRef::columns(qkv, rows, 3 * c, c + h * d, d);
@@ -141,10 +206,12 @@ impl FastAttention {
     }
 
     /// Inference, second pass: the attention of the query rows `first..` that `mixed` holds over
-    /// all T keys of `qkv` (T, 3C), heads side by side in `mixed`; `scores` is (rows, T) scratch
-    /// for the dot kinds, `conv` SLA's tiled depthwise conv.
+    /// all T keys of `qkv` (T, 3C), heads side by side in `mixed`, gated by `gate(input)` when
+    /// the layer has a gate (`input`: the layer's input rows, `gate_out` scratch of the same
+    /// size); `scores` is (rows, T) scratch for the dot kinds, `conv` the linear kinds' tiled
+    /// depthwise conv.
     #[allow(clippy::too_many_arguments)]
-    pub fn infer_queries<'a>(&self, first: usize, qkv: &'a [f32], k_sum: &[f32], kv: &[f32], conv: Option<&DepthwiseConv<'_>>, mixed: &mut [f32], scores: &mut [f32]) {
+    pub fn infer_queries<'a>(&self, p: &[f32], first: usize, qkv: &'a [f32], k_sum: &[f32], kv: &[f32], conv: Option<&DepthwiseConv<'_>>, input: &[f32], mixed: &mut [f32], gate_out: &mut [f32], scores: &mut [f32]) {
         let c = self.dim();
         let d = c / self.heads;
         let t = qkv.len() / (3 * c);
@@ -164,23 +231,37 @@ impl FastAttention {
                     matmul(MatMut::columns(mixed, rows, c, h * d, d), MatRef::new(scores, rows, t), v, false, 1.0);
                 }
             }
-            Mixer::Sla { .. } => {
+            Mixer::Linear { eps, .. } => {
                 for h in 0..self.heads {
                     let kv = MatRef::new(&kv[h * d * d..(h + 1) * d * d], d, d);
                     matmul(MatMut::columns(mixed, rows, c, h * d, d), rows_of(column(h * d)), kv, false, 1.0);
-                    kernels::normalize_rows(rows, mixed, c, h * d, &qkv[first * 3 * c..], 3 * c, h * d, &k_sum[h * d..(h + 1) * d], SLA_EPS);
+                    kernels::normalize_rows(rows, mixed, c, h * d, &qkv[first * 3 * c..], 3 * c, h * d, &k_sum[h * d..(h + 1) * d], *eps);
                 }
-                conv.expect("SLA has its tiled conv").add_to(qkv, 3 * c, 2 * c, mixed, first);
+                conv.expect("linear attention has its tiled conv").add_to(qkv, 3 * c, 2 * c, mixed, first);
             }
+        }
+        if let Some(gate) = &self.gate {
+            let gate_out = &mut gate_out[..rows * c];
+            gate.apply(p, input, gate_out);
+            mixed.iter_mut().zip(gate_out.iter()).for_each(|(m, g)| *m *= g);
         }
     }
 
     /// Training forward of `batch` sequences of `t` tokens: `out (+)= attn(x)` (`accumulate`:
     /// add to what `out` holds, a residual), keeping the activations.
-    pub fn forward(&self, p: &[f32], x: &[f32], out: &mut [f32], a: &mut AttentionActivations, batch: usize, t: usize, accumulate: bool) {
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(&mut self, p: &[f32], x: &[f32], out: &mut [f32], a: &mut AttentionActivations, batch: usize, t: usize, accumulate: bool) -> Result<()> {
         let c = self.dim();
         let (heads, d, rows) = (self.heads, c / self.heads, batch * t);
         self.qkv.forward(p, x, sized(&mut a.qkv, rows * 3 * c), false); // (R, 3C)
+        if let Some((q_norm, k_norm)) = &mut self.qk_norm {
+            for (norm, start, pre, cache) in [(q_norm, 0, &mut a.q_pre, &mut a.q_norm), (k_norm, c, &mut a.k_pre, &mut a.k_norm)] {
+                gather_columns(&a.qkv, 3 * c, start, sized(pre, rows * c));
+                let mut normed = vec![0.0; rows * c];
+                norm.forward(p, pre, &mut normed, cache, d, true)?; // (R·heads, d) rows
+                scatter_columns(&normed, &mut a.qkv, 3 * c, start);
+            }
+        }
         sized(&mut a.mixed, rows * c);
         match &self.mixer {
             Mixer::Dot { score } => {
@@ -198,11 +279,24 @@ impl FastAttention {
                     }
                 });
             }
-            Mixer::Sla { positional_encoding, kernel, grid, .. } => {
-                let (taps, bias) = self.tiled_conv(p).expect("SLA mixer");
+            Mixer::Linear { feature, eps, positional_encoding, kernel, grid, .. } => {
+                let (taps, bias) = self.tiled_conv(p).expect("linear mixer");
                 let conv = DepthwiseConv { taps: &taps, bias: &bias, grid: *grid, kernel: *kernel };
                 let pe = &p[positional_encoding.range()];
+                let eps = *eps;
+                if let Feature::Focused { theta, .. } = feature {
+                    a.scale = softplus(&p[theta.range()]);
+                    // q and k + pe, the feature maps' inputs, for the backward pass.
+                    let pre = sized(&mut a.pre_feature, rows * 2 * c);
+                    pre.par_chunks_mut(t * 2 * c).zip(a.qkv.par_chunks(t * 3 * c)).for_each(|(pre, qkv)| {
+                        for ((pre, row), pe) in pre.chunks_exact_mut(2 * c).zip(qkv.chunks_exact(3 * c)).zip(pe.chunks_exact(c)) {
+                            pre[..c].copy_from_slice(&row[..c]);
+                            pre[c..].iter_mut().zip(&row[c..2 * c]).zip(pe).for_each(|((p, k), e)| *p = k + e);
+                        }
+                    });
+                }
                 let (kv, k_sum, den, attn) = (sized(&mut a.kv, batch * heads * d * d), sized(&mut a.k_sum, batch * c), sized(&mut a.den, rows * heads), sized(&mut a.attn, rows * c));
+                let scale = &a.scale;
                 a.qkv
                     .par_chunks_mut(t * 3 * c)
                     .zip(a.mixed.par_chunks_mut(t * c))
@@ -211,7 +305,17 @@ impl FastAttention {
                     .zip(k_sum.par_chunks_mut(c))
                     .zip(den.par_chunks_mut(t * heads))
                     .for_each(|(((((qkv, mixed), attn), kv), k_sum), den)| {
-                        kernels::sla_feature_maps(qkv, pe, c);
+                        match feature {
+                            Feature::Relu => kernels::sla_feature_maps(qkv, pe, c),
+                            Feature::Focused { power, .. } => {
+                                for (row, pe) in qkv.chunks_exact_mut(3 * c).zip(pe.chunks_exact(c)) {
+                                    let (q, rest) = row.split_at_mut(c);
+                                    focus(q, scale, *power);
+                                    rest[..c].iter_mut().zip(pe).for_each(|(k, p)| *k += p);
+                                    focus(&mut rest[..c], scale, *power);
+                                }
+                            }
+                        }
                         kernels::column_sums(qkv, t, 3 * c, c, k_sum);
                         let column = |start: usize| MatRef::columns(qkv, t, 3 * c, start, d);
                         for h in 0..heads {
@@ -221,7 +325,7 @@ impl FastAttention {
                             let k_sum = &k_sum[h * d..(h + 1) * d];
                             for row in 0..t {
                                 let q = &qkv[row * 3 * c + h * d..row * 3 * c + (h + 1) * d];
-                                let denominator = q.iter().zip(k_sum).map(|(q, k)| q * k).sum::<f32>() + SLA_EPS;
+                                let denominator = q.iter().zip(k_sum).map(|(q, k)| q * k).sum::<f32>() + eps;
                                 den[row * heads + h] = denominator;
                                 attn[row * c + h * d..row * c + (h + 1) * d].iter_mut().for_each(|v| *v /= denominator);
                             }
@@ -231,7 +335,13 @@ impl FastAttention {
                     });
             }
         }
+        if let Some(gate) = &self.gate {
+            gate.forward(p, x, sized(&mut a.gate, rows * c), false);
+            sized(&mut a.ungated, rows * c).copy_from_slice(&a.mixed);
+            a.mixed.par_chunks_mut(c).zip(a.gate.par_chunks(c)).for_each(|(m, g)| m.iter_mut().zip(g).for_each(|(m, g)| *m *= g));
+        }
         self.proj.forward(p, &a.mixed, out, accumulate);
+        Ok(())
     }
 
     /// `dx = ∂attn/∂x · dy` (overwritten) and the parameter gradients into `g`, for the
@@ -242,6 +352,12 @@ impl FastAttention {
         let (heads, d, rows) = (self.heads, c / self.heads, batch * t);
         self.proj.backward_input(p, dy, sized(&mut s.dmixed, rows * c), |_, _| {});
         self.proj.backward_params(g, &a.mixed, dy, &mut s.partials);
+        if self.gate.is_some() {
+            // mixed = ungated ⊙ gate: the gate's output gets dmixed ⊙ ungated, the heads dmixed ⊙ gate.
+            let dgate = sized(&mut s.dgate, rows * c);
+            dgate.par_chunks_mut(c).zip(s.dmixed.par_chunks(c)).zip(a.ungated.par_chunks(c)).for_each(|((o, d), u)| o.iter_mut().zip(d).zip(u).for_each(|((o, d), u)| *o = d * u));
+            s.dmixed.par_chunks_mut(c).zip(a.gate.par_chunks(c)).for_each(|(d, g)| d.iter_mut().zip(g).for_each(|(d, g)| *d *= g));
+        }
         let dqkv = sized(&mut s.dqkv, rows * 3 * c);
         match &self.mixer {
             Mixer::Dot { score } => {
@@ -267,9 +383,18 @@ impl FastAttention {
                             }
                         },
                     );
+                if let Some((q_norm, k_norm)) = &self.qk_norm {
+                    for (norm, start, pre, cache) in [(q_norm, 0, &a.q_pre, &a.q_norm), (k_norm, c, &a.k_pre, &a.k_norm)] {
+                        gather_columns(dqkv, 3 * c, start, sized(&mut s.dnormed, rows * c));
+                        let dpre = sized(&mut s.dpre, rows * c);
+                        dpre.fill(0.0);
+                        norm.backward(p, g, pre, &s.dnormed, dpre, cache, d);
+                        scatter_columns(dpre, dqkv, 3 * c, start);
+                    }
+                }
             }
-            Mixer::Sla { positional_encoding, dwc_weight, dwc_bias, kernel, grid } => {
-                let (taps, bias) = self.tiled_conv(p).expect("SLA mixer");
+            Mixer::Linear { feature, positional_encoding, dwc_weight, dwc_bias, kernel, grid, .. } => {
+                let (taps, bias) = self.tiled_conv(p).expect("linear mixer");
                 let conv = DepthwiseConv { taps: &taps, bias: &bias, grid: *grid, kernel: *kernel };
                 let conv_width = kernel * kernel * c + c;
                 let partials = sized(&mut s.partials, batch * conv_width);
@@ -282,8 +407,31 @@ impl FastAttention {
                     .zip(a.den.par_chunks(t * heads))
                     .zip(s.dmixed.par_chunks(t * c))
                     .for_each(|(((((((dqkv, partial), qkv), attn), kv), k_sum), den), dmixed)| {
-                        sla_backward(SlaImage { qkv, attn, kv, k_sum, den, dmixed }, dqkv, partial, &conv, heads, t);
+                        linear_core_backward(LinearImage { qkv, attn, kv, k_sum, den, dmixed }, dqkv, partial, &conv, heads, t);
                     });
+                // The feature maps, from the gradient of their outputs to that of q and k + pe.
+                match feature {
+                    Feature::Relu => dqkv.par_chunks_mut(3 * c).zip(a.qkv.par_chunks(3 * c)).for_each(|(dq, q)| kernels::relu_backward(&q[..2 * c], &mut dq[..2 * c], 1.0)),
+                    Feature::Focused { power, theta } => {
+                        // Per row: dq, dk through f_p and the scale; the scale's gradient summed.
+                        let scale = &a.scale;
+                        let per = crate::nn::lower::row_block(rows);
+                        let mut dscale_parts = vec![0.0f32; rows.div_ceil(per) * c];
+                        dscale_parts.par_chunks_mut(c).zip(dqkv.par_chunks_mut(per * 3 * c)).zip(a.pre_feature.par_chunks(per * 2 * c)).for_each(|((dscale, dqkv), pre)| {
+                            for (dq, pre) in dqkv.chunks_exact_mut(3 * c).zip(pre.chunks_exact(2 * c)) {
+                                focus_backward(&pre[..c], &mut dq[..c], scale, *power, dscale);
+                                focus_backward(&pre[c..], &mut dq[c..2 * c], scale, *power, dscale);
+                            }
+                        });
+                        let theta_values = &p[theta.range()];
+                        let gt = &mut g[theta.range()];
+                        for part in dscale_parts.chunks(c) {
+                            for ((gt, ds), th) in gt.iter_mut().zip(part).zip(theta_values) {
+                                *gt += ds * sigmoid(*th); // softplus' = sigmoid
+                            }
+                        }
+                    }
+                }
                 // Conv weights: the per-image tiled gradients, folded back onto the d shared channels.
                 let taps_n = kernel * kernel;
                 let mut total = vec![0.0; conv_width];
@@ -299,8 +447,8 @@ impl FastAttention {
                 for ch in 0..c {
                     gb[ch % d] += dbias[ch];
                 }
-                // The positional encoding was added to k before its ReLU: its gradient is dk summed
-                // over the images.
+                // The positional encoding was added to k before its feature map: its gradient is
+                // dk summed over the images.
                 let dqkv = &*dqkv;
                 g[positional_encoding.range()].par_chunks_mut(c).enumerate().for_each(|(token, ge)| {
                     for image in 0..batch {
@@ -312,11 +460,65 @@ impl FastAttention {
         }
         self.qkv.backward_input(p, &s.dqkv, dx, |_, _| {});
         self.qkv.backward_params(g, x, &s.dqkv, &mut s.partials);
+        if let Some(gate) = &self.gate {
+            gate.backward_input(p, &s.dgate, sized(&mut s.dgate_input, rows * c), |_, _| {});
+            kernels::add_assign(dx, &s.dgate_input);
+            gate.backward_params(g, x, &s.dgate, &mut s.partials);
+        }
     }
 }
 
-/// One image's SLA activations.
-struct SlaImage<'a> {
+/// Columns `[start, start + C)` of a matrix with `stride` into the contiguous (rows, C) `out`.
+fn gather_columns(m: &[f32], stride: usize, start: usize, out: &mut [f32]) {
+    let c = out.len() / (m.len() / stride);
+    out.par_chunks_mut(c).zip(m.par_chunks(stride)).for_each(|(o, row)| o.copy_from_slice(&row[start..start + c]));
+}
+
+/// The inverse of [`gather_columns`].
+fn scatter_columns(src: &[f32], m: &mut [f32], stride: usize, start: usize) {
+    let c = src.len() / (m.len() / stride);
+    m.par_chunks_mut(stride).zip(src.par_chunks(c)).for_each(|(row, s)| row[start..start + c].copy_from_slice(s));
+}
+
+/// softplus(θ) = ln(1 + e^θ), per channel, as PyTorch computes it (linear above 20).
+fn softplus(theta: &[f32]) -> Vec<f32> {
+    theta.iter().map(|&x| if x > 20.0 { x } else { x.exp().ln_1p() }).collect()
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// FLatten's feature map in place on one row of C channels:
+/// u = (ReLU(x) + offset) / s, φ = u^p · ‖u‖ / ‖u^p‖.
+fn focus(x: &mut [f32], scale: &[f32], power: f32) {
+    x.iter_mut().zip(scale).for_each(|(v, s)| *v = (v.max(0.0) + FOCUS_OFFSET as f32) / s);
+    let norm = x.iter().map(|u| u * u).sum::<f32>().sqrt();
+    x.iter_mut().for_each(|u| *u = u.powf(power));
+    let norm_p = x.iter().map(|w| w * w).sum::<f32>().sqrt();
+    let factor = norm / norm_p;
+    x.iter_mut().for_each(|w| *w *= factor);
+}
+
+/// The backward of [`focus`] for one row: `grad` (∂L/∂φ) becomes ∂L/∂x given the row's input
+/// `pre`; the scale's gradient is added into `dscale`. With w = u^p, a = ‖u‖, b = ‖w‖:
+/// ∂L/∂w = (a/b)·dφ − (a/b³)·(dφ·w)·w, ∂L/∂u = p·u^(p−1)·∂L/∂w + (dφ·w / b)·u / a.
+fn focus_backward(pre: &[f32], grad: &mut [f32], scale: &[f32], power: f32, dscale: &mut [f32]) {
+    let u: Vec<f32> = pre.iter().zip(scale).map(|(v, s)| (v.max(0.0) + FOCUS_OFFSET as f32) / s).collect();
+    let a = u.iter().map(|u| u * u).sum::<f32>().sqrt();
+    let w: Vec<f32> = u.iter().map(|u| u.powf(power)).collect();
+    let b = w.iter().map(|w| w * w).sum::<f32>().sqrt();
+    let dot = grad.iter().zip(&w).map(|(g, w)| g * w).sum::<f32>();
+    for (((((g, &u), &w), &x), s), ds) in grad.iter_mut().zip(&u).zip(&w).zip(pre).zip(scale).zip(dscale.iter_mut()) {
+        let dw = (a / b) * *g - (a / (b * b * b)) * dot * w;
+        let du = power * u.powf(power - 1.0) * dw + dot / b * u / a;
+        *ds -= du * u / s; // u = r / s
+        *g = if x > 0.0 { du / s } else { 0.0 };
+    }
+}
+
+/// One image's linear-attention activations.
+struct LinearImage<'a> {
     qkv: &'a [f32],
     attn: &'a [f32],
     kv: &'a [f32],
@@ -325,9 +527,10 @@ struct SlaImage<'a> {
     dmixed: &'a [f32],
 }
 
-/// SLA backward for one image: `dqkv` (T, 3C) from `dmixed`, and this image's conv tap and bias
-/// gradients (tiled layout) into `partial`.
-fn sla_backward(a: SlaImage<'_>, dqkv: &mut [f32], partial: &mut [f32], conv: &DepthwiseConv<'_>, heads: usize, t: usize) {
+/// The linear-attention core's backward for one image: `dqkv` (T, 3C) from `dmixed` (q and k as
+/// the gradients of the feature maps' outputs), and this image's conv tap and bias gradients
+/// (tiled layout) into `partial`.
+fn linear_core_backward(a: LinearImage<'_>, dqkv: &mut [f32], partial: &mut [f32], conv: &DepthwiseConv<'_>, heads: usize, t: usize) {
     let c = a.k_sum.len();
     let d = c / heads;
     dqkv.fill(0.0);
@@ -369,10 +572,5 @@ fn sla_backward(a: SlaImage<'_>, dqkv: &mut [f32], partial: &mut [f32], conv: &D
             let dk = &mut dqkv[row * 3 * c + c + h * d..row * 3 * c + c + (h + 1) * d];
             kernels::add_assign(dk, &dk_sum);
         }
-    }
-    // The feature maps: ReLU on q and on k + pe (kept after the ReLU in qkv).
-    for row in 0..t {
-        let base = row * 3 * c;
-        kernels::relu_backward(&a.qkv[base..base + 2 * c], &mut dqkv[base..base + 2 * c], 1.0);
     }
 }

@@ -19,6 +19,7 @@ mod onnx;
 
 pub use fast::{AttentionActivations, AttentionScratch, FastAttention};
 
+use super::fuse::fold_into_next_linear;
 use super::linear::linear;
 use super::norm::LayerNorm;
 use crate::error::{Error, Result, check_tokens};
@@ -209,7 +210,7 @@ impl Attention {
         self.qkv().weight.lazy_shape()[0]
     }
 
-    /// The input projection, where a preceding norm folds.
+    /// The input projection.
     pub fn qkv(&self) -> &Linear {
         match self {
             Attention::Dot(a) => &a.qkv,
@@ -217,11 +218,16 @@ impl Attention {
         }
     }
 
-    /// The same attention with another input projection.
-    pub fn with_qkv(self, qkv: Linear) -> Self {
+    /// The fuse rule of a preceding norm: `attn(a ⊙ x + b)` as one attention, the affine folded
+    /// into every Linear that reads the input (qkv, and the gate of gated ReLU attention).
+    pub fn fold_input(&self, a: Tensor<1>, b: Tensor<1>) -> Self {
         match self {
-            Attention::Dot(a) => Attention::Dot(DotAttention { qkv, ..a }),
-            Attention::Linear(a) => Attention::Linear(LinearAttention { qkv, ..a }),
+            Attention::Dot(attn) => Attention::Dot(DotAttention {
+                qkv: fold_into_next_linear(&attn.qkv, a.clone(), b.clone()),
+                gate: attn.gate.as_ref().map(|gate| fold_into_next_linear(gate, a, b)),
+                ..attn.clone()
+            }),
+            Attention::Linear(attn) => Attention::Linear(LinearAttention { qkv: fold_into_next_linear(&attn.qkv, a, b), ..attn.clone() }),
         }
     }
 
@@ -348,16 +354,16 @@ impl LinearAttention {
         let qkv = self.qkv.forward(x).reshape([b, n, 3, c]); // (B, N, 3, C)
         let [q, k, v] = [0, 1, 2].map(|i| qkv.clone().narrow(2, i, 1).reshape([b, n, c]));
         let k = k.add(self.positional_encoding.val());
-        let (q, k, eps) = match self.feature_map {
-            FeatureMap::Relu => (relu(q), relu(k), 1e-6),
+        let eps = linear_attention_eps(self.feature_map, n);
+        let (q, k) = match self.feature_map {
+            FeatureMap::Relu => (relu(q), relu(k)),
             FeatureMap::Focused { power } => {
                 let theta = self.scale.as_ref().expect("focused attention has a scale").val();
                 let scale = softplus(theta, 1.0); // (1, 1, C)
                 let focus = |t: Tensor<3>| {
-                    focus_power(relu(t).add_scalar(1e-6).div(scale.clone()), power)
+                    focus_power(relu(t).add_scalar(FOCUS_OFFSET).div(scale.clone()), power)
                 };
-                // FLatten normalises with the mean of k: the sum form with ε scaled by N.
-                (focus(q), focus(k), 1e-6 * n as f64)
+                (focus(q), focus(k))
             }
         };
         let v = split_heads(v, h); // (B, h, N, d)
@@ -376,6 +382,18 @@ impl LinearAttention {
             .reshape([b * h, d, rows, cols]); // (B·h, d, rows, cols), tokens row-major
         let conv = self.dwc.forward(image);
         conv.reshape([b * h, d, n]).swap_dims(1, 2).reshape([b, h, n, d])
+    }
+}
+
+/// FLatten's offset inside its feature map, `ReLU(x) + 1e-6`, before the scale.
+pub const FOCUS_OFFSET: f64 = 1e-6;
+
+/// The linear-attention normaliser's ε: SLA's `q·Σk + 1e-6`; FLatten normalises with the mean of
+/// k, which is the sum form with ε scaled by the N keys.
+pub fn linear_attention_eps(feature_map: FeatureMap, keys: usize) -> f64 {
+    match feature_map {
+        FeatureMap::Relu => 1e-6,
+        FeatureMap::Focused { .. } => 1e-6 * keys as f64,
     }
 }
 

@@ -1,6 +1,6 @@
 //! ONNX emission of the attention kinds, op for op as their burn forwards.
 
-use super::{Attention, DotAttention, FeatureMap, LinearAttention, Score, linear_order};
+use super::{Attention, DotAttention, FOCUS_OFFSET, FeatureMap, LinearAttention, Score, linear_attention_eps, linear_order};
 use crate::deploy::onnx::{Graph, ToOnnx, attr_int, attr_ints};
 use crate::error::Result;
 
@@ -68,13 +68,14 @@ impl ToOnnx for LinearAttention {
         let v = g.gather(&qkv, 2, 2);
         let pos = g.param("positional_encoding", &self.positional_encoding);
         let k = g.op("Add", &[&k, &pos], vec![]);
-        let (q, k, eps) = match self.feature_map {
-            FeatureMap::Relu => (g.op("Relu", &[&q], vec![]), g.op("Relu", &[&k], vec![]), 1e-6),
+        let eps = linear_attention_eps(self.feature_map, n) as f32;
+        let (q, k) = match self.feature_map {
+            FeatureMap::Relu => (g.op("Relu", &[&q], vec![]), g.op("Relu", &[&k], vec![])),
             FeatureMap::Focused { power } => {
                 let theta = self.scale.as_ref().expect("focused attention has a scale");
                 let theta = g.param("focus_scale", theta);
                 let scale = g.op("Softplus", &[&theta], vec![]);
-                (focus(g, &q, &scale, power), focus(g, &k, &scale, power), 1e-6 * n as f32)
+                (focus(g, &q, &scale, power), focus(g, &k, &scale, power))
             }
         };
         let (q, k, v) = (g.split_heads(&q, n, h, d), g.split_heads(&k, n, h, d), g.split_heads(&v, n, h, d));
@@ -109,7 +110,7 @@ impl ToOnnx for LinearAttention {
 /// `nn::attention::focus_power` computes it.
 fn focus(g: &mut Graph, t: &str, scale: &str, power: f64) -> String {
     let r = g.op("Relu", &[t], vec![]);
-    let r = g.binary_scalar("Add", &r, 1e-6);
+    let r = g.binary_scalar("Add", &r, FOCUS_OFFSET as f32);
     let x = g.op("Div", &[&r, scale], vec![]);
     let norm = l2_norm(g, &x);
     let base = if power <= 6.0 {

@@ -108,6 +108,11 @@ impl FastNorm {
         })
     }
 
+    /// A LayerNorm on its own (qk-norm of attention heads).
+    pub fn lower_layer_norm(norm: &LayerNorm, table: &mut ParamTable) -> Result<Self> {
+        Ok(Self { ln: Some(LnParams::lower(norm, table)?), bn: None, counters: None })
+    }
+
     /// The eval-mode norm of the rows of `x` into `out`, on this thread: LayerNorm, or RepBN with
     /// its running statistics (PRepBN evaluates as its RepBN).
     pub fn infer(&self, p: &[f32], x: &[f32], out: &mut [f32]) {
