@@ -7,6 +7,9 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use slabformer::models::VitConfig;
 use slabformer::nn::attention::{AttentionConfig, AttentionKind};
 use slabformer::kernels::{self, MatMut, MatRef};
+use slabformer::nn::attention::kernels as attention_kernels;
+use slabformer::nn::mlp;
+use slabformer::nn::norm::kernels as norm_kernels;
 use slabformer::runtime::{CpuAttention, CpuTrainer, CpuVit};
 use slabformer::optim::OptimConfig;
 use std::hint::black_box;
@@ -35,20 +38,20 @@ fn row_kernels(c: &mut Criterion) {
     let bias = values(768);
     let mut hidden = values(197 * 768);
     group.throughput(Throughput::Elements(hidden.len() as u64));
-    group.bench_function("bias_gelu 197x768", |b| b.iter(|| kernels::bias_gelu(black_box(&mut hidden), &bias)));
+    group.bench_function("bias_gelu 197x768", |b| b.iter(|| mlp::bias_gelu(black_box(&mut hidden), &bias)));
     let mut scores = values(197 * 197);
     group.throughput(Throughput::Elements(scores.len() as u64));
-    group.bench_function("softmax_rows 197x197", |b| b.iter(|| kernels::softmax_rows(black_box(&mut scores), 197)));
+    group.bench_function("softmax_rows 197x197", |b| b.iter(|| attention_kernels::softmax_rows(black_box(&mut scores), 197)));
     let (x, weight, ln_bias) = (values(197 * 192), values(192), values(192));
     let mut normed = vec![0.0; x.len()];
     group.throughput(Throughput::Elements(x.len() as u64));
-    group.bench_function("layer_norm 197x192", |b| b.iter(|| kernels::layer_norm(&x, &mut normed, &weight, &ln_bias, 1e-6)));
+    group.bench_function("layer_norm 197x192", |b| b.iter(|| norm_kernels::layer_norm(&x, &mut normed, &weight, &ln_bias, 1e-6)));
     // SLA's depthwise conv: 5×5 over the 14×14 grid, 192 channels, v read from the qkv buffer.
     let (qkv, taps, dwc_bias) = (values(196 * 576), values(25 * 192), values(192));
     let mut out = vec![0.0; 196 * 192];
     group.throughput(Throughput::Elements(out.len() as u64));
     group.bench_function("depthwise_conv 14x14x192 k5", |b| {
-        let conv = kernels::DepthwiseConv { taps: &taps, bias: &dwc_bias, grid: [14, 14], kernel: 5 };
+        let conv = attention_kernels::DepthwiseConv { taps: &taps, bias: &dwc_bias, grid: [14, 14], kernel: 5 };
         b.iter(|| conv.add_to(&qkv, 576, 384, &mut out, 0))
     });
     group.finish();
@@ -94,32 +97,32 @@ fn training(c: &mut Criterion) {
     let rows = 8 * 197;
     let (pre, mut grad) = (values(rows * 768), values(rows * 768));
     group.throughput(Throughput::Elements(pre.len() as u64));
-    group.bench_function("gelu_backward 1576x768", |b| b.iter(|| kernels::gelu_backward(&pre, black_box(&mut grad))));
+    group.bench_function("gelu_backward 1576x768", |b| b.iter(|| mlp::gelu_backward(&pre, black_box(&mut grad))));
     // A PRepBN at λ = 0.5: both branches' backward sums, then the input gradient.
     let (x, dy, stats) = (values(rows * 192), values(rows * 192), values(2 * rows).iter().map(|v| v.abs() + 0.5).collect::<Vec<_>>());
     let (w, beta, mean, inv_std) = (values(192), values(192), values(192), vec![1.2; 192]);
-    let terms = kernels::NormTerms {
+    let terms = norm_kernels::NormTerms {
         ln: Some((&stats, &w, &beta, 0.5)),
-        bn: Some(kernels::BnTerms { mean: &mean, inv_std: &inv_std, gamma: &w, beta: &beta, alpha: 0.7, weight: 0.5 }),
+        bn: Some(norm_kernels::BnTerms { mean: &mean, inv_std: &inv_std, gamma: &w, beta: &beta, alpha: 0.7, weight: 0.5 }),
     };
     let mut sums = vec![0.0; 3 * 192 + 1];
     let mut dx = vec![0.0; x.len()];
     group.throughput(Throughput::Elements(x.len() as u64));
     group.bench_function("norm_backward 1576x192", |b| {
         b.iter(|| {
-            kernels::norm_backward_sums(&x, &dy, terms, &mut sums);
-            kernels::norm_backward_apply(&x, &dy, black_box(&mut dx), 192, terms, (&sums[..192], &sums[384..576]), rows);
+            norm_kernels::norm_backward_sums(&x, &dy, terms, &mut sums);
+            norm_kernels::norm_backward_apply(&x, &dy, black_box(&mut dx), 192, terms, (&sums[..192], &sums[384..576]), rows);
         })
     });
     let mut scores = values(197 * 197);
     let probs = values(197 * 197);
     group.throughput(Throughput::Elements(scores.len() as u64));
-    group.bench_function("softmax_backward_rows 197x197", |b| b.iter(|| kernels::softmax_backward_rows(&probs, black_box(&mut scores), 197)));
+    group.bench_function("softmax_backward_rows 197x197", |b| b.iter(|| attention_kernels::softmax_backward_rows(&probs, black_box(&mut scores), 197)));
     let (qkv, taps, dwc_bias, d_out) = (values(196 * 576), values(25 * 192), values(192), values(196 * 192));
     let (mut dqkv, mut dtaps) = (vec![0.0; 196 * 576], vec![0.0; 25 * 192]);
     group.throughput(Throughput::Elements(d_out.len() as u64));
     group.bench_function("depthwise_conv_backward 14x14x192 k5", |b| {
-        let conv = kernels::DepthwiseConv { taps: &taps, bias: &dwc_bias, grid: [14, 14], kernel: 5 };
+        let conv = attention_kernels::DepthwiseConv { taps: &taps, bias: &dwc_bias, grid: [14, 14], kernel: 5 };
         b.iter(|| conv.backward(&d_out, &qkv, 576, 384, &mut dqkv, 576, 384, &mut dtaps))
     });
     group.sample_size(10);

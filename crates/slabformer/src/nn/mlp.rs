@@ -4,14 +4,14 @@
 
 use burn::module::Module;
 use burn::nn::Linear;
-use burn::tensor::activation::gelu;
+use burn::tensor::activation;
 use burn::tensor::{Device, Tensor};
 
 use super::linear::{FastLinear, linear};
 use super::lower::{ParamTable, sized};
 use crate::deploy::onnx::{Graph, ToOnnx};
 use crate::error::Result;
-use crate::kernels;
+use crate::kernels::{erf, exp, gelu, multiversion};
 
 #[derive(Module, Debug)]
 pub struct Mlp {
@@ -32,7 +32,7 @@ impl Mlp {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        self.fc2.forward(gelu(self.fc1.forward(x)))
+        self.fc2.forward(activation::gelu(self.fc1.forward(x)))
     }
 }
 
@@ -75,7 +75,7 @@ impl FastMlp {
     /// Inference on this thread, first half: `hidden = gelu(fc1(input))` for the rows `hidden`
     /// holds.
     pub fn infer_hidden(&self, p: &[f32], input: &[f32], hidden: &mut [f32]) {
-        self.fc1.apply_with(p, input, hidden, kernels::bias_gelu);
+        self.fc1.apply_with(p, input, hidden, bias_gelu);
     }
 
     /// Second half: `x += fc2(hidden)` (the residual).
@@ -88,7 +88,7 @@ impl FastMlp {
     pub fn forward(&self, p: &[f32], x: &[f32], out: &mut [f32], a: &mut MlpActivations, accumulate: bool) {
         let rows = x.len() / self.fc1.inputs;
         let hidden = self.hidden();
-        self.fc1.forward_keep(p, x, sized(&mut a.pre, rows * hidden), sized(&mut a.act, rows * hidden), kernels::bias_gelu_keep);
+        self.fc1.forward_keep(p, x, sized(&mut a.pre, rows * hidden), sized(&mut a.act, rows * hidden), bias_gelu_keep);
         self.fc2.forward(p, &a.act, out, accumulate);
     }
 
@@ -100,10 +100,64 @@ impl FastMlp {
         let pre = &a.pre;
         // dh = (dy·W2ᵀ) ⊙ gelu'(pre), then fc1.
         self.fc2.backward_input(p, dy, sized(dhidden, rows * hidden), |dh, first| {
-            kernels::gelu_backward(&pre[first * hidden..first * hidden + dh.len()], dh);
+            gelu_backward(&pre[first * hidden..first * hidden + dh.len()], dh);
         });
         self.fc2.backward_params(g, &a.act, dy, partials);
         self.fc1.backward_input(p, dhidden, dx, |_, _| {});
         self.fc1.backward_params(g, x, dhidden, partials);
     }
+}
+
+// ---- The MLP's GELU epilogues.
+
+multiversion! {
+    /// `x = gelu(x + bias)` row by row, GELU with the exact erf form.
+    pub fn bias_gelu(x: &mut [f32], bias: &[f32]) {
+        for row in x.chunks_exact_mut(bias.len()) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v = gelu(*v + b);
+            }
+        }
+    }
+}
+
+
+multiversion! {
+    /// `pre += bias` and `act = gelu(pre)` row by row: fc1 keeps its pre-activation for the
+    /// backward pass.
+    pub fn bias_gelu_keep(pre: &mut [f32], act: &mut [f32], bias: &[f32]) {
+        for (row, out) in pre.chunks_exact_mut(bias.len()).zip(act.chunks_exact_mut(bias.len())) {
+            for ((v, o), b) in row.iter_mut().zip(out.iter_mut()).zip(bias) {
+                *v += b;
+                *o = gelu(*v);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `grad *= gelu'(pre)`, with gelu'(x) = Φ(x) + x·φ(x).
+    pub fn gelu_backward(pre: &[f32], grad: &mut [f32]) {
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        for (g, &x) in grad.iter_mut().zip(pre) {
+            let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = INV_SQRT_2PI * exp(-0.5 * x * x);
+            *g *= cdf + x * pdf;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bias_gelu_equals_the_scalar_gelu() {
+        // The vectorized slice version agrees with the scalar one (any dispatch path).
+        let mut v: Vec<f32> = (-50..50).map(|i| i as f32 / 7.0).collect();
+        let want: Vec<f32> = v.iter().map(|&x| gelu(x + 0.5)).collect();
+        bias_gelu(&mut v, &[0.5; 10]);
+        assert_eq!(v, want);
+    }
+
 }

@@ -12,7 +12,8 @@ use rayon::prelude::*;
 
 use super::{Attention, FOCUS_OFFSET, FeatureMap, Score, linear_attention_eps};
 use crate::error::{Error, Result};
-use crate::kernels::{self, DepthwiseConv, MatMut, MatRef, matmul};
+use super::kernels::{self as attention_kernels, DepthwiseConv};
+use crate::kernels::{self, MatMut, MatRef, matmul};
 use crate::nn::linear::FastLinear;
 use crate::nn::lower::{Layout, ParamTable, Slot, sized};
 use crate::nn::norm::{FastNorm, NormCache};
@@ -150,7 +151,7 @@ impl FastAttention {
     /// SLA's depthwise conv taps and bias tiled over the heads (the kernels' layout).
     pub fn tiled_conv(&self, p: &[f32]) -> Option<(Vec<f32>, Vec<f32>)> {
         let Mixer::Linear { dwc_weight, dwc_bias, kernel, .. } = &self.mixer else { return None };
-        Some(kernels::tile_over_heads(&p[dwc_weight.range()], &p[dwc_bias.range()], self.dim(), *kernel))
+        Some(attention_kernels::tile_over_heads(&p[dwc_weight.range()], &p[dwc_bias.range()], self.dim(), *kernel))
     }
 
     /// The depthwise conv over tiled taps (see [`tiled_conv`](Self::tiled_conv)); SLA only.
@@ -185,7 +186,7 @@ impl FastAttention {
         if let Mixer::Linear { feature, positional_encoding, .. } = &self.mixer {
             let pe = &p[positional_encoding.range()][first * c..];
             match feature {
-                Feature::Relu => kernels::sla_feature_maps(qkv, pe, c),
+                Feature::Relu => attention_kernels::sla_feature_maps(qkv, pe, c),
                 Feature::Focused { power, theta } => {
                     let scale = softplus(&p[theta.range()]);
                     for (row, pe) in qkv.chunks_exact_mut(3 * c).zip(pe.chunks_exact(c)) {
@@ -225,8 +226,8 @@ impl FastAttention {
                     let (q, k, v) = (column(h * d), column(c + h * d), column(2 * c + h * d));
                     matmul(MatMut::new(scores, rows, t), rows_of(q), k.t(), false, scale); // (rows, T)
                     match score {
-                        Score::Softmax => kernels::softmax_rows(scores, t),
-                        Score::ReluOverLength => kernels::scaled_relu(scores, 1.0 / t as f32),
+                        Score::Softmax => attention_kernels::softmax_rows(scores, t),
+                        Score::ReluOverLength => attention_kernels::scaled_relu(scores, 1.0 / t as f32),
                     }
                     matmul(MatMut::columns(mixed, rows, c, h * d, d), MatRef::new(scores, rows, t), v, false, 1.0);
                 }
@@ -235,7 +236,7 @@ impl FastAttention {
                 for h in 0..self.heads {
                     let kv = MatRef::new(&kv[h * d * d..(h + 1) * d * d], d, d);
                     matmul(MatMut::columns(mixed, rows, c, h * d, d), rows_of(column(h * d)), kv, false, 1.0);
-                    kernels::normalize_rows(rows, mixed, c, h * d, &qkv[first * 3 * c..], 3 * c, h * d, &k_sum[h * d..(h + 1) * d], *eps);
+                    attention_kernels::normalize_rows(rows, mixed, c, h * d, &qkv[first * 3 * c..], 3 * c, h * d, &k_sum[h * d..(h + 1) * d], *eps);
                 }
                 conv.expect("linear attention has its tiled conv").add_to(qkv, 3 * c, 2 * c, mixed, first);
             }
@@ -272,8 +273,8 @@ impl FastAttention {
                     for (h, p) in probs.chunks_exact_mut(t * t).enumerate() {
                         matmul(MatMut::new(p, t, t), column(h * d), column(c + h * d).t(), false, scale); // (T, T)
                         match score {
-                            Score::Softmax => kernels::softmax_rows(p, t),
-                            Score::ReluOverLength => kernels::scaled_relu(p, 1.0 / t as f32),
+                            Score::Softmax => attention_kernels::softmax_rows(p, t),
+                            Score::ReluOverLength => attention_kernels::scaled_relu(p, 1.0 / t as f32),
                         }
                         matmul(MatMut::columns(mixed, t, c, h * d, d), MatRef::new(p, t, t), column(2 * c + h * d), false, 1.0);
                     }
@@ -306,7 +307,7 @@ impl FastAttention {
                     .zip(den.par_chunks_mut(t * heads))
                     .for_each(|(((((qkv, mixed), attn), kv), k_sum), den)| {
                         match feature {
-                            Feature::Relu => kernels::sla_feature_maps(qkv, pe, c),
+                            Feature::Relu => attention_kernels::sla_feature_maps(qkv, pe, c),
                             Feature::Focused { power, .. } => {
                                 for (row, pe) in qkv.chunks_exact_mut(3 * c).zip(pe.chunks_exact(c)) {
                                     let (q, rest) = row.split_at_mut(c);
@@ -375,8 +376,8 @@ impl FastAttention {
                                 matmul(MatMut::new(dp, t, t), d_out, column(2 * c + h * d).t(), false, 1.0); // dP = dO·Vᵀ
                                 matmul(MatMut::columns(dqkv, t, 3 * c, 2 * c + h * d, d), MatRef::new(p, t, t).t(), d_out, false, 1.0); // dV = Pᵀ·dO
                                 match score {
-                                    Score::Softmax => kernels::softmax_backward_rows(p, dp, t),
-                                    Score::ReluOverLength => kernels::relu_backward(p, dp, 1.0 / t as f32),
+                                    Score::Softmax => attention_kernels::softmax_backward_rows(p, dp, t),
+                                    Score::ReluOverLength => attention_kernels::relu_backward(p, dp, 1.0 / t as f32),
                                 }
                                 matmul(MatMut::columns(dqkv, t, 3 * c, h * d, d), MatRef::new(dp, t, t), column(c + h * d), false, scale); // dQ = s·dS·K
                                 matmul(MatMut::columns(dqkv, t, 3 * c, c + h * d, d), MatRef::new(dp, t, t).t(), column(h * d), false, scale); // dK = s·dSᵀ·Q
@@ -411,7 +412,7 @@ impl FastAttention {
                     });
                 // The feature maps, from the gradient of their outputs to that of q and k + pe.
                 match feature {
-                    Feature::Relu => dqkv.par_chunks_mut(3 * c).zip(a.qkv.par_chunks(3 * c)).for_each(|(dq, q)| kernels::relu_backward(&q[..2 * c], &mut dq[..2 * c], 1.0)),
+                    Feature::Relu => dqkv.par_chunks_mut(3 * c).zip(a.qkv.par_chunks(3 * c)).for_each(|(dq, q)| attention_kernels::relu_backward(&q[..2 * c], &mut dq[..2 * c], 1.0)),
                     Feature::Focused { power, theta } => {
                         // Per row: dq, dk through f_p and the scale; the scale's gradient summed.
                         let scale = &a.scale;

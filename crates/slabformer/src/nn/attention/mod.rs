@@ -15,6 +15,7 @@ use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
 pub mod fast;
+pub mod kernels;
 mod onnx;
 
 pub use fast::{AttentionActivations, AttentionScratch, FastAttention};

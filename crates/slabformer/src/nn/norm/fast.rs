@@ -7,7 +7,8 @@ use rayon::prelude::*;
 
 use super::{LayerNorm, Norm, RepBN};
 use crate::error::{Error, Result};
-use crate::kernels::{self, BnTerms, NormTerms};
+use super::kernels::{self as norm_kernels, BnTerms, NormTerms};
+use crate::kernels;
 use crate::nn::lower::{Layout, ParamTable, Slot, row_block, set_f32, set_i64};
 use crate::nn::schedule::{Decay, Phase};
 use crate::state::{StateDict, host_f32};
@@ -120,9 +121,9 @@ impl FastNorm {
             (Some(bn), _) => {
                 let inv_std: Vec<f32> = bn.running_var.iter().map(|v| 1.0 / (v + bn.eps).sqrt()).collect();
                 let terms = BnTerms { mean: &bn.running_mean, inv_std: &inv_std, gamma: &p[bn.gamma.range()], beta: &p[bn.beta.range()], alpha: p[bn.alpha.offset], weight: 1.0 };
-                kernels::norm_apply(x, out, inv_std.len(), NormTerms { ln: None, bn: Some(terms) });
+                norm_kernels::norm_apply(x, out, inv_std.len(), NormTerms { ln: None, bn: Some(terms) });
             }
-            (None, Some(ln)) => kernels::layer_norm(x, out, &p[ln.weight.range()], &p[ln.bias.range()], ln.eps),
+            (None, Some(ln)) => norm_kernels::layer_norm(x, out, &p[ln.weight.range()], &p[ln.bias.range()], ln.eps),
             (None, None) => unreachable!("a norm has a LayerNorm or a BatchNorm"),
         }
     }
@@ -185,7 +186,7 @@ impl FastNorm {
         (cache.ln_weight, cache.bn_weight) = (ln_weight, bn_weight);
         if let (Some(ln), Some(_)) = (&self.ln, ln_weight) {
             cache.row_stats.resize(2 * rows, 0.0);
-            cache.row_stats.par_chunks_mut(2 * per).zip(x.par_chunks(per * c)).for_each(|(s, x)| kernels::row_stats(x, c, ln.eps, s));
+            cache.row_stats.par_chunks_mut(2 * per).zip(x.par_chunks(per * c)).for_each(|(s, x)| norm_kernels::row_stats(x, c, ln.eps, s));
         }
         if let (Some(bn), Some(_)) = (&mut self.bn, bn_weight) {
             if rows < 2 {
@@ -199,7 +200,7 @@ impl FastNorm {
                 total
             };
             let mean: Vec<f32> = sums(&|x, out| kernels::column_sums(x, x.len() / c, c, 0, out)).into_iter().map(|s| s / rows as f32).collect();
-            let var: Vec<f32> = sums(&|x, out| kernels::column_square_deviations(x, &mean, out)).into_iter().map(|s| s / rows as f32).collect();
+            let var: Vec<f32> = sums(&|x, out| norm_kernels::column_square_deviations(x, &mean, out)).into_iter().map(|s| s / rows as f32).collect();
             let (m, unbiased) = (bn.momentum, rows as f32 / (rows as f32 - 1.0));
             for ch in 0..c {
                 bn.running_mean[ch] = bn.running_mean[ch] * (1.0 - m) + mean[ch] * m;
@@ -212,7 +213,7 @@ impl FastNorm {
         }
         let this = &*self;
         out.par_chunks_mut(per * c).zip(x.par_chunks(per * c)).enumerate().for_each(|(i, (o, x))| {
-            kernels::norm_apply(x, o, c, this.terms(p, cache, i * per, x.len() / c));
+            norm_kernels::norm_apply(x, o, c, this.terms(p, cache, i * per, x.len() / c));
         });
         Ok(())
     }
@@ -224,7 +225,7 @@ impl FastNorm {
         let width = 3 * c + 1;
         let mut partials = vec![0.0; rows.div_ceil(per) * width];
         partials.par_chunks_mut(width).zip(x.par_chunks(per * c)).zip(dy.par_chunks(per * c)).enumerate().for_each(|(i, ((s, x), dy))| {
-            kernels::norm_backward_sums(x, dy, self.terms(p, cache, i * per, x.len() / c), s);
+            norm_kernels::norm_backward_sums(x, dy, self.terms(p, cache, i * per, x.len() / c), s);
         });
         let mut sums = vec![0.0; width];
         partials.chunks(width).for_each(|s| kernels::add_assign(&mut sums, s));
@@ -239,7 +240,7 @@ impl FastNorm {
             g[bn.alpha.offset] += weight * dy_x;
         }
         dx.par_chunks_mut(per * c).zip(x.par_chunks(per * c)).zip(dy.par_chunks(per * c)).enumerate().for_each(|(i, ((dx, x), dy))| {
-            kernels::norm_backward_apply(x, dy, dx, c, self.terms(p, cache, i * per, x.len() / c), (dy_sum, dy_bn), rows);
+            norm_kernels::norm_backward_apply(x, dy, dx, c, self.terms(p, cache, i * per, x.len() / c), (dy_sum, dy_bn), rows);
         });
     }
 

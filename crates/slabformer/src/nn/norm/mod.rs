@@ -8,6 +8,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub mod fast;
+pub mod kernels;
 
 pub use fast::{FastNorm, NormCache};
 
