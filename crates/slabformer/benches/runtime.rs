@@ -134,6 +134,11 @@ fn training(c: &mut Criterion) {
         let targets: Vec<f32> = (0..batch * 1000).map(|i| if i % 1000 == i / 1000 { 1.0 } else { 0.0 }).collect();
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_function(BenchmarkId::new(format!("step {name}"), batch), |b| b.iter(|| trainer.train_step(&images, &targets, batch, 1e-4).unwrap()));
+        if name == "deit_tiny" {
+            // The training schedule's forward alone (layer by layer over the batch, activations
+            // kept), against `forward/deit_tiny/8`, the inference schedule of the same layers.
+            group.bench_function(BenchmarkId::new(format!("forward {name}"), batch), |b| b.iter(|| trainer.forward(&images, batch).unwrap()));
+        }
     }
     group.finish();
 }

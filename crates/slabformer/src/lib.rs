@@ -17,6 +17,7 @@ pub mod nn;
 pub mod optim;
 pub mod runtime;
 pub mod state;
+pub mod testing;
 pub mod train;
 
 pub use error::{Error, Result};

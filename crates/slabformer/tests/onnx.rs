@@ -10,7 +10,6 @@ use slabformer::deploy::onnx::{export, export_model};
 use slabformer::models::{Pool, VitConfig};
 use slabformer::models::vit::{DeployVit, VisionTransformer};
 use slabformer::nn::attention::AttentionKind;
-use slabformer::state::map_float_tensors;
 
 /// `$SLABFORMER_PYTHON`, else `.ci/venv` (made with the pinned onnxruntime from PyPI on first use,
 /// exactly as `.ci/run` makes it).
@@ -57,23 +56,7 @@ const IMAGES_SEED: u64 = 18;
 /// The model before fusing, randomized as for [`deploy`] (LayerNorm affines too). Mapping every
 /// tensor also materializes the lazily initialized ones while the seeded generator is held.
 fn randomized(config: VitConfig) -> VisionTransformer {
-    seeded(WEIGHTS_SEED, |device| map_float_tensors(config.init(device).unwrap(), |key, t| {
-        let n = t.dims()[0];
-        let uniform = |lo, hi| Tensor::<1>::random([n], Distribution::Uniform(lo, hi), &t.device());
-        if key.ends_with("running_var") {
-            Some(uniform(0.5, 2.0))
-        } else if key.ends_with("running_mean") || key.ends_with("alpha") || key.ends_with("bias") {
-            Some(uniform(-0.5, 0.5))
-        } else if key.ends_with("positional_encoding") {
-            Some(uniform(-0.3, 0.3))
-        } else if key.contains("norm") && key.ends_with("weight") {
-            Some(uniform(0.5, 1.5))
-        } else if key.ends_with("qkv.weight") || key.ends_with("proj.weight") || key.ends_with("fc1.weight") || key.ends_with("fc2.weight") || key.ends_with("head.weight") || key.ends_with("gate.weight") {
-            Some(t.mul_scalar(6.0))
-        } else {
-            None
-        }
-    }))
+    seeded(WEIGHTS_SEED, |device| slabformer::testing::randomized(config.init(device).unwrap(), 6.0))
 }
 
 fn run_onnx_runtime(model: &Path, input: &[f32], shape: [usize; 4]) -> Vec<f32> {

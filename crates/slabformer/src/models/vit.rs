@@ -1084,25 +1084,6 @@ mod tests {
         assert_eq!(attn.positional_encoding.dims(), [1, 64, 24]);
     }
 
-    /// Random BatchNorm statistics, α and affine parameters everywhere, so folding is non-trivial.
-    fn randomize_norms(model: VisionTransformer) -> VisionTransformer {
-        use burn::tensor::Distribution;
-        crate::state::map_float_tensors(model, |key, t| {
-            let n = t.dims()[0];
-            let device = t.device();
-            let uniform = |lo, hi| Tensor::<1>::random([n], Distribution::Uniform(lo, hi), &device);
-            if key.ends_with("running_var") {
-                Some(uniform(0.5, 2.0))
-            } else if key.ends_with("running_mean") || key.ends_with("bias") {
-                Some(uniform(-0.5, 0.5))
-            } else if key.ends_with("alpha") || key.ends_with("norm2.weight") || key.ends_with("bn.weight") {
-                Some(uniform(0.3, 1.5))
-            } else {
-                None
-            }
-        })
-    }
-
     #[test]
     fn fused_models_equal_unfused_eval_and_have_no_norms() {
         use burn::tensor::Distribution;
@@ -1113,7 +1094,7 @@ mod tests {
         let gated = VitConfig { attention: AttentionKind::ReluL { qk_norm: true, gated: true }, ..small(VitConfig::prepbn_deit_tiny()) };
         let focused = VitConfig { attention: AttentionKind::focused(), pool: Pool::Mean, ..small(VitConfig::prepbn_deit_tiny()) };
         for config in [small(VitConfig::slab_deit_tiny()), small(VitConfig::prepbn_deit_tiny()), small(VitConfig::prepbn_deit_small()), gated, focused] {
-            let model = randomize_norms(config.init(&device).unwrap());
+            let model = crate::testing::randomized(config.init(&device).unwrap(), 1.0); // folding is non-trivial
             let deploy = model.fuse().unwrap();
             let keys = crate::state::collect_state(&deploy);
             // No block or final norm is left (qk-norm's per-head LayerNorms are not foldable and stay).

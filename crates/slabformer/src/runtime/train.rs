@@ -249,7 +249,7 @@ impl CpuTrainer {
 mod tests {
     use super::*;
     use burn::tensor::{Device, Distribution, Int, Tensor};
-    use crate::state::{collect_grads, float_tensors, map_float_tensors};
+    use crate::state::{collect_grads, float_tensors};
     use crate::models::vit::Pool;
     use crate::nn::attention::AttentionKind;
     use crate::nn::loss::soft_cross_entropy;
@@ -275,22 +275,8 @@ mod tests {
         }
     }
 
-    /// Every parameter and BatchNorm statistic moved off its initial value, so each term of each
-    /// backward pass shows in the gradients.
     fn randomized(config: &VitConfig, device: &Device) -> VisionTransformer {
-        map_float_tensors(config.init(device).unwrap(), |key, t| {
-            let n = t.dims()[0];
-            let uniform = |lo, hi| Tensor::<1>::random([n], Distribution::Uniform(lo, hi), &t.device());
-            Some(if key.ends_with("running_var") {
-                uniform(0.5, 2.0)
-            } else if key.ends_with("weight") && (key.contains("norm") || key.contains(".bn.")) {
-                uniform(0.5, 1.5)
-            } else if key.ends_with("weight") {
-                t.mul_scalar(5.0)
-            } else {
-                uniform(-0.5, 0.5)
-            })
-        })
+        crate::testing::randomized(config.init(device).unwrap(), 5.0)
     }
 
     fn images(config: &VitConfig, batch: usize, device: &Device) -> Tensor<4> {

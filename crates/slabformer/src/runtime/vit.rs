@@ -169,36 +169,17 @@ mod tests {
     use burn::tensor::{Device, Distribution};
     use crate::models::vit::Pool;
     use crate::nn::attention::AttentionKind;
-    use crate::nn::norm::NormKind;
 
     fn max_abs(t: Tensor<2>) -> f32 {
         t.abs().max().into_scalar()
     }
 
-    /// Non-trivial BatchNorm statistics and norm affines, so fusing changes every weight, and
-    /// weights scaled up from their init so activations are O(1) and every op shows in the
-    /// logits (BatchNorm with fixed statistics does not rescale activations: those models take
-    /// less). Checked: a 1 % change of the DWC bias or 0.02 % of GELU fails the comparison.
+    /// A model whose every op shows in the logits (see `testing::randomized`); BatchNorm with
+    /// fixed statistics does not rescale activations, so those models take smaller weights.
+    /// Checked: a 1 % change of the DWC bias or 0.02 % of GELU fails the comparison.
     fn randomized(config: VitConfig, device: &Device) -> VisionTransformer {
-        let weight_scale = if config.norm == NormKind::layer_norm(1e-6) { 10.0 } else { 5.0 };
-        let model = config.init(device).unwrap();
-        crate::state::map_float_tensors(model, |key, t| {
-            let n = t.dims()[0];
-            let uniform = |lo, hi| Tensor::<1>::random([n], Distribution::Uniform(lo, hi), &t.device());
-            if key.ends_with("running_var") {
-                Some(uniform(0.5, 2.0))
-            } else if key.ends_with("running_mean") || key.ends_with("bias") || key.ends_with("alpha") {
-                Some(uniform(-0.5, 0.5))
-            } else if key.contains("norm") && key.ends_with("weight") {
-                Some(uniform(0.5, 1.5))
-            } else if key.contains("positional_encoding") || key.contains("pos_embed") || key.contains("cls_token") {
-                Some(t.random_like(Distribution::Normal(0.0, 0.2)))
-            } else if key.ends_with("weight") {
-                Some(t.mul_scalar(weight_scale))
-            } else {
-                None
-            }
-        })
+        let weight_scale = if config.norm.folds() { 5.0 } else { 10.0 };
+        crate::testing::randomized(config.init(device).unwrap(), weight_scale)
     }
 
     #[test]
