@@ -11,7 +11,7 @@ use rand_pcg::Pcg64;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::Preset;
+use super::{ModelFamily, Preset};
 use crate::error::{Error, Result};
 use crate::nn::attention::{Attention, AttentionConfig, AttentionKind};
 use crate::nn::linear::linear;
@@ -25,7 +25,7 @@ use crate::nn::lower::{Layout, ParamTable, Slot, sized};
 use crate::nn::mlp::{FastMlp, Mlp, MlpActivations};
 use crate::nn::norm::{FastNorm, Norm, NormCache, NormKind};
 use crate::nn::patch_embed::{FastPatchEmbed, PatchEmbed};
-use crate::nn::schedule::Phase;
+use crate::nn::schedule::{Phase, PrepbnSchedule};
 use crate::state::StateDict;
 
 /// What the head reads.
@@ -365,6 +365,39 @@ fn classify(x: Tensor<3>, pool: Pool, head: &Linear) -> Tensor<2> {
     head.forward(pooled.reshape([b, c])) // (B, num_classes)
 }
 
+impl ModelFamily for VisionTransformer {
+    type Config = VitConfig;
+    type Deploy = DeployVit;
+
+    fn presets() -> &'static [Preset] {
+        PRESETS
+    }
+    fn init(config: &VitConfig, device: &Device) -> Result<Self> {
+        config.init(device)
+    }
+    fn config(&self) -> &VitConfig {
+        &self.config
+    }
+    fn param_count(config: &VitConfig) -> usize {
+        config.param_count()
+    }
+    fn macs(config: &VitConfig) -> u64 {
+        config.macs()
+    }
+    fn fuse(&self) -> Result<DeployVit> {
+        VisionTransformer::fuse(self)
+    }
+    fn prepbn_phase(&self) -> Option<Phase> {
+        VisionTransformer::prepbn_phase(self)
+    }
+    fn prepbn_schedule(config: &mut VitConfig) -> Option<&mut PrepbnSchedule> {
+        match &mut config.norm {
+            NormKind::Prepbn { schedule, .. } => Some(schedule),
+            _ => None,
+        }
+    }
+}
+
 /// A model that maps images to logits: trained and deploy forms alike.
 pub trait ImageClassifier: Module {
     fn config(&self) -> &VitConfig;
@@ -437,7 +470,7 @@ impl VisionTransformer {
     }
 
     /// The phase the first PRepBN layer will compute next (its λ is the one training logs).
-    pub fn prepbn_phase(&self) -> Option<crate::nn::schedule::Phase> {
+    pub fn prepbn_phase(&self) -> Option<Phase> {
         match &self.blocks.first()?.norm1 {
             Norm::LinearNorm(n) => Some(n.next_phase()),
             _ => None,

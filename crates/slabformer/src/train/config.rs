@@ -7,9 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::augment::{AugmentConfig, MixConfig};
 use crate::error::{Error, Result};
-use crate::models::{self, VitConfig};
+use crate::models::{self, ModelFamily, VisionTransformer, VitConfig};
 use crate::nn::attention::AttentionKind;
-use crate::nn::norm::NormKind;
 use crate::nn::schedule::Decay;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -283,7 +282,7 @@ impl TrainConfig {
         let mut model = self.model.config()?;
         let mut warnings = Vec::new();
         let total = self.run.max_steps.unwrap_or(u64::MAX).min(self.total_steps(train_len));
-        if let NormKind::Prepbn { schedule, .. } = &mut model.norm {
+        if let Some(schedule) = VisionTransformer::prepbn_schedule(&mut model) {
             let t = self.prepbn.steps.unwrap_or((total as f64 * 0.8).round() as u64);
             if t + self.prepbn.warm > total {
                 return err(format!(
@@ -381,6 +380,7 @@ impl TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::norm::NormKind;
 
     #[test]
     fn unknown_keys_and_bad_values_name_the_key() {
