@@ -698,8 +698,9 @@ fn cross_entropy_matches_burn() {
     check(|rng| CrossEntropyCase { batch: pick(rng, &[1, 3, 5]), classes: pick(rng, &[2, 7, 10]) });
 }
 
-/// F1 (`nn::fuse::fold_into_next_linear`) for each norm that folds: the eval-mode norm → Linear
-/// equals the folded Linear, in burn and on the fast path, with and without an original bias.
+/// F1 (`nn::fuse::fold_into_next_linear`, SPEC §7.2 item 10) for each norm that folds: the
+/// eval-mode norm → Linear equals the folded Linear, in burn and on the fast path, with and
+/// without an original bias.
 #[test]
 fn folded_linear_equals_norm_then_linear() {
     let device = Device::flex(); // no autodiff: every norm evaluates in eval mode
