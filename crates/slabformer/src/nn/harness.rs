@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use rand_pcg::Pcg64;
 
-use super::attention::{Attention, AttentionActivations, AttentionConfig, AttentionKind, AttentionScratch, FastAttention};
+use super::attention::{Attention, AttentionActivations, AttentionConfig, AttentionKind, AttentionScratch, FastAttention, FeatureMap};
 use super::fuse::fold_into_next_linear;
 use super::linear::{FastLinear, linear};
 use super::loss::{cross_entropy, soft_cross_entropy};
@@ -444,7 +444,10 @@ impl AttentionCase {
     /// of two terms ∝ 1/normaliser, and either implementation's f32 rounding of it exceeds any
     /// useful tolerance (a one-ulp change of x moves it as much).
     fn well_conditioned(&self, layer: &Attention, x: &[f32]) -> bool {
-        let Attention::Linear(sla) = layer else { return true };
+        let sla = match layer {
+            Attention::Linear(sla) if sla.feature_map == FeatureMap::Relu => sla,
+            _ => return true, // no normaliser (dot kinds); FLatten will need its own criterion
+        };
         let (b, t, c, h) = (self.batch, self.tokens, self.dim(), self.heads);
         let x = flat(x, &sla.qkv.weight.val().device()).reshape([b, t, c]);
         let qkv = sla.qkv.forward(x).reshape([b, t, 3, c]);
