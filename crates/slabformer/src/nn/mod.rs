@@ -5,6 +5,8 @@ pub mod attention;
 pub mod counter;
 pub mod drop_path;
 pub mod fuse;
+#[cfg(test)]
+mod harness;
 pub mod linear;
 pub mod loss;
 pub mod lower;

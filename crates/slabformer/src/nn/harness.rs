@@ -1,0 +1,732 @@
+//! One test harness for every layer kind: on random sizes (odd ones included), the fast
+//! training forward and backward equal burn autodiff (`loss = Σ out ⊙ dy`) in the output, the
+//! input gradient, every parameter gradient (by official key) and the buffers after the call,
+//! and the fast inference form equals burn's eval-mode forward. A kind plugs in as a
+//! [`LayerCase`]; a variant of one (another attention kind, a norm phase) is one more test line.
+//!
+//! Every value (sizes, parameters, inputs, `dy`) comes from one seeded `Pcg64`, not burn's
+//! process-wide generator, which tests elsewhere in the crate draw from without a lock: a run
+//! is the same whatever runs beside it.
+
+use std::fmt::Debug;
+
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Normal};
+use rand_pcg::Pcg64;
+
+use super::attention::{Attention, AttentionActivations, AttentionConfig, AttentionKind, AttentionScratch, FastAttention, FeatureMap};
+use super::fuse::fold_into_next_linear;
+use super::linear::{FastLinear, linear};
+use super::loss::{cross_entropy, soft_cross_entropy};
+use super::lower::ParamTable;
+use super::mlp::{FastMlp, Mlp, MlpActivations};
+use super::norm::{FastNorm, LayerNorm, LinearNorm, Norm, NormCache, RepBN, RepBnInit};
+use super::patch_embed::{FastPatchEmbed, PatchEmbed};
+use super::schedule::{Decay, PrepbnSchedule};
+use super::{set_counter_advance, set_training};
+use crate::kernels;
+use crate::state::{StateDict, Values, collect_grads, collect_state, host_f32, map_float_tensors};
+
+const SEED: u64 = 0x5EED;
+
+/// Random shapes per test: a handful, small, so the whole file runs in seconds on two cores.
+const SHAPES: usize = 10;
+
+/// `|ours − want| ≤ ABS + REL·max|want|` elementwise; the fast kernels sum in other orders than
+/// burn's, so this allows f32 rounding of sums of O(1) terms and nothing near a real error
+/// (the smallest mutation the harness is shown to catch is a 1 % change of one term).
+const ABS: f32 = 1e-5;
+const REL: f32 = 1e-4;
+
+/// One layer kind at one set of sizes.
+trait LayerCase: Debug {
+    /// The burn module (the reference).
+    type Layer: Module + Clone;
+    /// Its fast form.
+    type Fast;
+
+    /// The layer at these sizes; the harness then redraws every float in it ([`randomized`]).
+    fn build(&self, device: &Device, rng: &mut Pcg64) -> Self::Layer;
+
+    /// A flat input for `layer`.
+    fn input(&self, layer: &Self::Layer, rng: &mut Pcg64) -> Vec<f32>;
+
+    /// burn's forward of the flat input, flattened.
+    fn reference(&self, layer: &Self::Layer, x: Tensor<1>) -> Tensor<1>;
+
+    fn lower(&self, layer: &Self::Layer, table: &mut ParamTable) -> Self::Fast;
+
+    /// The fast training forward of `x`, then its backward of `dy` with the parameter gradients
+    /// into `g`: the output and the input gradient (`None` for a kind that computes none).
+    fn train(&self, fast: &mut Self::Fast, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>);
+
+    /// The buffers (statistics, counters) the training forward left, under their keys.
+    fn write_buffers(&self, _fast: &Self::Fast, _state: &mut StateDict) {}
+
+    /// The fast inference form's output, for kinds that have one.
+    fn infer(&self, _fast: &Self::Fast, _p: &[f32], _x: &[f32]) -> Option<Vec<f32>> {
+        None
+    }
+}
+
+fn uniform(rng: &mut Pcg64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(lo..hi)).collect()
+}
+
+fn normal(rng: &mut Pcg64, n: usize, mean: f32, std: f32) -> Vec<f32> {
+    let dist = Normal::new(mean, std).expect("finite std");
+    (0..n).map(|_| dist.sample(rng)).collect()
+}
+
+fn pick<T: Copy>(rng: &mut Pcg64, choices: &[T]) -> T {
+    *choices.choose(rng).expect("choices")
+}
+
+fn flat(values: &[f32], device: &Device) -> Tensor<1> {
+    Tensor::from_data(TensorData::new(values.to_vec(), [values.len()]), device)
+}
+
+/// Every float parameter and buffer redrawn so each term of each formula matters: running
+/// variances in [0.5, 2], norm scales in [0.5, 1.5], RepBN's α in [0.2, 0.8], matrices and
+/// convs N(0, 1/fan_in) (O(1) activations), everything else (biases, running means, positional
+/// encodings) in [−1, 1].
+fn randomized<M: Module>(layer: M, rng: &mut Pcg64) -> M {
+    let official = collect_state(&layer);
+    map_float_tensors(layer, |key, t| {
+        let n = t.dims()[0];
+        let shape = &official.get(key).expect("a key of the layer").shape;
+        let values = if key.ends_with("running_var") {
+            uniform(rng, n, 0.5, 2.0)
+        } else if key.ends_with("alpha") {
+            uniform(rng, n, 0.2, 0.8)
+        } else if key.ends_with("weight") && shape.len() == 1 {
+            uniform(rng, n, 0.5, 1.5)
+        } else if key.ends_with("weight") {
+            let fan_in = n / shape[0]; // official (out, in, …)
+            normal(rng, n, 0.0, (fan_in as f32).powf(-0.5))
+        } else {
+            uniform(rng, n, -1.0, 1.0)
+        };
+        Some(flat(&values, &t.device()))
+    })
+}
+
+/// `max|ours − want| ≤ ABS + REL·max|want|`, naming the worst element otherwise.
+fn assert_close(what: &str, ours: &[f32], want: &[f32]) {
+    assert_eq!(ours.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let (worst, diff) = ours.iter().zip(want).map(|(a, b)| (a - b).abs()).enumerate().fold((0, 0.0f32), |w, (i, d)| if d > w.1 || d.is_nan() { (i, d) } else { w });
+    assert!(diff <= ABS + REL * scale, "{what}: max |Δ| = {diff:.3e} (scale {scale:.3e}) at {worst}: ours {}, want {}", ours[worst], want[worst]);
+}
+
+fn f32s<'a>(what: &str, values: &'a Values) -> &'a [f32] {
+    match values {
+        Values::F32(v) => v,
+        Values::I64(_) => panic!("{what}: an int tensor where a float one belongs"),
+    }
+}
+
+/// Every tensor of `want` in `ours`: ints (counters) exactly, floats close.
+fn assert_states_close(what: &str, ours: &StateDict, want: &StateDict) {
+    for (key, w) in want.iter() {
+        let o = ours.get(key).unwrap_or_else(|_| panic!("{what}: `{key}` missing"));
+        match (&o.values, &w.values) {
+            (Values::I64(a), Values::I64(b)) => assert_eq!(a, b, "{what}: `{key}`"),
+            (a, b) => assert_close(&format!("{what} `{key}`"), f32s(what, a), f32s(what, b)),
+        }
+    }
+}
+
+/// [`SHAPES`] cases from `draw`, each checked against burn.
+fn check<C: LayerCase>(draw: impl Fn(&mut Pcg64) -> C) {
+    let mut rng = Pcg64::seed_from_u64(SEED);
+    for _ in 0..SHAPES {
+        let case = draw(&mut rng);
+        check_case(&case, &mut rng);
+    }
+}
+
+fn check_case<C: LayerCase>(case: &C, rng: &mut Pcg64) {
+    let what = format!("{case:?}");
+    let device = Device::flex().autodiff();
+    let layer = randomized(case.build(&device, rng), rng);
+    // Lowered first: burn's training forward moves the statistics and counters it shares.
+    let mut table = ParamTable::for_module(&layer);
+    let mut fast = case.lower(&layer, &mut table);
+
+    let x_values = case.input(&layer, rng);
+    let x = flat(&x_values, &device).require_grad();
+    let out = case.reference(&layer, x.clone());
+    let want_out = host_f32(out.clone());
+    let dy = normal(rng, want_out.len(), 0.0, 1.0);
+    let grads = out.mul(flat(&dy, &device)).sum().backward();
+    let want_grads = collect_grads(&layer, &grads);
+
+    let mut g = vec![0.0; table.values.len()];
+    let (out, dx) = case.train(&mut fast, &table.values, &x_values, &dy, &mut g);
+    assert_close(&format!("{what}: output"), &out, &want_out);
+    if let Some(dx) = dx {
+        assert_close(&format!("{what}: input gradient"), &dx, &host_f32(x.grad(&grads).expect("x is a leaf")));
+    }
+    for key in want_grads.keys() {
+        assert!(table.infos.iter().any(|i| &i.key == key), "{what}: burn has a gradient of `{key}`, the fast form none");
+    }
+    for info in &table.infos {
+        let ours = table.official(info, &g);
+        match want_grads.get(&info.key) {
+            Ok(want) => assert_close(&format!("{what}: gradient `{}`", info.key), &ours, f32s(&what, &want.values)),
+            // burn gives none to a parameter this call did not read (the RepBN branch in warm-up).
+            Err(_) => assert!(ours.iter().all(|v| *v == 0.0), "{what}: `{}` is unused but has a fast gradient", info.key),
+        }
+    }
+    let ours = table.state_with(&table.values, "fast", |state| case.write_buffers(&fast, state));
+    assert_states_close(&format!("{what}: state after the call"), &ours, &collect_state(&layer));
+
+    if let Some(ours) = case.infer(&fast, &table.values, &x_values) {
+        let want = case.reference(&set_training(layer.clone(), false), flat(&x_values, &device));
+        assert_close(&format!("{what}: inference"), &ours, &host_f32(want));
+    }
+}
+
+/// Token counts with odd ones and a single token.
+const TOKENS: [usize; 4] = [1, 3, 5, 7];
+/// Widths with odd ones.
+const WIDTHS: [usize; 4] = [4, 9, 12, 15];
+
+#[derive(Debug)]
+struct LinearCase {
+    rows: usize,
+    inputs: usize,
+    outputs: usize,
+    bias: bool,
+}
+
+impl LinearCase {
+    fn draw(rng: &mut Pcg64, bias: bool) -> Self {
+        Self { rows: pick(rng, &[1, 2, 5, 13]), inputs: pick(rng, &[1, 4, 9, 15]), outputs: pick(rng, &[1, 7, 12, 13]), bias }
+    }
+}
+
+impl LayerCase for LinearCase {
+    type Layer = Linear;
+    type Fast = FastLinear;
+
+    fn build(&self, device: &Device, _rng: &mut Pcg64) -> Linear {
+        linear(self.inputs, self.outputs, self.bias, device)
+    }
+
+    fn input(&self, _layer: &Linear, rng: &mut Pcg64) -> Vec<f32> {
+        normal(rng, self.rows * self.inputs, 0.0, 1.0)
+    }
+
+    fn reference(&self, layer: &Linear, x: Tensor<1>) -> Tensor<1> {
+        layer.forward(x.reshape([self.rows, self.inputs])).reshape([self.rows * self.outputs])
+    }
+
+    fn lower(&self, layer: &Linear, table: &mut ParamTable) -> FastLinear {
+        FastLinear::lower(layer, table).expect("a Linear lowers")
+    }
+
+    fn train(&self, fast: &mut FastLinear, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        let mut out = vec![0.0; self.rows * self.outputs];
+        fast.forward(p, x, &mut out, false);
+        let mut dx = vec![0.0; x.len()];
+        fast.backward_input(p, dy, &mut dx, |_, _| {});
+        fast.backward_params(g, x, dy, &mut Vec::new());
+        (out, Some(dx))
+    }
+
+    fn infer(&self, fast: &FastLinear, p: &[f32], x: &[f32]) -> Option<Vec<f32>> {
+        let mut out = vec![0.0; self.rows * self.outputs];
+        fast.apply(p, x, &mut out);
+        Some(out)
+    }
+}
+
+/// Which norm, and for PRepBN the phase its counters are in.
+#[derive(Clone, Copy, Debug)]
+enum NormVariant {
+    LayerNorm,
+    RepBn,
+    /// LayerNorm only, `warm` counting down.
+    PrepbnWarm,
+    /// λ = ⌊T/2⌋/T ≈ ½, both branches.
+    PrepbnMixing,
+    /// λ = 0 with the decay over: the LayerNorm branch still runs, weighted 0.
+    PrepbnLambdaZero,
+}
+
+#[derive(Debug)]
+struct NormCase {
+    variant: NormVariant,
+    batch: usize,
+    tokens: usize,
+    channels: usize,
+    /// PRepBN's counters before the call: warm, iter, total_step.
+    counters: Option<[i64; 3]>,
+    /// Whether PRepBN's counters advance (off for the extra micro-batches of a step).
+    advance: bool,
+}
+
+impl NormCase {
+    fn draw(rng: &mut Pcg64, variant: NormVariant) -> Self {
+        // BatchNorm needs two tokens; three keep its batch variance away from 0.
+        let (batch, tokens, channels) = (pick(rng, &[1, 2, 3]), pick(rng, &[3, 5, 7]), pick(rng, &WIDTHS));
+        let total = pick(rng, &[5, 7, 8]);
+        let counters = match variant {
+            NormVariant::LayerNorm | NormVariant::RepBn => None,
+            NormVariant::PrepbnWarm => Some([pick(rng, &[1, 2]), total, total]),
+            NormVariant::PrepbnMixing => Some([0, total / 2, total]),
+            NormVariant::PrepbnLambdaZero => Some([0, 0, total]),
+        };
+        Self { variant, batch, tokens, channels, counters, advance: rng.random_bool(0.5) }
+    }
+
+    fn rows(&self) -> usize {
+        self.batch * self.tokens
+    }
+}
+
+impl LayerCase for NormCase {
+    type Layer = Norm;
+    type Fast = FastNorm;
+
+    fn build(&self, device: &Device, _rng: &mut Pcg64) -> Norm {
+        match (self.variant, self.counters) {
+            (NormVariant::LayerNorm, _) => Norm::LayerNorm(LayerNorm::new(self.channels, 1e-6, device)),
+            (NormVariant::RepBn, _) => Norm::RepBN(RepBN::new(self.channels, 1e-5, RepBnInit::Vision, device)),
+            (_, counters) => {
+                let [warm, iter, total] = counters.expect("PRepBN has counters");
+                let schedule = PrepbnSchedule { warm: 0, total: 1, r0: 1.0, decay: Decay::Linear };
+                let norm = LinearNorm::new(self.channels, 1e-6, 1e-5, schedule, device);
+                norm.warm.set(warm);
+                norm.iter.set(iter);
+                norm.total_step.set(total);
+                Norm::LinearNorm(set_counter_advance(norm, self.advance))
+            }
+        }
+    }
+
+    fn input(&self, _layer: &Norm, rng: &mut Pcg64) -> Vec<f32> {
+        // Off-centre, so the means matter.
+        normal(rng, self.rows() * self.channels, 0.5, 1.5)
+    }
+
+    fn reference(&self, layer: &Norm, x: Tensor<1>) -> Tensor<1> {
+        layer.forward(x.reshape([self.batch, self.tokens, self.channels])).reshape([self.rows() * self.channels])
+    }
+
+    fn lower(&self, layer: &Norm, table: &mut ParamTable) -> FastNorm {
+        FastNorm::lower(layer, table).expect("a norm lowers")
+    }
+
+    fn train(&self, fast: &mut FastNorm, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        let mut out = vec![0.0; x.len()];
+        let mut cache = NormCache::default();
+        fast.forward(p, x, &mut out, &mut cache, self.channels, self.advance).expect("enough tokens");
+        let mut dx = vec![0.0; x.len()]; // the backward adds into it
+        fast.backward(p, g, x, dy, &mut dx, &cache, self.channels);
+        (out, Some(dx))
+    }
+
+    fn write_buffers(&self, fast: &FastNorm, state: &mut StateDict) {
+        fast.write_buffers(state);
+    }
+
+    fn infer(&self, fast: &FastNorm, p: &[f32], x: &[f32]) -> Option<Vec<f32>> {
+        let mut out = vec![0.0; x.len()];
+        fast.infer(p, x, &mut out);
+        Some(out)
+    }
+}
+
+#[derive(Debug)]
+struct MlpCase {
+    rows: usize,
+    dim: usize,
+    hidden: usize,
+}
+
+impl MlpCase {
+    fn draw(rng: &mut Pcg64) -> Self {
+        Self { rows: pick(rng, &[1, 6, 7]), dim: pick(rng, &WIDTHS), hidden: pick(rng, &[5, 13, 16]) }
+    }
+}
+
+impl LayerCase for MlpCase {
+    type Layer = Mlp;
+    type Fast = FastMlp;
+
+    fn build(&self, device: &Device, _rng: &mut Pcg64) -> Mlp {
+        Mlp::new(self.dim, self.hidden, device)
+    }
+
+    fn input(&self, _layer: &Mlp, rng: &mut Pcg64) -> Vec<f32> {
+        normal(rng, self.rows * self.dim, 0.0, 1.0)
+    }
+
+    fn reference(&self, layer: &Mlp, x: Tensor<1>) -> Tensor<1> {
+        layer.forward(x.reshape([self.rows, self.dim])).reshape([self.rows * self.dim])
+    }
+
+    fn lower(&self, layer: &Mlp, table: &mut ParamTable) -> FastMlp {
+        FastMlp::lower(layer, table).expect("an MLP lowers")
+    }
+
+    fn train(&self, fast: &mut FastMlp, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        let mut out = vec![0.0; x.len()];
+        let mut acts = MlpActivations::default();
+        fast.forward(p, x, &mut out, &mut acts, false);
+        let mut dx = vec![0.0; x.len()];
+        fast.backward(p, g, x, &acts, dy, &mut dx, &mut Vec::new(), &mut Vec::new());
+        (out, Some(dx))
+    }
+
+    /// The inference form is residual (`x += mlp(x)`): the branch is what it added.
+    fn infer(&self, fast: &FastMlp, p: &[f32], x: &[f32]) -> Option<Vec<f32>> {
+        let mut hidden = vec![0.0; self.rows * self.hidden];
+        fast.infer_hidden(p, x, &mut hidden);
+        let mut residual = x.to_vec();
+        fast.infer_residual(p, &hidden, &mut residual);
+        Some(residual.iter().zip(x).map(|(r, x)| r - x).collect())
+    }
+}
+
+/// See [`AttentionCase::well_conditioned`].
+const MIN_SLA_NORMALISER: f32 = 0.1;
+
+#[derive(Debug)]
+struct AttentionCase {
+    kind: AttentionKind,
+    batch: usize,
+    heads: usize,
+    head_dim: usize,
+    qkv_bias: bool,
+    /// SLA's token grid.
+    grid: Option<[usize; 2]>,
+    tokens: usize,
+    /// Row blocks of the two-pass inference.
+    parts: usize,
+}
+
+impl AttentionCase {
+    fn draw(rng: &mut Pcg64, kind: AttentionKind) -> Self {
+        let grid = kind.needs_grid().then(|| pick(rng, &[[3, 5], [5, 3], [2, 2], [1, 4]]));
+        let tokens = grid.map_or_else(|| pick(rng, &TOKENS), |[rows, cols]| rows * cols);
+        Self {
+            kind,
+            batch: pick(rng, &[1, 2]),
+            heads: pick(rng, &[1, 3]),
+            head_dim: pick(rng, &[3, 4, 5]),
+            qkv_bias: rng.random_bool(0.5),
+            grid,
+            tokens,
+            parts: pick(rng, &[1, 2, 3]),
+        }
+    }
+
+    fn dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    fn len(&self) -> usize {
+        self.batch * self.tokens * self.dim()
+    }
+
+    /// Whether SLA's normaliser less its ε, `φ(q)·Σφ(k)`, is in every row and head either 0
+    /// (φ(q) = 0: the row is the conv term alone) or at least [`MIN_SLA_NORMALISER`]. In
+    /// between, the output depends only on the direction of φ(q), its gradient is a difference
+    /// of two terms ∝ 1/normaliser, and either implementation's f32 rounding of it exceeds any
+    /// useful tolerance (a one-ulp change of x moves it as much).
+    fn well_conditioned(&self, layer: &Attention, x: &[f32]) -> bool {
+        let sla = match layer {
+            Attention::Linear(sla) if sla.feature_map == FeatureMap::Relu => sla,
+            _ => return true, // no normaliser (dot kinds); FLatten will need its own criterion
+        };
+        let (b, t, c, h) = (self.batch, self.tokens, self.dim(), self.heads);
+        let x = flat(x, &sla.qkv.weight.val().device()).reshape([b, t, c]);
+        let qkv = sla.qkv.forward(x).reshape([b, t, 3, c]);
+        let part = |i: usize| qkv.clone().narrow(2, i, 1).reshape([b, t, c]);
+        let q = relu(part(0)).reshape([b, t, h, self.head_dim]);
+        let k = relu(part(1).add(sla.positional_encoding.val())).reshape([b, t, h, self.head_dim]);
+        let normalisers = host_f32(q.mul(k.sum_dim(1)).sum_dim(3));
+        normalisers.iter().all(|&n| n == 0.0 || n >= MIN_SLA_NORMALISER)
+    }
+}
+
+impl LayerCase for AttentionCase {
+    type Layer = Attention;
+    type Fast = FastAttention;
+
+    fn build(&self, device: &Device, _rng: &mut Pcg64) -> Self::Layer {
+        AttentionConfig { dim: self.dim(), num_heads: self.heads, qkv_bias: self.qkv_bias, kind: self.kind, grid: self.grid }.init(device)
+    }
+
+    fn input(&self, layer: &Attention, rng: &mut Pcg64) -> Vec<f32> {
+        loop {
+            let x = normal(rng, self.len(), 0.0, 1.0);
+            if self.well_conditioned(layer, &x) {
+                return x;
+            }
+        }
+    }
+
+    fn reference(&self, layer: &Self::Layer, x: Tensor<1>) -> Tensor<1> {
+        layer.forward(x.reshape([self.batch, self.tokens, self.dim()])).reshape([self.len()])
+    }
+
+    fn lower(&self, layer: &Self::Layer, table: &mut ParamTable) -> FastAttention {
+        FastAttention::lower(layer, table).expect("the attention kind lowers")
+    }
+
+    fn train(&self, fast: &mut FastAttention, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        let mut out = vec![0.0; x.len()];
+        let mut acts = AttentionActivations::default();
+        fast.forward(p, x, &mut out, &mut acts, self.batch, self.tokens, false);
+        let mut dx = vec![0.0; x.len()];
+        fast.backward(p, g, x, &acts, dy, &mut dx, &mut AttentionScratch::default(), self.batch, self.tokens);
+        (out, Some(dx))
+    }
+
+    /// Each sequence in two passes over `parts` row blocks, as the inference engine runs it: keys
+    /// (each block's Σk and KᵀV summed), then queries.
+    fn infer(&self, fast: &FastAttention, p: &[f32], x: &[f32]) -> Option<Vec<f32>> {
+        let (t, c) = (self.tokens, self.dim());
+        let per = t.div_ceil(self.parts);
+        let tiled = fast.tiled_conv(p);
+        let conv = tiled.as_ref().and_then(|(taps, bias)| fast.conv_view(taps, bias));
+        let mut out = vec![0.0; x.len()];
+        for (x, out) in x.chunks(t * c).zip(out.chunks_mut(t * c)) {
+            let mut qkv = vec![0.0; t * 3 * c];
+            let (mut k_sum, mut kv) = (vec![0.0; c], vec![0.0; c * self.head_dim]);
+            for (i, (x, qkv)) in x.chunks(per * c).zip(qkv.chunks_mut(per * 3 * c)).enumerate() {
+                let (mut block_k_sum, mut block_kv) = (vec![0.0; c], vec![0.0; c * self.head_dim]);
+                fast.infer_keys(p, i * per, x, qkv, &mut block_k_sum, &mut block_kv);
+                kernels::add_assign(&mut k_sum, &block_k_sum);
+                kernels::add_assign(&mut kv, &block_kv);
+            }
+            let mut mixed = vec![0.0; t * c];
+            for (i, mixed) in mixed.chunks_mut(per * c).enumerate() {
+                let mut scores = vec![0.0; mixed.len() / c * t];
+                fast.infer_queries(i * per, &qkv, &k_sum, &kv, conv.as_ref(), mixed, &mut scores);
+            }
+            fast.proj.apply(p, &mixed, out);
+        }
+        Some(out)
+    }
+}
+
+#[derive(Debug)]
+struct PatchEmbedCase {
+    batch: usize,
+    in_chans: usize,
+    patch: usize,
+    /// Patches per side.
+    side: usize,
+    dim: usize,
+}
+
+impl PatchEmbedCase {
+    fn draw(rng: &mut Pcg64) -> Self {
+        Self { batch: pick(rng, &[1, 2]), in_chans: pick(rng, &[1, 3, 5]), patch: pick(rng, &[2, 3]), side: pick(rng, &[1, 2, 3]), dim: pick(rng, &[7, 9, 12]) }
+    }
+
+    fn size(&self) -> usize {
+        self.patch * self.side
+    }
+
+    fn out_len(&self) -> usize {
+        self.batch * self.side * self.side * self.dim
+    }
+
+    fn patches(&self, fast: &FastPatchEmbed, images: &[f32]) -> Vec<f32> {
+        let per_image = self.in_chans * self.size() * self.size();
+        let mut patches = vec![0.0; self.batch * self.side * self.side * fast.patch_len()];
+        for (image, patches) in images.chunks(per_image).zip(patches.chunks_mut(self.side * self.side * fast.patch_len())) {
+            fast.im2col(image, self.size(), patches);
+        }
+        patches
+    }
+}
+
+impl LayerCase for PatchEmbedCase {
+    type Layer = PatchEmbed;
+    type Fast = FastPatchEmbed;
+
+    fn build(&self, device: &Device, _rng: &mut Pcg64) -> PatchEmbed {
+        PatchEmbed::new(self.in_chans, self.dim, self.patch, device)
+    }
+
+    fn input(&self, _layer: &PatchEmbed, rng: &mut Pcg64) -> Vec<f32> {
+        normal(rng, self.batch * self.in_chans * self.size() * self.size(), 0.0, 1.0)
+    }
+
+    fn reference(&self, layer: &PatchEmbed, x: Tensor<1>) -> Tensor<1> {
+        layer.forward(x.reshape([self.batch, self.in_chans, self.size(), self.size()])).reshape([self.out_len()])
+    }
+
+    fn lower(&self, layer: &PatchEmbed, table: &mut ParamTable) -> FastPatchEmbed {
+        FastPatchEmbed::lower(layer, table).expect("a patch embedding lowers")
+    }
+
+    /// Images get no gradient: the embedding is the first layer.
+    fn train(&self, fast: &mut FastPatchEmbed, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        let patches = self.patches(fast, x);
+        let mut out = vec![0.0; self.out_len()];
+        fast.proj.forward(p, &patches, &mut out, false);
+        fast.proj.backward_params(g, &patches, dy, &mut Vec::new());
+        (out, None)
+    }
+
+    fn infer(&self, fast: &FastPatchEmbed, p: &[f32], x: &[f32]) -> Option<Vec<f32>> {
+        let mut out = vec![0.0; self.out_len()];
+        fast.proj.apply(p, &self.patches(fast, x), &mut out);
+        Some(out)
+    }
+}
+
+/// The loss as a layer: the soft targets are its (constant) module, the logits its input, the
+/// mean loss its one output.
+#[derive(Debug)]
+struct CrossEntropyCase {
+    batch: usize,
+    classes: usize,
+}
+
+impl LayerCase for CrossEntropyCase {
+    type Layer = Tensor<2>;
+    /// The targets on the host.
+    type Fast = Vec<f32>;
+
+    fn build(&self, device: &Device, rng: &mut Pcg64) -> Tensor<2> {
+        let targets: Vec<f32> = normal(rng, self.batch * self.classes, 0.0, 2.0)
+            .chunks(self.classes)
+            .flat_map(|row| {
+                let exp: Vec<f32> = row.iter().map(|v| v.exp()).collect();
+                let sum: f32 = exp.iter().sum();
+                exp.into_iter().map(move |e| e / sum)
+            })
+            .collect();
+        flat(&targets, device).reshape([self.batch, self.classes])
+    }
+
+    fn input(&self, _targets: &Tensor<2>, rng: &mut Pcg64) -> Vec<f32> {
+        normal(rng, self.batch * self.classes, 0.0, 3.0)
+    }
+
+    fn reference(&self, targets: &Tensor<2>, logits: Tensor<1>) -> Tensor<1> {
+        soft_cross_entropy(logits.reshape([self.batch, self.classes]), targets.clone())
+    }
+
+    fn lower(&self, targets: &Tensor<2>, _table: &mut ParamTable) -> Vec<f32> {
+        host_f32(targets.clone())
+    }
+
+    fn train(&self, targets: &mut Vec<f32>, _p: &[f32], logits: &[f32], dy: &[f32], _g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        let (loss, grad) = cross_entropy(logits, targets, self.classes);
+        (vec![loss as f32], Some(grad.iter().map(|g| g * dy[0]).collect()))
+    }
+}
+
+#[test]
+fn linear_with_bias_matches_burn() {
+    check(|rng| LinearCase::draw(rng, true));
+}
+
+#[test]
+fn linear_without_bias_matches_burn() {
+    check(|rng| LinearCase::draw(rng, false));
+}
+
+#[test]
+fn layer_norm_matches_burn() {
+    check(|rng| NormCase::draw(rng, NormVariant::LayerNorm));
+}
+
+#[test]
+fn repbn_matches_burn() {
+    check(|rng| NormCase::draw(rng, NormVariant::RepBn));
+}
+
+#[test]
+fn prepbn_warm_up_matches_burn() {
+    check(|rng| NormCase::draw(rng, NormVariant::PrepbnWarm));
+}
+
+#[test]
+fn prepbn_mixing_matches_burn() {
+    check(|rng| NormCase::draw(rng, NormVariant::PrepbnMixing));
+}
+
+#[test]
+fn prepbn_at_lambda_zero_matches_burn() {
+    check(|rng| NormCase::draw(rng, NormVariant::PrepbnLambdaZero));
+}
+
+#[test]
+fn mlp_matches_burn() {
+    check(MlpCase::draw);
+}
+
+#[test]
+fn softmax_attention_matches_burn() {
+    check(|rng| AttentionCase::draw(rng, AttentionKind::Softmax));
+}
+
+#[test]
+fn relu_over_length_attention_matches_burn() {
+    check(|rng| AttentionCase::draw(rng, AttentionKind::ReluL { qk_norm: false, gated: false }));
+}
+
+#[test]
+fn sla_attention_matches_burn() {
+    check(|rng| {
+        let kernel_size = pick(rng, &[3, 5]);
+        AttentionCase::draw(rng, AttentionKind::Sla { kernel_size })
+    });
+}
+
+#[test]
+fn patch_embedding_matches_burn() {
+    check(PatchEmbedCase::draw);
+}
+
+#[test]
+fn cross_entropy_matches_burn() {
+    check(|rng| CrossEntropyCase { batch: pick(rng, &[1, 3, 5]), classes: pick(rng, &[2, 7, 10]) });
+}
+
+/// F1 (`nn::fuse::fold_into_next_linear`, SPEC §7.2 item 10) for each norm that folds: the
+/// eval-mode norm → Linear equals the folded Linear, in burn and on the fast path, with and
+/// without an original bias.
+#[test]
+fn folded_linear_equals_norm_then_linear() {
+    let device = Device::flex(); // no autodiff: every norm evaluates in eval mode
+    let mut rng = Pcg64::seed_from_u64(SEED);
+    for variant in [NormVariant::RepBn, NormVariant::PrepbnMixing] {
+        for _ in 0..SHAPES {
+            let case = NormCase::draw(&mut rng, variant);
+            let (outputs, bias) = (pick(&mut rng, &[1, 7, 13]), rng.random_bool(0.5));
+            let what = format!("{case:?} into {outputs} outputs, bias {bias}");
+            let norm = randomized(case.build(&device, &mut rng), &mut rng);
+            let next = randomized(linear(case.channels, outputs, bias, &device), &mut rng);
+            let x = Tensor::<2>::from_data(TensorData::new(case.input(&norm, &mut rng), [case.rows(), case.channels]), &device);
+            let normed = norm.forward(x.clone().reshape([1, case.rows(), case.channels])).reshape([case.rows(), case.channels]);
+            let want = host_f32(next.forward(normed));
+            let (a, b) = norm.eval_affine().expect("RepBN and PRepBN fold");
+            let folded = fold_into_next_linear(&next, a, b);
+            assert!(folded.bias.is_some(), "{what}: the folded Linear has a bias");
+            assert_close(&format!("{what}: folded in burn"), &host_f32(folded.forward(x.clone())), &want);
+            let mut table = ParamTable::for_module(&folded);
+            let fast = FastLinear::lower(&folded, &mut table).expect("a Linear lowers");
+            let mut ours = vec![0.0; want.len()];
+            fast.apply(&table.values, &host_f32(x), &mut ours);
+            assert_close(&format!("{what}: folded on the fast path"), &ours, &want);
+        }
+    }
+}
