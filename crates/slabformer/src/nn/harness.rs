@@ -487,7 +487,7 @@ impl LayerCase for AttentionCase {
     fn train(&self, fast: &mut FastAttention, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {
         let mut out = vec![0.0; x.len()];
         let mut acts = AttentionActivations::default();
-        fast.forward(p, x, &mut out, &mut acts, self.batch, self.tokens, false);
+        fast.forward(p, x, &mut out, &mut acts, self.batch, self.tokens, false).expect("the training forward runs");
         let mut dx = vec![0.0; x.len()];
         fast.backward(p, g, x, &acts, dy, &mut dx, &mut AttentionScratch::default(), self.batch, self.tokens);
         (out, Some(dx))
@@ -511,9 +511,9 @@ impl LayerCase for AttentionCase {
                 kernels::add_assign(&mut kv, &block_kv);
             }
             let mut mixed = vec![0.0; t * c];
-            for (i, mixed) in mixed.chunks_mut(per * c).enumerate() {
-                let mut scores = vec![0.0; mixed.len() / c * t];
-                fast.infer_queries(i * per, &qkv, &k_sum, &kv, conv.as_ref(), mixed, &mut scores);
+            for (i, (mixed, x)) in mixed.chunks_mut(per * c).zip(x.chunks(per * c)).enumerate() {
+                let (mut scores, mut gate) = (vec![0.0; mixed.len() / c * t], vec![0.0; mixed.len()]);
+                fast.infer_queries(p, i * per, &qkv, &k_sum, &kv, conv.as_ref(), x, mixed, &mut gate, &mut scores);
             }
             fast.proj.apply(p, &mixed, out);
         }
@@ -681,6 +681,24 @@ fn softmax_attention_matches_burn() {
 #[test]
 fn relu_over_length_attention_matches_burn() {
     check(|rng| AttentionCase::draw(rng, AttentionKind::ReluL { qk_norm: false, gated: false }));
+}
+
+#[test]
+fn relu_over_length_attention_with_qk_norm_and_gate_matches_burn() {
+    check(|rng| {
+        let (qk_norm, gated) = pick(rng, &[(true, false), (false, true), (true, true)]);
+        AttentionCase::draw(rng, AttentionKind::ReluL { qk_norm, gated })
+    });
+}
+
+#[test]
+fn flatten_focused_attention_matches_burn() {
+    check(|rng| {
+        // Powers 2 and 3 (FLatten's default): at higher ones a row with every input ≤ 0 has
+        // u = 1e-6/s everywhere and ‖u^p‖ underflows f32, NaN in burn as in the official code.
+        let (power, kernel_size) = (pick(rng, &[2.0, 3.0]), pick(rng, &[3, 5]));
+        AttentionCase::draw(rng, AttentionKind::Focused { power, kernel_size })
+    });
 }
 
 #[test]

@@ -502,17 +502,19 @@ fn focus(x: &mut [f32], scale: &[f32], power: f32) {
 }
 
 /// The backward of [`focus`] for one row: `grad` (∂L/∂φ) becomes ∂L/∂x given the row's input
-/// `pre`; the scale's gradient is added into `dscale`. With w = u^p, a = ‖u‖, b = ‖w‖:
-/// ∂L/∂w = (a/b)·dφ − (a/b³)·(dφ·w)·w, ∂L/∂u = p·u^(p−1)·∂L/∂w + (dφ·w / b)·u / a.
+/// `pre`; the scale's gradient is added into `dscale`. With a = ‖u‖ and ŵ = u^p / ‖u^p‖ (φ = a·ŵ),
+/// s = ∂L/∂φ · ŵ: ∂L/∂u = p·a·(ŵ/u)·(∂L/∂φ − s·ŵ) + s·u/a. Written with ŵ rather than ‖u^p‖³,
+/// which underflows f32 for rows of tiny u.
 fn focus_backward(pre: &[f32], grad: &mut [f32], scale: &[f32], power: f32, dscale: &mut [f32]) {
-    let u: Vec<f32> = pre.iter().zip(scale).map(|(v, s)| (v.max(0.0) + FOCUS_OFFSET as f32) / s).collect();
+    let offset = FOCUS_OFFSET as f32;
+    let u: Vec<f32> = pre.iter().zip(scale).map(|(v, s)| (v.max(0.0) + offset) / s).collect();
     let a = u.iter().map(|u| u * u).sum::<f32>().sqrt();
-    let w: Vec<f32> = u.iter().map(|u| u.powf(power)).collect();
+    let mut w: Vec<f32> = u.iter().map(|u| u.powf(power)).collect();
     let b = w.iter().map(|w| w * w).sum::<f32>().sqrt();
-    let dot = grad.iter().zip(&w).map(|(g, w)| g * w).sum::<f32>();
+    w.iter_mut().for_each(|w| *w /= b); // ŵ
+    let along = grad.iter().zip(&w).map(|(g, w)| g * w).sum::<f32>();
     for (((((g, &u), &w), &x), s), ds) in grad.iter_mut().zip(&u).zip(&w).zip(pre).zip(scale).zip(dscale.iter_mut()) {
-        let dw = (a / b) * *g - (a / (b * b * b)) * dot * w;
-        let du = power * u.powf(power - 1.0) * dw + dot / b * u / a;
+        let du = power * a * (w / u) * (*g - along * w) + along * u / a;
         *ds -= du * u / s; // u = r / s
         *g = if x > 0.0 { du / s } else { 0.0 };
     }
