@@ -514,12 +514,21 @@ pub fn collect_grads<M: Module>(module: &M, grads: &Gradients) -> StateDict {
     collector.dict
 }
 
+/// A parameter's or buffer's official key, and whether burn keeps it transposed (Linear weights
+/// are `[in, out]` in burn, `[out, in]` in PyTorch).
+pub(crate) struct OfficialKey {
+    pub key: String,
+    pub linear_weight: bool,
+}
+
 /// Every parameter's and buffer's official key, by its id: how the fast path names what it
-/// lowered from a module without building keys itself.
-pub(crate) fn keys_by_id<M: Module>(module: &M) -> HashMap<ParamId, String> {
+/// lowered from a module without building keys itself; and how many float values the module
+/// holds.
+pub(crate) fn keys_by_id<M: Module>(module: &M) -> (HashMap<ParamId, OfficialKey>, usize) {
     struct Keys {
         path: KeyPath,
-        keys: HashMap<ParamId, String>,
+        keys: HashMap<ParamId, OfficialKey>,
+        floats: usize,
     }
     impl ModuleVisitor for Keys {
         fn enter_module(&mut self, name: &str, container_type: &str) {
@@ -529,15 +538,16 @@ pub(crate) fn keys_by_id<M: Module>(module: &M) -> HashMap<ParamId, String> {
             self.path.exit();
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.keys.insert(param.id, self.path.key());
+            self.keys.insert(param.id, OfficialKey { key: self.path.key(), linear_weight: self.path.is_linear_weight() });
+            self.floats += param.lazy_shape().num_elements();
         }
         fn visit_int<const D: usize>(&mut self, param: &Param<Tensor<D, Int>>) {
-            self.keys.insert(param.id, self.path.key());
+            self.keys.insert(param.id, OfficialKey { key: self.path.key(), linear_weight: false });
         }
     }
-    let mut visitor = Keys { path: KeyPath::default(), keys: HashMap::new() };
+    let mut visitor = Keys { path: KeyPath::default(), keys: HashMap::new(), floats: 0 };
     module.visit(&mut visitor);
-    visitor.keys
+    (visitor.keys, visitor.floats)
 }
 
 /// BatchNorm running statistics are buffers, not parameters.

@@ -956,10 +956,11 @@ impl FastVit {
         self.patch_embed.proj.backward_params(g, &acts.patches, &dembedded, &mut s.partials);
     }
 
-    /// The model's full state under the official keys with the parameters in `values` and the
-    /// layers' current statistics and counters.
-    pub fn state_with(&self, values: &[f32], origin: &str) -> StateDict {
-        self.table.state_with(values, origin, |dict| {
+    /// The model's full state under the official keys: `template` (the lowered model's
+    /// `collect_state`) with the parameters in `values` and the layers' current statistics and
+    /// counters.
+    pub fn state_with(&self, values: &[f32], template: &StateDict, origin: &str) -> StateDict {
+        self.table.state_with(values, template, origin, |dict| {
             for block in &self.blocks {
                 block.norm1.iter().chain(&block.norm2).for_each(|n| n.write_buffers(dict));
             }

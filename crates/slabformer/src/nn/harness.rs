@@ -184,7 +184,7 @@ fn check_case<C: LayerCase>(case: &C, rng: &mut Pcg64) {
             Err(_) => assert!(ours.iter().all(|v| *v == 0.0), "{what}: `{}` is unused but has a fast gradient", info.key),
         }
     }
-    let ours = table.state_with(&table.values, "fast", |state| case.write_buffers(&fast, state));
+    let ours = table.state_with(&table.values, &collect_state(&layer), "fast", |state| case.write_buffers(&fast, state));
     assert_states_close(&format!("{what}: state after the call"), &ours, &collect_state(&layer));
 
     if let Some(ours) = case.infer(&fast, &table.values, &x_values) {

@@ -13,7 +13,7 @@ use burn::module::{Module, Param, ParamId};
 use burn::tensor::Tensor;
 
 use crate::error::{Error, Result};
-use crate::state::{StateDict, StateTensor, Values, collect_state, keys_by_id, transpose_2d};
+use crate::state::{OfficialKey, StateDict, StateTensor, Values, host_f32, keys_by_id, transpose_2d};
 
 /// One tensor's place in the flat buffers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,21 +56,21 @@ pub struct ParamInfo {
 pub struct ParamTable {
     pub infos: Vec<ParamInfo>,
     pub values: Vec<f32>,
-    /// The module's state under the official keys, as it was lowered: the template that
-    /// [`state`](Self::state_with) fills in, and where buffers are read from.
-    template: StateDict,
-    keys: HashMap<ParamId, String>,
+    keys: HashMap<ParamId, OfficialKey>,
 }
 
 impl ParamTable {
     /// An empty table for lowering `module`'s layers.
     pub fn for_module<M: Module>(module: &M) -> Self {
-        Self { infos: Vec::new(), values: Vec::new(), template: collect_state(module), keys: keys_by_id(module) }
+        let (keys, floats) = keys_by_id(module);
+        // Sized once: growing a buffer of the whole model by doubling would briefly hold up to
+        // three times its size.
+        Self { infos: Vec::new(), values: Vec::with_capacity(floats), keys }
     }
 
     /// The official key of a parameter or buffer of the module.
     pub fn key_of(&self, id: ParamId) -> Result<&str> {
-        self.keys.get(&id).map(String::as_str).ok_or_else(|| Error::Unsupported {
+        self.keys.get(&id).map(|k| k.key.as_str()).ok_or_else(|| Error::Unsupported {
             what: "a layer whose parameter is not part of the lowered module".into(),
             path: "the fast path",
         })
@@ -82,31 +82,27 @@ impl ParamTable {
         Ok(key.rsplit_once('.').map_or(String::new(), |(prefix, _)| prefix.to_string()))
     }
 
-    /// Adds a parameter, in `layout`.
+    /// Adds a parameter, in `layout`, read from the module's tensor.
     pub fn add<const D: usize>(&mut self, param: &Param<Tensor<D>>, layout: Layout) -> Result<Slot> {
-        let key = self.key_of(param.id)?.to_string();
-        let tensor = self.template.get(&key)?;
-        let Values::F32(values) = &tensor.values else {
-            return Err(Error::DType { origin: self.template.origin.clone(), key, expected: "f32", found: "i64".into() });
-        };
-        let shape = tensor.shape.clone();
-        let slot = Slot { offset: self.values.len(), len: values.len() };
-        let transposed = (layout == Layout::Transposed).then(|| (shape[0], shape[1..].iter().product::<usize>()));
-        match transposed {
-            Some((rows, cols)) => {
-                let kept = transpose_2d(values, rows, cols);
-                self.values.extend(kept);
-            }
-            None => {
-                let values = values.clone();
-                self.values.extend(values);
-            }
-        }
+        let official = self.keys.get(&param.id).ok_or_else(|| Error::Unsupported {
+            what: "a layer whose parameter is not part of the lowered module".into(),
+            path: "the fast path",
+        })?;
+        let key = official.key.clone();
         let burn_dims = param.lazy_shape().dims::<D>().to_vec();
-        let burn_layout_is_ours = match transposed {
-            Some((rows, cols)) => burn_dims == [cols, rows],
-            None => true,
-        };
+        let values = host_f32(param.val());
+        let slot = Slot { offset: self.values.len(), len: values.len() };
+        // The official tensor: burn keeps Linear weights as its transpose.
+        let shape = if official.linear_weight { vec![burn_dims[1], burn_dims[0]] } else { burn_dims };
+        let transposed = (layout == Layout::Transposed).then(|| (shape[0], shape[1..].iter().product::<usize>()));
+        let burn_layout_is_ours = official.linear_weight == transposed.is_some();
+        match (official.linear_weight, transposed) {
+            // burn's [in, out] is already the transpose of the official matrix.
+            (true, Some(_)) => self.values.extend(values),
+            (true, None) => self.values.extend(transpose_2d(&values, shape[1], shape[0])),
+            (false, Some((rows, cols))) => self.values.extend(transpose_2d(&values, rows, cols)),
+            (false, None) => self.values.extend(values),
+        }
         self.infos.push(ParamInfo { key, shape, slot, transposed, burn_layout_is_ours, trained: true });
         Ok(slot)
     }
@@ -149,10 +145,11 @@ impl ParamTable {
         }
     }
 
-    /// The lowered module's full state under the official keys with this table's parameters
-    /// from `values`; `buffers` then writes the layers' buffers (statistics, counters).
-    pub fn state_with(&self, values: &[f32], origin: &str, buffers: impl FnOnce(&mut StateDict)) -> StateDict {
-        let mut dict = self.template.clone();
+    /// The lowered module's full state under the official keys: `template` (the module's state
+    /// as `collect_state` gave it) with this table's parameters from `values`; `buffers` then
+    /// writes the layers' buffers (statistics, counters).
+    pub fn state_with(&self, values: &[f32], template: &StateDict, origin: &str, buffers: impl FnOnce(&mut StateDict)) -> StateDict {
+        let mut dict = template.clone();
         dict.origin = origin.into();
         for info in &self.infos {
             dict.insert(info.key.clone(), StateTensor::f32(info.shape.clone(), self.official(info, values)));

@@ -16,7 +16,7 @@ use crate::nn::loss::cross_entropy;
 use crate::nn::lower::{ParamInfo, float_values};
 use crate::nn::schedule::Phase;
 use crate::optim::{AdamWStep, OptimConfig, clip_coefficient, decays, global_norm};
-use crate::state::{StateDict, StateTensor, load_state};
+use crate::state::{StateDict, StateTensor, collect_state, load_state};
 
 /// Per-call settings of [`CpuTrainer::forward_with`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,10 +62,13 @@ pub struct CpuTrainer {
     scratch: Scratch,
     /// Whether the last forward's activations are still unused by a backward pass.
     pending_backward: bool,
+    /// The state the trainer was built from: keys, shapes and anything it does not train.
+    template: StateDict,
 }
 
 impl CpuTrainer {
     pub fn new(model: &VisionTransformer, optim: OptimConfig) -> Result<Self> {
+        let template = collect_state(model);
         let model = FastVit::lower(model)?;
         let n = model.table.values.len();
         let decays = model.table.infos.iter().map(|i| decays(&optim, &i.key, i.shape.len().max(1))).collect();
@@ -80,6 +83,7 @@ impl CpuTrainer {
             acts: TrainActivations::default(),
             scratch: Scratch::default(),
             pending_backward: false,
+            template,
         })
     }
 
@@ -197,7 +201,7 @@ impl CpuTrainer {
     /// The model's full state under the official keys: parameters, BatchNorm statistics, PRepBN
     /// counters; `load_state` puts it into a burn model.
     pub fn state(&self) -> StateDict {
-        self.model.state_with(&self.model.table.values, "CPU trainer")
+        self.model.state_with(&self.model.table.values, &self.template, "CPU trainer")
     }
 
     /// The AdamW moments as burn's [`AdamW::state`](crate::train::optim::AdamW::state) writes
