@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use super::kernels::{self as attention_kernels, DepthwiseConv};
 use crate::kernels::{self, MatMut, MatRef, matmul};
 use crate::nn::linear::FastLinear;
-use crate::nn::lower::{Layout, ParamTable, Slot, sized};
+use crate::nn::lower::{Layout, ParamTable, Slot, row_block, sized};
 use crate::nn::norm::{FastNorm, NormCache};
 
 /// The positive feature map of a linear kind.
@@ -339,7 +339,7 @@ impl FastAttention {
         if let Some(gate) = &self.gate {
             gate.forward(p, x, sized(&mut a.gate, rows * c), false);
             sized(&mut a.ungated, rows * c).copy_from_slice(&a.mixed);
-            a.mixed.par_chunks_mut(c).zip(a.gate.par_chunks(c)).for_each(|(m, g)| m.iter_mut().zip(g).for_each(|(m, g)| *m *= g));
+            a.mixed.par_chunks_mut(t * c).zip(a.gate.par_chunks(t * c)).for_each(|(m, g)| m.iter_mut().zip(g).for_each(|(m, g)| *m *= g));
         }
         self.proj.forward(p, &a.mixed, out, accumulate);
         Ok(())
@@ -356,8 +356,8 @@ impl FastAttention {
         if self.gate.is_some() {
             // mixed = ungated ⊙ gate: the gate's output gets dmixed ⊙ ungated, the heads dmixed ⊙ gate.
             let dgate = sized(&mut s.dgate, rows * c);
-            dgate.par_chunks_mut(c).zip(s.dmixed.par_chunks(c)).zip(a.ungated.par_chunks(c)).for_each(|((o, d), u)| o.iter_mut().zip(d).zip(u).for_each(|((o, d), u)| *o = d * u));
-            s.dmixed.par_chunks_mut(c).zip(a.gate.par_chunks(c)).for_each(|(d, g)| d.iter_mut().zip(g).for_each(|(d, g)| *d *= g));
+            dgate.par_chunks_mut(t * c).zip(s.dmixed.par_chunks(t * c)).zip(a.ungated.par_chunks(t * c)).for_each(|((o, d), u)| o.iter_mut().zip(d).zip(u).for_each(|((o, d), u)| *o = d * u));
+            s.dmixed.par_chunks_mut(t * c).zip(a.gate.par_chunks(t * c)).for_each(|(d, g)| d.iter_mut().zip(g).for_each(|(d, g)| *d *= g));
         }
         let dqkv = sized(&mut s.dqkv, rows * 3 * c);
         match &self.mixer {
@@ -412,11 +412,15 @@ impl FastAttention {
                     });
                 // The feature maps, from the gradient of their outputs to that of q and k + pe.
                 match feature {
-                    Feature::Relu => dqkv.par_chunks_mut(3 * c).zip(a.qkv.par_chunks(3 * c)).for_each(|(dq, q)| attention_kernels::relu_backward(&q[..2 * c], &mut dq[..2 * c], 1.0)),
+                    Feature::Relu => dqkv.par_chunks_mut(t * 3 * c).zip(a.qkv.par_chunks(t * 3 * c)).for_each(|(dq, q)| {
+                        for (dq, q) in dq.chunks_exact_mut(3 * c).zip(q.chunks_exact(3 * c)) {
+                            attention_kernels::relu_backward(&q[..2 * c], &mut dq[..2 * c], 1.0);
+                        }
+                    }),
                     Feature::Focused { power, theta } => {
                         // Per row: dq, dk through f_p and the scale; the scale's gradient summed.
                         let scale = &a.scale;
-                        let per = crate::nn::lower::row_block(rows);
+                        let per = row_block(rows);
                         let mut dscale_parts = vec![0.0f32; rows.div_ceil(per) * c];
                         dscale_parts.par_chunks_mut(c).zip(dqkv.par_chunks_mut(per * 3 * c)).zip(a.pre_feature.par_chunks(per * 2 * c)).for_each(|((dscale, dqkv), pre)| {
                             for (dq, pre) in dqkv.chunks_exact_mut(3 * c).zip(pre.chunks_exact(2 * c)) {
@@ -471,14 +475,20 @@ impl FastAttention {
 
 /// Columns `[start, start + C)` of a matrix with `stride` into the contiguous (rows, C) `out`.
 fn gather_columns(m: &[f32], stride: usize, start: usize, out: &mut [f32]) {
-    let c = out.len() / (m.len() / stride);
-    out.par_chunks_mut(c).zip(m.par_chunks(stride)).for_each(|(o, row)| o.copy_from_slice(&row[start..start + c]));
+    let rows = m.len() / stride;
+    let (c, per) = (out.len() / rows, row_block(rows));
+    out.par_chunks_mut(per * c).zip(m.par_chunks(per * stride)).for_each(|(o, m)| {
+        o.chunks_exact_mut(c).zip(m.chunks_exact(stride)).for_each(|(o, row)| o.copy_from_slice(&row[start..start + c]));
+    });
 }
 
 /// The inverse of [`gather_columns`].
 fn scatter_columns(src: &[f32], m: &mut [f32], stride: usize, start: usize) {
-    let c = src.len() / (m.len() / stride);
-    m.par_chunks_mut(stride).zip(src.par_chunks(c)).for_each(|(row, s)| row[start..start + c].copy_from_slice(s));
+    let rows = m.len() / stride;
+    let (c, per) = (src.len() / rows, row_block(rows));
+    m.par_chunks_mut(per * stride).zip(src.par_chunks(per * c)).for_each(|(m, s)| {
+        m.chunks_exact_mut(stride).zip(s.chunks_exact(c)).for_each(|(row, s)| row[start..start + c].copy_from_slice(s));
+    });
 }
 
 /// softplus(θ) = ln(1 + e^θ), per channel, as PyTorch computes it (linear above 20).
