@@ -12,15 +12,13 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{ModelFamily, Preset};
-use crate::error::{Error, Result};
-use crate::nn::attention::{Attention, AttentionConfig, AttentionKind};
-use crate::nn::linear::linear;
 use crate::deploy::onnx::{Graph, ToOnnx, attr_int, attr_ints};
+use crate::error::{Error, Result};
 use crate::kernels;
-use crate::nn::attention::{AttentionActivations, AttentionScratch, FastAttention};
+use crate::nn::attention::{Attention, AttentionActivations, AttentionConfig, AttentionKind, AttentionScratch, FastAttention};
 use crate::nn::drop_path::{DropPath, add_masked_branch, draw_mask, masked_gradient, step_rng};
 use crate::nn::fuse::fold_into_next_linear;
-use crate::nn::linear::FastLinear;
+use crate::nn::linear::{FastLinear, linear};
 use crate::nn::lower::{Layout, ParamTable, Slot, sized};
 use crate::nn::mlp::{FastMlp, Mlp, MlpActivations};
 use crate::nn::norm::{FastNorm, Norm, NormCache, NormKind};

@@ -68,12 +68,16 @@ impl ParamTable {
         Self { infos: Vec::new(), values: Vec::with_capacity(floats), keys }
     }
 
-    /// The official key of a parameter or buffer of the module.
-    pub fn key_of(&self, id: ParamId) -> Result<&str> {
-        self.keys.get(&id).map(|k| k.key.as_str()).ok_or_else(|| Error::Unsupported {
+    fn official_key(&self, id: ParamId) -> Result<&OfficialKey> {
+        self.keys.get(&id).ok_or_else(|| Error::Unsupported {
             what: "a layer whose parameter is not part of the lowered module".into(),
             path: "the fast path",
         })
+    }
+
+    /// The official key of a parameter or buffer of the module.
+    pub fn key_of(&self, id: ParamId) -> Result<&str> {
+        Ok(&self.official_key(id)?.key)
     }
 
     /// The module path a parameter lives under (`blocks.0.norm1.bn` for `….bn.weight`).
@@ -84,19 +88,16 @@ impl ParamTable {
 
     /// Adds a parameter, in `layout`, read from the module's tensor.
     pub fn add<const D: usize>(&mut self, param: &Param<Tensor<D>>, layout: Layout) -> Result<Slot> {
-        let official = self.keys.get(&param.id).ok_or_else(|| Error::Unsupported {
-            what: "a layer whose parameter is not part of the lowered module".into(),
-            path: "the fast path",
-        })?;
-        let key = official.key.clone();
+        let official = self.official_key(param.id)?;
+        let (key, linear_weight) = (official.key.clone(), official.linear_weight);
         let burn_dims = param.lazy_shape().dims::<D>().to_vec();
         let values = host_f32(param.val());
         let slot = Slot { offset: self.values.len(), len: values.len() };
         // The official tensor: burn keeps Linear weights as its transpose.
-        let shape = if official.linear_weight { vec![burn_dims[1], burn_dims[0]] } else { burn_dims };
+        let shape = if linear_weight { vec![burn_dims[1], burn_dims[0]] } else { burn_dims };
         let transposed = (layout == Layout::Transposed).then(|| (shape[0], shape[1..].iter().product::<usize>()));
-        let burn_layout_is_ours = official.linear_weight == transposed.is_some();
-        match (official.linear_weight, transposed) {
+        let burn_layout_is_ours = linear_weight == transposed.is_some();
+        match (linear_weight, transposed) {
             // burn's [in, out] is already the transpose of the official matrix.
             (true, Some(_)) => self.values.extend(values),
             (true, None) => self.values.extend(transpose_2d(&values, shape[1], shape[0])),

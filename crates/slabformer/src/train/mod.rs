@@ -184,10 +184,11 @@ fn fused_eval_for(model: &VisionTransformer) -> Result<(FusedEval, Option<String
     if !model.config.norm.folds() {
         return Ok((FusedEval::None, Some("no fused evaluation: LayerNorm models have no re-parameterized form".into())));
     }
-    Ok(match CpuVit::from_deploy(&model.fuse()?) {
-        Ok(_) => (FusedEval::Runtime, None),
-        Err(e) => (FusedEval::Burn, Some(format!("the fused model is evaluated with burn, not the CPU runtime: {e}"))),
-    })
+    match CpuVit::from_deploy(&model.fuse()?) {
+        Ok(_) => Ok((FusedEval::Runtime, None)),
+        Err(e @ Error::Unsupported { .. }) => Ok((FusedEval::Burn, Some(format!("the fused model is evaluated with burn, not the CPU runtime: {e}")))),
+        Err(e) => Err(e),
+    }
 }
 
 impl Run<'_> {
