@@ -4,7 +4,7 @@
 use burn::module::Module;
 use burn::tensor::{Distribution, Tensor};
 
-use crate::state::map_float_tensors;
+use crate::state::{StateDict, Values, map_float_tensors};
 
 /// `module` with every parameter and buffer moved off its initial value: BatchNorm statistics,
 /// RepBN α, norm affines, biases, positional encodings and class tokens random, and the other
@@ -27,4 +27,32 @@ pub fn randomized<M: Module>(module: M, weight_scale: f64) -> M {
             uniform(-0.5, 0.5)
         })
     })
+}
+
+/// `max|ours − want| ≤ abs + rel·max|want|`, naming the worst element otherwise (NaN fails).
+pub fn assert_near(what: &str, ours: &[f32], want: &[f32], rel: f32, abs: f32) {
+    assert_eq!(ours.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let (worst, diff) = ours.iter().zip(want).map(|(a, b)| (a - b).abs()).enumerate().fold((0, 0.0f32), |w, (i, d)| if d > w.1 || d.is_nan() { (i, d) } else { w });
+    assert!(diff <= rel * scale + abs, "{what}: max |Δ| = {diff:.3e} (scale {scale:.3e}) at {worst}: ours {}, want {}", ours[worst], want[worst]);
+}
+
+/// A float tensor's values; `what` names it when it is an integer tensor.
+pub fn floats<'a>(what: &str, values: &'a Values) -> &'a [f32] {
+    match values {
+        Values::F32(v) => v,
+        Values::I64(_) => panic!("{what}: an int tensor where a float one belongs"),
+    }
+}
+
+/// Every tensor of `want` in `ours`: integer tensors (counters) exactly, floats by [`assert_near`].
+pub fn assert_states_near(what: &str, ours: &StateDict, want: &StateDict, rel: f32, abs: f32) {
+    for (key, w) in want.iter() {
+        let o = ours.get(key).unwrap_or_else(|_| panic!("{what}: `{key}` missing"));
+        let what = format!("{what} `{key}`");
+        match (&o.values, &w.values) {
+            (Values::I64(a), Values::I64(b)) => assert_eq!(a, b, "{what}"),
+            (a, b) => assert_near(&what, floats(&what, a), floats(&what, b), rel, abs),
+        }
+    }
 }

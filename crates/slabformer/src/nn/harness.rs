@@ -30,7 +30,8 @@ use super::patch_embed::{FastPatchEmbed, PatchEmbed};
 use super::schedule::{Decay, PrepbnSchedule};
 use super::{set_counter_advance, set_training};
 use crate::kernels;
-use crate::state::{StateDict, Values, collect_grads, collect_state, host_f32, map_float_tensors};
+use crate::testing::{assert_near, assert_states_near, floats};
+use crate::state::{StateDict, collect_grads, collect_state, host_f32, map_float_tensors};
 
 const SEED: u64 = 0x5EED;
 
@@ -118,28 +119,7 @@ fn randomized<M: Module>(layer: M, rng: &mut Pcg64) -> M {
 
 /// `max|ours − want| ≤ ABS + REL·max|want|`, naming the worst element otherwise.
 fn assert_close(what: &str, ours: &[f32], want: &[f32]) {
-    assert_eq!(ours.len(), want.len(), "{what}: length");
-    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let (worst, diff) = ours.iter().zip(want).map(|(a, b)| (a - b).abs()).enumerate().fold((0, 0.0f32), |w, (i, d)| if d > w.1 || d.is_nan() { (i, d) } else { w });
-    assert!(diff <= ABS + REL * scale, "{what}: max |Δ| = {diff:.3e} (scale {scale:.3e}) at {worst}: ours {}, want {}", ours[worst], want[worst]);
-}
-
-fn f32s<'a>(what: &str, values: &'a Values) -> &'a [f32] {
-    match values {
-        Values::F32(v) => v,
-        Values::I64(_) => panic!("{what}: an int tensor where a float one belongs"),
-    }
-}
-
-/// Every tensor of `want` in `ours`: ints (counters) exactly, floats close.
-fn assert_states_close(what: &str, ours: &StateDict, want: &StateDict) {
-    for (key, w) in want.iter() {
-        let o = ours.get(key).unwrap_or_else(|_| panic!("{what}: `{key}` missing"));
-        match (&o.values, &w.values) {
-            (Values::I64(a), Values::I64(b)) => assert_eq!(a, b, "{what}: `{key}`"),
-            (a, b) => assert_close(&format!("{what} `{key}`"), f32s(what, a), f32s(what, b)),
-        }
-    }
+    assert_near(what, ours, want, REL, ABS);
 }
 
 /// [`SHAPES`] cases from `draw`, each checked against burn.
@@ -179,13 +159,13 @@ fn check_case<C: LayerCase>(case: &C, rng: &mut Pcg64) {
     for info in &table.infos {
         let ours = table.official(info, &g);
         match want_grads.get(&info.key) {
-            Ok(want) => assert_close(&format!("{what}: gradient `{}`", info.key), &ours, f32s(&what, &want.values)),
+            Ok(want) => assert_close(&format!("{what}: gradient `{}`", info.key), &ours, floats(&what, &want.values)),
             // burn gives none to a parameter this call did not read (the RepBN branch in warm-up).
             Err(_) => assert!(ours.iter().all(|v| *v == 0.0), "{what}: `{}` is unused but has a fast gradient", info.key),
         }
     }
     let ours = table.state_with(&table.values, &collect_state(&layer), "fast", |state| case.write_buffers(&fast, state));
-    assert_states_close(&format!("{what}: state after the call"), &ours, &collect_state(&layer));
+    assert_states_near(&format!("{what}: state after the call"), &ours, &collect_state(&layer), REL, ABS);
 
     if let Some(ours) = case.infer(&fast, &table.values, &x_values) {
         let want = case.reference(&set_training(layer.clone(), false), flat(&x_values, &device));

@@ -258,7 +258,8 @@ mod tests {
     use crate::nn::attention::AttentionKind;
     use crate::nn::loss::soft_cross_entropy;
     use crate::nn::norm::NormKind;
-    use crate::state::{Values, collect_state};
+    use crate::state::collect_state;
+    use crate::testing::{assert_near, assert_states_near, floats};
     use crate::train::optim::{AdamW, param_ranks};
 
     fn small(norm: NormKind, attention: AttentionKind, pool: Pool) -> VitConfig {
@@ -285,31 +286,6 @@ mod tests {
 
     fn images(config: &VitConfig, batch: usize, device: &Device) -> Tensor<4> {
         Tensor::random([batch, config.in_chans, config.img_size, config.img_size], Distribution::Normal(0.0, 1.0), device)
-    }
-
-    /// `max|a − b| ≤ rel·max|b| + abs`, naming the key and the worst element otherwise.
-    fn assert_near(what: &str, ours: &[f32], want: &[f32], rel: f32, abs: f32) {
-        assert_eq!(ours.len(), want.len(), "{what}: length");
-        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let (worst, diff) = ours.iter().zip(want).map(|(a, b)| (a - b).abs()).enumerate().fold((0, 0.0f32), |w, (i, d)| if d > w.1 || d.is_nan() { (i, d) } else { w });
-        assert!(diff <= rel * scale + abs, "{what}: max |Δ| = {diff:.3e} (scale {scale:.3e}) at {worst}: ours {}, want {}", ours[worst], want[worst]);
-    }
-
-    fn f32s(t: &StateTensor) -> &[f32] {
-        match &t.values {
-            Values::F32(v) => v,
-            Values::I64(_) => panic!("not a float tensor"),
-        }
-    }
-
-    fn assert_states_near(what: &str, ours: &StateDict, want: &StateDict, rel: f32, abs: f32) {
-        for (key, w) in want.iter() {
-            let o = ours.get(key).unwrap_or_else(|_| panic!("{what}: `{key}` missing"));
-            match (&o.values, &w.values) {
-                (Values::I64(a), Values::I64(b)) => assert_eq!(a, b, "{what}: `{key}`"),
-                _ => assert_near(&format!("{what} `{key}`"), f32s(o), f32s(w), rel, abs),
-            }
-        }
     }
 
     /// Forward, backward and state against burn autodiff on the same model and images.
@@ -427,8 +403,8 @@ mod tests {
             let grads = collect_grads(&model, &logits.clone().mul(weight.clone()).sum().backward());
             for (key, g) in grads.iter() {
                 let sum = match want.get(key) {
-                    Ok(prev) => f32s(prev).iter().zip(f32s(g)).map(|(a, b)| a + b).collect(),
-                    Err(_) => f32s(g).to_vec(),
+                    Ok(prev) => floats(key, &prev.values).iter().zip(floats(key, &g.values)).map(|(a, b)| a + b).collect(),
+                    Err(_) => floats(key, &g.values).to_vec(),
                 };
                 want.insert(key.clone(), StateTensor::f32(g.shape.clone(), sum));
             }
