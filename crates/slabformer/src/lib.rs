@@ -15,6 +15,7 @@ pub mod kernels;
 pub mod models;
 pub mod nn;
 pub mod optim;
+pub mod plan;
 pub mod runtime;
 pub mod state;
 pub mod testing;

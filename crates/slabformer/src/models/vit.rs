@@ -7,35 +7,23 @@
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear};
 use burn::tensor::{Device, Tensor};
-use rand_pcg::Pcg64;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{ModelFamily, Preset};
-use crate::deploy::onnx::{Graph, ToOnnx, attr_int, attr_ints};
+use crate::deploy::onnx::{Graph, ToOnnx, attr_int};
 use crate::error::{Error, Result};
-use crate::kernels;
-use crate::nn::attention::{Attention, AttentionActivations, AttentionConfig, AttentionKind, AttentionScratch, FastAttention};
-use crate::nn::drop_path::{DropPath, add_masked_branch, draw_mask, masked_gradient, step_rng};
+use crate::nn::attention::{Attention, AttentionConfig, AttentionKind, FastAttention};
+use crate::nn::drop_path::DropPath;
 use crate::nn::fuse::fold_into_next_linear;
 use crate::nn::linear::{FastLinear, linear};
-use crate::nn::lower::{Layout, ParamTable, Slot, sized};
-use crate::nn::mlp::{FastMlp, Mlp, MlpActivations};
-use crate::nn::norm::{FastNorm, Norm, NormCache, NormKind};
-use crate::nn::patch_embed::{FastPatchEmbed, PatchEmbed};
+use crate::nn::lower::ParamTable;
+use crate::nn::mlp::{FastMlp, Mlp};
+use crate::nn::norm::{FastNorm, Norm, NormKind};
+use crate::nn::patch_embed::PatchEmbed;
 use crate::nn::schedule::{Phase, PrepbnSchedule};
-use crate::state::StateDict;
+use crate::plan::{Embed, Layer, Plan, Residual, Step};
 
-/// What the head reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Pool {
-    /// A class token is prepended; the head reads it (DeiT).
-    ClassToken,
-    /// No class token in the sequence; the head reads the token mean (SLAB/FLatten). The
-    /// `cls_token` parameter still exists, unused, as in the official SLAB code.
-    Mean,
-}
+pub use crate::nn::pool::Pool;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VitConfig {
@@ -355,12 +343,7 @@ fn embed(patch_embed: &PatchEmbed, cls_token: &Param<Tensor<3>>, pos_embed: &Par
 
 /// The head on the class token or on the token mean.
 fn classify(x: Tensor<3>, pool: Pool, head: &Linear) -> Tensor<2> {
-    let [b, _, c] = x.dims();
-    let pooled = match pool {
-        Pool::ClassToken => x.narrow(1, 0, 1), // (B, 1, C)
-        Pool::Mean => x.mean_dim(1),           // (B, 1, C)
-    };
-    head.forward(pooled.reshape([b, c])) // (B, num_classes)
+    head.forward(pool.forward(x)) // (B, C) → (B, num_classes)
 }
 
 impl ModelFamily for VisionTransformer {
@@ -494,285 +477,18 @@ impl VisionTransformer {
     }
 }
 
-// ---- The fast path: the same model lowered onto its layer kinds' fast forms. The topology below
-// mirrors `VisionTransformer::forward` and `Block::forward`; layers, parameters and their keys
-// come from the burn modules by `lower`.
+// ---- The fast path: the same module tree lowered into a plan of layer steps (`crate::plan`),
+// in the order `VisionTransformer::forward` and `Block::forward` run them. Parameters are
+// registered in the order the earlier lowering used (blocks, final norm, embedding, head), which
+// keeps the flat buffer, and so every sum over it, as it was.
 
-/// A block on the fast path: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`. Norms are absent in
-/// fused models, the MLP in the attention sweep's lone layers.
-pub struct FastBlock {
-    pub norm1: Option<FastNorm>,
-    pub attn: FastAttention,
-    pub norm2: Option<FastNorm>,
-    pub mlp: Option<FastMlp>,
-    /// Stochastic depth rate of both residual branches.
-    pub drop_path: f64,
-    /// SLA's conv taps tiled over the heads, for inference (training re-tiles every step).
-    inference_conv: Option<(Vec<f32>, Vec<f32>)>,
-}
-
-/// One block's training activations, kept from the forward pass for the backward pass.
-#[derive(Default)]
-pub struct BlockActivations {
-    /// (R, C) block input.
-    x: Vec<f32>,
-    norm1: NormCache,
-    normed1: Vec<f32>,
-    attn: AttentionActivations,
-    /// (R, C) x + attn(norm1(x)).
-    mid: Vec<f32>,
-    norm2: NormCache,
-    normed2: Vec<f32>,
-    mlp: MlpActivations,
-    /// Per-image drop-path factors of the attention and MLP branches (empty: kept).
-    attn_mask: Vec<f32>,
-    mlp_mask: Vec<f32>,
-}
-
-/// Reusable backward buffers.
-#[derive(Default)]
-pub struct Scratch {
-    dnormed: Vec<f32>,
-    dhidden: Vec<f32>,
-    /// A residual branch's output gradient under drop-path.
-    dbranch: Vec<f32>,
-    attn: AttentionScratch,
-    partials: Vec<f32>,
-}
-
-/// Where a norm that is present writes, or the input itself where it was folded away.
-fn norm_or_identity<'a>(norm: Option<&FastNorm>, p: &[f32], x: &'a [f32], normed: &'a mut [f32]) -> &'a [f32] {
-    match norm {
-        Some(n) => {
-            n.infer(p, x, normed);
-            normed
-        }
-        None => x,
-    }
-}
-
-/// Runs `f` on every item, in parallel when there is more than one.
-fn for_each_part<T: Send>(parts: Vec<T>, f: impl Fn(T) + Sync + Send) {
-    if parts.len() == 1 {
-        parts.into_iter().for_each(f);
-    } else {
-        parts.into_par_iter().for_each(f);
-    }
-}
-
-/// The next row block of a split buffer, trimmed to `len` values (empty when `len` is 0).
-fn next_block<'a>(blocks: &mut impl Iterator<Item = &'a mut [f32]>, len: usize) -> &'a mut [f32] {
-    match blocks.next() {
-        Some(block) => &mut block[..len],
-        None => &mut [],
-    }
-}
-
-impl FastBlock {
-    pub fn lower(norms: Option<(&Norm, &Norm)>, attn: &Attention, mlp: Option<&Mlp>, drop_path: f64, table: &mut ParamTable) -> Result<Self> {
-        let (norm1, norm2) = match norms {
-            Some((n1, n2)) => (Some(FastNorm::lower(n1, table)?), Some(FastNorm::lower(n2, table)?)),
-            None => (None, None),
-        };
-        let attn = FastAttention::lower(attn, table)?;
-        let mlp = mlp.map(|m| FastMlp::lower(m, table)).transpose()?;
-        let inference_conv = attn.tiled_conv(&table.values);
-        Ok(Self { norm1, attn, norm2, mlp, drop_path, inference_conv })
-    }
-
-    pub fn dim(&self) -> usize {
-        self.attn.dim()
-    }
-
-    /// Inference on one sequence's (T, C) tokens in `ws.x`, its rows split into `parts` blocks,
-    /// in two passes: (A) norm1 → qkv (→ SLA's feature maps and each block's share of Σk and KᵀV),
-    /// then, once every row's K and V exist, (B) attention of the block's query rows → proj +
-    /// residual → norm2 → MLP + residual. With more than one part the threads meet twice.
-    pub fn infer(&self, p: &[f32], ws: &mut InferWorkspace, parts: usize) {
-        let c = self.dim();
-        let d = c / self.attn.heads;
-        let t = ws.x.len() / c;
-        assert!(parts <= ws.parts, "workspace sized for {} row blocks, asked for {parts}", ws.parts);
-        let per = t.div_ceil(parts.max(1)).max(1);
-        let InferWorkspace { x, normed, qkv, mixed, scores, k_sum, kv, hidden, gate, .. } = ws;
-
-        let pass_a: Vec<_> = x.chunks(per * c).zip(normed.chunks_mut(per * c)).zip(qkv.chunks_mut(per * 3 * c)).zip(k_sum.chunks_mut(c)).zip(kv.chunks_mut(c * d)).enumerate().collect();
-        let blocks = pass_a.len();
-        for_each_part(pass_a, |(i, ((((x, normed), qkv), k_sum), kv))| {
-            let input = norm_or_identity(self.norm1.as_ref(), p, x, normed);
-            self.attn.infer_keys(p, i * per, input, qkv, k_sum, kv);
-        });
-        if blocks > 1 {
-            // Every block's partial Σk and KᵀV into the first's.
-            let (first, rest) = k_sum.split_at_mut(c);
-            rest.chunks(c).take(blocks - 1).for_each(|p| kernels::add_assign(first, p));
-            let (first, rest) = kv.split_at_mut(c * d);
-            rest.chunks(c * d).take(blocks - 1).for_each(|p| kernels::add_assign(first, p));
-        }
-
-        let (qkv, k_sum, kv): (&[f32], &[f32], &[f32]) = (qkv, &k_sum[..c], &kv[..c * d]);
-        let conv = self.inference_conv.as_ref().and_then(|(taps, bias)| self.attn.conv_view(taps, bias));
-        let hidden_width = self.mlp.as_ref().map_or(0, FastMlp::hidden);
-        let score_width = if self.attn.has_scores() { t } else { 0 };
-        let mut scores = scores.chunks_mut((per * score_width).max(1));
-        let mut hidden = hidden.chunks_mut((per * hidden_width).max(1));
-        let gate_width = if self.attn.has_gate() { c } else { 0 };
-        let mut gate = gate.chunks_mut((per * gate_width).max(1));
-        let pass_b: Vec<_> = x
-            .chunks_mut(per * c)
-            .zip(normed.chunks_mut(per * c))
-            .zip(mixed.chunks_mut(per * c))
-            .enumerate()
-            .map(|(i, ((x, normed), mixed))| {
-                let rows = x.len() / c;
-                let scratch = (next_block(&mut scores, rows * score_width), next_block(&mut hidden, rows * hidden_width), next_block(&mut gate, rows * gate_width));
-                (i * per, x, normed, mixed, scratch)
-            })
-            .collect();
-        for_each_part(pass_b, |(first, x, normed, mixed, (scores, hidden, gate))| {
-            // The gate reads the attention's input: norm1's output from pass A, or x itself.
-            let input: &[f32] = if self.norm1.is_some() { normed } else { x };
-            self.attn.infer_queries(p, first, qkv, k_sum, kv, conv.as_ref(), input, mixed, gate, scores);
-            self.attn.proj.apply_residual(p, mixed, x);
-            if let Some(mlp) = &self.mlp {
-                mlp.infer_hidden(p, norm_or_identity(self.norm2.as_ref(), p, x, normed), hidden);
-                mlp.infer_residual(p, hidden, x);
-            }
-        });
-    }
-
-    /// Training forward on `a.x` (B images of T tokens), the block's output into `out`.
-    #[allow(clippy::too_many_arguments)]
-    fn forward(&mut self, p: &[f32], a: &mut BlockActivations, out: &mut [f32], batch: usize, t: usize, advance: bool, rng: &mut Pcg64) -> Result<()> {
-        let c = self.dim();
-        let rows = batch * t;
-        // Masks drawn in burn's order: the attention branch's, then the MLP's.
-        let draw = |rng: &mut Pcg64| if self.drop_path > 0.0 { draw_mask(rng, batch, self.drop_path) } else { Vec::new() };
-        a.attn_mask = draw(rng);
-        a.mlp_mask = draw(rng);
-        let (Some(norm1), Some(norm2), Some(mlp)) = (&mut self.norm1, &mut self.norm2, &self.mlp) else {
-            return Err(Error::Unsupported { what: "training a block without its norms or MLP".into(), path: "the CPU trainer" });
-        };
-        norm1.forward(p, &a.x, sized(&mut a.normed1, rows * c), &mut a.norm1, c, advance)?;
-        let mid = sized(&mut a.mid, rows * c);
-        if a.attn_mask.is_empty() {
-            mid.copy_from_slice(&a.x);
-            self.attn.forward(p, &a.normed1, mid, &mut a.attn, batch, t, true)?; // x + attn(norm1(x))
-        } else {
-            self.attn.forward(p, &a.normed1, mid, &mut a.attn, batch, t, false)?;
-            add_masked_branch(&a.x, mid, &a.attn_mask); // x + mask·attn(norm1(x))
-        }
-        norm2.forward(p, &a.mid, sized(&mut a.normed2, rows * c), &mut a.norm2, c, advance)?;
-        if a.mlp_mask.is_empty() {
-            out.copy_from_slice(&a.mid);
-            mlp.forward(p, &a.normed2, out, &mut a.mlp, true); // mid + mlp(norm2(mid))
-        } else {
-            mlp.forward(p, &a.normed2, out, &mut a.mlp, false);
-            add_masked_branch(&a.mid, out, &a.mlp_mask); // mid + mask·mlp(norm2(mid))
-        }
-        Ok(())
-    }
-
-    /// From `dx` = ∂L/∂(block output) to ∂L/∂(block input), in place; parameter gradients into `g`.
-    #[allow(clippy::too_many_arguments)]
-    fn backward(&self, p: &[f32], g: &mut [f32], a: &BlockActivations, dx: &mut [f32], s: &mut Scratch, batch: usize, t: usize) {
-        let (norm1, norm2, mlp) = match (&self.norm1, &self.norm2, &self.mlp) {
-            (Some(n1), Some(n2), Some(m)) => (n1, n2, m),
-            _ => unreachable!("forward refuses blocks without norms or MLP"),
-        };
-        let c = self.dim();
-        let rows = batch * t;
-        let mut dbranch = std::mem::take(&mut s.dbranch);
-        let dy: &[f32] = if a.mlp_mask.is_empty() { dx } else { masked_gradient(dx, &a.mlp_mask, &mut dbranch) };
-        mlp.backward(p, g, &a.normed2, &a.mlp, dy, sized(&mut s.dnormed, rows * c), &mut s.dhidden, &mut s.partials);
-        norm2.backward(p, g, &a.mid, &s.dnormed, dx, &a.norm2, c);
-        let dy: &[f32] = if a.attn_mask.is_empty() { dx } else { masked_gradient(dx, &a.attn_mask, &mut dbranch) };
-        self.attn.backward(p, g, &a.normed1, &a.attn, dy, sized(&mut s.dnormed, rows * c), &mut s.attn, batch, t);
-        s.dbranch = dbranch;
-        norm1.backward(p, g, &a.x, &s.dnormed, dx, &a.norm1, c);
-    }
-}
-
-/// One thread's inference activations for one sequence of T tokens, with room for `parts` row
-/// blocks.
-pub struct InferWorkspace {
-    patches: Vec<f32>,
-    x: Vec<f32>,
-    normed: Vec<f32>,
-    qkv: Vec<f32>,
-    mixed: Vec<f32>,
-    /// (T, T) attention scores (softmax / ReLU-L blocks only).
-    scores: Vec<f32>,
-    /// Per row block: Σk (C) and K·V (heads × d × d) of SLA blocks.
-    k_sum: Vec<f32>,
-    kv: Vec<f32>,
-    hidden: Vec<f32>,
-    /// The output gate's values (gated ReLU attention only).
-    gate: Vec<f32>,
-    pooled: Vec<f32>,
-    /// How many row blocks `k_sum` and `kv` have room for.
-    pub parts: usize,
-}
-
-impl InferWorkspace {
-    pub fn new(t: usize, c: usize, blocks: &[FastBlock], patch_len: usize, parts: usize) -> Self {
-        let parts = parts.max(1);
-        let hidden = blocks.iter().filter_map(|b| b.mlp.as_ref().map(FastMlp::hidden)).max().unwrap_or(0);
-        let dot = blocks.iter().any(|b| b.attn.has_scores());
-        let gated = blocks.iter().any(|b| b.attn.has_gate());
-        let d = blocks.iter().map(|b| c / b.attn.heads).max().unwrap_or(0);
-        InferWorkspace {
-            patches: vec![0.0; t * patch_len],
-            x: vec![0.0; t * c],
-            normed: vec![0.0; t * c],
-            qkv: vec![0.0; t * 3 * c],
-            mixed: vec![0.0; t * c],
-            scores: vec![0.0; if dot { t * t } else { 0 }],
-            k_sum: vec![0.0; parts * c],
-            kv: vec![0.0; parts * c * d],
-            hidden: vec![0.0; t * hidden],
-            gate: vec![0.0; if gated { t * c } else { 0 }],
-            pooled: vec![0.0; c],
-            parts,
-        }
-    }
-
-    /// The (T, C) tokens a block works on.
-    pub fn tokens_mut(&mut self) -> &mut [f32] {
-        &mut self.x
-    }
-
-    pub fn tokens(&self) -> &[f32] {
-        &self.x
-    }
-}
-
-/// The whole model's training activations of the last forward pass.
-#[derive(Default)]
-pub struct TrainActivations {
-    pub batch: usize,
-    patches: Vec<f32>,
-    embedded: Vec<f32>,
-    blocks: Vec<BlockActivations>,
-    last: Vec<f32>,
-    norm: NormCache,
-    normed: Vec<f32>,
-    pooled: Vec<f32>,
-}
-
-/// A DeiT-family model on the fast path: its layers lowered from a [`VisionTransformer`] (as
-/// trained, norms included) or a [`DeployVit`] (norms folded away) into one parameter table.
-/// The CPU runtime ([`crate::runtime::CpuVit`]) runs its inference, the CPU trainer
+/// A DeiT-family model on the fast path: lowered from a [`VisionTransformer`] (as trained, norms
+/// included) or a [`DeployVit`] (norms folded away). The CPU runtime
+/// ([`crate::runtime::CpuVit`]) runs its inference, the CPU trainer
 /// ([`crate::runtime::CpuTrainer`]) its training steps.
 pub struct FastVit {
     pub config: VitConfig,
-    pub table: ParamTable,
-    patch_embed: FastPatchEmbed,
-    cls_token: Slot,
-    pos_embed: Slot,
-    pub blocks: Vec<FastBlock>,
-    norm: Option<FastNorm>,
-    head: FastLinear,
+    pub plan: Plan,
 }
 
 impl FastVit {
@@ -780,195 +496,37 @@ impl FastVit {
     pub fn lower(model: &VisionTransformer) -> Result<Self> {
         let mut table = ParamTable::for_module(model);
         let cfg = &model.config;
-        let blocks = model
-            .blocks
-            .iter()
-            .enumerate()
-            .map(|(i, b)| FastBlock::lower(Some((&b.norm1, &b.norm2)), &b.attn, Some(&b.mlp), cfg.block_drop_path_rate(i), &mut table))
-            .collect::<Result<Vec<_>>>()?;
-        let norm = Some(FastNorm::lower(&model.norm, &mut table)?);
-        Self::assemble(cfg, table, &model.patch_embed, &model.cls_token, &model.pos_embed, blocks, norm, &model.head)
+        let mut steps = Vec::with_capacity(2 * cfg.depth + 4);
+        for (i, b) in model.blocks.iter().enumerate() {
+            let rate = cfg.block_drop_path_rate(i);
+            let (norm1, norm2) = (FastNorm::lower(&b.norm1, &mut table)?, FastNorm::lower(&b.norm2, &mut table)?);
+            let attn = Layer::attention(FastAttention::lower(&b.attn, &mut table)?, &table);
+            steps.push(Step::Residual(Residual { norm: Some(norm1), layer: attn, drop_path: rate }));
+            steps.push(Step::Residual(Residual { norm: Some(norm2), layer: Layer::Mlp(FastMlp::lower(&b.mlp, &mut table)?), drop_path: rate }));
+        }
+        steps.push(Step::Norm(FastNorm::lower(&model.norm, &mut table)?));
+        Self::assemble(cfg, table, &model.patch_embed, &model.cls_token, &model.pos_embed, steps, &model.head)
     }
 
     /// The norm-free deploy form.
     pub fn lower_deploy(model: &DeployVit) -> Result<Self> {
         let mut table = ParamTable::for_module(model);
-        let blocks = model.blocks.iter().map(|b| FastBlock::lower(None, &b.attn, Some(&b.mlp), 0.0, &mut table)).collect::<Result<Vec<_>>>()?;
-        Self::assemble(&model.config, table, &model.patch_embed, &model.cls_token, &model.pos_embed, blocks, None, &model.head)
+        let mut steps = Vec::with_capacity(2 * model.blocks.len() + 3);
+        for b in &model.blocks {
+            let attn = Layer::attention(FastAttention::lower(&b.attn, &mut table)?, &table);
+            steps.push(Step::Residual(Residual { norm: None, layer: attn, drop_path: 0.0 }));
+            steps.push(Step::Residual(Residual { norm: None, layer: Layer::Mlp(FastMlp::lower(&b.mlp, &mut table)?), drop_path: 0.0 }));
+        }
+        Self::assemble(&model.config, table, &model.patch_embed, &model.cls_token, &model.pos_embed, steps, &model.head)
     }
 
+    /// The embedding in front of `blocks` (and the final norm), the pooling and the head behind.
     #[allow(clippy::too_many_arguments)]
-    fn assemble(config: &VitConfig, mut table: ParamTable, patch_embed: &PatchEmbed, cls_token: &Param<Tensor<3>>, pos_embed: &Param<Tensor<3>>, blocks: Vec<FastBlock>, norm: Option<FastNorm>, head: &Linear) -> Result<Self> {
-        let patch_embed = FastPatchEmbed::lower(patch_embed, &mut table)?;
-        let cls_token = table.add(cls_token, Layout::Official)?;
-        if config.pool == Pool::Mean {
-            table.untrained(cls_token);
-        }
-        let pos_embed = table.add(pos_embed, Layout::Official)?;
+    fn assemble(config: &VitConfig, mut table: ParamTable, patch_embed: &PatchEmbed, cls_token: &Param<Tensor<3>>, pos_embed: &Param<Tensor<3>>, blocks: Vec<Step>, head: &Linear) -> Result<Self> {
+        let embed = Embed::lower(patch_embed, config.img_size, cls_token, config.pool == Pool::ClassToken, pos_embed, &mut table)?;
         let head = FastLinear::lower(head, &mut table)?;
-        Ok(Self { config: config.clone(), table, patch_embed, cls_token, pos_embed, blocks, norm, head })
-    }
-
-    /// A workspace for inference on one image with its rows split into `parts` blocks.
-    pub fn infer_workspace(&self, parts: usize) -> InferWorkspace {
-        InferWorkspace::new(self.config.num_tokens(), self.config.embed_dim, &self.blocks, self.patch_embed.patch_len(), parts)
-    }
-
-    /// One (C, H, W) image → its logits, its token rows split over `parts` threads.
-    pub fn infer_image(&self, image: &[f32], logits: &mut [f32], ws: &mut InferWorkspace, parts: usize) {
-        let cfg = &self.config;
-        let p = &self.table.values;
-        let c = cfg.embed_dim;
-        let n = cfg.num_patches();
-        let patch_len = self.patch_embed.patch_len();
-        self.patch_embed.im2col(image, cfg.img_size, &mut ws.patches[..n * patch_len]);
-        let first = match cfg.pool {
-            Pool::ClassToken => {
-                ws.x[..c].copy_from_slice(&p[self.cls_token.range()]);
-                1
-            }
-            Pool::Mean => 0,
-        };
-        let per = n.div_ceil(parts.max(1)).max(1);
-        let jobs: Vec<_> = ws.patches[..n * patch_len].chunks(per * patch_len).zip(ws.x[first * c..].chunks_mut(per * c)).collect();
-        for_each_part(jobs, |(patches, x)| self.patch_embed.proj.apply(p, patches, x)); // (N, C) after the class token
-        kernels::add_assign(&mut ws.x, &p[self.pos_embed.range()]);
-        for block in &self.blocks {
-            block.infer(p, ws, parts);
-        }
-        let t = first + n;
-        let rows = if cfg.pool == Pool::ClassToken { 1 } else { t };
-        let tokens = match &self.norm {
-            Some(norm) => {
-                norm.infer(p, &ws.x[..rows * c], &mut ws.normed[..rows * c]);
-                &ws.normed[..rows * c]
-            }
-            None => &ws.x[..rows * c],
-        };
-        kernels::column_sums(tokens, rows, c, 0, &mut ws.pooled); // the class token, or the token sum
-        ws.pooled.iter_mut().for_each(|v| *v /= rows as f32);
-        self.head.apply(p, &ws.pooled, logits);
-    }
-
-    /// Training-mode forward of `batch` row-major (B, C, H, W) images → (B, classes) logits,
-    /// keeping the activations in `acts`. BatchNorm statistics and PRepBN counters advance like
-    /// one training-mode forward of the burn model (the counters only with `advance`); drop-path
-    /// masks come from `drop_path_seed` as burn's `drop_path::with_seed` draws them.
-    pub fn train_forward(&mut self, images: &[f32], batch: usize, acts: &mut TrainActivations, drop_path_seed: u64, advance: bool) -> Result<Vec<f32>> {
-        let cfg = &self.config;
-        let (c, size, chans) = (cfg.embed_dim, cfg.img_size, cfg.in_chans);
-        let per_image = chans * size * size;
-        if batch == 0 || images.len() != batch * per_image {
-            return Err(Error::InputShape {
-                layer: "vision transformer",
-                expected: format!("{batch} × ({chans}, {size}, {size}) = {} values", batch * per_image),
-                found: vec![images.len()],
-            });
-        }
-        let (n, t) = (cfg.num_patches(), cfg.num_tokens());
-        let rows = batch * t;
-        let p = &self.table.values;
-        acts.batch = batch;
-        let patch_len = self.patch_embed.patch_len();
-        let embed = &self.patch_embed;
-        sized(&mut acts.patches, batch * n * patch_len).par_chunks_mut(n * patch_len).zip(images.par_chunks(per_image)).for_each(|(patches, image)| embed.im2col(image, size, patches));
-        self.patch_embed.proj.forward(p, &acts.patches, sized(&mut acts.embedded, batch * n * c), false); // (B·N, C)
-        acts.blocks.resize_with(self.blocks.len(), BlockActivations::default);
-        let x = sized(&mut acts.blocks[0].x, rows * c);
-        let (pos, cls) = (&p[self.pos_embed.range()], &p[self.cls_token.range()]);
-        let first = usize::from(cfg.pool == Pool::ClassToken);
-        x.par_chunks_mut(t * c).zip(acts.embedded.par_chunks(n * c)).for_each(|(x, embedded)| {
-            x[..first * c].copy_from_slice(&cls[..first * c]);
-            x[first * c..].copy_from_slice(embedded);
-            kernels::add_assign(x, pos);
-        });
-        let mut rng = step_rng(drop_path_seed);
-        for i in 0..self.blocks.len() {
-            let (done, rest) = acts.blocks.split_at_mut(i + 1);
-            let out = match rest.first_mut() {
-                Some(next) => sized(&mut next.x, rows * c),
-                None => sized(&mut acts.last, rows * c),
-            };
-            self.blocks[i].forward(p, &mut done[i], out, batch, t, advance, &mut rng)?;
-        }
-        let norm = self.norm.as_mut().ok_or_else(|| Error::Unsupported { what: "training the deploy form".into(), path: "the CPU trainer" })?;
-        norm.forward(p, &acts.last, sized(&mut acts.normed, rows * c), &mut acts.norm, c, advance)?;
-        let pooled = sized(&mut acts.pooled, batch * c);
-        for (image, out) in pooled.chunks_exact_mut(c).enumerate() {
-            let tokens = &acts.normed[image * t * c..(image + 1) * t * c];
-            match cfg.pool {
-                Pool::ClassToken => out.copy_from_slice(&tokens[..c]),
-                Pool::Mean => {
-                    kernels::column_sums(tokens, t, c, 0, out);
-                    out.iter_mut().for_each(|v| *v /= t as f32);
-                }
-            }
-        }
-        let mut logits = vec![0.0; batch * cfg.num_classes];
-        self.head.forward(p, &acts.pooled, &mut logits, false);
-        Ok(logits)
-    }
-
-    /// Back-propagates `dlogits` = ∂L/∂logits (B, classes) through the forward that filled
-    /// `acts`, adding every parameter's gradient into `g`.
-    pub fn train_backward(&self, dlogits: &[f32], acts: &TrainActivations, g: &mut [f32], s: &mut Scratch) {
-        let cfg = &self.config;
-        let batch = acts.batch;
-        let (c, t, n) = (cfg.embed_dim, cfg.num_tokens(), cfg.num_patches());
-        let rows = batch * t;
-        let p = &self.table.values;
-        // Head and pooling.
-        let mut dpooled = vec![0.0; batch * c];
-        self.head.backward_input(p, dlogits, &mut dpooled, |_, _| {});
-        self.head.backward_params(g, &acts.pooled, dlogits, &mut s.partials);
-        let mut dnormed = vec![0.0; rows * c];
-        for (image, dp) in dpooled.chunks_exact(c).enumerate() {
-            let tokens = &mut dnormed[image * t * c..(image + 1) * t * c];
-            match cfg.pool {
-                Pool::ClassToken => tokens[..c].copy_from_slice(dp),
-                Pool::Mean => tokens.chunks_exact_mut(c).for_each(|row| row.iter_mut().zip(dp).for_each(|(r, v)| *r = v / t as f32)),
-            }
-        }
-        let mut dx = vec![0.0; rows * c];
-        self.norm.as_ref().expect("train_forward ran").backward(p, g, &acts.last, &dnormed, &mut dx, &acts.norm, c);
-        for (block, a) in self.blocks.iter().zip(&acts.blocks).rev() {
-            block.backward(p, g, a, &mut dx, s, batch, t);
-        }
-        // Embedding: position embedding and class token summed over the images, then the patch conv.
-        let first = usize::from(cfg.pool == Pool::ClassToken);
-        g[self.pos_embed.range()].par_chunks_mut(c).enumerate().for_each(|(token, gp)| {
-            for image in 0..batch {
-                kernels::add_assign(gp, &dx[(image * t + token) * c..(image * t + token + 1) * c]);
-            }
-        });
-        let dembedded = if first == 1 {
-            let gc = &mut g[self.cls_token.range()];
-            for image in 0..batch {
-                kernels::add_assign(gc, &dx[image * t * c..(image * t + 1) * c]);
-            }
-            dx.chunks_exact(t * c).flat_map(|image| image[c..].iter().copied()).collect()
-        } else {
-            dx
-        };
-        debug_assert_eq!(dembedded.len(), batch * n * c);
-        self.patch_embed.proj.backward_params(g, &acts.patches, &dembedded, &mut s.partials);
-    }
-
-    /// The model's full state under the official keys: `template` (the lowered model's
-    /// `collect_state`) with the parameters in `values` and the layers' current statistics and
-    /// counters.
-    pub fn state_with(&self, values: &[f32], template: &StateDict, origin: &str) -> StateDict {
-        self.table.state_with(values, template, origin, |dict| {
-            for block in &self.blocks {
-                block.norm1.iter().chain(&block.norm2).for_each(|n| n.write_buffers(dict));
-            }
-            self.norm.iter().for_each(|n| n.write_buffers(dict));
-        })
-    }
-
-    /// What the next training-mode call of the first block's norm computes (PRepBN models only).
-    pub fn prepbn_phase(&self) -> Option<Phase> {
-        self.blocks.first()?.norm1.as_ref()?.phase()
+        let steps = std::iter::once(Step::Embed(embed)).chain(blocks).chain([Step::Pool(config.pool), Step::Head(head)]).collect();
+        Ok(Self { config: config.clone(), plan: Plan { table, steps } })
     }
 }
 
@@ -994,10 +552,7 @@ fn embed_onnx(g: &mut Graph, images: &str, patch_embed: &PatchEmbed, cls_token: 
 
 /// The head on the class token or on the token mean.
 fn classify_onnx(g: &mut Graph, x: &str, pool: Pool, head: &Linear) -> Result<String> {
-    let pooled = match pool {
-        Pool::Mean => g.op("ReduceMean", &[x], vec![attr_ints("axes", &[1]), attr_int("keepdims", 0)]),
-        Pool::ClassToken => g.gather(x, 0, 1),
-    };
+    let pooled = pool.to_onnx(g, x);
     head.to_onnx(g, &pooled)
 }
 

@@ -59,6 +59,15 @@ impl FastPatchEmbed {
         Ok(Self { proj: FastLinear::lower_patch_conv(&embed.proj, table)?, in_chans, patch })
     }
 
+    pub fn in_chans(&self) -> usize {
+        self.in_chans
+    }
+
+    /// Patches of a (size, size) image.
+    pub fn num_patches(&self, size: usize) -> usize {
+        (size / self.patch).pow(2)
+    }
+
     /// Values of one im2col row (one patch).
     pub fn patch_len(&self) -> usize {
         self.proj.inputs

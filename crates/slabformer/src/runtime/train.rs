@@ -11,7 +11,8 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::models::vit::{FastVit, Scratch, TrainActivations, VisionTransformer, VitConfig};
+use crate::models::vit::{FastVit, VisionTransformer, VitConfig};
+use crate::plan::{Scratch, TrainActivations};
 use crate::nn::loss::cross_entropy;
 use crate::nn::lower::{ParamInfo, float_values};
 use crate::nn::schedule::Phase;
@@ -70,8 +71,8 @@ impl CpuTrainer {
     pub fn new(model: &VisionTransformer, optim: OptimConfig) -> Result<Self> {
         let template = collect_state(model);
         let model = FastVit::lower(model)?;
-        let n = model.table.values.len();
-        let decays = model.table.infos.iter().map(|i| decays(&optim, &i.key, i.shape.len().max(1))).collect();
+        let n = model.plan.table.values.len();
+        let decays = model.plan.table.infos.iter().map(|i| decays(&optim, &i.key, i.shape.len().max(1))).collect();
         Ok(Self {
             model,
             optim,
@@ -110,7 +111,7 @@ impl CpuTrainer {
     /// [`forward`](Self::forward) with the step's drop-path seed and whether the PRepBN counters
     /// advance (as burn's `drop_path::with_seed` and `set_counter_advance` set them).
     pub fn forward_with(&mut self, images: &[f32], batch: usize, options: ForwardOptions) -> Result<Vec<f32>> {
-        let logits = self.model.train_forward(images, batch, &mut self.acts, options.drop_path_seed, options.advance_counters)?;
+        let logits = self.model.plan.train_forward(images, batch, &mut self.acts, options.drop_path_seed, options.advance_counters)?;
         self.pending_backward = true;
         Ok(logits)
     }
@@ -127,7 +128,7 @@ impl CpuTrainer {
             return Err(Error::InputShape { layer: "vision transformer backward", expected: format!("({batch}, {classes}) logit gradients"), found: vec![dlogits.len()] });
         }
         self.pending_backward = false;
-        self.model.train_backward(dlogits, &self.acts, &mut self.grads, &mut self.scratch);
+        self.model.plan.train_backward(dlogits, &self.acts, &mut self.grads, &mut self.scratch);
         Ok(())
     }
 
@@ -159,7 +160,7 @@ impl CpuTrainer {
     }
 
     fn trained(&self) -> impl Iterator<Item = &ParamInfo> {
-        self.model.table.infos.iter().filter(|i| i.trained)
+        self.model.plan.table.infos.iter().filter(|i| i.trained)
     }
 
     /// Clips the gradients to the configured global norm; returns the norm before clipping.
@@ -177,9 +178,9 @@ impl CpuTrainer {
         self.steps += 1;
         let update = AdamWStep::new(&self.optim, self.steps, lr);
         const CHUNK: usize = 1 << 14;
-        for (info, &decays) in self.model.table.infos.iter().zip(&self.decays).filter(|(i, _)| i.trained) {
+        for (info, &decays) in self.model.plan.table.infos.iter().zip(&self.decays).filter(|(i, _)| i.trained) {
             let range = info.slot.range();
-            self.model.table.values[range.clone()]
+            self.model.plan.table.values[range.clone()]
                 .par_chunks_mut(CHUNK)
                 .zip(self.grads[range.clone()].par_chunks(CHUNK))
                 .zip(self.exp_avg[range.clone()].par_chunks_mut(CHUNK))
@@ -193,7 +194,7 @@ impl CpuTrainer {
     pub fn gradients(&self) -> StateDict {
         let mut dict = StateDict::new("gradients");
         for info in self.trained() {
-            dict.insert(info.key.clone(), StateTensor::f32(info.shape.clone(), self.model.table.official(info, &self.grads)));
+            dict.insert(info.key.clone(), StateTensor::f32(info.shape.clone(), self.model.plan.table.official(info, &self.grads)));
         }
         dict
     }
@@ -201,7 +202,7 @@ impl CpuTrainer {
     /// The model's full state under the official keys: parameters, BatchNorm statistics, PRepBN
     /// counters; `load_state` puts it into a burn model.
     pub fn state(&self) -> StateDict {
-        self.model.state_with(&self.model.table.values, &self.template, "CPU trainer")
+        self.model.plan.state_with(&self.model.plan.table.values, &self.template, "CPU trainer")
     }
 
     /// The AdamW moments as burn's [`AdamW::state`](crate::train::optim::AdamW::state) writes
@@ -214,7 +215,7 @@ impl CpuTrainer {
         }
         for info in self.trained() {
             for (prefix, buffer) in [("optim.exp_avg", &self.exp_avg), ("optim.exp_avg_sq", &self.exp_avg_sq)] {
-                dict.insert(format!("{prefix}.{}", info.key), StateTensor::f32(vec![info.slot.len], self.model.table.burn_flat(info, buffer)));
+                dict.insert(format!("{prefix}.{}", info.key), StateTensor::f32(vec![info.slot.len], self.model.plan.table.burn_flat(info, buffer)));
             }
         }
         dict
@@ -227,7 +228,7 @@ impl CpuTrainer {
         if steps == 0 {
             return Ok(());
         }
-        let table = &self.model.table;
+        let table = &self.model.plan.table;
         for info in table.infos.iter().filter(|i| i.trained) {
             for (prefix, buffer) in [("optim.exp_avg", &mut self.exp_avg), ("optim.exp_avg_sq", &mut self.exp_avg_sq)] {
                 let values = float_values(dict, &format!("{prefix}.{}", info.key), info.slot.len)?;
@@ -240,7 +241,7 @@ impl CpuTrainer {
     /// What the next training-mode call of the first block's norm computes (PRepBN models only),
     /// as [`VisionTransformer::prepbn_phase`] tells for the burn model.
     pub fn prepbn_phase(&self) -> Option<Phase> {
-        self.model.prepbn_phase()
+        self.model.plan.prepbn_phase()
     }
 
     /// `model` with this trainer's state.

@@ -1,7 +1,7 @@
 //! [`CpuVit`]: the DeiT-family inference runtime over the model's fast form
 //! ([`FastVit`]): a batch is split over threads image by image (each image's activations stay in
 //! its core's L2); a single image splits its rows over the threads, which then meet twice per
-//! block (see [`FastBlock::infer`]). Workspaces are pooled per model, so calls after the first
+//! attention layer (see `crate::plan`). Workspaces are pooled per model, so calls after the first
 //! fault no pages in.
 
 use burn::tensor::{Tensor, TensorData};
@@ -9,42 +9,46 @@ use rayon::prelude::*;
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
-use crate::models::vit::{DeployVit, FastBlock, FastVit, InferWorkspace, VisionTransformer, VitConfig};
-use crate::nn::attention::Attention;
+use crate::models::vit::{DeployVit, FastVit, VisionTransformer, VitConfig};
+use crate::nn::attention::{Attention, FastAttention};
 use crate::nn::lower::ParamTable;
+use crate::plan::{InferWorkspace, Layer, Plan, Residual, Step};
 use crate::state::host_f32;
 
 /// One attention layer on its own with its residual, `x + attn(x)`, for the attention scaling
 /// sweep.
 pub struct CpuAttention {
-    table: ParamTable,
-    block: FastBlock,
+    plan: Plan,
+    dim: usize,
+    grid: Option<[usize; 2]>,
 }
 
 impl CpuAttention {
     pub fn new(attn: &Attention) -> Result<Self> {
         let mut table = ParamTable::for_module(attn);
-        let block = FastBlock::lower(None, attn, None, 0.0, &mut table)?;
-        Ok(Self { table, block })
+        let attn = FastAttention::lower(attn, &mut table)?;
+        let (dim, grid) = (attn.dim(), attn.grid());
+        let layer = Layer::attention(attn, &table);
+        Ok(Self { plan: Plan { table, steps: vec![Step::Residual(Residual { norm: None, layer, drop_path: 0.0 })] }, dim, grid })
     }
 
     /// (T, C) tokens → `x + attn(x)` for one sequence, rows split over the threads. Its buffers
     /// are allocated here, sized for T: softmax's (T, T) score matrix, SLA's (d, d) states.
     pub fn forward(&self, tokens: &[f32]) -> Result<Vec<f32>> {
-        let c = self.block.dim();
+        let c = self.dim;
         if tokens.is_empty() || !tokens.len().is_multiple_of(c) {
             return Err(Error::InputShape { layer: "attention", expected: format!("(T, {c}) tokens"), found: vec![tokens.len()] });
         }
         let t = tokens.len() / c;
-        if let Some(grid) = self.block.attn.grid()
+        if let Some(grid) = self.grid
             && grid[0] * grid[1] != t
         {
             return Err(Error::InputShape { layer: "attention", expected: format!("{} tokens on the {grid:?} grid", grid[0] * grid[1]), found: vec![t, c] });
         }
         let parts = rayon::current_num_threads();
-        let mut ws = InferWorkspace::new(t, c, std::slice::from_ref(&self.block), 0, parts);
+        let mut ws = InferWorkspace::new(&self.plan, t, parts);
         ws.tokens_mut().copy_from_slice(tokens);
-        self.block.infer(&self.table.values, &mut ws, parts);
+        self.plan.infer_tokens(&mut ws, parts);
         Ok(ws.tokens().to_vec())
     }
 }
@@ -143,13 +147,13 @@ impl CpuVit {
             // One image: its token rows are split over the threads.
             let mut ws = self.workspace(threads);
             for (image, out) in images.chunks_exact(per_image).zip(logits.chunks_exact_mut(classes)) {
-                self.model.infer_image(image, out, &mut ws, threads);
+                self.model.plan.infer_image(image, out, &mut ws, threads);
             }
         } else {
             logits
                 .par_chunks_exact_mut(classes)
                 .zip(images.par_chunks_exact(per_image))
-                .for_each_init(|| self.workspace(1), |ws, (out, image)| self.model.infer_image(image, out, ws, 1));
+                .for_each_init(|| self.workspace(1), |ws, (out, image)| self.model.plan.infer_image(image, out, ws, 1));
         }
         Ok(logits)
     }
@@ -158,7 +162,7 @@ impl CpuVit {
     /// spares page faults on every call.
     fn workspace(&self, parts: usize) -> PooledWorkspace<'_> {
         let reused = self.workspaces.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let workspace = reused.filter(|ws| ws.parts >= parts).unwrap_or_else(|| self.model.infer_workspace(parts));
+        let workspace = reused.filter(|ws| ws.parts >= parts).unwrap_or_else(|| self.model.plan.infer_workspace(parts));
         PooledWorkspace { workspace: Some(workspace), pool: &self.workspaces }
     }
 }

@@ -1,0 +1,283 @@
+//! The plan's inference walk: one image (or one sequence of tokens) at a time, nothing kept.
+//!
+//! The token rows are split into `parts` row blocks, one per thread. Row-local work (norms,
+//! MLPs, a mixing layer's query rows and its projection) runs block by block without the threads
+//! meeting; a token-mixing layer first computes every block's keys and values (and SLA's partial
+//! Σk and KᵀV, summed once all blocks are done), so the threads meet once per attention layer
+//! and once around the embedding and the head.
+
+use rayon::prelude::*;
+
+use super::{Embed, Layer, Plan, Residual, Step};
+use crate::kernels;
+use crate::nn::attention::FastAttention;
+use crate::nn::norm::FastNorm;
+
+/// One thread's inference activations for one sequence, with room for `parts` row blocks.
+pub struct InferWorkspace {
+    patches: Vec<f32>,
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    qkv: Vec<f32>,
+    mixed: Vec<f32>,
+    /// (T, T) attention scores (softmax / ReLU-L layers only).
+    scores: Vec<f32>,
+    /// Per row block: Σk (C) and K·V (heads × d × d) of SLA layers.
+    k_sum: Vec<f32>,
+    kv: Vec<f32>,
+    hidden: Vec<f32>,
+    /// The widest MLP's hidden width.
+    hidden_width: usize,
+    /// The output gate's values (gated ReLU attention only).
+    gate: Vec<f32>,
+    pooled: Vec<f32>,
+    out: Vec<f32>,
+    /// Tokens of the sequence the workspace holds now, and their width.
+    tokens: usize,
+    width: usize,
+    /// How many row blocks `k_sum` and `kv` have room for.
+    pub parts: usize,
+}
+
+impl InferWorkspace {
+    /// Sized for `plan` on sequences of up to `tokens` tokens.
+    pub fn new(plan: &Plan, tokens: usize, parts: usize) -> Self {
+        let parts = parts.max(1);
+        let (mut c, mut hidden, mut d, mut patches, mut classes) = (0, 0, 0, 0, 0);
+        let (mut dot, mut gated) = (false, false);
+        for step in &plan.steps {
+            match step {
+                Step::Embed(e) => {
+                    c = c.max(e.dim());
+                    patches = e.num_patches() * e.patch.patch_len();
+                }
+                Step::Residual(r) => {
+                    c = c.max(r.layer.dim());
+                    match &r.layer {
+                        Layer::Attention { attn, .. } => {
+                            d = d.max(attn.dim() / attn.heads);
+                            dot |= attn.has_scores();
+                            gated |= attn.has_gate();
+                        }
+                        Layer::Mlp(mlp) => hidden = hidden.max(mlp.hidden()),
+                    }
+                }
+                Step::Head(h) => classes = h.outputs,
+                Step::Norm(_) | Step::Pool(_) => {}
+            }
+        }
+        InferWorkspace {
+            patches: vec![0.0; patches],
+            x: vec![0.0; tokens * c],
+            normed: vec![0.0; tokens * c],
+            qkv: vec![0.0; if d > 0 { tokens * 3 * c } else { 0 }],
+            mixed: vec![0.0; if d > 0 { tokens * c } else { 0 }],
+            scores: vec![0.0; if dot { tokens * tokens } else { 0 }],
+            k_sum: vec![0.0; parts * c],
+            kv: vec![0.0; parts * c * d],
+            hidden: vec![0.0; tokens * hidden],
+            hidden_width: hidden,
+            gate: vec![0.0; if gated { tokens * c } else { 0 }],
+            pooled: vec![0.0; c],
+            out: vec![0.0; classes],
+            tokens,
+            width: c,
+            parts,
+        }
+    }
+
+    /// The (T, C) tokens the plan works on.
+    pub fn tokens_mut(&mut self) -> &mut [f32] {
+        &mut self.x
+    }
+
+    pub fn tokens(&self) -> &[f32] {
+        &self.x
+    }
+
+    /// The rows per block when `tokens` rows are split into `parts` blocks.
+    fn rows_per_part(&self, parts: usize) -> usize {
+        assert!(parts <= self.parts, "workspace sized for {} row blocks, asked for {parts}", self.parts);
+        self.tokens.div_ceil(parts.max(1)).max(1)
+    }
+}
+
+/// Runs `f` on every item, in parallel when there is more than one.
+fn for_each_part<T: Send>(parts: Vec<T>, f: impl Fn(T) + Sync + Send) {
+    if parts.len() == 1 {
+        parts.into_iter().for_each(f);
+    } else {
+        parts.into_par_iter().for_each(f);
+    }
+}
+
+/// The next row block of a split buffer, trimmed to `len` values (empty when `len` is 0).
+fn next_block<'a>(blocks: &mut impl Iterator<Item = &'a mut [f32]>, len: usize) -> &'a mut [f32] {
+    match blocks.next() {
+        Some(block) => &mut block[..len],
+        None => &mut [],
+    }
+}
+
+/// Where a norm that is present writes, or the input itself where it was folded away.
+fn norm_or_identity<'a>(norm: Option<&FastNorm>, p: &[f32], x: &'a [f32], normed: &'a mut [f32]) -> &'a [f32] {
+    match norm {
+        Some(n) => {
+            n.infer(p, x, normed);
+            normed
+        }
+        None => x,
+    }
+}
+
+impl Plan {
+    /// A workspace for inference on one image, its rows split into up to `parts` blocks.
+    pub fn infer_workspace(&self, parts: usize) -> InferWorkspace {
+        InferWorkspace::new(self, self.embed().map_or(0, Embed::tokens), parts)
+    }
+
+    /// One (C, H, W) image → its logits, its token rows split over `parts` threads.
+    pub fn infer_image(&self, image: &[f32], logits: &mut [f32], ws: &mut InferWorkspace, parts: usize) {
+        self.walk(Some(image), ws, parts);
+        logits.copy_from_slice(&ws.out);
+    }
+
+    /// The plan's steps on the `ws.tokens_mut()` sequence of a plan that starts from tokens
+    /// (no embedding), in place.
+    pub fn infer_tokens(&self, ws: &mut InferWorkspace, parts: usize) {
+        self.walk(None, ws, parts);
+    }
+
+    fn walk(&self, image: Option<&[f32]>, ws: &mut InferWorkspace, parts: usize) {
+        let p = &self.table.values;
+        // Steps whose row-local work waits to run in one pass over the row blocks.
+        let mut pending = 0..0;
+        for (i, step) in self.steps.iter().enumerate() {
+            match step {
+                Step::Residual(r @ Residual { layer: Layer::Attention { attn, .. }, .. }) => {
+                    row_pass(&self.steps[pending], p, ws, parts);
+                    key_pass(r, attn, p, ws, parts);
+                    pending = i..i + 1; // its query rows
+                    continue;
+                }
+                Step::Residual(_) | Step::Norm(_) => {
+                    if pending.is_empty() {
+                        pending.start = i;
+                    }
+                    pending.end = i + 1;
+                    continue;
+                }
+                _ => {}
+            }
+            row_pass(&self.steps[pending], p, ws, parts);
+            pending = i + 1..i + 1;
+            match step {
+                Step::Embed(e) => embed(e, p, image.expect("an image for a plan that embeds one"), ws, parts),
+                Step::Pool(pool) => {
+                    let c = ws.width;
+                    pool.apply(&ws.x[..ws.tokens * c], c, &mut ws.pooled[..c]);
+                }
+                Step::Head(head) => head.apply(p, &ws.pooled[..head.inputs], &mut ws.out),
+                Step::Residual(_) | Step::Norm(_) => unreachable!("row-local steps are pending above"),
+            }
+        }
+        row_pass(&self.steps[pending], p, ws, parts);
+    }
+}
+
+/// Patch conv rows split over the threads, then the class token and the position embedding.
+fn embed(e: &Embed, p: &[f32], image: &[f32], ws: &mut InferWorkspace, parts: usize) {
+    let c = e.dim();
+    let (n, patch_len) = (e.num_patches(), e.patch.patch_len());
+    e.patch.im2col(image, e.img_size, &mut ws.patches[..n * patch_len]);
+    let first = usize::from(e.prepend_class_token);
+    if first == 1 {
+        ws.x[..c].copy_from_slice(&p[e.cls_token.range()]);
+    }
+    (ws.tokens, ws.width) = (first + n, c);
+    let per = n.div_ceil(parts.max(1)).max(1);
+    let jobs: Vec<_> = ws.patches[..n * patch_len].chunks(per * patch_len).zip(ws.x[first * c..(first + n) * c].chunks_mut(per * c)).collect();
+    for_each_part(jobs, |(patches, x)| e.patch.proj.apply(p, patches, x)); // (N, C) after the class token
+    kernels::add_assign(&mut ws.x[..ws.tokens * c], &p[e.pos_embed.range()]);
+}
+
+/// A mixing layer's first pass, block by block: the norm, then qkv (and SLA's feature maps, each
+/// block's share of Σk and KᵀV), then the blocks' partial sums into the first's.
+fn key_pass(r: &Residual, attn: &FastAttention, p: &[f32], ws: &mut InferWorkspace, parts: usize) {
+    let c = attn.dim();
+    let d = c / attn.heads;
+    let (t, per) = (ws.tokens, ws.rows_per_part(parts));
+    let InferWorkspace { x, normed, qkv, k_sum, kv, .. } = ws;
+    let jobs: Vec<_> = x[..t * c].chunks(per * c).zip(normed.chunks_mut(per * c)).zip(qkv.chunks_mut(per * 3 * c)).zip(k_sum.chunks_mut(c)).zip(kv.chunks_mut(c * d)).enumerate().collect();
+    let blocks = jobs.len();
+    for_each_part(jobs, |(i, ((((x, normed), qkv), k_sum), kv))| {
+        let input = norm_or_identity(r.norm.as_ref(), p, x, normed);
+        attn.infer_keys(p, i * per, input, &mut qkv[..x.len() * 3], k_sum, kv);
+    });
+    if blocks > 1 {
+        let (first, rest) = k_sum.split_at_mut(c);
+        rest.chunks(c).take(blocks - 1).for_each(|p| kernels::add_assign(first, p));
+        let (first, rest) = kv.split_at_mut(c * d);
+        rest.chunks(c * d).take(blocks - 1).for_each(|p| kernels::add_assign(first, p));
+    }
+}
+
+/// Row-local work of `steps`, block by block: the first step may be a mixing layer whose keys
+/// are done (its query rows, projection and residual run here); the others are norms and MLP
+/// branches.
+fn row_pass(steps: &[Step], p: &[f32], ws: &mut InferWorkspace, parts: usize) {
+    let Some(first_step) = steps.first() else { return };
+    let (c, t, per, hidden_width) = (ws.width, ws.tokens, ws.rows_per_part(parts), ws.hidden_width);
+    let InferWorkspace { x, normed, qkv, mixed, scores, k_sum, kv, hidden, gate, .. } = ws;
+    let (qkv, k_sum, kv): (&[f32], &[f32], &[f32]) = (qkv, k_sum, kv);
+    let mixing = match first_step {
+        Step::Residual(Residual { layer: Layer::Attention { attn, inference_conv }, .. }) => {
+            let conv = inference_conv.as_ref().and_then(|(taps, bias)| attn.conv_view(taps, bias));
+            let d = c / attn.heads;
+            Some((attn, conv, &k_sum[..c], &kv[..c * d]))
+        }
+        _ => None,
+    };
+    let score_width = if mixing.as_ref().is_some_and(|(a, ..)| a.has_scores()) { t } else { 0 };
+    let gate_width = if mixing.as_ref().is_some_and(|(a, ..)| a.has_gate()) { c } else { 0 };
+    let mut scores = scores.chunks_mut((per * score_width).max(1));
+    let mut hidden = hidden.chunks_mut((per * hidden_width).max(1));
+    let mut gate = gate.chunks_mut((per * gate_width).max(1));
+    let mut mixed = mixed.chunks_mut(per * c);
+    let jobs: Vec<_> = x[..t * c]
+        .chunks_mut(per * c)
+        .zip(normed.chunks_mut(per * c))
+        .enumerate()
+        .map(|(i, (x, normed))| {
+            let rows = x.len() / c;
+            let scratch = (next_block(&mut mixed, rows * c), next_block(&mut scores, rows * score_width), next_block(&mut hidden, rows * hidden_width), next_block(&mut gate, rows * gate_width));
+            (i * per, x, normed, scratch)
+        })
+        .collect();
+    for_each_part(jobs, |(first, x, normed, (mixed, scores, hidden, gate))| {
+        for step in steps {
+            match step {
+                Step::Residual(r) => match &r.layer {
+                    Layer::Attention { attn, .. } => {
+                        let (_, conv, k_sum, kv) = mixing.as_ref().expect("a mixing layer only opens a pass");
+                        // The gate reads the attention's input: the norm's output from the key
+                        // pass, or x itself.
+                        let input: &[f32] = if r.norm.is_some() { normed } else { x };
+                        attn.infer_queries(p, first, qkv, k_sum, kv, conv.as_ref(), input, mixed, gate, scores);
+                        attn.proj.apply_residual(p, mixed, x);
+                    }
+                    Layer::Mlp(mlp) => {
+                        let hidden = &mut hidden[..x.len() / c * mlp.hidden()];
+                        mlp.infer_hidden(p, norm_or_identity(r.norm.as_ref(), p, x, normed), hidden);
+                        mlp.infer_residual(p, hidden, x);
+                    }
+                },
+                Step::Norm(n) => {
+                    n.infer(p, x, normed);
+                    x.copy_from_slice(normed);
+                }
+                Step::Embed(_) | Step::Pool(_) | Step::Head(_) => unreachable!("only row-local steps wait for a row pass"),
+            }
+        }
+    });
+}

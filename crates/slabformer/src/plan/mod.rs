@@ -1,0 +1,155 @@
+//! A model on the fast path: its layers lowered into one parameter table, and the order they run
+//! in as a list of [`Step`]s. A family describes its model once, as its burn module tree; its
+//! lowering turns that tree into a plan, and one executor walks the plan, with or without saved
+//! activations:
+//!
+//! * inference ([`Plan::infer_image`], `infer.rs`): one image at a time, keeping nothing; its
+//!   token rows are split over the threads, which meet once per token-mixing layer (the keys and
+//!   values of every row must exist before any query row is mixed);
+//! * training ([`Plan::train_forward`] / [`Plan::train_backward`], `train.rs`): the whole batch,
+//!   step by step (BatchNorm needs batch statistics before any row is normalized), keeping what
+//!   each step's backward needs, then back through the steps in reverse.
+//!
+//! What a step computes is its layer kind's fast form in `nn`; the plan only orders the calls.
+
+mod infer;
+mod train;
+
+pub use infer::InferWorkspace;
+pub use train::{Scratch, TrainActivations};
+
+use burn::module::Param;
+use burn::tensor::Tensor;
+
+use crate::error::Result;
+use crate::nn::attention::FastAttention;
+use crate::nn::linear::FastLinear;
+use crate::nn::lower::{Layout, ParamTable, Slot};
+use crate::nn::mlp::FastMlp;
+use crate::nn::norm::FastNorm;
+use crate::nn::patch_embed::{FastPatchEmbed, PatchEmbed};
+use crate::nn::pool::Pool;
+use crate::nn::schedule::Phase;
+use crate::state::StateDict;
+
+/// A lowered model: the parameter buffer and the steps that read it, in execution order.
+pub struct Plan {
+    pub table: ParamTable,
+    pub steps: Vec<Step>,
+}
+
+/// One step of a plan, from (B, T, C) tokens (or images) to the next step's input.
+pub enum Step {
+    /// (C_in, H, W) images → (T, C) tokens: patch conv, class token, position embedding.
+    Embed(Embed),
+    /// `x + drop_path(layer(norm(x)))`; the norm is absent in fused models.
+    Residual(Residual),
+    /// A norm on its own (the final norm of unfused models).
+    Norm(FastNorm),
+    /// (T, C) tokens → (C).
+    Pool(Pool),
+    /// (C) → (classes).
+    Head(FastLinear),
+}
+
+/// The patch embedding with what is added to its tokens.
+pub struct Embed {
+    pub patch: FastPatchEmbed,
+    pub img_size: usize,
+    pub cls_token: Slot,
+    /// Whether the class token is prepended (otherwise it exists, untrained, as in the official
+    /// SLAB code).
+    pub prepend_class_token: bool,
+    pub pos_embed: Slot,
+}
+
+impl Embed {
+    pub fn lower(patch_embed: &PatchEmbed, img_size: usize, cls_token: &Param<Tensor<3>>, prepend_class_token: bool, pos_embed: &Param<Tensor<3>>, table: &mut ParamTable) -> Result<Self> {
+        let patch = FastPatchEmbed::lower(patch_embed, table)?;
+        let cls_token = table.add(cls_token, Layout::Official)?;
+        if !prepend_class_token {
+            table.untrained(cls_token);
+        }
+        let pos_embed = table.add(pos_embed, Layout::Official)?;
+        Ok(Self { patch, img_size, cls_token, prepend_class_token, pos_embed })
+    }
+
+    pub fn dim(&self) -> usize {
+        self.patch.proj.outputs
+    }
+
+    pub fn image_len(&self) -> usize {
+        self.patch.in_chans() * self.img_size * self.img_size
+    }
+
+    pub fn num_patches(&self) -> usize {
+        self.patch.num_patches(self.img_size)
+    }
+
+    /// Tokens per image after this step.
+    pub fn tokens(&self) -> usize {
+        usize::from(self.prepend_class_token) + self.num_patches()
+    }
+}
+
+/// A residual branch: `x + drop_path(layer(norm(x)))`.
+pub struct Residual {
+    pub norm: Option<FastNorm>,
+    pub layer: Layer,
+    /// Stochastic depth rate of the branch (training only).
+    pub drop_path: f64,
+}
+
+/// What a residual branch runs.
+pub enum Layer {
+    /// Token mixing; SLA's conv taps come tiled over the heads for inference (training re-tiles
+    /// them every step, as the weights change).
+    Attention { attn: FastAttention, inference_conv: Option<(Vec<f32>, Vec<f32>)> },
+    Mlp(FastMlp),
+}
+
+impl Layer {
+    pub fn attention(attn: FastAttention, table: &ParamTable) -> Self {
+        let inference_conv = attn.tiled_conv(&table.values);
+        Layer::Attention { attn, inference_conv }
+    }
+
+    /// The width of the tokens the layer reads.
+    pub fn dim(&self) -> usize {
+        match self {
+            Layer::Attention { attn, .. } => attn.dim(),
+            Layer::Mlp(mlp) => mlp.fc1.inputs,
+        }
+    }
+}
+
+impl Plan {
+    /// The image embedding, when the plan starts from images.
+    pub fn embed(&self) -> Option<&Embed> {
+        match self.steps.first()? {
+            Step::Embed(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Every norm of the plan, in execution order.
+    pub fn norms(&self) -> impl Iterator<Item = &FastNorm> {
+        self.steps.iter().filter_map(|step| match step {
+            Step::Residual(r) => r.norm.as_ref(),
+            Step::Norm(n) => Some(n),
+            _ => None,
+        })
+    }
+
+    /// What the next training-mode call of the first PRepBN norm computes (PRepBN models only).
+    pub fn prepbn_phase(&self) -> Option<Phase> {
+        self.norms().find_map(FastNorm::phase)
+    }
+
+    /// The model's full state under the official keys: `template` (the lowered model's
+    /// `collect_state`) with the parameters in `values` and the norms' current statistics and
+    /// counters.
+    pub fn state_with(&self, values: &[f32], template: &StateDict, origin: &str) -> StateDict {
+        self.table.state_with(values, template, origin, |dict| self.norms().for_each(|n| n.write_buffers(dict)))
+    }
+}

@@ -1,0 +1,214 @@
+//! The plan's training walk: the whole batch step by step, each step's input and what its
+//! backward needs kept; then the steps in reverse, parameter gradients added into one flat
+//! buffer laid out like the parameters.
+
+use rayon::prelude::*;
+
+use super::{Embed, Layer, Plan, Residual, Step};
+use crate::error::{Error, Result};
+use crate::kernels;
+use crate::nn::attention::{AttentionActivations, AttentionScratch};
+use crate::nn::drop_path::{add_masked_branch, draw_mask, masked_gradient, step_rng};
+use crate::nn::lower::sized;
+use crate::nn::mlp::MlpActivations;
+use crate::nn::norm::NormCache;
+use rand_pcg::Pcg64;
+
+/// One step's training activations.
+#[derive(Default)]
+struct StepActivations {
+    /// The step's (B·T, C) input (empty for the embedding, whose input is the images).
+    x: Vec<f32>,
+    /// Tokens per image of that input.
+    tokens: usize,
+    /// The embedding's im2col rows and their conv output.
+    patches: Vec<f32>,
+    embedded: Vec<f32>,
+    norm: NormCache,
+    normed: Vec<f32>,
+    attn: AttentionActivations,
+    mlp: MlpActivations,
+    /// Per-image drop-path factors of a residual branch (empty: all kept).
+    mask: Vec<f32>,
+}
+
+/// The whole model's training activations of the last forward pass.
+#[derive(Default)]
+pub struct TrainActivations {
+    pub batch: usize,
+    steps: Vec<StepActivations>,
+    output: Vec<f32>,
+}
+
+/// Reusable backward buffers.
+#[derive(Default)]
+pub struct Scratch {
+    dnormed: Vec<f32>,
+    dhidden: Vec<f32>,
+    /// A residual branch's output gradient under drop-path.
+    dbranch: Vec<f32>,
+    attn: AttentionScratch,
+    partials: Vec<f32>,
+}
+
+impl Plan {
+    /// Training-mode forward of `batch` row-major (B, C, H, W) images → (B, classes) logits,
+    /// keeping the activations in `acts`. BatchNorm statistics and PRepBN counters advance like
+    /// one training-mode forward of the burn model (the counters only with `advance`); drop-path
+    /// masks come from `drop_path_seed` in the order burn's `drop_path::with_seed` draws them.
+    pub fn train_forward(&mut self, images: &[f32], batch: usize, acts: &mut TrainActivations, drop_path_seed: u64, advance: bool) -> Result<Vec<f32>> {
+        let embed = self.embed().ok_or_else(|| Error::Unsupported { what: "training a plan that does not start from images".into(), path: "the CPU trainer" })?;
+        let per_image = embed.image_len();
+        if batch == 0 || images.len() != batch * per_image {
+            let (chans, size) = (embed.patch.in_chans(), embed.img_size);
+            return Err(Error::InputShape { layer: "vision transformer", expected: format!("{batch} × ({chans}, {size}, {size}) = {} values", batch * per_image), found: vec![images.len()] });
+        }
+        let Plan { table, steps } = self;
+        let p = &table.values;
+        acts.batch = batch;
+        acts.steps.resize_with(steps.len(), StepActivations::default);
+        let mut rng = step_rng(drop_path_seed);
+        let mut tokens = 0;
+        for (i, step) in steps.iter_mut().enumerate() {
+            let (done, rest) = acts.steps.split_at_mut(i + 1);
+            let a = &mut done[i];
+            a.tokens = tokens;
+            let out = match rest.first_mut() {
+                Some(next) => &mut next.x,
+                None => &mut acts.output,
+            };
+            match step {
+                Step::Embed(e) => tokens = embed_forward(e, p, images, batch, a, out),
+                Step::Residual(r) => residual_forward(r, p, a, out, batch, advance, &mut rng)?,
+                Step::Norm(n) => {
+                    let c = a.x.len() / (batch * tokens);
+                    n.forward(p, &a.x, sized(out, a.x.len()), &mut a.norm, c, advance)?;
+                }
+                Step::Pool(pool) => {
+                    let c = a.x.len() / (batch * tokens);
+                    let out = sized(out, batch * c);
+                    out.chunks_exact_mut(c).zip(a.x.chunks_exact(tokens * c)).for_each(|(o, image)| pool.apply(image, c, o));
+                    tokens = 1;
+                }
+                Step::Head(h) => h.forward(p, &a.x, sized(out, batch * h.outputs), false),
+            }
+        }
+        Ok(acts.output.clone())
+    }
+
+    /// Back-propagates `dlogits` = ∂L/∂logits (B, classes) through the forward that filled
+    /// `acts`, adding every parameter's gradient into `g`.
+    pub fn train_backward(&self, dlogits: &[f32], acts: &TrainActivations, g: &mut [f32], s: &mut Scratch) {
+        let p = &self.table.values;
+        let batch = acts.batch;
+        // ∂L/∂(the current step's output), then of its input.
+        let mut dy = dlogits.to_vec();
+        for (step, a) in self.steps.iter().zip(&acts.steps).rev() {
+            match step {
+                Step::Head(h) => {
+                    let mut dx = vec![0.0; a.x.len()];
+                    h.backward_input(p, &dy, &mut dx, |_, _| {});
+                    h.backward_params(g, &a.x, &dy, &mut s.partials);
+                    dy = dx;
+                }
+                Step::Pool(pool) => {
+                    let c = dy.len() / batch;
+                    let mut dx = vec![0.0; a.x.len()];
+                    dx.par_chunks_exact_mut(a.tokens * c).zip(dy.par_chunks_exact(c)).for_each(|(dx, dp)| pool.backward(dp, dx));
+                    dy = dx;
+                }
+                Step::Norm(n) => {
+                    let mut dx = vec![0.0; a.x.len()];
+                    n.backward(p, g, &a.x, &dy, &mut dx, &a.norm, a.x.len() / (batch * a.tokens));
+                    dy = dx;
+                }
+                Step::Residual(r) => residual_backward(r, p, g, a, &mut dy, s, batch),
+                Step::Embed(e) => embed_backward(e, g, a, &dy, batch, &mut s.partials),
+            }
+        }
+    }
+}
+
+/// Patch conv over the batch's im2col rows, then the class token and the position embedding;
+/// returns the tokens per image.
+fn embed_forward(e: &Embed, p: &[f32], images: &[f32], batch: usize, a: &mut StepActivations, out: &mut Vec<f32>) -> usize {
+    let (c, n, t) = (e.dim(), e.num_patches(), e.tokens());
+    let patch_len = e.patch.patch_len();
+    sized(&mut a.patches, batch * n * patch_len).par_chunks_mut(n * patch_len).zip(images.par_chunks(e.image_len())).for_each(|(patches, image)| e.patch.im2col(image, e.img_size, patches));
+    let embedded = sized(&mut a.embedded, batch * n * c);
+    e.patch.proj.forward(p, &a.patches, embedded, false); // (B·N, C)
+    let (pos, cls) = (&p[e.pos_embed.range()], &p[e.cls_token.range()]);
+    let first = usize::from(e.prepend_class_token);
+    sized(out, batch * t * c).par_chunks_mut(t * c).zip(embedded.par_chunks(n * c)).for_each(|(x, embedded)| {
+        x[..first * c].copy_from_slice(&cls[..first * c]);
+        x[first * c..].copy_from_slice(embedded);
+        kernels::add_assign(x, pos);
+    });
+    t
+}
+
+/// Position embedding and class token gradients summed over the images, then the patch conv's.
+fn embed_backward(e: &Embed, g: &mut [f32], a: &StepActivations, dy: &[f32], batch: usize, partials: &mut Vec<f32>) {
+    let (c, t) = (e.dim(), e.tokens());
+    g[e.pos_embed.range()].par_chunks_mut(c).enumerate().for_each(|(token, gp)| {
+        for image in 0..batch {
+            kernels::add_assign(gp, &dy[(image * t + token) * c..(image * t + token + 1) * c]);
+        }
+    });
+    let dembedded: Vec<f32> = if e.prepend_class_token {
+        let gc = &mut g[e.cls_token.range()];
+        for image in 0..batch {
+            kernels::add_assign(gc, &dy[image * t * c..(image * t + 1) * c]);
+        }
+        dy.chunks_exact(t * c).flat_map(|image| image[c..].iter().copied()).collect()
+    } else {
+        dy.to_vec()
+    };
+    e.patch.proj.backward_params(g, &a.patches, &dembedded, partials);
+}
+
+/// `out = x + mask·layer(norm(x))` over the batch, keeping the norm's and the layer's
+/// activations.
+fn residual_forward(r: &mut Residual, p: &[f32], a: &mut StepActivations, out: &mut Vec<f32>, batch: usize, advance: bool, rng: &mut Pcg64) -> Result<()> {
+    let (len, t) = (a.x.len(), a.tokens);
+    let c = len / (batch * t);
+    a.mask = if r.drop_path > 0.0 { draw_mask(rng, batch, r.drop_path) } else { Vec::new() };
+    let input: &[f32] = match &mut r.norm {
+        Some(norm) => {
+            norm.forward(p, &a.x, sized(&mut a.normed, len), &mut a.norm, c, advance)?;
+            &a.normed
+        }
+        None => &a.x,
+    };
+    let out = sized(out, len);
+    let kept = a.mask.is_empty();
+    if kept {
+        out.copy_from_slice(&a.x); // the layer adds its output to the residual
+    }
+    match &mut r.layer {
+        Layer::Attention { attn, .. } => attn.forward(p, input, out, &mut a.attn, batch, t, kept)?,
+        Layer::Mlp(mlp) => mlp.forward(p, input, out, &mut a.mlp, kept),
+    }
+    if !kept {
+        add_masked_branch(&a.x, out, &a.mask); // x + mask·layer(norm(x))
+    }
+    Ok(())
+}
+
+/// From `dy` = ∂L/∂(branch output) to ∂L/∂(branch input), in place.
+fn residual_backward(r: &Residual, p: &[f32], g: &mut [f32], a: &StepActivations, dy: &mut [f32], s: &mut Scratch, batch: usize) {
+    let (len, t) = (a.x.len(), a.tokens);
+    let input = if r.norm.is_some() { &a.normed } else { &a.x };
+    let mut dbranch = std::mem::take(&mut s.dbranch);
+    let dout: &[f32] = if a.mask.is_empty() { dy } else { masked_gradient(dy, &a.mask, &mut dbranch) };
+    let dinput = sized(&mut s.dnormed, len);
+    match &r.layer {
+        Layer::Attention { attn, .. } => attn.backward(p, g, input, &a.attn, dout, dinput, &mut s.attn, batch, t),
+        Layer::Mlp(mlp) => mlp.backward(p, g, input, &a.mlp, dout, dinput, &mut s.dhidden, &mut s.partials),
+    }
+    s.dbranch = dbranch;
+    match &r.norm {
+        Some(norm) => norm.backward(p, g, &a.x, &s.dnormed, dy, &a.norm, len / (batch * t)), // adds into dy
+        None => kernels::add_assign(dy, &s.dnormed),
+    }
+}
