@@ -13,9 +13,9 @@ use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::{Device, Distribution, Int, Tensor};
 use serde::{Deserialize, Serialize};
-use slabformer::models::{self, VitConfig};
+use slabformer::models::{self, AnyConfig, VitConfig};
 use slabformer::nn::attention::{AttentionConfig, AttentionKind};
-use slabformer::runtime::{CpuAttention, CpuTrainer, CpuVit};
+use slabformer::runtime::{CpuAttention, CpuModel, CpuTrainer};
 use slabformer::state::host_f32;
 use slabformer::optim::OptimConfig;
 use slabformer::train::optim::{AdamW, param_ranks};
@@ -77,12 +77,24 @@ fn random(dims: [usize; 4], device: &Device) -> Tensor<4> {
 
 /// A model preset, or the model of a training preset (`fashion-slab`: the quickstart's).
 fn model_config(name: &str) -> Result<VitConfig> {
-    if let Ok(config) = models::preset(name) {
-        return Ok(config);
+    let config = match models::preset(name) {
+        Ok(config) => config,
+        Err(_) => {
+            let training = slabformer::train::config::TrainConfig::preset(name).with_context(|| format!("`{name}` is neither a model nor a training preset"))?;
+            // The model does not depend on the data set size; ImageNet's keeps every preset's T within its run.
+            training.resolve(1_281_167)?.model.with_context(|| format!("training preset `{name}` names no model"))?
+        }
+    };
+    vit_config(name, config)
+}
+
+/// The bench compares the DeiT family with its peers (the official classes in `bench/`).
+fn vit_config(name: &str, config: AnyConfig) -> Result<VitConfig> {
+    match config {
+        AnyConfig::Vit(c) => Ok(c),
+        #[allow(unreachable_patterns)]
+        other => anyhow::bail!("`{name}` is a {} model: the bench covers the DeiT family so far", other.family()),
     }
-    let training = slabformer::train::config::TrainConfig::preset(name).with_context(|| format!("`{name}` is neither a model nor a training preset"))?;
-    // The model does not depend on the data set size; ImageNet's keeps every preset's T within its run.
-    training.resolve(1_281_167)?.model.with_context(|| format!("training preset `{name}` names no model"))
 }
 
 /// Runs one case here and returns its measurement (`slabformer bench-case`).
@@ -91,7 +103,7 @@ pub fn run_case(engine: Engine, model: &str, batch: usize, warmup: usize, repeat
     match engine {
         Engine::Runtime => {
             let config = model_config(model)?;
-            let runtime = CpuVit::new(&config.init(&device)?)?;
+            let runtime = CpuModel::new(&config.init(&device)?)?;
             let images = host_f32(random([batch, config.in_chans, config.img_size, config.img_size], &device));
             time(warmup, repeats, || runtime.forward(&images, batch).map(drop).map_err(Into::into))
         }
@@ -346,7 +358,7 @@ pub fn run(options: &Options) -> Result<String> {
     out.push_str("| model | batch | slabformer | PyTorch eager | ONNX Runtime | / PyTorch | / ORT | slabformer GFLOP/s (% of peak) | burn forward (before the runtime) |\n|---|---:|---|---|---|---:|---:|---:|---|\n");
     let mut memory = String::from("| model | batch | slabformer | PyTorch eager | ONNX Runtime |\n|---|---:|---:|---:|---:|\n");
     for name in MODELS {
-        let config = models::preset(name)?;
+        let config = vit_config(name, models::preset(name)?)?;
         let onnx = dir.path().join(format!("{name}.onnx"));
         slabformer::deploy::onnx::export_model(&config.init(&Device::flex())?, &onnx, false)?;
         for batch in [1, 32] {
@@ -375,7 +387,7 @@ pub fn run(options: &Options) -> Result<String> {
     out.push_str("\n## Training step (batch 32, 224²: forward, cross-entropy, backward, AdamW)\n\n");
     out.push_str("| model | slabformer | PyTorch eager | / PyTorch | slabformer GFLOP/s (3 × forward) | peak MiB slabformer / PyTorch | burn autodiff (before the trainer) |\n|---|---|---|---:|---:|---|---|\n");
     for name in MODELS {
-        let config = models::preset(name)?;
+        let config = vit_config(name, models::preset(name)?)?;
         eprintln!("bench: {name} training step");
         let step = ours(Engine::Train, name, 32, 1, repeats.min(5))?;
         let burn = ours(Engine::BurnTrain, name, 32, 1, repeats.min(3))?;

@@ -9,8 +9,8 @@ use anyhow::{Context, Result};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::{Device, Distribution, Int, Tensor};
 use clap::{Parser, Subcommand};
-use slabformer::models::{self, VitConfig};
-use slabformer::nn::norm::Norm;
+use slabformer::deploy::model_file::{LoadedModel, Preprocess, read_model_file, save_deploy, save_model};
+use slabformer::models::{self, AnyConfig, ImageConfig, ModelFamily, VisionTransformer};
 use slabformer::state::trainable_param_count;
 use slabformer::train::config::TrainConfig;
 use slabformer::train::{self as trainer, TrainOptions};
@@ -223,16 +223,17 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn print_presets() {
-    println!("| model | params | GFLOPs (MACs) | input | description |");
-    println!("|---|---:|---:|---|---|");
+    println!("| model | family | params | GFLOPs (MACs) | input | description |");
+    println!("|---|---|---:|---:|---|---|");
     for preset in models::presets() {
-        let config = (preset.config)();
+        let config = &preset.config;
         println!(
-            "| {} | {:.2} M | {:.3} | {}² | {} |",
+            "| {} | {} | {:.2} M | {:.3} | {}² | {} |",
             preset.name,
+            config.family(),
             config.param_count() as f64 / 1e6,
             config.macs() as f64 / 1e9,
-            config.img_size,
+            config.image().img_size(),
             preset.summary
         );
     }
@@ -240,26 +241,30 @@ fn print_presets() {
 
 fn describe(name: &str) -> Result<()> {
     let config = models::preset(name)?;
-    let model = config.init(&Device::flex())?;
-    println!("model:      {name}");
-    println!("params:     {} ({:.2} M)", trainable_param_count(&model), trainable_param_count(&model) as f64 / 1e6);
-    println!("GFLOPs:     {:.3} (multiply-accumulates at {}², batch 1)", config.macs() as f64 / 1e9, config.img_size);
-    println!("tokens:     {} ({}×{} patches of {}²)", config.num_tokens(), config.grid()[0], config.grid()[1], config.patch_size);
+    let params = slabformer::with_family!(&config, |F, c| trainable_param_count(&F::init(c, &Device::flex())?));
+    println!("model:      {name} ({} family)", config.family());
+    println!("params:     {params} ({:.2} M)", params as f64 / 1e6);
+    println!("GFLOPs:     {:.3} (multiply-accumulates at {}², batch 1)", config.macs() as f64 / 1e9, config.image().img_size());
+    if let AnyConfig::Vit(vit) = &config {
+        println!("tokens:     {} ({}×{} patches of {}²)", vit.num_tokens(), vit.grid()[0], vit.grid()[1], vit.patch_size);
+    }
     println!("config:     {}", serde_json::to_string_pretty(&config)?);
     Ok(())
 }
 
 fn smoke(name: &str, batch: usize) -> Result<()> {
-    let config: VitConfig = models::preset(name)?;
+    let config = models::preset(name)?;
+    slabformer::with_family!(&config, |F, c| smoke_family::<F>(name, c, batch))
+}
+
+fn smoke_family<F: ModelFamily>(name: &str, config: &F::Config, batch: usize) -> Result<()> {
     let device = Device::flex().autodiff();
-    let model = config.init(&device)?;
-    let images = Tensor::<4>::random([batch, config.in_chans, config.img_size, config.img_size], Distribution::Normal(0.0, 1.0), &device);
-    let labels = Tensor::<1, Int>::from_data(
-        (0..batch as i64).map(|i| i % config.num_classes as i64).collect::<Vec<_>>().as_slice(),
-        &device,
-    );
+    let model = F::init(config, &device)?;
+    let (size, chans, classes) = (config.img_size(), config.in_chans(), config.num_classes());
+    let images = Tensor::<4>::random([batch, chans, size, size], Distribution::Normal(0.0, 1.0), &device);
+    let labels = Tensor::<1, Int>::from_data((0..batch as i64).map(|i| i % classes as i64).collect::<Vec<_>>().as_slice(), &device);
     let start = Instant::now();
-    let logits = model.try_forward(images).context("forward")?;
+    let logits = model.logits(images);
     let forward_s = start.elapsed().as_secs_f64();
     let loss = CrossEntropyLossConfig::new().init(&device).forward(logits.clone(), labels);
     let grads = loss.backward();
@@ -274,10 +279,10 @@ fn smoke(name: &str, batch: usize) -> Result<()> {
         .sum::<f64>()
         .sqrt();
     anyhow::ensure!(loss_value.is_finite() && grad_norm.is_finite(), "non-finite loss {loss_value} or gradient norm {grad_norm}");
-    let lambda = match &model.blocks[0].norm1 {
-        Norm::LinearNorm(n) => format!("{:.4} (next call)", n.next_phase().lambda()),
-        Norm::RepBN(_) => "0 (pure RepBN)".into(),
-        Norm::LayerNorm(_) => "1 (LayerNorm)".into(),
+    let lambda = match model.prepbn_phase() {
+        Some(phase) => format!("{:.4} (next call)", phase.lambda()),
+        None if config.folds() => "0 (pure RepBN)".into(),
+        None => "1 (LayerNorm)".into(),
     };
     println!("smoke run of {name}: batch {batch}, logits {:?}", logits.dims());
     println!("  loss {loss_value:.4}, gradient norm {grad_norm:.4}, PRepBN λ {lambda}");
@@ -367,48 +372,53 @@ fn quickstart(out: PathBuf, data: PathBuf) -> Result<()> {
 fn import(from: &Path, preset: &str, out: &Path, overwrite: bool) -> Result<()> {
     let config = models::preset(preset)?;
     let state = slabformer::deploy::import::read_pytorch(from)?;
-    let model = config.init(&Device::flex())?;
-    let (model, report) = slabformer::state::load_state(model, &state, false)
-        .with_context(|| format!("{} does not fit `{preset}`", from.display()))?;
-    let preprocess = slabformer::deploy::model_file::Preprocess::imagenet(config.in_chans);
-    slabformer::deploy::model_file::save_model(out, &model, &preprocess, overwrite)?;
-    println!("imported {} tensors of {} into {} ({preset}, {} parameters)", report.loaded, from.display(), out.display(), trainable_param_count(&model));
+    slabformer::with_family!(&config, |F, c| {
+        let model = F::init(c, &Device::flex())?;
+        let (model, report) = slabformer::state::load_state(model, &state, false).with_context(|| format!("{} does not fit `{preset}`", from.display()))?;
+        let preprocess = Preprocess::imagenet(c.in_chans());
+        save_model(out, &model, &preprocess, overwrite)?;
+        println!("imported {} tensors of {} into {} ({preset}, {} parameters)", report.loaded, from.display(), out.display(), trainable_param_count(&model));
+    });
     Ok(())
 }
 
 fn fuse(input: &Path, out: &Path, overwrite: bool) -> Result<()> {
-    let (model, preprocess) = slabformer::deploy::model_file::load_model(input, &Device::flex())?;
-    let slabformer::deploy::model_file::LoadedModel::Trained(model) = model else {
-        anyhow::bail!("{} is already a fused deploy model", input.display());
-    };
-    let deploy = model.fuse()?;
-    slabformer::deploy::model_file::save_deploy(out, &deploy, &preprocess, overwrite)?;
-    println!(
-        "fused {} → {}: {} → {} parameters, no normalization layers left",
-        input.display(),
-        out.display(),
-        trainable_param_count(&model),
-        trainable_param_count(&deploy)
-    );
+    let file = read_model_file(input)?;
+    slabformer::with_family!(&file.config, |F, c| {
+        let LoadedModel::<F>::Trained(model) = file.load::<F>(&Device::flex())? else {
+            anyhow::bail!("{} is already a fused deploy model", input.display());
+        };
+        let deploy = model.fuse()?;
+        save_deploy::<F>(out, &deploy, c, &file.preprocess, overwrite)?;
+        println!(
+            "fused {} → {}: {} → {} parameters, no normalization layers left",
+            input.display(),
+            out.display(),
+            trainable_param_count(&model),
+            trainable_param_count(&deploy)
+        );
+    });
     Ok(())
 }
 
 fn predict(model_path: &Path, images: &[PathBuf]) -> Result<()> {
-    let (model, preprocess) = slabformer::deploy::model_file::load_model(model_path, &Device::flex())?;
-    for path in images {
-        println!("{}:", path.display());
-        for (class, p) in slabformer::deploy::predict::top_k(&model, &preprocess, path, 5)? {
-            println!("  {:>6.2} %  {class}", p * 100.0);
+    let file = read_model_file(model_path)?;
+    slabformer::with_family!(&file.config, |F, _c| {
+        let model = file.load::<F>(&Device::flex())?;
+        for path in images {
+            println!("{}:", path.display());
+            for (class, p) in slabformer::deploy::predict::top_k(&model, &file.preprocess, path, 5)? {
+                println!("  {:>6.2} %  {class}", p * 100.0);
+            }
         }
-    }
+    });
     Ok(())
 }
 
 fn export_onnx(input: &Path, out: &Path, overwrite: bool) -> Result<()> {
-    use slabformer::deploy::model_file::{LoadedModel, load_model};
     use slabformer::deploy::onnx;
-    let (model, _) = load_model(input, &Device::flex())?;
-    match model {
+    let file = read_model_file(input)?;
+    match file.load::<VisionTransformer>(&Device::flex())? {
         // RepBN/PRepBN models are exported fused, LayerNorm models with their norms.
         LoadedModel::Trained(m) => onnx::export_model(&m, out, overwrite)?,
         LoadedModel::Deploy(m) => onnx::export(&m, out, overwrite)?,

@@ -10,7 +10,7 @@ use slabformer::kernels::{self, MatMut, MatRef};
 use slabformer::nn::attention::kernels as attention_kernels;
 use slabformer::nn::mlp;
 use slabformer::nn::norm::kernels as norm_kernels;
-use slabformer::runtime::{CpuAttention, CpuTrainer, CpuVit};
+use slabformer::runtime::{CpuAttention, CpuTrainer, CpuModel};
 use slabformer::optim::OptimConfig;
 use std::hint::black_box;
 
@@ -80,7 +80,7 @@ fn models(c: &mut Criterion) {
     let mut group = c.benchmark_group("forward");
     group.sample_size(10);
     for (name, config) in [("deit_tiny", VitConfig::deit_tiny()), ("slab_deit_tiny", VitConfig::slab_deit_tiny())] {
-        let runtime = CpuVit::new(&config.init(&device).unwrap()).unwrap();
+        let runtime = CpuModel::new(&config.init(&device).unwrap()).unwrap();
         for batch in [1, 8] {
             let images: Vec<f32> = Tensor::<4>::random([batch, 3, 224, 224], Distribution::Normal(0.0, 1.0), &device).into_data().try_to_vec().unwrap();
             group.throughput(Throughput::Elements(batch as u64));

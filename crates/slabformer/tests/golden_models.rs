@@ -86,7 +86,7 @@ fn cpu_trainer_matches_official_train_step() {
     use slabformer::state::Values;
     let (g, metadata) = golden_with_config("slab_deit_tiny");
     let config = slab_deit_config(&metadata);
-    let mut trainer = CpuTrainer::from_state(&config, &g.subset("param"), Default::default()).unwrap();
+    let mut trainer = CpuTrainer::from_state::<slabformer::models::VisionTransformer>(&config, &g.subset("param"), Default::default()).unwrap();
     assert_counters("trainer loaded", &trainer.state(), metadata.field("initial_counters"));
     let f32s = |key: &str| match &g.get(key).unwrap().values {
         Values::F32(v) => v.clone(),

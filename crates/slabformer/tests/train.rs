@@ -30,9 +30,9 @@ fn small_config() -> TrainConfig {
     c.data.root = fashion_root();
     c.data.train_per_class = Some(20);
     c.data.eval_per_class = Some(10);
-    c.model.embed_dim = Some(16);
-    c.model.depth = Some(2);
-    c.model.num_heads = Some(2);
+    c.model.set("embed_dim", 16);
+    c.model.set("depth", 2);
+    c.model.set("num_heads", 2);
     c.run.batch_size = 20;
     c.run.epochs = 3;
     c.run.recalibrate_epochs = 1;
@@ -125,7 +125,7 @@ fn assert_resume_is_exact(config: &TrainConfig) -> &'static str {
 /// Stochastic depth, mixing, accumulation, the EMA and mid-epoch checkpoints.
 fn everything_config(engine: TrainEngine) -> TrainConfig {
     let mut config = small_config();
-    config.model.drop_path_rate = Some(0.1);
+    config.model.set("drop_path_rate", 0.1);
     config.mix.mixup_alpha = 0.8;
     config.mix.cutmix_alpha = 1.0;
     config.run.accum_steps = 2;
@@ -167,7 +167,7 @@ fn auto_takes_the_fast_path_for_every_deit_family_kind_and_says_why_not_otherwis
     // A focusing power above 6 (normalized by the row maximum) is not on the fast path: `cpu`
     // refuses it by name, `auto` trains on burn and says why.
     config.model.preset = "flatten_deit_tiny".into();
-    config.model.attention = Some(AttentionKind::Focused { power: 8.0, kernel_size: 3 });
+    config.model.set("attention", toml::Value::try_from(AttentionKind::Focused { power: 8.0, kernel_size: 3 }).unwrap());
     config.run.engine = TrainEngine::Cpu;
     let run = tempfile::tempdir().unwrap();
     let err = train(&config, &data, &options(run.path())).unwrap_err().to_string();
@@ -203,7 +203,7 @@ fn missing_data_and_bad_configs_are_clear_errors() {
     assert!(err.contains("/nonexistent/fashion") && err.contains("data fetch"), "{err}");
 
     let mut config = small_config();
-    config.model.num_classes = Some(7);
+    config.model.set("num_classes", 7);
     let data = load_datasets(&small_config()).unwrap();
     let run = tempfile::tempdir().unwrap();
     let err = train(&config, &data, &options(run.path())).unwrap_err().to_string();

@@ -7,9 +7,10 @@ use std::path::Path;
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
+use burn::tensor::Tensor;
+
 use crate::error::{Error, Result};
-use crate::models::vit::DeployVit;
-use crate::models::{VisionTransformer, VitConfig};
+use crate::models::{AnyConfig, ImageClassifier, ImageConfig, ModelFamily, VitConfig};
 use crate::state::{StateDict, collect_state, load_state};
 use crate::files::write_new;
 
@@ -43,21 +44,29 @@ impl Preprocess {
 }
 
 /// The two forms a model file can hold.
-pub enum LoadedModel {
-    Trained(VisionTransformer),
-    Deploy(DeployVit),
+pub enum LoadedModel<F: ModelFamily> {
+    Trained(F),
+    Deploy(F::Deploy),
 }
 
-impl LoadedModel {
-    pub fn config(&self) -> &VitConfig {
+impl<F: ModelFamily> LoadedModel<F> {
+    pub fn image_config(&self) -> &dyn ImageConfig {
         match self {
-            LoadedModel::Trained(m) => &m.config,
-            LoadedModel::Deploy(m) => &m.config,
+            LoadedModel::Trained(m) => m.image_config(),
+            LoadedModel::Deploy(m) => m.image_config(),
+        }
+    }
+
+    /// Logits of either form (eval mode).
+    pub fn logits(&self, images: Tensor<4>) -> Tensor<2> {
+        match self {
+            LoadedModel::Trained(m) => m.valid().logits(images),
+            LoadedModel::Deploy(m) => m.logits(images),
         }
     }
 }
 
-fn header(mut state: StateDict, config: &VitConfig, kind: &str, preprocess: &Preprocess) -> StateDict {
+fn header(mut state: StateDict, config: &AnyConfig, kind: &str, preprocess: &Preprocess) -> StateDict {
     state.metadata.insert(FORMAT_KEY.into(), FORMAT.into());
     state.metadata.insert(MODEL_KEY.into(), serde_json::to_string(config).expect("config serializes"));
     state.metadata.insert(KIND_KEY.into(), kind.into());
@@ -65,28 +74,38 @@ fn header(mut state: StateDict, config: &VitConfig, kind: &str, preprocess: &Pre
     state
 }
 
-pub fn model_bytes(model: &VisionTransformer, preprocess: &Preprocess) -> Result<Vec<u8>> {
-    header(collect_state(model), &model.config, "trained", preprocess).to_safetensors_bytes()
+pub fn model_bytes<F: ModelFamily>(model: &F, preprocess: &Preprocess) -> Result<Vec<u8>> {
+    header(collect_state(model), &F::tagged(model.config()), "trained", preprocess).to_safetensors_bytes()
 }
 
-pub fn deploy_bytes(model: &DeployVit, preprocess: &Preprocess) -> Result<Vec<u8>> {
-    header(collect_state(model), &model.config, "deploy", preprocess).to_safetensors_bytes()
+/// `config` is the trained model's: the deploy form is rebuilt from it.
+pub fn deploy_bytes<F: ModelFamily>(model: &F::Deploy, config: &F::Config, preprocess: &Preprocess) -> Result<Vec<u8>> {
+    header(collect_state(model), &F::tagged(config), "deploy", preprocess).to_safetensors_bytes()
 }
 
 /// Writes a trained model atomically; an existing file is kept unless `overwrite`.
-pub fn save_model(path: &Path, model: &VisionTransformer, preprocess: &Preprocess, overwrite: bool) -> Result<()> {
+pub fn save_model<F: ModelFamily>(path: &Path, model: &F, preprocess: &Preprocess, overwrite: bool) -> Result<()> {
     write_new(path, &model_bytes(model, preprocess)?, overwrite)
 }
 
 /// Writes a fused deploy model atomically; an existing file is kept unless `overwrite`.
-pub fn save_deploy(path: &Path, model: &DeployVit, preprocess: &Preprocess, overwrite: bool) -> Result<()> {
-    write_new(path, &deploy_bytes(model, preprocess)?, overwrite)
+pub fn save_deploy<F: ModelFamily>(path: &Path, model: &F::Deploy, config: &F::Config, preprocess: &Preprocess, overwrite: bool) -> Result<()> {
+    write_new(path, &deploy_bytes::<F>(model, config, preprocess)?, overwrite)
 }
 
-/// Reads a model file written by [`save_model`] / [`save_deploy`] and rebuilds the model on
-/// `device`. Files without the header, or whose tensors do not fit the model the header names,
-/// are refused by name.
-pub fn load_model(path: &Path, device: &Device) -> Result<(LoadedModel, Preprocess)> {
+/// What a model file's header says, with its tensors.
+pub struct ModelFile {
+    pub config: AnyConfig,
+    pub preprocess: Preprocess,
+    /// "trained" or "deploy".
+    pub kind: String,
+    state: StateDict,
+    path: std::path::PathBuf,
+}
+
+/// Reads a model file written by [`save_model`] / [`save_deploy`]; files without the header are
+/// refused by name. [`ModelFile::load`] rebuilds the model.
+pub fn read_model_file(path: &Path) -> Result<ModelFile> {
     let dict = StateDict::read_safetensors(path)?;
     let bad = |reason: String| Error::Data { path: path.to_path_buf(), reason };
     if dict.metadata.get(FORMAT_KEY).map(String::as_str) != Some(FORMAT) {
@@ -95,24 +114,44 @@ pub fn load_model(path: &Path, device: &Device) -> Result<(LoadedModel, Preproce
         )));
     }
     let field = |key: &str| dict.metadata.get(key).ok_or_else(|| bad(format!("header lacks `{key}`")));
-    let config: VitConfig = serde_json::from_str(field(MODEL_KEY)?).map_err(|e| bad(format!("`{MODEL_KEY}`: {e}")))?;
+    let text = field(MODEL_KEY)?;
+    // Files written before other families existed hold a DeiT-family config without the tag.
+    let config = serde_json::from_str::<AnyConfig>(text)
+        .or_else(|tagged| serde_json::from_str::<VitConfig>(text).map(AnyConfig::Vit).map_err(|_| tagged))
+        .map_err(|e| bad(format!("`{MODEL_KEY}`: {e}")))?;
     let preprocess: Preprocess = serde_json::from_str(field(PREPROCESS_KEY)?).map_err(|e| bad(format!("`{PREPROCESS_KEY}`: {e}")))?;
-    let model = config.init(device)?;
-    let model = match field(KIND_KEY)?.as_str() {
-        "trained" => LoadedModel::Trained(load_state(model, &dict, false)?.0),
-        "deploy" => {
+    let kind = field(KIND_KEY)?.clone();
+    if kind != "trained" && kind != "deploy" {
+        return Err(bad(format!("unknown model kind `{kind}`")));
+    }
+    Ok(ModelFile { config, preprocess, kind, state: dict, path: path.to_path_buf() })
+}
+
+impl ModelFile {
+    /// The model on `device`, when the file holds family `F` (dispatch on `config` with
+    /// [`crate::with_family!`]); tensors that do not fit are refused by name.
+    pub fn load<F: ModelFamily>(&self, device: &Device) -> Result<LoadedModel<F>> {
+        let config = F::config_of(&self.config)
+            .ok_or_else(|| Error::Data { path: self.path.clone(), reason: format!("holds a `{}` model, not the family asked for", self.config.family()) })?;
+        let model = F::init(config, device)?;
+        Ok(match self.kind.as_str() {
+            "trained" => LoadedModel::Trained(load_state(model, &self.state, false)?.0),
             // Build the deploy structure by fusing a fresh model, then load the file into it.
-            let deploy = model.fuse()?;
-            LoadedModel::Deploy(load_state(deploy, &dict, false)?.0)
-        }
-        other => return Err(bad(format!("unknown model kind `{other}`"))),
-    };
-    Ok((model, preprocess))
+            _ => LoadedModel::Deploy(load_state(model.fuse()?, &self.state, false)?.0),
+        })
+    }
+}
+
+/// [`read_model_file`] and [`ModelFile::load`] for a file known to hold family `F`.
+pub fn load_model<F: ModelFamily>(path: &Path, device: &Device) -> Result<(LoadedModel<F>, Preprocess)> {
+    let file = read_model_file(path)?;
+    Ok((file.load::<F>(device)?, file.preprocess.clone()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::VisionTransformer;
 
     fn tiny() -> VitConfig {
         VitConfig { img_size: 16, patch_size: 4, embed_dim: 12, depth: 1, num_heads: 2, num_classes: 3, ..VitConfig::slab_deit_tiny() }
@@ -128,15 +167,15 @@ mod tests {
         save_model(&path, &model, &pre, false).unwrap();
         let err = save_model(&path, &model, &pre, false).unwrap_err().to_string();
         assert!(err.contains("not overwriting"), "{err}");
-        let (loaded, pre_back) = load_model(&path, &device).unwrap();
+        let (loaded, pre_back) = load_model::<VisionTransformer>(&path, &device).unwrap();
         assert_eq!(pre_back, pre);
         let LoadedModel::Trained(loaded) = loaded else { panic!("trained") };
         let x = burn::tensor::Tensor::<4>::ones([1, 3, 16, 16], &device);
         assert_eq!(loaded.forward(x.clone()).into_data(), model.forward(x.clone()).into_data());
 
         let deploy_path = dir.path().join("d.safetensors");
-        save_deploy(&deploy_path, &model.fuse().unwrap(), &pre, false).unwrap();
-        let (deploy, _) = load_model(&deploy_path, &device).unwrap();
+        save_deploy::<VisionTransformer>(&deploy_path, &model.fuse().unwrap(), &model.config, &pre, false).unwrap();
+        let (deploy, _) = load_model::<VisionTransformer>(&deploy_path, &device).unwrap();
         let LoadedModel::Deploy(deploy) = deploy else { panic!("deploy") };
         let diff: f32 = deploy.forward(x.clone()).sub(model.forward(x)).abs().max().into_scalar();
         assert!(diff < 1e-5);
@@ -150,18 +189,28 @@ mod tests {
         // A bare state dict has no header.
         let bare = dir.path().join("bare.safetensors");
         std::fs::write(&bare, collect_state(&model).to_safetensors_bytes().unwrap()).unwrap();
-        assert!(load_model(&bare, &device).err().unwrap().to_string().contains("not a slabformer model file"));
+        assert!(load_model::<VisionTransformer>(&bare, &device).err().unwrap().to_string().contains("not a slabformer model file"));
         // A header that names another model than the tensors hold.
-        let mut other = header(collect_state(&model), &VitConfig { depth: 2, ..tiny() }, "trained", &Preprocess::imagenet(3));
+        let mut other = header(collect_state(&model), &AnyConfig::Vit(VitConfig { depth: 2, ..tiny() }), "trained", &Preprocess::imagenet(3));
         other.origin = "other".into();
         let mismatched = dir.path().join("other.safetensors");
         std::fs::write(&mismatched, other.to_safetensors_bytes().unwrap()).unwrap();
-        let err = load_model(&mismatched, &device).err().unwrap().to_string();
+        let err = load_model::<VisionTransformer>(&mismatched, &device).err().unwrap().to_string();
         assert!(err.contains("blocks.1"), "{err}");
         // Truncated.
         let good = model_bytes(&model, &Preprocess::imagenet(3)).unwrap();
         let cut = dir.path().join("cut.safetensors");
         std::fs::write(&cut, &good[..good.len() / 3]).unwrap();
-        assert!(load_model(&cut, &device).err().unwrap().to_string().contains("cut.safetensors"));
+        assert!(load_model::<VisionTransformer>(&cut, &device).err().unwrap().to_string().contains("cut.safetensors"));
+        // A file of the DeiT family written before configs carried their family tag.
+        let mut untagged = collect_state(&model);
+        for (key, value) in header(StateDict::new("h"), &AnyConfig::Vit(tiny()), "trained", &Preprocess::imagenet(3)).metadata {
+            untagged.metadata.insert(key, value);
+        }
+        untagged.metadata.insert(MODEL_KEY.into(), serde_json::to_string(&tiny()).unwrap());
+        let old = dir.path().join("old.safetensors");
+        std::fs::write(&old, untagged.to_safetensors_bytes().unwrap()).unwrap();
+        assert_eq!(read_model_file(&old).unwrap().config, AnyConfig::Vit(tiny()));
+        assert!(load_model::<VisionTransformer>(&old, &device).is_ok());
     }
 }

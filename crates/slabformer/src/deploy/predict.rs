@@ -3,7 +3,6 @@
 
 use std::path::Path;
 
-use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 
@@ -12,11 +11,12 @@ use crate::data::augment::AugmentConfig;
 use crate::data::load_image_channels;
 use crate::state::host_f32;
 use crate::error::Result;
+use crate::models::ModelFamily;
 
 /// The `k` most probable classes of one image: `(class name or "class i", probability)`.
-pub fn top_k(model: &LoadedModel, preprocess: &Preprocess, image: &Path, k: usize) -> Result<Vec<(String, f32)>> {
-    let config = model.config();
-    let (size, channels) = (config.img_size, config.in_chans);
+pub fn top_k<F: ModelFamily>(model: &LoadedModel<F>, preprocess: &Preprocess, image: &Path, k: usize) -> Result<Vec<(String, f32)>> {
+    let config = model.image_config();
+    let (size, channels) = (config.img_size(), config.in_chans());
     let view = AugmentConfig { mean: preprocess.mean.clone(), std: preprocess.std.clone(), eval_crop: preprocess.eval_crop, ..Default::default() };
     let stored = view.stored_size(size);
     let pixels = load_image_channels(image, stored, channels)?;
@@ -24,10 +24,7 @@ pub fn top_k(model: &LoadedModel, preprocess: &Preprocess, image: &Path, k: usiz
     view.eval_view(&pixels, [channels, stored, stored], size, &mut input);
     let device = Device::flex();
     let x = Tensor::<4>::from_data(TensorData::new(input, [1, channels, size, size]), &device);
-    let logits = match model {
-        LoadedModel::Trained(m) => m.valid().forward(x),
-        LoadedModel::Deploy(m) => m.forward(x),
-    };
+    let logits = model.logits(x);
     let probs = host_f32(softmax(logits, 1));
     let mut ranked: Vec<(usize, f32)> = probs.into_iter().enumerate().collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -42,7 +39,7 @@ pub fn top_k(model: &LoadedModel, preprocess: &Preprocess, image: &Path, k: usiz
 mod tests {
     use super::*;
     use crate::deploy::model_file::{load_model, save_deploy, save_model};
-    use crate::models::VitConfig;
+    use crate::models::{VisionTransformer, VitConfig};
 
     #[test]
     fn trained_and_fused_files_predict_the_same_ranking() {
@@ -52,11 +49,11 @@ mod tests {
         let model = config.init(&device).unwrap();
         let pre = Preprocess { mean: vec![0.3], std: vec![0.3], eval_crop: 0.875, classes: (0..7).map(|i| format!("c{i}")).collect() };
         save_model(&dir.path().join("t.safetensors"), &model, &pre, false).unwrap();
-        save_deploy(&dir.path().join("f.safetensors"), &model.fuse().unwrap(), &pre, false).unwrap();
+        save_deploy::<VisionTransformer>(&dir.path().join("f.safetensors"), &model.fuse().unwrap(), &config, &pre, false).unwrap();
         let image = dir.path().join("x.png");
         image::GrayImage::from_fn(40, 30, |x, y| image::Luma([((x * 7 + y * 3) % 256) as u8])).save(&image).unwrap();
-        let (trained, _) = load_model(&dir.path().join("t.safetensors"), &device).unwrap();
-        let (fused, _) = load_model(&dir.path().join("f.safetensors"), &device).unwrap();
+        let (trained, _) = load_model::<VisionTransformer>(&dir.path().join("t.safetensors"), &device).unwrap();
+        let (fused, _) = load_model::<VisionTransformer>(&dir.path().join("f.safetensors"), &device).unwrap();
         let a = top_k(&trained, &pre, &image, 5).unwrap();
         let b = top_k(&fused, &pre, &image, 5).unwrap();
         assert_eq!(a.len(), 5);

@@ -8,12 +8,13 @@ pub mod vit;
 pub use vit::{Pool, VisionTransformer, VitConfig};
 
 use burn::module::Module;
-use burn::tensor::Device;
-use serde::Serialize;
+use burn::tensor::{Device, Tensor};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::nn::schedule::{Phase, PrepbnSchedule};
+use crate::plan::Plan;
 
 /// A named, documented preset of a family's config.
 pub struct Preset<C = VitConfig> {
@@ -22,14 +23,37 @@ pub struct Preset<C = VitConfig> {
     pub config: fn() -> C,
 }
 
+/// What every family's config says about the images it takes and what it outputs.
+pub trait ImageConfig {
+    /// Side of the square images it is trained and evaluated on.
+    fn img_size(&self) -> usize;
+    fn in_chans(&self) -> usize;
+    fn num_classes(&self) -> usize;
+    /// Whether the model has a norm-free deploy form (RepBN / PRepBN norms fold; LayerNorm does
+    /// not).
+    fn folds(&self) -> bool;
+    fn validate(&self) -> Result<()>;
+}
+
+/// A model that maps images to logits: trained and deploy forms alike.
+pub trait ImageClassifier: Module {
+    fn image_config(&self) -> &dyn ImageConfig;
+    fn logits(&self, images: Tensor<4>) -> Tensor<2>;
+}
+
 /// What a model family provides: its config and presets, one constructor, the counts the papers
-/// tabulate, its deploy form, and the PRepBN schedule its norms follow.
-pub trait ModelFamily: Module + Sized {
-    type Config: Clone + std::fmt::Debug + PartialEq + Serialize + DeserializeOwned;
+/// tabulate, its deploy form, the PRepBN schedule its norms follow, and its lowering onto the
+/// fast path.
+pub trait ModelFamily: ImageClassifier + Clone + Sized {
+    type Config: ImageConfig + Clone + std::fmt::Debug + 'static + PartialEq + Serialize + DeserializeOwned;
     /// The re-parameterized inference form.
-    type Deploy: Module;
+    type Deploy: ImageClassifier;
 
     fn presets() -> &'static [Preset<Self::Config>];
+    /// `config` under its family's tag, as files and the CLI hold it.
+    fn tagged(config: &Self::Config) -> AnyConfig;
+    /// The config inside `any`, when it is this family's.
+    fn config_of(any: &AnyConfig) -> Option<&Self::Config>;
     /// Validates `config` and builds the model with its initialisation.
     fn init(config: &Self::Config, device: &Device) -> Result<Self>;
     fn config(&self) -> &Self::Config;
@@ -44,19 +68,117 @@ pub trait ModelFamily: Module + Sized {
     /// The PRepBN schedule (T, warm-up, r0, decay) of `config`'s norms, for the trainer to set;
     /// None when the family's norms are not PRepBN.
     fn prepbn_schedule(config: &mut Self::Config) -> Option<&mut PrepbnSchedule>;
+    /// The model as trained (norms included) lowered onto the fast path, for the CPU trainer;
+    /// `Error::Unsupported` names what the fast path lacks.
+    fn lower(&self) -> Result<Plan>;
+    /// The deploy form lowered onto the fast path, for the CPU runtime.
+    fn lower_deploy(deploy: &Self::Deploy) -> Result<Plan>;
 }
 
-pub fn presets() -> &'static [Preset] {
-    VisionTransformer::presets()
+/// A config of any family, tagged with its family (`family = "vit"`) in files.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "family", rename_all = "snake_case")]
+pub enum AnyConfig {
+    Vit(VitConfig),
 }
 
-pub fn preset(name: &str) -> Result<VitConfig> {
-    presets()
-        .iter()
-        .find(|p| p.name == name)
-        .map(|p| (p.config)())
-        .ok_or_else(|| Error::UnknownModel {
-            name: name.to_string(),
-            known: presets().iter().map(|p| p.name).collect::<Vec<_>>().join(", "),
-        })
+/// Runs `$body` with `$family` naming the family type of `$config` (an [`AnyConfig`], by value
+/// or reference) and `$c` bound to its config.
+#[macro_export]
+macro_rules! with_family {
+    ($config:expr, |$family:ident, $c:ident| $body:expr) => {
+        match $config {
+            $crate::models::AnyConfig::Vit($c) => {
+                #[allow(dead_code)]
+                type $family = $crate::models::VisionTransformer;
+                $body
+            }
+        }
+    };
+}
+
+impl AnyConfig {
+    pub fn family(&self) -> &'static str {
+        match self {
+            AnyConfig::Vit(_) => "vit",
+        }
+    }
+
+    pub fn image(&self) -> &dyn ImageConfig {
+        with_family!(self, |F, c| c as &dyn ImageConfig)
+    }
+
+    pub fn param_count(&self) -> usize {
+        with_family!(self, |F, c| F::param_count(c))
+    }
+
+    pub fn macs(&self) -> u64 {
+        with_family!(self, |F, c| F::macs(c))
+    }
+
+    pub fn prepbn_schedule(&mut self) -> Option<&mut PrepbnSchedule> {
+        with_family!(self, |F, c| F::prepbn_schedule(c))
+    }
+
+    /// `self` with the fields in `overrides` (field name → value, e.g. from a TOML `[model]`
+    /// table) replaced; a field the family's config lacks is an error naming it.
+    pub fn with_overrides(&self, overrides: &serde_json::Map<String, serde_json::Value>) -> Result<Self> {
+        let serde_json::Value::Object(mut fields) = serde_json::to_value(self).map_err(|e| Error::Config(e.to_string()))? else {
+            unreachable!("a config serializes to an object")
+        };
+        for (key, value) in overrides {
+            if key == "family" || !fields.contains_key(key) {
+                let known: Vec<&str> = fields.keys().map(String::as_str).filter(|k| *k != "family").collect();
+                return Err(Error::Config(format!("`{key}` is not a field of {} configs (fields: {})", self.family(), known.join(", "))));
+            }
+            fields.insert(key.clone(), value.clone());
+        }
+        serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| Error::Config(format!("model overrides: {e}")))
+    }
+}
+
+/// One named preset of any family.
+pub struct AnyPreset {
+    pub name: &'static str,
+    pub summary: &'static str,
+    pub config: AnyConfig,
+}
+
+fn family_presets<F: ModelFamily>() -> impl Iterator<Item = AnyPreset> {
+    F::presets().iter().map(|p| AnyPreset { name: p.name, summary: p.summary, config: F::tagged(&(p.config)()) })
+}
+
+/// Every preset of every family, family by family.
+pub fn presets() -> Vec<AnyPreset> {
+    family_presets::<VisionTransformer>().collect()
+}
+
+pub fn preset(name: &str) -> Result<AnyConfig> {
+    let all = presets();
+    match all.iter().position(|p| p.name == name) {
+        Some(i) => Ok(all.into_iter().nth(i).expect("found").config),
+        None => Err(Error::UnknownModel { name: name.to_string(), known: all.iter().map(|p| p.name).collect::<Vec<_>>().join(", ") }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_of_every_family_is_valid_tagged_and_uniquely_named() {
+        let all = presets();
+        for preset in &all {
+            preset.config.image().validate().unwrap_or_else(|e| panic!("{}: {e}", preset.name));
+            let text = serde_json::to_string(&preset.config).unwrap();
+            assert!(text.contains(&format!("\"family\":\"{}\"", preset.config.family())), "{text}");
+            assert_eq!(serde_json::from_str::<AnyConfig>(&text).unwrap(), preset.config, "{}", preset.name);
+        }
+        let mut names: Vec<_> = all.iter().map(|p| p.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), all.len());
+        let err = preset("no_such_model").unwrap_err().to_string();
+        assert!(err.contains("no_such_model") && err.contains("slab_deit_tiny"), "{err}");
+    }
 }

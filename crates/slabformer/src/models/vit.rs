@@ -9,7 +9,7 @@ use burn::nn::{Initializer, Linear};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{ModelFamily, Preset};
+use super::{AnyConfig, ImageClassifier, ImageConfig, ModelFamily, Preset};
 use crate::deploy::onnx::{Graph, ToOnnx, attr_int};
 use crate::error::{Error, Result};
 use crate::nn::attention::{Attention, AttentionConfig, AttentionKind, FastAttention};
@@ -377,16 +377,42 @@ impl ModelFamily for VisionTransformer {
             _ => None,
         }
     }
+    fn tagged(config: &VitConfig) -> AnyConfig {
+        AnyConfig::Vit(config.clone())
+    }
+    fn config_of(any: &AnyConfig) -> Option<&VitConfig> {
+        match any {
+            AnyConfig::Vit(c) => Some(c),
+        }
+    }
+    fn lower(&self) -> Result<Plan> {
+        lower_trained(self)
+    }
+    fn lower_deploy(deploy: &DeployVit) -> Result<Plan> {
+        lower_deployed(deploy)
+    }
 }
 
-/// A model that maps images to logits: trained and deploy forms alike.
-pub trait ImageClassifier: Module {
-    fn config(&self) -> &VitConfig;
-    fn logits(&self, images: Tensor<4>) -> Tensor<2>;
+impl ImageConfig for VitConfig {
+    fn img_size(&self) -> usize {
+        self.img_size
+    }
+    fn in_chans(&self) -> usize {
+        self.in_chans
+    }
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+    fn folds(&self) -> bool {
+        self.norm.folds()
+    }
+    fn validate(&self) -> Result<()> {
+        VitConfig::validate(self)
+    }
 }
 
 impl ImageClassifier for VisionTransformer {
-    fn config(&self) -> &VitConfig {
+    fn image_config(&self) -> &dyn ImageConfig {
         &self.config
     }
     fn logits(&self, images: Tensor<4>) -> Tensor<2> {
@@ -395,7 +421,7 @@ impl ImageClassifier for VisionTransformer {
 }
 
 impl ImageClassifier for DeployVit {
-    fn config(&self) -> &VitConfig {
+    fn image_config(&self) -> &dyn ImageConfig {
         &self.config
     }
     fn logits(&self, images: Tensor<4>) -> Tensor<2> {
@@ -478,56 +504,46 @@ impl VisionTransformer {
 }
 
 // ---- The fast path: the same module tree lowered into a plan of layer steps (`crate::plan`),
-// in the order `VisionTransformer::forward` and `Block::forward` run them. Parameters are
+// in the order `VisionTransformer::forward` and `Block::forward` run them; the CPU runtime runs
+// its inference, the CPU trainer its training steps. Parameters are
 // registered in the order the earlier lowering used (blocks, final norm, embedding, head), which
 // keeps the flat buffer, and so every sum over it, as it was.
 
-/// A DeiT-family model on the fast path: lowered from a [`VisionTransformer`] (as trained, norms
-/// included) or a [`DeployVit`] (norms folded away). The CPU runtime
-/// ([`crate::runtime::CpuVit`]) runs its inference, the CPU trainer
-/// ([`crate::runtime::CpuTrainer`]) its training steps.
-pub struct FastVit {
-    pub config: VitConfig,
-    pub plan: Plan,
+/// The model as trained, its norms included, as a plan.
+fn lower_trained(model: &VisionTransformer) -> Result<Plan> {
+    let mut table = ParamTable::for_module(model);
+    let cfg = &model.config;
+    let mut steps = Vec::with_capacity(2 * cfg.depth + 4);
+    for (i, b) in model.blocks.iter().enumerate() {
+        let rate = cfg.block_drop_path_rate(i);
+        let (norm1, norm2) = (FastNorm::lower(&b.norm1, &mut table)?, FastNorm::lower(&b.norm2, &mut table)?);
+        let attn = Layer::attention(FastAttention::lower(&b.attn, &mut table)?, &table);
+        steps.push(Step::Residual(Residual { norm: Some(norm1), layer: attn, drop_path: rate }));
+        steps.push(Step::Residual(Residual { norm: Some(norm2), layer: Layer::Mlp(FastMlp::lower(&b.mlp, &mut table)?), drop_path: rate }));
+    }
+    steps.push(Step::Norm(FastNorm::lower(&model.norm, &mut table)?));
+    assemble(cfg, table, &model.patch_embed, &model.cls_token, &model.pos_embed, steps, &model.head)
 }
 
-impl FastVit {
-    /// The model as trained, its norms included.
-    pub fn lower(model: &VisionTransformer) -> Result<Self> {
-        let mut table = ParamTable::for_module(model);
-        let cfg = &model.config;
-        let mut steps = Vec::with_capacity(2 * cfg.depth + 4);
-        for (i, b) in model.blocks.iter().enumerate() {
-            let rate = cfg.block_drop_path_rate(i);
-            let (norm1, norm2) = (FastNorm::lower(&b.norm1, &mut table)?, FastNorm::lower(&b.norm2, &mut table)?);
-            let attn = Layer::attention(FastAttention::lower(&b.attn, &mut table)?, &table);
-            steps.push(Step::Residual(Residual { norm: Some(norm1), layer: attn, drop_path: rate }));
-            steps.push(Step::Residual(Residual { norm: Some(norm2), layer: Layer::Mlp(FastMlp::lower(&b.mlp, &mut table)?), drop_path: rate }));
-        }
-        steps.push(Step::Norm(FastNorm::lower(&model.norm, &mut table)?));
-        Self::assemble(cfg, table, &model.patch_embed, &model.cls_token, &model.pos_embed, steps, &model.head)
+/// The norm-free deploy form as a plan.
+fn lower_deployed(model: &DeployVit) -> Result<Plan> {
+    let mut table = ParamTable::for_module(model);
+    let mut steps = Vec::with_capacity(2 * model.blocks.len() + 3);
+    for b in &model.blocks {
+        let attn = Layer::attention(FastAttention::lower(&b.attn, &mut table)?, &table);
+        steps.push(Step::Residual(Residual { norm: None, layer: attn, drop_path: 0.0 }));
+        steps.push(Step::Residual(Residual { norm: None, layer: Layer::Mlp(FastMlp::lower(&b.mlp, &mut table)?), drop_path: 0.0 }));
     }
+    assemble(&model.config, table, &model.patch_embed, &model.cls_token, &model.pos_embed, steps, &model.head)
+}
 
-    /// The norm-free deploy form.
-    pub fn lower_deploy(model: &DeployVit) -> Result<Self> {
-        let mut table = ParamTable::for_module(model);
-        let mut steps = Vec::with_capacity(2 * model.blocks.len() + 3);
-        for b in &model.blocks {
-            let attn = Layer::attention(FastAttention::lower(&b.attn, &mut table)?, &table);
-            steps.push(Step::Residual(Residual { norm: None, layer: attn, drop_path: 0.0 }));
-            steps.push(Step::Residual(Residual { norm: None, layer: Layer::Mlp(FastMlp::lower(&b.mlp, &mut table)?), drop_path: 0.0 }));
-        }
-        Self::assemble(&model.config, table, &model.patch_embed, &model.cls_token, &model.pos_embed, steps, &model.head)
-    }
-
-    /// The embedding in front of `blocks` (and the final norm), the pooling and the head behind.
-    #[allow(clippy::too_many_arguments)]
-    fn assemble(config: &VitConfig, mut table: ParamTable, patch_embed: &PatchEmbed, cls_token: &Param<Tensor<3>>, pos_embed: &Param<Tensor<3>>, blocks: Vec<Step>, head: &Linear) -> Result<Self> {
-        let embed = Embed::lower(patch_embed, config.img_size, cls_token, config.pool == Pool::ClassToken, pos_embed, &mut table)?;
-        let head = FastLinear::lower(head, &mut table)?;
-        let steps = std::iter::once(Step::Embed(embed)).chain(blocks).chain([Step::Pool(config.pool), Step::Head(head)]).collect();
-        Ok(Self { config: config.clone(), plan: Plan { table, steps } })
-    }
+/// The embedding in front of `blocks` (and the final norm), the pooling and the head behind.
+#[allow(clippy::too_many_arguments)]
+fn assemble(config: &VitConfig, mut table: ParamTable, patch_embed: &PatchEmbed, cls_token: &Param<Tensor<3>>, pos_embed: &Param<Tensor<3>>, blocks: Vec<Step>, head: &Linear) -> Result<Plan> {
+    let embed = Embed::lower(patch_embed, config.img_size, cls_token, config.pool == Pool::ClassToken, pos_embed, &mut table)?;
+    let head = FastLinear::lower(head, &mut table)?;
+    let steps = std::iter::once(Step::Embed(embed)).chain(blocks).chain([Step::Pool(config.pool), Step::Head(head)]).collect();
+    Ok(Plan { table, steps })
 }
 
 // ---- ONNX: the graph walks the same modules as the forward.
@@ -645,18 +661,6 @@ mod tests {
             let slack = f64::max(0.02 * published, 0.05);
             assert!((ours - published).abs() <= slack, "{name}: {ours:.3} G vs {published} G");
         }
-    }
-
-    #[test]
-    fn every_preset_is_valid_and_names_are_unique() {
-        let mut names: Vec<_> = crate::models::presets().iter().map(|p| p.name).collect();
-        for preset in crate::models::presets() {
-            (preset.config)().validate().unwrap_or_else(|e| panic!("{}: {e}", preset.name));
-        }
-        names.sort();
-        names.dedup();
-        assert_eq!(names.len(), crate::models::presets().len());
-        assert!(crate::models::preset("no_such_model").is_err());
     }
 
     #[test]

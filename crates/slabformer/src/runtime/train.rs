@@ -1,8 +1,9 @@
-//! [`CpuTrainer`]: training steps of the DeiT family on the model's fast form ([`FastVit`]).
+//! [`CpuTrainer`]: training steps on a model's plan (`crate::plan`), for every family whose
+//! trained form lowers into one.
 //!
 //! The batch is one row-major (B·T, C) matrix per activation. The forward pass keeps every
 //! activation its backward pass needs (llm.c style); each layer kind's backward is written out in
-//! its home in `nn`, and the model's plan in `models::vit`. AdamW and clipping are the shared
+//! its home in `nn`, the order of the steps in the model's plan. AdamW and clipping are the shared
 //! [`crate::optim`] over one flat parameter buffer. BatchNorm statistics, PRepBN counters and
 //! the optimizer follow the burn model and the official code exactly: the gradients are tested
 //! against the official code's (golden) and burn autodiff's, and the state goes back to a burn
@@ -11,8 +12,8 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::models::vit::{FastVit, VisionTransformer, VitConfig};
-use crate::plan::{Scratch, TrainActivations};
+use crate::models::ModelFamily;
+use crate::plan::{Plan, Scratch, Step, TrainActivations};
 use crate::nn::loss::cross_entropy;
 use crate::nn::lower::{ParamInfo, float_values};
 use crate::nn::schedule::Phase;
@@ -50,7 +51,8 @@ pub struct StepReport {
 /// step on one batch, with the semantics of the burn trainer (AdamW with the official no-decay
 /// rule, gradient clipping, BatchNorm statistics and PRepBN counters advanced once).
 pub struct CpuTrainer {
-    model: FastVit,
+    model: Plan,
+    classes: usize,
     optim: OptimConfig,
     /// Per parameter of the table: whether it gets weight decay.
     decays: Vec<bool>,
@@ -68,13 +70,18 @@ pub struct CpuTrainer {
 }
 
 impl CpuTrainer {
-    pub fn new(model: &VisionTransformer, optim: OptimConfig) -> Result<Self> {
+    pub fn new<F: ModelFamily>(model: &F, optim: OptimConfig) -> Result<Self> {
         let template = collect_state(model);
-        let model = FastVit::lower(model)?;
-        let n = model.plan.table.values.len();
-        let decays = model.plan.table.infos.iter().map(|i| decays(&optim, &i.key, i.shape.len().max(1))).collect();
+        let classes = model.image_config().num_classes();
+        let model = model.lower()?;
+        if !matches!(model.steps.last(), Some(Step::Head(h)) if h.outputs == classes) {
+            return Err(Error::Unsupported { what: "a plan that does not end in the classifier head".into(), path: "the CPU trainer" });
+        }
+        let n = model.table.values.len();
+        let decays = model.table.infos.iter().map(|i| decays(&optim, &i.key, i.shape.len().max(1))).collect();
         Ok(Self {
             model,
+            classes,
             optim,
             decays,
             grads: vec![0.0; n],
@@ -90,14 +97,14 @@ impl CpuTrainer {
 
     /// From a full state dict under the official keys (parameters, BatchNorm buffers, PRepBN
     /// counters), as `collect_state` writes it or a golden file holds it.
-    pub fn from_state(config: &VitConfig, state: &StateDict, optim: OptimConfig) -> Result<Self> {
-        let model = config.init(&burn::tensor::Device::flex())?;
+    pub fn from_state<F: ModelFamily>(config: &F::Config, state: &StateDict, optim: OptimConfig) -> Result<Self> {
+        let model = F::init(config, &burn::tensor::Device::flex())?;
         let (model, _) = load_state(model, state, false)?;
         Self::new(&model, optim)
     }
 
-    pub fn config(&self) -> &VitConfig {
-        &self.model.config
+    pub fn num_classes(&self) -> usize {
+        self.classes
     }
 
     /// Training-mode forward of `batch` row-major (B, C, H, W) images → (B, classes) logits,
@@ -111,7 +118,7 @@ impl CpuTrainer {
     /// [`forward`](Self::forward) with the step's drop-path seed and whether the PRepBN counters
     /// advance (as burn's `drop_path::with_seed` and `set_counter_advance` set them).
     pub fn forward_with(&mut self, images: &[f32], batch: usize, options: ForwardOptions) -> Result<Vec<f32>> {
-        let logits = self.model.plan.train_forward(images, batch, &mut self.acts, options.drop_path_seed, options.advance_counters)?;
+        let logits = self.model.train_forward(images, batch, &mut self.acts, options.drop_path_seed, options.advance_counters)?;
         self.pending_backward = true;
         Ok(logits)
     }
@@ -120,7 +127,7 @@ impl CpuTrainer {
     /// adding every parameter's gradient into the gradient buffer.
     pub fn backward(&mut self, dlogits: &[f32]) -> Result<()> {
         let batch = self.acts.batch;
-        let classes = self.config().num_classes;
+        let classes = self.classes;
         if !self.pending_backward {
             return Err(Error::Training("backward needs a forward pass first (one backward per forward)".into()));
         }
@@ -128,7 +135,7 @@ impl CpuTrainer {
             return Err(Error::InputShape { layer: "vision transformer backward", expected: format!("({batch}, {classes}) logit gradients"), found: vec![dlogits.len()] });
         }
         self.pending_backward = false;
-        self.model.plan.train_backward(dlogits, &self.acts, &mut self.grads, &mut self.scratch);
+        self.model.train_backward(dlogits, &self.acts, &mut self.grads, &mut self.scratch);
         Ok(())
     }
 
@@ -144,9 +151,9 @@ impl CpuTrainer {
         self.zero_grads();
         let logits = self.forward_with(images, batch, ForwardOptions { drop_path_seed: self.steps, advance_counters: true })?;
         if targets.len() != logits.len() {
-            return Err(Error::InputShape { layer: "cross-entropy", expected: format!("({batch}, {}) targets", self.config().num_classes), found: vec![targets.len()] });
+            return Err(Error::InputShape { layer: "cross-entropy", expected: format!("({batch}, {}) targets", self.classes), found: vec![targets.len()] });
         }
-        let (loss, dlogits) = cross_entropy(&logits, targets, self.config().num_classes);
+        let (loss, dlogits) = cross_entropy(&logits, targets, self.classes);
         if !loss.is_finite() {
             return Err(Error::Training(format!("the loss is {loss} at optimizer step {}", self.steps + 1)));
         }
@@ -160,7 +167,7 @@ impl CpuTrainer {
     }
 
     fn trained(&self) -> impl Iterator<Item = &ParamInfo> {
-        self.model.plan.table.infos.iter().filter(|i| i.trained)
+        self.model.table.infos.iter().filter(|i| i.trained)
     }
 
     /// Clips the gradients to the configured global norm; returns the norm before clipping.
@@ -178,9 +185,9 @@ impl CpuTrainer {
         self.steps += 1;
         let update = AdamWStep::new(&self.optim, self.steps, lr);
         const CHUNK: usize = 1 << 14;
-        for (info, &decays) in self.model.plan.table.infos.iter().zip(&self.decays).filter(|(i, _)| i.trained) {
+        for (info, &decays) in self.model.table.infos.iter().zip(&self.decays).filter(|(i, _)| i.trained) {
             let range = info.slot.range();
-            self.model.plan.table.values[range.clone()]
+            self.model.table.values[range.clone()]
                 .par_chunks_mut(CHUNK)
                 .zip(self.grads[range.clone()].par_chunks(CHUNK))
                 .zip(self.exp_avg[range.clone()].par_chunks_mut(CHUNK))
@@ -194,7 +201,7 @@ impl CpuTrainer {
     pub fn gradients(&self) -> StateDict {
         let mut dict = StateDict::new("gradients");
         for info in self.trained() {
-            dict.insert(info.key.clone(), StateTensor::f32(info.shape.clone(), self.model.plan.table.official(info, &self.grads)));
+            dict.insert(info.key.clone(), StateTensor::f32(info.shape.clone(), self.model.table.official(info, &self.grads)));
         }
         dict
     }
@@ -202,7 +209,7 @@ impl CpuTrainer {
     /// The model's full state under the official keys: parameters, BatchNorm statistics, PRepBN
     /// counters; `load_state` puts it into a burn model.
     pub fn state(&self) -> StateDict {
-        self.model.plan.state_with(&self.model.plan.table.values, &self.template, "CPU trainer")
+        self.model.state_with(&self.model.table.values, &self.template, "CPU trainer")
     }
 
     /// The AdamW moments as burn's [`AdamW::state`](crate::train::optim::AdamW::state) writes
@@ -215,7 +222,7 @@ impl CpuTrainer {
         }
         for info in self.trained() {
             for (prefix, buffer) in [("optim.exp_avg", &self.exp_avg), ("optim.exp_avg_sq", &self.exp_avg_sq)] {
-                dict.insert(format!("{prefix}.{}", info.key), StateTensor::f32(vec![info.slot.len], self.model.plan.table.burn_flat(info, buffer)));
+                dict.insert(format!("{prefix}.{}", info.key), StateTensor::f32(vec![info.slot.len], self.model.table.burn_flat(info, buffer)));
             }
         }
         dict
@@ -228,7 +235,7 @@ impl CpuTrainer {
         if steps == 0 {
             return Ok(());
         }
-        let table = &self.model.plan.table;
+        let table = &self.model.table;
         for info in table.infos.iter().filter(|i| i.trained) {
             for (prefix, buffer) in [("optim.exp_avg", &mut self.exp_avg), ("optim.exp_avg_sq", &mut self.exp_avg_sq)] {
                 let values = float_values(dict, &format!("{prefix}.{}", info.key), info.slot.len)?;
@@ -241,11 +248,11 @@ impl CpuTrainer {
     /// What the next training-mode call of the first block's norm computes (PRepBN models only),
     /// as [`VisionTransformer::prepbn_phase`] tells for the burn model.
     pub fn prepbn_phase(&self) -> Option<Phase> {
-        self.model.plan.prepbn_phase()
+        self.model.prepbn_phase()
     }
 
     /// `model` with this trainer's state.
-    pub fn apply_to(&self, model: VisionTransformer) -> Result<VisionTransformer> {
+    pub fn apply_to<M: burn::module::Module>(&self, model: M) -> Result<M> {
         load_state(model, &self.state(), false).map(|(model, _)| model)
     }
 }
@@ -256,6 +263,7 @@ mod tests {
     use burn::tensor::{Device, Distribution, Int, Tensor};
     use crate::state::{collect_grads, float_tensors};
     use crate::models::vit::Pool;
+    use crate::models::{VisionTransformer, VitConfig};
     use crate::nn::attention::AttentionKind;
     use crate::nn::loss::soft_cross_entropy;
     use crate::nn::norm::NormKind;
@@ -436,7 +444,7 @@ mod tests {
         assert!(err.contains("targets"), "{err}");
         // A state made for another model names the first tensor that does not fit.
         let other = VitConfig { embed_dim: 24, ..config.clone() };
-        let err = CpuTrainer::from_state(&config, &collect_state(&other.init(&device).unwrap()), OptimConfig::default()).err().expect("foreign state").to_string();
+        let err = CpuTrainer::from_state::<VisionTransformer>(&config, &collect_state(&other.init(&device).unwrap()), OptimConfig::default()).err().expect("foreign state").to_string();
         assert!(err.contains("patch_embed.proj.weight") && err.contains("[48, 3, 8, 8]"), "{err}");
     }
 }

@@ -1,14 +1,14 @@
 //! Training configuration: TOML files and named presets. Every field has a default (documented
 //! beside it); unknown keys and invalid values are errors that name the key.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use crate::data::augment::{AugmentConfig, MixConfig};
 use crate::error::{Error, Result};
-use crate::models::{self, ModelFamily, VisionTransformer, VitConfig};
-use crate::nn::attention::AttentionKind;
+use crate::models::{self, AnyConfig};
 use crate::nn::schedule::Decay;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -35,33 +35,41 @@ pub struct TrainConfig {
 
 /// A model preset plus overrides of its fields.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     /// A name from `slabformer info` (required).
     pub preset: String,
-    pub img_size: Option<usize>,
-    pub patch_size: Option<usize>,
-    pub in_chans: Option<usize>,
-    pub num_classes: Option<usize>,
-    pub embed_dim: Option<usize>,
-    pub depth: Option<usize>,
-    pub num_heads: Option<usize>,
-    pub mlp_ratio: Option<f64>,
-    pub drop_path_rate: Option<f64>,
-    /// Another attention kind for the preset's blocks, e.g. `{ kind = "focused", power = 2.0,
-    /// kernel_size = 5 }`.
-    pub attention: Option<AttentionKind>,
+    /// Fields of the preset's config to replace, by their names in that config (`embed_dim = 64`,
+    /// `attention = { kind = "focused", power = 2.0, kernel_size = 5 }`); a name the family's
+    /// config lacks is an error naming it.
+    #[serde(flatten)]
+    pub overrides: BTreeMap<String, toml::Value>,
 }
 
 impl ModelSpec {
+    pub fn new(preset: &str) -> Self {
+        Self { preset: preset.into(), overrides: BTreeMap::new() }
+    }
+
+    /// Overrides `field` with `value`.
+    pub fn set(&mut self, field: &str, value: impl Into<toml::Value>) {
+        self.overrides.insert(field.into(), value.into());
+    }
+
+    /// [`set`](Self::set), for building a spec.
+    pub fn with(mut self, field: &str, value: impl Into<toml::Value>) -> Self {
+        self.set(field, value);
+        self
+    }
+
     /// The preset with the overrides applied (the PRepBN T is set by the trainer).
-    pub fn config(&self) -> Result<VitConfig> {
-        let mut c = models::preset(&self.preset)?;
-        macro_rules! apply {
-            ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
-        }
-        apply!(img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, drop_path_rate, attention);
-        Ok(c)
+    pub fn config(&self) -> Result<AnyConfig> {
+        let preset = models::preset(&self.preset)?;
+        let overrides = self
+            .overrides
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), serde_json::to_value(v).map_err(|e| Error::Config(format!("model.{k}: {e}")))?)))
+            .collect::<Result<serde_json::Map<_, _>>>()?;
+        preset.with_overrides(&overrides).map_err(|e| Error::Config(format!("[model] of preset `{}`: {e}", self.preset)))
     }
 }
 
@@ -213,7 +221,7 @@ impl Default for CheckpointConfig {
 /// What validation says about a config beyond hard errors.
 #[derive(Debug, Default)]
 pub struct Validated {
-    pub model: Option<VitConfig>,
+    pub model: Option<AnyConfig>,
     pub warnings: Vec<String>,
 }
 
@@ -273,7 +281,7 @@ impl TrainConfig {
         if s.warmup_epochs < 0.0 || s.warmup_lr < 0.0 || s.min_lr < 0.0 {
             return err("schedule values must be ≥ 0".into());
         }
-        self.augment.validate(self.model.config()?.in_chans)?;
+        self.augment.validate(self.model.config()?.image().in_chans())?;
         self.mix.validate()?;
         if self.checkpoint.keep == 0 {
             return err("checkpoint.keep must be ≥ 1".into());
@@ -282,7 +290,7 @@ impl TrainConfig {
         let mut model = self.model.config()?;
         let mut warnings = Vec::new();
         let total = self.run.max_steps.unwrap_or(u64::MAX).min(self.total_steps(train_len));
-        if let Some(schedule) = VisionTransformer::prepbn_schedule(&mut model) {
+        if let Some(schedule) = model.prepbn_schedule() {
             let t = self.prepbn.steps.unwrap_or((total as f64 * 0.8).round() as u64);
             if t + self.prepbn.warm > total {
                 return err(format!(
@@ -309,7 +317,7 @@ impl TrainConfig {
         } else if self.prepbn.steps.is_some() {
             warnings.push(format!("prepbn.steps is set but model `{}` has no PRepBN norm; ignored", self.model.preset));
         }
-        model.validate()?;
+        model.image().validate()?;
         Ok(Validated { model: Some(model), warnings })
     }
 
@@ -329,7 +337,7 @@ impl TrainConfig {
     /// image folder.
     pub fn imagenet(preset: &str) -> Self {
         Self {
-            model: ModelSpec { preset: preset.into(), ..Default::default() },
+            model: ModelSpec::new(preset),
             data: DataConfig { dataset: Dataset::Folder, root: "data/imagenet/train".into(), eval_root: Some("data/imagenet/val".into()), ..Default::default() },
             run: RunConfig::default(),
             optim: OptimConfig::default(),
@@ -344,19 +352,16 @@ impl TrainConfig {
     /// The quickstart: a small SLAB-DeiT (PRepBN + SLA, patch 4 on 28×28) on Fashion-MNIST.
     pub fn fashion_slab() -> Self {
         Self {
-            model: ModelSpec {
-                preset: "slab_deit_tiny".into(),
-                img_size: Some(28),
-                patch_size: Some(4),
-                in_chans: Some(1),
-                num_classes: Some(10),
-                embed_dim: Some(64),
-                depth: Some(4),
-                num_heads: Some(2),
-                mlp_ratio: Some(2.0),
-                drop_path_rate: Some(0.0),
-                attention: None,
-            },
+            model: ModelSpec::new("slab_deit_tiny")
+                .with("img_size", 28)
+                .with("patch_size", 4)
+                .with("in_chans", 1)
+                .with("num_classes", 10)
+                .with("embed_dim", 64)
+                .with("depth", 4)
+                .with("num_heads", 2)
+                .with("mlp_ratio", 2.0)
+                .with("drop_path_rate", 0.0),
             data: DataConfig::default(),
             run: RunConfig { epochs: 4, batch_size: 128, recalibrate_epochs: 1, ..Default::default() },
             // 3e-3 after the batch/512 scaling: a 4-epoch schedule needs a brisk rate.
@@ -395,6 +400,18 @@ mod tests {
         let mut c = TrainConfig::fashion_slab();
         c.model.preset = "nope".into();
         assert!(c.resolve(60_000).unwrap_err().to_string().contains("nope"));
+        let err = TrainConfig::from_toml("[model]\npreset = \"slab_deit_tiny\"\nembed_dimm = 8\n", "x.toml").unwrap().resolve(60_000).unwrap_err().to_string();
+        assert!(err.contains("`embed_dimm` is not a field of vit configs") && err.contains("embed_dim,"), "{err}");
+        let err = TrainConfig::from_toml("[model]\npreset = \"slab_deit_tiny\"\ndepth = \"two\"\n", "x.toml").unwrap().resolve(60_000).unwrap_err().to_string();
+        assert!(err.contains("slab_deit_tiny") && err.contains("two"), "{err}");
+    }
+
+    #[test]
+    fn overrides_reach_every_config_field() {
+        let text = "[model]\npreset = \"flatten_deit_tiny\"\nembed_dim = 96\nmlp_ratio = 2\nattention = { kind = \"focused\", power = 2.0, kernel_size = 3 }\n";
+        let Some(AnyConfig::Vit(model)) = TrainConfig::from_toml(text, "x.toml").unwrap().model.config().ok() else { panic!("a ViT") };
+        assert_eq!((model.embed_dim, model.mlp_ratio), (96, 2.0));
+        assert_eq!(model.attention, crate::nn::attention::AttentionKind::Focused { power: 2.0, kernel_size: 3 });
     }
 
     #[test]
@@ -411,7 +428,7 @@ mod tests {
         let c = TrainConfig::fashion_slab();
         let total = c.total_steps(60_000); // 468 steps × 4 epochs
         assert_eq!(total, 1872);
-        let model = c.resolve(60_000).unwrap().model.unwrap();
+        let Some(AnyConfig::Vit(model)) = c.resolve(60_000).unwrap().model else { panic!("a ViT") };
         let NormKind::Prepbn { schedule, .. } = model.norm else { panic!("PRepBN") };
         assert_eq!(schedule.total, 1498);
         let mut long = c.clone();
@@ -423,7 +440,7 @@ mod tests {
         assert!(short.resolve(60_000).unwrap().warnings[0].contains("NaN"));
         let mut pure = c;
         pure.prepbn.steps = Some(0);
-        let model = pure.resolve(60_000).unwrap().model.unwrap();
+        let Some(AnyConfig::Vit(model)) = pure.resolve(60_000).unwrap().model else { panic!("a ViT") };
         assert!(matches!(model.norm, NormKind::Prepbn { schedule, .. } if schedule.total == 0));
     }
 }

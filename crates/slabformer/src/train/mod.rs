@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
@@ -25,11 +24,10 @@ use crate::deploy::model_file::{Preprocess, save_model};
 use crate::data::loader::{Batch, Loader, TrainEpoch};
 use crate::data::{ImageSet, Split, derived_rng, fashion_mnist, image_folder};
 use crate::error::{Error, Result};
-use crate::models::vit::ImageClassifier;
-use crate::models::{VisionTransformer, VitConfig};
+use crate::models::{ImageClassifier, ImageConfig, ModelFamily};
 use crate::nn::{drop_path, recalibration_mode, set_counter_advance};
 use crate::nn::loss::cross_entropy;
-use crate::runtime::{CpuTrainer, CpuVit, ForwardOptions};
+use crate::runtime::{CpuModel, CpuTrainer, ForwardOptions};
 use crate::state::{StateDict, collect_state, float_tensors, host_f32, load_state};
 
 pub struct Datasets {
@@ -49,7 +47,7 @@ pub fn load_datasets(config: &TrainConfig) -> Result<Datasets> {
                 .as_ref()
                 .ok_or_else(|| Error::Config("data.eval_root is required for dataset = \"folder\"".into()))?;
             // Keep a margin around the crop: images are stored at img_size / eval_crop.
-            let load = config.augment.stored_size(model.img_size);
+            let load = config.augment.stored_size(model.image().img_size());
             (image_folder(&config.data.root, load)?, image_folder(eval_root, load)?)
         }
     };
@@ -94,26 +92,26 @@ pub struct Summary {
 pub fn evaluate<M: ImageClassifier>(model: &M, set: &Arc<ImageSet>, augment: &AugmentConfig, batch: usize) -> EvalRow {
     let inference = model.valid();
     let device = Device::flex();
-    let [channels, size] = [set.channels, model.config().img_size];
-    evaluate_logits(model.config(), set, augment, batch, |images, n| {
+    let [channels, size] = [set.channels, model.image_config().img_size()];
+    evaluate_logits(size, model.image_config().num_classes(), set, augment, batch, |images, n| {
         let x = Tensor::<4>::from_data(TensorData::new(images, [n, channels, size, size]), &device);
         host_f32(inference.logits(x))
     })
 }
 
 /// [`evaluate`] with the CPU runtime (the deploy model's fast path).
-pub fn evaluate_runtime(runtime: &CpuVit, set: &Arc<ImageSet>, augment: &AugmentConfig, batch: usize) -> EvalRow {
-    evaluate_logits(runtime.config(), set, augment, batch, |images, n| {
+pub fn evaluate_runtime(runtime: &CpuModel, set: &Arc<ImageSet>, augment: &AugmentConfig, batch: usize) -> EvalRow {
+    evaluate_logits(runtime.img_size(), runtime.num_classes(), set, augment, batch, |images, n| {
         runtime.forward(&images, n).expect("the loader yields images of the model's size")
     })
 }
 
-fn evaluate_logits(cfg: &VitConfig, set: &Arc<ImageSet>, augment: &AugmentConfig, batch: usize, logits_of: impl Fn(Vec<f32>, usize) -> Vec<f32>) -> EvalRow {
+fn evaluate_logits(img_size: usize, classes: usize, set: &Arc<ImageSet>, augment: &AugmentConfig, batch: usize, logits_of: impl Fn(Vec<f32>, usize) -> Vec<f32>) -> EvalRow {
     let (mut top1, mut top5, mut loss, mut seen) = (0usize, 0usize, 0.0f64, 0usize);
-    for b in Loader::eval(set.clone(), Arc::new(augment.clone()), cfg.img_size, batch) {
+    for b in Loader::eval(set.clone(), Arc::new(augment.clone()), img_size, batch) {
         let n = b.len();
         let logits = logits_of(b.images, n);
-        for (row, &label) in logits.chunks(cfg.num_classes).zip(&b.labels) {
+        for (row, &label) in logits.chunks(classes).zip(&b.labels) {
             loss += crate::kernels::log_sum_exp(row) - row[label as usize] as f64;
             let rank = row.iter().filter(|&&v| v > row[label as usize]).count();
             top1 += usize::from(rank == 0);
@@ -133,11 +131,11 @@ fn prefixed(prefix: &str, dict: StateDict, into: &mut StateDict) {
 
 /// burn's generator is process-wide: seed it and draw every initial weight under one lock, so
 /// runs in parallel threads (tests) still start from the same weights for the same seed.
-fn initial_model(config: &VitConfig, device: &Device, seed: u64) -> Result<VisionTransformer> {
+fn initial_model<F: ModelFamily>(config: &F::Config, device: &Device, seed: u64) -> Result<F> {
     static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     device.seed(seed);
-    let model = config.init(device)?;
+    let model = F::init(config, device)?;
     let _ = float_tensors(&model, None); // materializes the lazily initialized parameters
     Ok(model)
 }
@@ -146,12 +144,12 @@ fn drop_path_seed(seed: u64, step: u64, micro: usize) -> u64 {
     derived_rng(&[seed, step, micro as u64, 0xD809]).random()
 }
 
-struct Run<'a> {
+struct Run<'a, F: ModelFamily> {
     config: &'a TrainConfig,
     data: &'a Datasets,
     dir: PathBuf,
     device: Device,
-    model: VisionTransformer,
+    model: F,
     /// The CPU runtime's trainer when it runs the steps: it then holds the current weights,
     /// statistics, counters and optimizer moments, and `model` is brought up to date from it
     /// before anything reads `model` (evaluation, checkpoints, re-calibration).
@@ -180,18 +178,18 @@ enum FusedEval {
 
 /// How this model's fused form can be evaluated, and a note for the user when it is not on the
 /// CPU runtime.
-fn fused_eval_for(model: &VisionTransformer) -> Result<(FusedEval, Option<String>)> {
-    if !model.config.norm.folds() {
+fn fused_eval_for<F: ModelFamily>(model: &F) -> Result<(FusedEval, Option<String>)> {
+    if !model.image_config().folds() {
         return Ok((FusedEval::None, Some("no fused evaluation: LayerNorm models have no re-parameterized form".into())));
     }
-    match CpuVit::from_deploy(&model.fuse()?) {
+    match CpuModel::from_deploy::<F>(&model.fuse()?) {
         Ok(_) => Ok((FusedEval::Runtime, None)),
         Err(e @ Error::Unsupported { .. }) => Ok((FusedEval::Burn, Some(format!("the fused model is evaluated with burn, not the CPU runtime: {e}")))),
         Err(e) => Err(e),
     }
 }
 
-impl Run<'_> {
+impl<F: ModelFamily> Run<'_, F> {
     /// One optimizer step on the CPU trainer, as the burn path below takes it: per micro-batch
     /// forward (seeded drop-path, counters advancing on the first only), soft-target
     /// cross-entropy / accum, backward; then clipping, AdamW, the EMA. Returns the loss and the
@@ -287,13 +285,14 @@ impl Run<'_> {
     }
 
     fn nan_error(&self, what: &str, value: f64, lr: f64, lambda: Option<f64>) -> Error {
-        let t = match self.model.config.norm {
-            crate::nn::norm::NormKind::Prepbn { schedule, .. } => format!(
+        let mut config = self.model.config().clone();
+        let t = match F::prepbn_schedule(&mut config) {
+            Some(schedule) => format!(
                 "; or the PRepBN decay is too short (prepbn.steps T = {}, λ = {}): LayerNorm removed too early diverges, try T ≈ 0.8 × the run",
                 schedule.total,
                 lambda.map_or("-".into(), |l| format!("{l:.4}"))
             ),
-            _ => String::new(),
+            None => String::new(),
         };
         Error::Training(format!(
             "{what} is {value} at step {} (epoch {}). Last good checkpoint: {}. Likely cause: the learning rate is too high (lr {lr:.3e} at this step, optim.lr = {}){t}",
@@ -312,7 +311,7 @@ impl Run<'_> {
         self.metrics.evals.push(row.clone());
         let fused = match self.fused_eval {
             FusedEval::None => None,
-            FusedEval::Runtime => Some(evaluate_runtime(&CpuVit::from_deploy(&self.model.fuse()?)?, &self.data.eval, &cfg.augment, cfg.run.eval_batch_size)),
+            FusedEval::Runtime => Some(evaluate_runtime(&CpuModel::from_deploy::<F>(&self.model.fuse()?)?, &self.data.eval, &cfg.augment, cfg.run.eval_batch_size)),
             FusedEval::Burn => Some(evaluate(&self.model.fuse()?, &self.data.eval, &cfg.augment, cfg.run.eval_batch_size)),
         }
         .map(|mut f| {
@@ -333,7 +332,7 @@ impl Run<'_> {
 
 /// The CPU runtime's trainer for this run, when `run.engine` picks it (see [`TrainEngine`]), and
 /// a note saying why not when `auto` falls back to burn.
-fn cpu_trainer(config: &TrainConfig, model: &VisionTransformer) -> Result<(Option<CpuTrainer>, Option<String>)> {
+fn cpu_trainer<F: ModelFamily>(config: &TrainConfig, model: &F) -> Result<(Option<CpuTrainer>, Option<String>)> {
     match config.run.engine {
         TrainEngine::Burn => Ok((None, None)),
         TrainEngine::Auto => match CpuTrainer::new(model, config.optim.clone()) {
@@ -351,18 +350,25 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
     let train_len = data.train.len();
     let resolved = config.resolve(train_len)?;
     let model_config = resolved.model.expect("resolve gives the model");
-    if data.train.channels != model_config.in_chans || data.eval.channels != model_config.in_chans {
-        return Err(Error::Config(format!("the data has {} channels, the model expects {}", data.train.channels, model_config.in_chans)));
+    let image = model_config.image();
+    if data.train.channels != image.in_chans() || data.eval.channels != image.in_chans() {
+        return Err(Error::Config(format!("the data has {} channels, the model expects {}", data.train.channels, image.in_chans())));
     }
-    if data.train.classes.len() != model_config.num_classes {
-        return Err(Error::Config(format!("the data has {} classes, the model has {} outputs (model.num_classes)", data.train.classes.len(), model_config.num_classes)));
+    if data.train.classes.len() != image.num_classes() {
+        return Err(Error::Config(format!("the data has {} classes, the model has {} outputs (model.num_classes)", data.train.classes.len(), image.num_classes())));
     }
+    crate::with_family!(model_config, |Family, c| train_family::<Family>(config, data, options, &c, resolved.warnings, started))
+}
+
+/// [`train`] for one family's model.
+fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: &TrainOptions, model_config: &F::Config, warnings: Vec<String>, started: Instant) -> Result<Summary> {
+    let train_len = data.train.len();
     let dir = options.run_dir.clone();
     if !options.resume && dir.exists() && std::fs::read_dir(&dir).map(|mut d| d.next().is_some()).unwrap_or(false) {
         return Err(Error::Config(format!("{} already holds a run; not overwriting it (use --resume, or another --out)", dir.display())));
     }
     let device = Device::flex().autodiff();
-    let model = initial_model(&model_config, &device, config.run.seed)?;
+    let model: F = initial_model::<F>(model_config, &device, config.run.seed)?;
     let ranks = param_ranks(&model);
     let ema = config.run.ema_decay.map(|d| Ema::new(d, &model));
     let (cpu, engine_note) = cpu_trainer(config, &model)?;
@@ -397,8 +403,8 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
     let train_epochs = config.run.epochs + config.schedule.cooldown_epochs;
     let total_steps = config.run.max_steps.unwrap_or(u64::MAX).min(config.total_steps(train_len));
     let schedule = LrSchedule::new(&config.optim, &config.schedule, config.run.batch_size, steps_per_epoch, config.run.epochs);
-    let (accum, micro, size) = (config.run.accum_steps, config.micro_batch(), model_config.img_size);
-    let (channels, classes) = (data.train.channels, model_config.num_classes);
+    let (accum, micro, size) = (config.run.accum_steps, config.micro_batch(), model_config.img_size());
+    let (channels, classes) = (data.train.channels, model_config.num_classes());
     let augment = Arc::new(config.augment.clone());
     let mix = Arc::new(config.mix.clone());
     let recal_epochs = config.run.recalibrate_epochs;
@@ -446,7 +452,7 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
                     }
                     let n = batch.len();
                     let x = Tensor::<4>::from_data(TensorData::new(batch.images, [n, channels, size, size]), &device);
-                    let logits = drop_path::with_seed(drop_path_seed(config.run.seed, run.position.step, m), || run.model.forward(x));
+                    let logits = drop_path::with_seed(drop_path_seed(config.run.seed, run.position.step, m), || run.model.logits(x));
                     // The loss and ∂loss/∂logits of the shared cross-entropy; autodiff takes it
                     // from there through Σ logits ⊙ ∂loss/∂logits.
                     let (loss, mut dlogits) = cross_entropy(&host_f32(logits.clone()), &batch.targets, classes);
@@ -540,7 +546,7 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
             for batch in loader {
                 let n = batch.len();
                 let x = Tensor::<4>::from_data(TensorData::new(batch.images, [n, channels, size, size]), &device);
-                let _ = model.forward(x);
+                let _ = model.logits(x);
             }
             run.position.epoch += 1;
             run.model = model.clone();
@@ -570,5 +576,5 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
     };
     save_model(&model_path, &run.model, &preprocess, true)?;
     run.metrics.write(&dir)?;
-    Ok(Summary { run_dir: dir, steps: run.position.step, seconds: started.elapsed().as_secs_f64(), warnings: resolved.warnings, final_eval, fused_eval, model_path, engine, notes })
+    Ok(Summary { run_dir: dir, steps: run.position.step, seconds: started.elapsed().as_secs_f64(), warnings, final_eval, fused_eval, model_path, engine, notes })
 }

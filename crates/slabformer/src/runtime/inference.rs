@@ -1,5 +1,4 @@
-//! [`CpuVit`]: the DeiT-family inference runtime over the model's fast form
-//! ([`FastVit`]): a batch is split over threads image by image (each image's activations stay in
+//! [`CpuModel`]: the inference runtime over a model's plan (`crate::plan`): a batch is split over threads image by image (each image's activations stay in
 //! its core's L2); a single image splits its rows over the threads, which then meet twice per
 //! attention layer (see `crate::plan`). Workspaces are pooled per model, so calls after the first
 //! fault no pages in.
@@ -9,7 +8,7 @@ use rayon::prelude::*;
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
-use crate::models::vit::{DeployVit, FastVit, VisionTransformer, VitConfig};
+use crate::models::ModelFamily;
 use crate::nn::attention::{Attention, FastAttention};
 use crate::nn::lower::ParamTable;
 use crate::plan::{InferWorkspace, Layer, Plan, Residual, Step};
@@ -80,31 +79,49 @@ impl Drop for PooledWorkspace<'_> {
     }
 }
 
-/// A DeiT-family model prepared for fast CPU inference: DeiT, PRepBN-DeiT and SLAB-DeiT (fused),
-/// LayerNorm models as they are; softmax, ReLU/L and SLA attention. Outputs equal the burn
-/// forward of the same model within float rounding (tested to 1e-4 of the largest logit).
-pub struct CpuVit {
-    model: FastVit,
+/// A model prepared for fast CPU inference: its plan (the deploy form where the norms fold,
+/// the trained form of LayerNorm models), with pooled workspaces. Outputs equal the burn forward
+/// of the same model within float rounding (tested to 1e-4 of the largest logit).
+pub struct CpuModel {
+    plan: Plan,
+    /// (in_chans, img_size) of the images and the number of classes.
+    input: (usize, usize),
+    classes: usize,
     workspaces: Mutex<Vec<InferWorkspace>>,
 }
 
-impl CpuVit {
+impl CpuModel {
     /// From a trained model: RepBN/PRepBN models are fused first (their deploy form is what
     /// inference runs); LayerNorm models keep their norms.
-    pub fn new(model: &VisionTransformer) -> Result<Self> {
-        if model.config.norm.folds() {
-            return Self::from_deploy(&model.fuse()?);
+    pub fn new<F: ModelFamily>(model: &F) -> Result<Self> {
+        if model.image_config().folds() {
+            return Self::from_deploy::<F>(&model.fuse()?);
         }
-        Ok(Self { model: FastVit::lower(model)?, workspaces: Mutex::new(Vec::new()) })
+        Self::from_plan(model.lower()?)
     }
 
     /// From the norm-free deploy form.
-    pub fn from_deploy(model: &DeployVit) -> Result<Self> {
-        Ok(Self { model: FastVit::lower_deploy(model)?, workspaces: Mutex::new(Vec::new()) })
+    pub fn from_deploy<F: ModelFamily>(model: &F::Deploy) -> Result<Self> {
+        Self::from_plan(F::lower_deploy(model)?)
     }
 
-    pub fn config(&self) -> &VitConfig {
-        &self.model.config
+    /// From a plan that embeds images and ends in a classifier head.
+    pub fn from_plan(plan: Plan) -> Result<Self> {
+        let not_a_classifier = || Error::Unsupported { what: "a plan that does not go from images to logits".into(), path: "the CPU runtime" };
+        let embed = plan.embed().ok_or_else(not_a_classifier)?;
+        let input = (embed.patch.in_chans(), embed.img_size);
+        let Some(Step::Head(head)) = plan.steps.last() else { return Err(not_a_classifier()) };
+        let classes = head.outputs;
+        Ok(Self { plan, input, classes, workspaces: Mutex::new(Vec::new()) })
+    }
+
+    pub fn num_classes(&self) -> usize {
+        self.classes
+    }
+
+    /// Side of the square images the model takes.
+    pub fn img_size(&self) -> usize {
+        self.input.1
     }
 
     /// Images (B, C, H, W) → logits (B, num_classes), on the device of the input.
@@ -113,47 +130,38 @@ impl CpuVit {
         self.check_input(&images.dims())?;
         let device = images.device();
         let logits = self.forward(&host_f32(images), b)?;
-        Ok(Tensor::from_data(TensorData::new(logits, [b, self.config().num_classes]), &device))
+        Ok(Tensor::from_data(TensorData::new(logits, [b, self.classes]), &device))
     }
 
     fn check_input(&self, dims: &[usize]) -> Result<()> {
-        let cfg = self.config();
-        let expected = [dims[0], cfg.in_chans, cfg.img_size, cfg.img_size];
-        if dims.len() != 4 || dims[0] == 0 || dims != expected {
-            return Err(Error::InputShape {
-                layer: "vision transformer",
-                expected: format!("(B > 0, {}, {}, {}) images", cfg.in_chans, cfg.img_size, cfg.img_size),
-                found: dims.to_vec(),
-            });
+        let (chans, size) = self.input;
+        if dims.len() != 4 || dims[0] == 0 || dims != [dims[0], chans, size, size] {
+            return Err(Error::InputShape { layer: "model input", expected: format!("(B > 0, {chans}, {size}, {size}) images"), found: dims.to_vec() });
         }
         Ok(())
     }
 
     /// `batch` images, row-major (B, C, H, W) → row-major (B, num_classes) logits.
     pub fn forward(&self, images: &[f32], batch: usize) -> Result<Vec<f32>> {
-        let cfg = self.config();
-        let per_image = cfg.in_chans * cfg.img_size * cfg.img_size;
+        let (chans, size) = self.input;
+        let per_image = chans * size * size;
         if batch == 0 || images.len() != batch * per_image {
-            return Err(Error::InputShape {
-                layer: "vision transformer",
-                expected: format!("{batch} × ({}, {}, {}) = {} values", cfg.in_chans, cfg.img_size, cfg.img_size, batch * per_image),
-                found: vec![images.len()],
-            });
+            return Err(Error::InputShape { layer: "model input", expected: format!("{batch} × ({chans}, {size}, {size}) = {} values", batch * per_image), found: vec![images.len()] });
         }
-        let classes = cfg.num_classes;
+        let classes = self.classes;
         let mut logits = vec![0.0; batch * classes];
         let threads = rayon::current_num_threads();
         if batch == 1 || threads == 1 {
             // One image: its token rows are split over the threads.
             let mut ws = self.workspace(threads);
             for (image, out) in images.chunks_exact(per_image).zip(logits.chunks_exact_mut(classes)) {
-                self.model.plan.infer_image(image, out, &mut ws, threads);
+                self.plan.infer_image(image, out, &mut ws, threads);
             }
         } else {
             logits
                 .par_chunks_exact_mut(classes)
                 .zip(images.par_chunks_exact(per_image))
-                .for_each_init(|| self.workspace(1), |ws, (out, image)| self.model.plan.infer_image(image, out, ws, 1));
+                .for_each_init(|| self.workspace(1), |ws, (out, image)| self.plan.infer_image(image, out, ws, 1));
         }
         Ok(logits)
     }
@@ -162,7 +170,7 @@ impl CpuVit {
     /// spares page faults on every call.
     fn workspace(&self, parts: usize) -> PooledWorkspace<'_> {
         let reused = self.workspaces.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let workspace = reused.filter(|ws| ws.parts >= parts).unwrap_or_else(|| self.model.plan.infer_workspace(parts));
+        let workspace = reused.filter(|ws| ws.parts >= parts).unwrap_or_else(|| self.plan.infer_workspace(parts));
         PooledWorkspace { workspace: Some(workspace), pool: &self.workspaces }
     }
 }
@@ -172,6 +180,7 @@ mod tests {
     use super::*;
     use burn::tensor::{Device, Distribution};
     use crate::models::vit::Pool;
+    use crate::models::{VisionTransformer, VitConfig};
     use crate::nn::attention::AttentionKind;
 
     fn max_abs(t: Tensor<2>) -> f32 {
@@ -202,7 +211,7 @@ mod tests {
         ];
         for config in configs {
             let model = randomized(config.clone(), &device);
-            let runtime = CpuVit::new(&model).unwrap();
+            let runtime = CpuModel::new(&model).unwrap();
             for batch in [1, 5] {
                 let images = Tensor::<4>::random([batch, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
                 let want = model.forward(images.clone());
@@ -240,8 +249,8 @@ mod tests {
         let config = VitConfig { img_size: 32, patch_size: 4, embed_dim: 24, depth: 1, num_heads: 2, num_classes: 4, ..VitConfig::slab_deit_tiny() };
         let model = randomized(config, &device);
         let images = Tensor::<4>::random([3, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
-        let a = CpuVit::new(&model).unwrap().forward_tensor(images.clone()).unwrap();
-        let b = CpuVit::from_deploy(&model.fuse().unwrap()).unwrap().forward_tensor(images).unwrap();
+        let a = CpuModel::new(&model).unwrap().forward_tensor(images.clone()).unwrap();
+        let b = CpuModel::from_deploy::<VisionTransformer>(&model.fuse().unwrap()).unwrap().forward_tensor(images).unwrap();
         assert_eq!(host_f32(a), host_f32(b));
     }
 
@@ -249,12 +258,12 @@ mod tests {
     fn wrong_inputs_and_unsupported_models_are_errors() {
         let device = Device::flex();
         let config = VitConfig { img_size: 32, patch_size: 4, embed_dim: 24, depth: 1, num_heads: 2, num_classes: 4, ..VitConfig::slab_deit_tiny() };
-        let runtime = CpuVit::new(&config.init(&device).unwrap()).unwrap();
+        let runtime = CpuModel::new(&config.init(&device).unwrap()).unwrap();
         let err = runtime.forward_tensor(Tensor::zeros([2, 3, 28, 28], &device)).unwrap_err();
         assert!(err.to_string().contains("[2, 3, 28, 28]"), "{err}");
         assert!(runtime.forward(&[0.0; 10], 1).is_err());
         let sharp = VitConfig { attention: AttentionKind::Focused { power: 8.0, kernel_size: 5 }, ..config };
-        let err = CpuVit::new(&sharp.init(&device).unwrap()).err().unwrap();
+        let err = CpuModel::new(&sharp.init(&device).unwrap()).err().unwrap();
         assert!(matches!(err, Error::Unsupported { .. }) && err.to_string().contains("power 8"), "{err}");
     }
 }
