@@ -17,6 +17,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{ModelFamily, Preset};
+use crate::deploy::onnx::{Graph, ToOnnx, attr_int, attr_ints};
 use crate::error::{Error, Result};
 use crate::nn::attention::AttentionKind;
 use crate::nn::attention::spatial_reduction::{SpatialReductionAttention, SrAttentionConfig};
@@ -391,16 +392,13 @@ impl<B> Stages<'_, B> {
         let grids = config.stage_grids();
         let mut image = images;
         let mut tokens = None;
-        for s in 0..4 {
-            let x = self.embeds[s].forward(image.clone()).add(self.pos_embeds[s].val()); // (B, N_s, C_s)
-            let x = self.blocks[s].iter().fold(x, |x, b| block(b, x));
+        let stages = self.embeds.iter().zip(&self.pos_embeds).zip(&self.blocks).zip(&grids);
+        for (((embed, pos), blocks), &[rows, cols]) in stages {
+            let x = embed.forward(image).add(pos.val()); // (B, N_s, C_s)
+            let x = blocks.iter().fold(x, |x, b| block(b, x));
             let [batch, _, c] = x.dims();
-            let [rows, cols] = grids[s];
-            if s < 3 {
-                image = x.swap_dims(1, 2).reshape([batch, c, rows, cols]); // (B, C_s, H_s, W_s)
-            } else {
-                tokens = Some(x);
-            }
+            image = x.clone().swap_dims(1, 2).reshape([batch, c, rows, cols]); // the next stage's (B, C_s, H_s, W_s)
+            tokens = Some(x);
         }
         let x = tokens.expect("four stages ran");
         let [batch, _, c] = x.dims();
@@ -545,6 +543,70 @@ impl ModelFamily for PyramidVisionTransformer {
             NormKind::Prepbn { schedule, .. } => Some(schedule),
             _ => None,
         }
+    }
+}
+
+// ---- ONNX: the graph walks the same modules as the forward.
+
+impl<B: ToOnnx> Stages<'_, B> {
+    fn to_onnx(&self, config: &PvtConfig, g: &mut Graph, images: &str, head: &Linear) -> Result<String> {
+        let grids = config.stage_grids();
+        let mut image = images.to_string();
+        let mut tokens = String::new();
+        let stages = self.embeds.iter().zip(&self.pos_embeds).zip(&self.blocks).zip(&grids);
+        for (s, (((embed, pos), blocks), &[rows, cols])) in stages.enumerate() {
+            let x = embed.to_onnx(g, &image)?; // (B, N_s, C_s)
+            let p = g.param("pos_embed", pos);
+            let mut x = g.op("Add", &[&x, &p], vec![]);
+            for block in blocks.iter() {
+                x = block.to_onnx(g, &x)?;
+            }
+            if s < 3 {
+                let c = pos.dims()[2] as i64;
+                let t = g.transpose(&x, &[0, 2, 1]);
+                image = g.reshape(&t, &[0, c, rows as i64, cols as i64]); // (B, C_s, H_s, W_s)
+            }
+            tokens = x;
+        }
+        let pooled = g.op("ReduceMean", &[&tokens], vec![attr_ints("axes", &[1]), attr_int("keepdims", 0)]);
+        head.to_onnx(g, &pooled)
+    }
+}
+
+impl ToOnnx for Block {
+    fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
+        let normed = self.norm1.to_onnx(g, x)?;
+        let a = self.attn.to_onnx(g, &normed)?;
+        let x = g.op("Add", &[x, &a], vec![]);
+        let normed = self.norm2.to_onnx(g, &x)?;
+        let m = self.mlp.to_onnx(g, &normed)?;
+        Ok(g.op("Add", &[&x, &m], vec![]))
+    }
+}
+
+impl ToOnnx for DeployBlock {
+    fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
+        let a = self.attn.to_onnx(g, x)?;
+        let x = g.op("Add", &[x, &a], vec![]);
+        let m = self.mlp.to_onnx(g, &x)?;
+        Ok(g.op("Add", &[&x, &m], vec![]))
+    }
+}
+
+/// RepBN/PRepBN models are emitted in their fused form (fewer ops); LayerNorm models with their
+/// norms.
+impl ToOnnx for PyramidVisionTransformer {
+    fn to_onnx(&self, g: &mut Graph, images: &str) -> Result<String> {
+        if self.config.norm.folds() {
+            return self.fuse()?.to_onnx(g, images);
+        }
+        self.stages().to_onnx(&self.config, g, images, &self.head)
+    }
+}
+
+impl ToOnnx for DeployPvt {
+    fn to_onnx(&self, g: &mut Graph, images: &str) -> Result<String> {
+        self.stages().to_onnx(&self.config, g, images, &self.head)
     }
 }
 
@@ -746,5 +808,31 @@ mod tests {
         }
         let err = PvtConfig { sr_ratios: [16, 1, 1, 1], ..config }.validate().unwrap_err();
         assert!(err.to_string().contains("stage 1"), "{err}");
+    }
+
+    #[test]
+    fn onnx_graphs_are_wired_and_fused_ones_have_no_norm_ops() {
+        // The numbers are checked against ONNX Runtime in tests/onnx.rs; here: every node reads
+        // the input, an initializer or an earlier node, and the graph has the configured size.
+        let device = Device::flex();
+        let reducing_sla = PvtConfig { sr_ratios: [4, 2, 1, 1], ..small(PvtConfig::slab_pvt_tiny()) };
+        let flatten = PvtConfig { sr_ratios: [2, 1, 1, 1], ..small(PvtConfig::flatten_pvt_tiny()) };
+        for config in [reducing_sla, small(PvtConfig::prepbn_pvt_tiny()), small(PvtConfig::pvt_tiny()), flatten] {
+            let model = config.init(&device).unwrap();
+            let graph = crate::deploy::onnx::pvt_to_onnx(&model).unwrap().graph.unwrap();
+            let dims: Vec<Option<i64>> = graph.input[0].r#type.as_ref().unwrap().tensor_type.as_ref().unwrap().shape.as_ref().unwrap().dim.iter().map(|d| d.dim_value).collect();
+            assert_eq!(dims, [None, Some(3), Some(48), Some(80)]);
+            let mut known: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+            known.insert("images");
+            for node in &graph.node {
+                for input in &node.input {
+                    assert!(known.contains(input.as_str()), "{}: input {input} of {} is not defined before it", node.op_type, node.name);
+                }
+                known.extend(node.output.iter().map(String::as_str));
+            }
+            assert!(known.contains("logits"));
+            let layer_norms = graph.node.iter().filter(|n| n.op_type == "LayerNormalization").count();
+            assert_eq!(layer_norms > 0, !config.norm.folds(), "{config:?}");
+        }
     }
 }

@@ -8,6 +8,7 @@ use burn::tensor::{Device, Tensor};
 
 use super::fuse::{ConvFold, fold_into_previous_conv};
 use super::norm::{Norm, NormKind};
+use crate::deploy::onnx::{Graph, ToOnnx};
 use crate::error::{Error, Result};
 
 #[derive(Module, Debug)]
@@ -52,6 +53,19 @@ impl NormedPatchEmbed {
             .eval_affine()
             .ok_or_else(|| Error::Config("a LayerNorm patch embedding cannot be re-parameterized".into()))?;
         Ok(Self { proj: fold_into_previous_conv(&self.proj, a, b, ConvFold::Exact), norm: None })
+    }
+}
+
+/// (B, C_in, H, W) images → (B, N, dim) tokens, normed (LayerNorm; RepBN/PRepBN export fused).
+impl ToOnnx for NormedPatchEmbed {
+    fn to_onnx(&self, g: &mut Graph, images: &str) -> Result<String> {
+        let x = g.conv(images, &self.proj, 0); // (B, dim, h, w)
+        let x = g.reshape(&x, &[0, 0, -1]); // (B, dim, N)
+        let x = g.transpose(&x, &[0, 2, 1]); // (B, N, dim)
+        match &self.norm {
+            Some(norm) => norm.to_onnx(g, &x),
+            None => Ok(x),
+        }
     }
 }
 

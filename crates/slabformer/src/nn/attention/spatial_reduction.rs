@@ -15,7 +15,8 @@ use burn::nn::{Initializer, Linear, PaddingConfig2d};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use super::{AttentionConfig, AttentionKind, FeatureMap, depthwise_on_grid, linear_attention_core, linear_attention_eps, linear_order, merge_heads, split_heads};
+use super::{AttentionConfig, AttentionKind, FeatureMap, depthwise_on_grid, linear_attention_core, linear_attention_eps, linear_order, merge_heads, onnx, split_heads};
+use crate::deploy::onnx::{Graph, ToOnnx, attr_int};
 use crate::error::{Error, Result, check_tokens};
 use crate::nn::fuse::{fold_into_next_conv, fold_into_next_linear};
 use crate::nn::linear::linear;
@@ -276,7 +277,18 @@ impl SpatialReductionAttention {
 /// `F.interpolate(mode='linear', align_corners=False)` computes it (f32 source positions
 /// `(i + ½)·n/N − ½`, clamped at 0, the last token repeated at the end).
 fn interpolate_tokens(v: Tensor<4>, n_out: usize) -> Tensor<4> {
-    let n_in = v.dims()[2];
+    let (lower, upper, weight) = interpolation(v.dims()[2], n_out);
+    let device = v.device();
+    let index = |ids: Vec<i64>| Tensor::<1, Int>::from_data(TensorData::new(ids, [n_out]), &device);
+    let upper_weight = Tensor::<4>::from_data(TensorData::new(weight, [1, 1, n_out, 1]), &device);
+    let lower_weight = upper_weight.clone().neg().add_scalar(1.0);
+    let below = v.clone().select(2, index(lower)).mul(lower_weight);
+    below.add(v.select(2, index(upper)).mul(upper_weight))
+}
+
+/// Output token i of the interpolation from `n_in` to `n_out` tokens is
+/// `(1 − w_i)·v[lower_i] + w_i·v[upper_i]`: (lower, upper, w).
+fn interpolation(n_in: usize, n_out: usize) -> (Vec<i64>, Vec<i64>, Vec<f32>) {
     let scale = n_in as f32 / n_out as f32;
     let mut lower = Vec::with_capacity(n_out);
     let mut upper = Vec::with_capacity(n_out);
@@ -288,12 +300,72 @@ fn interpolate_tokens(v: Tensor<4>, n_out: usize) -> Tensor<4> {
         upper.push((i0 + usize::from(i0 + 1 < n_in)) as i64);
         weight.push((source - i0 as f32).clamp(0.0, 1.0));
     }
-    let device = v.device();
-    let index = |ids: Vec<i64>| Tensor::<1, Int>::from_data(TensorData::new(ids, [n_out]), &device);
-    let upper_weight = Tensor::<4>::from_data(TensorData::new(weight, [1, 1, n_out, 1]), &device);
-    let lower_weight = upper_weight.clone().neg().add_scalar(1.0);
-    let below = v.clone().select(2, index(lower)).mul(lower_weight);
-    below.add(v.select(2, index(upper)).mul(upper_weight))
+    (lower, upper, weight)
+}
+
+/// Op for op as [`SpatialReductionAttention::forward`].
+impl ToOnnx for SpatialReductionAttention {
+    fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
+        let [rows, cols] = self.grid;
+        let n = rows * cols;
+        let (c, h) = (self.dim(), self.num_heads);
+        let d = c / h;
+        let q = self.q.to_onnx(g, x)?; // (B, N, C)
+        let (source, keys) = match &self.sr {
+            Some(sr) => {
+                let image = g.transpose(x, &[0, 2, 1]);
+                let image = g.reshape(&image, &[0, c as i64, rows as i64, cols as i64]); // (B, C, H, W)
+                let reduced = g.conv(&image, sr, 0); // (B, C, H/R, W/R)
+                let reduced = g.reshape(&reduced, &[0, c as i64, -1]);
+                let tokens = g.transpose(&reduced, &[0, 2, 1]); // (B, N_r, C)
+                let tokens = match &self.norm {
+                    Some(norm) => norm.to_onnx(g, &tokens)?,
+                    None => tokens,
+                };
+                (tokens, (rows / sr.stride[0]) * (cols / sr.stride[1]))
+            }
+            None => (x.to_string(), n),
+        };
+        let kv = self.kv.to_onnx(g, &source)?;
+        let kv = g.reshape(&kv, &[0, keys as i64, 2, c as i64]);
+        let (k, v) = (g.gather(&kv, 0, 2), g.gather(&kv, 1, 2)); // (B, N_r, C)
+        let out = match self.core {
+            Core::Softmax => {
+                let (q, k, v) = (g.split_heads(&q, n, h, d), g.split_heads(&k, keys, h, d), g.split_heads(&v, keys, h, d));
+                let kt = g.transpose(&k, &[0, 1, 3, 2]);
+                let scores = g.op("MatMul", &[&q, &kt], vec![]);
+                let scores = g.binary_scalar("Mul", &scores, (d as f64).powf(-0.5) as f32);
+                let weights = g.op("Softmax", &[&scores], vec![attr_int("axis", -1)]);
+                g.op("MatMul", &[&weights, &v], vec![]) // (B, h, N, d)
+            }
+            Core::Linear(map) => {
+                let pos = g.param("positional_encoding", self.positional_encoding.as_ref().expect("linear attention has a positional encoding"));
+                let k = g.op("Add", &[&k, &pos], vec![]);
+                let (q, k) = onnx::feature_map(g, map, self.scale.as_ref(), &q, &k);
+                let (q, k, v) = (g.split_heads(&q, n, h, d), g.split_heads(&k, keys, h, d), g.split_heads(&v, keys, h, d));
+                let out = onnx::linear_core(g, &q, &k, &v, [n, keys], d, linear_attention_eps(map, keys) as f32);
+                let v = if self.sr.is_some() {
+                    let (lower, upper, weight) = interpolation(keys, n);
+                    let (lower, upper) = (g.ints("lower", &lower), g.ints("upper", &upper));
+                    let lower_weight: Vec<f32> = weight.iter().map(|w| 1.0 - w).collect();
+                    let lower_weight = g.floats("lower_weight", vec![1, 1, n as i64, 1], &lower_weight);
+                    let upper_weight = g.floats("upper_weight", vec![1, 1, n as i64, 1], &weight);
+                    let below = g.op("Gather", &[&v, &lower], vec![attr_int("axis", 2)]);
+                    let below = g.op("Mul", &[&below, &lower_weight], vec![]);
+                    let above = g.op("Gather", &[&v, &upper], vec![attr_int("axis", 2)]);
+                    let above = g.op("Mul", &[&above, &upper_weight], vec![]);
+                    g.op("Add", &[&below, &above], vec![]) // (B, h, N, d)
+                } else {
+                    v
+                };
+                let dwc = self.dwc.as_ref().expect("linear attention has a depthwise conv");
+                let conv = onnx::depthwise_on_grid(g, dwc, &v, self.grid, h, d);
+                g.op("Add", &[&out, &conv], vec![])
+            }
+        };
+        let merged = g.merge_heads(&out, n, c);
+        self.proj.to_onnx(g, &merged)
+    }
 }
 
 #[cfg(test)]
