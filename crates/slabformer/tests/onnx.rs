@@ -6,8 +6,8 @@ use std::process::Command;
 use std::sync::Mutex;
 
 use burn::tensor::{Device, Distribution, Tensor};
-use slabformer::deploy::onnx::{export, export_model};
-use slabformer::models::{Pool, VitConfig};
+use slabformer::deploy::onnx::{export, export_model, export_pvt};
+use slabformer::models::{Pool, PvtConfig, VitConfig};
 use slabformer::models::vit::{DeployVit, VisionTransformer};
 use slabformer::nn::attention::AttentionKind;
 
@@ -83,12 +83,17 @@ fn check(name: &str, config: VitConfig) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(format!("{name}.onnx"));
     export(&model, &path, false).unwrap();
-    compare(name, &path, &config, |images| model.forward(images));
+    compare(name, &path, images(&config), |images| model.forward(images));
 }
 
-/// slabformer's logits against ONNX Runtime's on the exported file, for 3 seeded random images.
-fn compare(name: &str, path: &Path, config: &VitConfig, forward: impl Fn(Tensor<4>) -> Tensor<2>) {
-    let shape = [3, config.in_chans, config.img_size, config.img_size];
+/// The shape of the 3 test images for `config`.
+fn images(config: &VitConfig) -> [usize; 4] {
+    [3, config.in_chans, config.img_size, config.img_size]
+}
+
+/// slabformer's logits against ONNX Runtime's on the exported file, for seeded random images of
+/// `shape`.
+fn compare(name: &str, path: &Path, shape: [usize; 4], forward: impl Fn(Tensor<4>) -> Tensor<2>) {
     let images = seeded(IMAGES_SEED, |device| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), device));
     let input: Vec<f32> = images.clone().into_data().try_to_vec().unwrap();
     let ours: Vec<f32> = forward(images).into_data().try_to_vec().unwrap();
@@ -115,7 +120,7 @@ fn layer_norm_deit_exports_with_its_norms_and_matches_slabformer() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("deit.onnx");
     export_model(&model, &path, false).unwrap();
-    compare("deit", &path, &config, |images| model.forward(images));
+    compare("deit", &path, images(&config), |images| model.forward(images));
 }
 
 #[test]
@@ -146,7 +151,7 @@ fn flatten_focused_attention_onnx_matches_slabformer() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("flatten.onnx");
     export_model(&model, &path, false).unwrap();
-    compare("flatten", &path, &config, |images| model.forward(images));
+    compare("flatten", &path, images(&config), |images| model.forward(images));
     check("flatten_prepbn", VitConfig { attention: AttentionKind::focused(), pool: Pool::Mean, ..small(VitConfig::prepbn_deit_tiny()) });
 }
 
@@ -160,4 +165,34 @@ fn existing_files_are_kept() {
     let err = export(&slab, &path, false).unwrap_err().to_string();
     assert!(err.contains("not overwriting"), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), before, "the existing file is untouched");
+}
+
+/// A small PVT on a non-square input: fused SLAB-PVT (with and without the key/value reduction),
+/// fused PRepBN-PVT (softmax SRA) and the LayerNorm PVT and FLatten-PVT with their norms.
+#[test]
+fn pvt_onnx_matches_slabformer() {
+    let small = |base: PvtConfig| PvtConfig {
+        img_size: [48, 80],
+        embed_dims: [16, 24, 32, 48],
+        num_heads: [1, 2, 2, 3],
+        mlp_ratios: [2.0; 4],
+        depths: [1, 2, 1, 1],
+        num_classes: 10,
+        ..base
+    };
+    let cases = [
+        ("slab_pvt", small(PvtConfig::slab_pvt_tiny())),
+        ("slab_pvt_reduced", PvtConfig { sr_ratios: [4, 2, 1, 1], ..small(PvtConfig::slab_pvt_tiny()) }),
+        ("prepbn_pvt", small(PvtConfig::prepbn_pvt_tiny())),
+        ("pvt", small(PvtConfig::pvt_tiny())),
+        ("flatten_pvt", PvtConfig { sr_ratios: [2, 1, 1, 1], ..small(PvtConfig::flatten_pvt_tiny()) }),
+    ];
+    for (name, config) in cases {
+        let model = seeded(WEIGHTS_SEED, |device| slabformer::testing::randomized(config.init(device).unwrap(), 6.0));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(format!("{name}.onnx"));
+        export_pvt(&model, &path, false).unwrap();
+        let [h, w] = config.img_size;
+        compare(name, &path, [3, config.in_chans, h, w], |images| model.forward(images));
+    }
 }

@@ -14,6 +14,7 @@ use prost::Message;
 
 use crate::error::Result;
 use crate::files::write_new;
+use crate::models::pvt::PyramidVisionTransformer;
 use crate::models::vit::{DeployVit, VisionTransformer};
 use crate::state::host_f32;
 
@@ -300,7 +301,7 @@ impl Graph {
 }
 
 /// An image classifier as an ONNX model: input `images` (batch, C, H, W), output `logits`.
-fn classifier_proto(model: &impl ToOnnx, in_chans: usize, img_size: usize, classes: usize) -> Result<ModelProto> {
+fn classifier_proto(model: &impl ToOnnx, in_chans: usize, [height, width]: [usize; 2], classes: usize) -> Result<ModelProto> {
     let mut g = Graph::default();
     let logits = model.to_onnx(&mut g, "images")?;
     g.rename(&logits, "logits");
@@ -308,7 +309,7 @@ fn classifier_proto(model: &impl ToOnnx, in_chans: usize, img_size: usize, class
         node: g.nodes,
         name: "slabformer".into(),
         initializer: g.initializers,
-        input: vec![value_info("images", &[batch_dim(), fixed(in_chans), fixed(img_size), fixed(img_size)])],
+        input: vec![value_info("images", &[batch_dim(), fixed(in_chans), fixed(height), fixed(width)])],
         output: vec![value_info("logits", &[batch_dim(), fixed(classes)])],
     };
     Ok(ModelProto {
@@ -323,12 +324,19 @@ fn classifier_proto(model: &impl ToOnnx, in_chans: usize, img_size: usize, class
 /// The deploy model as an ONNX model.
 pub fn to_onnx(model: &DeployVit) -> Result<ModelProto> {
     let cfg = &model.config;
-    classifier_proto(model, cfg.in_chans, cfg.img_size, cfg.num_classes)
+    classifier_proto(model, cfg.in_chans, [cfg.img_size; 2], cfg.num_classes)
 }
 
 /// A trained model as ONNX: RepBN/PRepBN models in their fused form, LayerNorm models (DeiT)
 /// with their norms as `LayerNormalization`.
 pub fn model_to_onnx(model: &VisionTransformer) -> Result<ModelProto> {
+    let cfg = &model.config;
+    classifier_proto(model, cfg.in_chans, [cfg.img_size; 2], cfg.num_classes)
+}
+
+/// A PVT as ONNX (input `images` of the configured H×W): RepBN/PRepBN models in their fused
+/// form, LayerNorm models with their norms.
+pub fn pvt_to_onnx(model: &PyramidVisionTransformer) -> Result<ModelProto> {
     let cfg = &model.config;
     classifier_proto(model, cfg.in_chans, cfg.img_size, cfg.num_classes)
 }
@@ -341,4 +349,9 @@ pub fn export(model: &DeployVit, path: &Path, overwrite: bool) -> Result<()> {
 /// [`model_to_onnx`] written like [`export`].
 pub fn export_model(model: &VisionTransformer, path: &Path, overwrite: bool) -> Result<()> {
     write_new(path, &model_to_onnx(model)?.encode_to_vec(), overwrite)
+}
+
+/// [`pvt_to_onnx`] written like [`export`].
+pub fn export_pvt(model: &PyramidVisionTransformer, path: &Path, overwrite: bool) -> Result<()> {
+    write_new(path, &pvt_to_onnx(model)?.encode_to_vec(), overwrite)
 }

@@ -2,7 +2,7 @@
 //! layer (SPEC §2.8).
 
 use burn::module::Param;
-use burn::nn::Linear;
+use burn::nn::{Linear, PaddingConfig2d};
 use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
 
@@ -52,6 +52,28 @@ pub fn fold_into_next_linear(linear: &Linear, a: Tensor<1>, b: Tensor<1>) -> Lin
     }
 }
 
+/// F1 for a conv that reads the norm's output, `conv(a ⊙ x + b)` as one conv (PVT's `sr`
+/// reduction after the block norm): `W'[o, i, …] = W[o, i, …]·a_i`,
+/// `c'[o] = c[o] + Σ_{i, kh, kw} W[o, i, kh, kw]·b_i`. Exact only for an ungrouped conv without
+/// padding, where every output reads a full window of normed inputs; `None` otherwise.
+pub fn fold_into_next_conv(conv: &Conv2d, a: Tensor<1>, b: Tensor<1>) -> Option<Conv2d> {
+    let unpadded = matches!(conv.padding, PaddingConfig2d::Valid | PaddingConfig2d::Explicit(0, 0, 0, 0));
+    if conv.groups != 1 || !unpadded {
+        return None;
+    }
+    let weight = conv.weight.val(); // [out, in, kh, kw]
+    let [out, d_in, _, _] = weight.dims();
+    let shift = weight.clone().mul(b.reshape([1, d_in, 1, 1])).sum_dim(3).sum_dim(2).sum_dim(1).reshape([out]);
+    let bias = match &conv.bias {
+        Some(c) => c.val().add(shift),
+        None => shift,
+    };
+    let mut fused = conv.clone();
+    fused.weight = Param::from_tensor(weight.mul(a.reshape([1, d_in, 1, 1])));
+    fused.bias = Some(Param::from_tensor(bias));
+    Some(fused)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,5 +103,24 @@ mod tests {
         let eta_c = conv.bias.as_ref().unwrap().val().mul_scalar(0.37).reshape([1, 1, 8]);
         let gap: f32 = exact.sub(official).sub(eta_c).abs().max().into_scalar();
         assert!(gap < 1e-5, "{gap}");
+    }
+
+    #[test]
+    fn folded_next_conv_equals_conv_after_repbn_and_padded_convs_are_refused() {
+        use burn::nn::conv::Conv2dConfig;
+        let device = Device::flex();
+        let rep = randomized_repbn(6, &device);
+        let conv = Conv2dConfig::new([6, 5], [2, 2]).with_stride([2, 2]).init(&device);
+        let x = Tensor::<4>::random([2, 6, 8, 8], Distribution::Normal(0.0, 1.0), &device);
+        let tokens = x.clone().reshape([2, 6, 64]).swap_dims(1, 2); // (B, N, C)
+        let normed = rep.forward(tokens).swap_dims(1, 2).reshape([2, 6, 8, 8]);
+        let want = conv.forward(normed);
+        let (a, b) = rep.affine();
+        let fused = fold_into_next_conv(&conv, a.clone(), b.clone()).unwrap();
+        let diff: f32 = fused.forward(x).sub(want.clone()).abs().max().into_scalar();
+        let scale: f32 = want.abs().max().into_scalar();
+        assert!(diff < 1e-5 * scale.max(1.0), "{diff} vs {scale}");
+        let padded = Conv2dConfig::new([6, 5], [3, 3]).with_padding(burn::nn::PaddingConfig2d::Explicit(1, 1, 1, 1)).init(&device);
+        assert!(fold_into_next_conv(&padded, a, b).is_none());
     }
 }

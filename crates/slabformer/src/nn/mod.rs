@@ -12,6 +12,7 @@ pub mod loss;
 pub mod lower;
 pub mod mlp;
 pub mod norm;
+pub mod normed_patch_embed;
 pub mod patch_embed;
 pub mod pool;
 pub mod schedule;

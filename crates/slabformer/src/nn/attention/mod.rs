@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 pub mod fast;
 pub mod kernels;
 mod onnx;
+pub mod spatial_reduction;
 
 pub use fast::{AttentionActivations, AttentionScratch, FastAttention};
 
@@ -356,17 +357,7 @@ impl LinearAttention {
         let [q, k, v] = [0, 1, 2].map(|i| qkv.clone().narrow(2, i, 1).reshape([b, n, c]));
         let k = k.add(self.positional_encoding.val());
         let eps = linear_attention_eps(self.feature_map, n);
-        let (q, k) = match self.feature_map {
-            FeatureMap::Relu => (relu(q), relu(k)),
-            FeatureMap::Focused { power } => {
-                let theta = self.scale.as_ref().expect("focused attention has a scale").val();
-                let scale = softplus(theta, 1.0); // (1, 1, C)
-                let focus = |t: Tensor<3>| {
-                    focus_power(relu(t).add_scalar(FOCUS_OFFSET).div(scale.clone()), power)
-                };
-                (focus(q), focus(k))
-            }
-        };
+        let (q, k) = self.feature_map.apply(self.scale.as_ref(), q, k);
         let v = split_heads(v, h); // (B, h, N, d)
         let out = linear_attention_core(split_heads(q, h), split_heads(k, h), v.clone(), eps);
         let out = out.add(self.depthwise_branch(v)); // (B, h, N, d)
@@ -375,14 +366,37 @@ impl LinearAttention {
 
     /// DWC(V): each head's v as a d-channel image on the token grid, one shared conv.
     fn depthwise_branch(&self, v: Tensor<4>) -> Tensor<4> {
-        let [b, h, n, d] = v.dims();
-        let [rows, cols] = self.grid;
-        let image = v
-            .reshape([b * h, n, d])
-            .swap_dims(1, 2)
-            .reshape([b * h, d, rows, cols]); // (B·h, d, rows, cols), tokens row-major
-        let conv = self.dwc.forward(image);
-        conv.reshape([b * h, d, n]).swap_dims(1, 2).reshape([b, h, n, d])
+        depthwise_on_grid(&self.dwc, self.grid, v)
+    }
+}
+
+/// `dwc` applied to each head's v (B, h, N, d) as a d-channel image on the row-major token
+/// `grid`: one conv shared by every head.
+fn depthwise_on_grid(dwc: &Conv2d, grid: [usize; 2], v: Tensor<4>) -> Tensor<4> {
+    let [b, h, n, d] = v.dims();
+    let [rows, cols] = grid;
+    let image = v
+        .reshape([b * h, n, d])
+        .swap_dims(1, 2)
+        .reshape([b * h, d, rows, cols]); // (B·h, d, rows, cols), tokens row-major
+    let conv = dwc.forward(image);
+    conv.reshape([b * h, d, n]).swap_dims(1, 2).reshape([b, h, n, d])
+}
+
+impl FeatureMap {
+    /// φ(q), φ(k) for (B, N, C) queries and keys; `theta` is FLatten's scale parameter.
+    fn apply(self, theta: Option<&Param<Tensor<3>>>, q: Tensor<3>, k: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
+        match self {
+            FeatureMap::Relu => (relu(q), relu(k)),
+            FeatureMap::Focused { power } => {
+                let theta = theta.expect("focused attention has a scale").val();
+                let scale = softplus(theta, 1.0); // (1, 1, C)
+                let focus = |t: Tensor<3>| {
+                    focus_power(relu(t).add_scalar(FOCUS_OFFSET).div(scale.clone()), power)
+                };
+                (focus(q), focus(k))
+            }
+        }
     }
 }
 

@@ -1,5 +1,9 @@
 //! ONNX emission of the attention kinds, op for op as their burn forwards.
 
+use burn::module::Param;
+use burn::nn::conv::Conv2d;
+use burn::tensor::Tensor;
+
 use super::{Attention, DotAttention, FOCUS_OFFSET, FeatureMap, LinearAttention, Score, linear_attention_eps, linear_order};
 use crate::deploy::onnx::{Graph, ToOnnx, attr_int, attr_ints};
 use crate::error::Result;
@@ -68,42 +72,57 @@ impl ToOnnx for LinearAttention {
         let v = g.gather(&qkv, 2, 2);
         let pos = g.param("positional_encoding", &self.positional_encoding);
         let k = g.op("Add", &[&k, &pos], vec![]);
-        let eps = linear_attention_eps(self.feature_map, n) as f32;
-        let (q, k) = match self.feature_map {
-            FeatureMap::Relu => (g.op("Relu", &[&q], vec![]), g.op("Relu", &[&k], vec![])),
-            FeatureMap::Focused { power } => {
-                let theta = self.scale.as_ref().expect("focused attention has a scale");
-                let theta = g.param("focus_scale", theta);
-                let scale = g.op("Softplus", &[&theta], vec![]);
-                (focus(g, &q, &scale, power), focus(g, &k, &scale, power))
-            }
-        };
+        let (q, k) = feature_map(g, self.feature_map, self.scale.as_ref(), &q, &k);
         let (q, k, v) = (g.split_heads(&q, n, h, d), g.split_heads(&k, n, h, d), g.split_heads(&v, n, h, d));
-        let kt = g.transpose(&k, &[0, 1, 3, 2]);
-        let numerator = if linear_order(n, n, d, d) {
-            let kv = g.op("MatMul", &[&kt, &v], vec![]);
-            g.op("MatMul", &[&q, &kv], vec![])
-        } else {
-            let qk = g.op("MatMul", &[&q, &kt], vec![]);
-            g.op("MatMul", &[&qk, &v], vec![])
-        };
-        let k_sum = g.reduce_sum(&k, 2);
-        let qk_sum = g.op("Mul", &[&q, &k_sum], vec![]);
-        let denominator = g.reduce_sum(&qk_sum, 3);
-        let denominator = g.binary_scalar("Add", &denominator, eps);
-        let out = g.op("Div", &[&numerator, &denominator], vec![]);
-        // DWC on each head's v as a d-channel image, one conv shared by the heads.
-        let image = g.reshape(&v, &[-1, n as i64, d as i64]);
-        let image = g.transpose(&image, &[0, 2, 1]);
-        let image = g.reshape(&image, &[-1, d as i64, rows as i64, cols as i64]);
-        let pad = self.dwc.weight.dims()[2] / 2;
-        let conv = g.conv(&image, &self.dwc, pad);
-        let conv = g.reshape(&conv, &[-1, h as i64, d as i64, n as i64]);
-        let conv = g.transpose(&conv, &[0, 1, 3, 2]);
+        let out = linear_core(g, &q, &k, &v, [n, n], d, linear_attention_eps(self.feature_map, n) as f32);
+        let conv = depthwise_on_grid(g, &self.dwc, &v, self.grid, h, d);
         let out = g.op("Add", &[&out, &conv], vec![]);
         let merged = g.merge_heads(&out, n, c);
         self.proj.to_onnx(g, &merged)
     }
+}
+
+/// φ(q), φ(k) on (B, N, C) as `FeatureMap::apply` computes them; `theta` is FLatten's scale.
+pub(super) fn feature_map(g: &mut Graph, map: FeatureMap, theta: Option<&Param<Tensor<3>>>, q: &str, k: &str) -> (String, String) {
+    match map {
+        FeatureMap::Relu => (g.op("Relu", &[q], vec![]), g.op("Relu", &[k], vec![])),
+        FeatureMap::Focused { power } => {
+            let theta = g.param("focus_scale", theta.expect("focused attention has a scale"));
+            let scale = g.op("Softplus", &[&theta], vec![]);
+            (focus(g, q, &scale, power), focus(g, k, &scale, power))
+        }
+    }
+}
+
+/// The linear-attention core on heads q (B, h, N_q, d), k and v (B, h, N_k, d), in the order
+/// `linear_attention_core` picks for `[N_q, N_k]`.
+pub(super) fn linear_core(g: &mut Graph, q: &str, k: &str, v: &str, [n_q, n_k]: [usize; 2], d: usize, eps: f32) -> String {
+    let kt = g.transpose(k, &[0, 1, 3, 2]);
+    let numerator = if linear_order(n_q, n_k, d, d) {
+        let kv = g.op("MatMul", &[&kt, v], vec![]);
+        g.op("MatMul", &[q, &kv], vec![])
+    } else {
+        let qk = g.op("MatMul", &[q, &kt], vec![]);
+        g.op("MatMul", &[&qk, v], vec![])
+    };
+    let k_sum = g.reduce_sum(k, 2);
+    let qk_sum = g.op("Mul", &[q, &k_sum], vec![]);
+    let denominator = g.reduce_sum(&qk_sum, 3);
+    let denominator = g.binary_scalar("Add", &denominator, eps);
+    g.op("Div", &[&numerator, &denominator], vec![])
+}
+
+/// DWC on each head's v (B, h, N, d) as a d-channel image on the row-major `grid`, one conv
+/// shared by the heads; (B, h, N, d) out.
+pub(super) fn depthwise_on_grid(g: &mut Graph, dwc: &Conv2d, v: &str, [rows, cols]: [usize; 2], h: usize, d: usize) -> String {
+    let n = rows * cols;
+    let image = g.reshape(v, &[-1, n as i64, d as i64]);
+    let image = g.transpose(&image, &[0, 2, 1]);
+    let image = g.reshape(&image, &[-1, d as i64, rows as i64, cols as i64]);
+    let pad = dwc.weight.dims()[2] / 2;
+    let conv = g.conv(&image, dwc, pad);
+    let conv = g.reshape(&conv, &[-1, h as i64, d as i64, n as i64]);
+    g.transpose(&conv, &[0, 1, 3, 2])
 }
 
 /// FLatten's feature map `f_p((ReLU(t) + 1e-6) / scale)` over the channel axis, as
