@@ -13,6 +13,7 @@ pub mod lower;
 pub mod mlp;
 pub mod norm;
 pub mod patch_embed;
+pub mod patch_merge;
 pub mod schedule;
 
 use burn::module::{Flag, Module, ModuleMapper, Param};

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 pub mod fast;
 pub mod kernels;
 mod onnx;
+pub mod window;
 
 pub use fast::{AttentionActivations, AttentionScratch, FastAttention};
 
