@@ -16,6 +16,9 @@ pub fn randomized<M: Module>(module: M, weight_scale: f64) -> M {
         let n = t.dims()[0];
         let uniform = |lo, hi| Tensor::<1>::random([n], Distribution::Uniform(lo, hi), &t.device());
         let is_norm_weight = key.ends_with("weight") && (key.contains("norm") || key.contains(".bn."));
+        if key.ends_with("attn_mask") {
+            return None; // a constant of the architecture (Swin's shifted windows)
+        }
         Some(if key.ends_with("running_var") {
             uniform(0.5, 2.0)
         } else if is_norm_weight {

@@ -4,9 +4,11 @@
 //! loaders. A preset is data: `presets()` lists every name the CLI and the loaders accept.
 
 pub mod pvt;
+pub mod swin;
 pub mod vit;
 
 pub use pvt::{PvtConfig, PyramidVisionTransformer};
+pub use swin::{SwinConfig, SwinTransformer};
 pub use vit::{Pool, VisionTransformer, VitConfig};
 
 use burn::module::Module;

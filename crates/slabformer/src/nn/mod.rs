@@ -14,6 +14,7 @@ pub mod mlp;
 pub mod norm;
 pub mod normed_patch_embed;
 pub mod patch_embed;
+pub mod patch_merge;
 pub mod pool;
 pub mod schedule;
 

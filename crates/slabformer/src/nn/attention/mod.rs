@@ -18,6 +18,7 @@ pub mod fast;
 pub mod kernels;
 mod onnx;
 pub mod spatial_reduction;
+pub mod window;
 
 pub use fast::{AttentionActivations, AttentionScratch, FastAttention};
 

@@ -1,0 +1,1001 @@
+//! Swin family: Swin-T/S, PRepBN-Swin, SLAB-Swin, FLatten-Swin (SPEC §4.3).
+//!
+//! One model, with the norm and each stage's attention kind passed in. Structure: patch conv
+//! (k = s = patch) → Norm → stages of Swin blocks `x + attn(norm1(x))` (attention inside shifted
+//! or unshifted windows, see [`WindowGrid`]), `x + mlp(norm2(x))`, with patch merging between
+//! stages → final Norm → token mean → head. 'S' stages use softmax window attention with a
+//! relative position bias; 'L' stages use SLA or FLatten ([`LinearAttention`]) over windows of
+//! `linear_window_size` (56 in SLAB, which makes each 224² 'L' map a single window).
+//!
+//! Two key layouts load without remapping ([`SwinLayout`]): the official Swin/SLAB code's and
+//! timm's.
+
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::nn::conv::Conv2d;
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::{ModelFamily, Preset};
+use crate::error::{Error, Result};
+use crate::nn::attention::window::{MaskBuffer, WindowAttention, WindowGrid};
+use crate::nn::attention::{Attention, AttentionConfig, AttentionKind, LinearAttention};
+use crate::nn::drop_path::DropPath;
+use crate::nn::fuse::{ConvFold, fold_into_next_linear, fold_into_previous_conv};
+use crate::nn::linear::linear;
+use crate::nn::mlp::Mlp;
+use crate::nn::norm::{Norm, NormKind};
+use crate::nn::patch_embed::PatchEmbed;
+use crate::nn::patch_merge::{DeployPatchMerging, PatchMerging};
+use crate::nn::schedule::{Phase, PrepbnSchedule};
+
+/// Whose state-dict keys the model carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SwinLayout {
+    /// The official Swin / SLAB code: `layers.{s}.downsample` at the END of stage s, the head
+    /// `head`, and `relative_position_index` / `attn_mask` as persistent buffers.
+    Official,
+    /// timm 0.9.16: `layers.{s}.downsample` at the START of stage s (s ≥ 1), the head `head.fc`,
+    /// and both buffers non-persistent (recomputed, not in the state dict).
+    Timm,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SwinConfig {
+    /// Input (height, width); any multiple of the patch size (224², 384², 800×1216, …).
+    pub img_size: [usize; 2],
+    pub patch_size: usize,
+    pub in_chans: usize,
+    pub num_classes: usize,
+    pub embed_dim: usize,
+    pub depths: Vec<usize>,
+    pub num_heads: Vec<usize>,
+    /// Each stage's attention: `Softmax` is window attention, `Sla` / `Focused` linear attention.
+    pub attention: Vec<AttentionKind>,
+    /// Target window of the softmax stages.
+    pub window_size: usize,
+    /// Target window of the linear-attention stages.
+    pub linear_window_size: usize,
+    pub mlp_ratio: f64,
+    pub qkv_bias: bool,
+    pub norm: NormKind,
+    /// Whether the patch embedding has a norm (every released config does).
+    pub patch_norm: bool,
+    pub drop_path_rate: f64,
+    pub layout: SwinLayout,
+}
+
+pub(crate) const PRESETS: &[Preset<SwinConfig>] = &[
+    Preset { name: "swin_tiny", summary: "Swin-T: LayerNorm, window attention", config: SwinConfig::swin_tiny },
+    Preset { name: "swin_small", summary: "Swin-S: LayerNorm, window attention", config: SwinConfig::swin_small },
+    Preset { name: "prepbn_swin_tiny", summary: "Swin-T with pure RepBN (T = 0)", config: SwinConfig::prepbn_swin_tiny },
+    Preset { name: "prepbn_swin_small", summary: "Swin-S with PRepBN, T = 3e5", config: SwinConfig::prepbn_swin_small },
+    Preset { name: "slab_swin_tiny", summary: "SLAB-Swin-T: PRepBN (T = 6e4), SLA in stages 1–2 (LLSS)", config: SwinConfig::slab_swin_tiny },
+    Preset { name: "slab_swin_small", summary: "SLAB-Swin-S: PRepBN (T = 6e4), SLA in stages 1–2 (LLSS)", config: SwinConfig::slab_swin_small },
+    Preset { name: "flatten_swin_tiny", summary: "FLatten-Swin-T: LayerNorm, focused linear attention in stages 1–2 (LLSS)", config: SwinConfig::flatten_swin_tiny },
+];
+
+impl SwinConfig {
+    fn swin(depths: Vec<usize>, drop_path_rate: f64) -> Self {
+        Self {
+            img_size: [224, 224],
+            patch_size: 4,
+            in_chans: 3,
+            num_classes: 1000,
+            embed_dim: 96,
+            depths,
+            num_heads: vec![3, 6, 12, 24],
+            attention: vec![AttentionKind::Softmax; 4],
+            window_size: 7,
+            linear_window_size: 56,
+            mlp_ratio: 4.0,
+            qkv_bias: true,
+            norm: NormKind::layer_norm(1e-5),
+            patch_norm: true,
+            drop_path_rate,
+            layout: SwinLayout::Official,
+        }
+    }
+
+    pub fn swin_tiny() -> Self {
+        Self::swin(vec![2, 2, 6, 2], 0.2)
+    }
+
+    pub fn swin_small() -> Self {
+        Self::swin(vec![2, 2, 18, 2], 0.3)
+    }
+
+    /// `swin_t_prepbn.yaml`: pure RepBN, drop-path 0.1.
+    pub fn prepbn_swin_tiny() -> Self {
+        Self { norm: NormKind::repbn(), drop_path_rate: 0.1, ..Self::swin_tiny() }
+    }
+
+    /// Not released; Table A1 gives T = 3e5 for Swin-S (SPEC §2.5).
+    pub fn prepbn_swin_small() -> Self {
+        Self { norm: NormKind::prepbn(1e-5, 300_000), ..Self::swin_small() }
+    }
+
+    /// The 'LLSS' pattern of SLAB/FLatten: linear attention in stages 1–2, window softmax after.
+    fn llss(base: Self, linear: AttentionKind) -> Self {
+        let attention = vec![linear, linear, AttentionKind::Softmax, AttentionKind::Softmax];
+        Self { attention, ..base }
+    }
+
+    pub fn slab_swin_tiny() -> Self {
+        Self { norm: NormKind::prepbn(1e-5, 60_000), ..Self::llss(Self::swin_tiny(), AttentionKind::sla()) }
+    }
+
+    pub fn slab_swin_small() -> Self {
+        Self { norm: NormKind::prepbn(1e-5, 60_000), ..Self::llss(Self::swin_small(), AttentionKind::sla()) }
+    }
+
+    pub fn flatten_swin_tiny() -> Self {
+        Self::llss(Self::swin_tiny(), AttentionKind::focused())
+    }
+
+    pub fn num_stages(&self) -> usize {
+        self.depths.len()
+    }
+
+    /// Token map (rows, cols) after patch embedding.
+    pub fn grid(&self) -> [usize; 2] {
+        self.img_size.map(|s| s / self.patch_size)
+    }
+
+    /// Stage `s`'s token map: each patch merging halves it, rounding up.
+    pub fn stage_resolution(&self, s: usize) -> [usize; 2] {
+        (0..s).fold(self.grid(), |r, _| PatchMerging::output_resolution(r))
+    }
+
+    pub fn stage_dim(&self, s: usize) -> usize {
+        self.embed_dim << s
+    }
+
+    /// Width of the last stage, which the head reads.
+    pub fn num_features(&self) -> usize {
+        self.stage_dim(self.num_stages() - 1)
+    }
+
+    pub fn mlp_hidden(&self, dim: usize) -> usize {
+        (dim as f64 * self.mlp_ratio) as usize
+    }
+
+    /// Block `i` of stage `s`: its windows (odd blocks shift) for the stage's attention kind.
+    pub fn block_grid(&self, s: usize, i: usize) -> Result<WindowGrid> {
+        let target = if self.attention[s].needs_grid() { self.linear_window_size } else { self.window_size };
+        WindowGrid::new(self.stage_resolution(s), target, i % 2 == 1)
+    }
+
+    /// Stochastic depth of the `k`-th block overall: linear from 0 to `drop_path_rate`
+    /// (`torch.linspace(0, rate, total)`).
+    pub fn block_drop_path_rate(&self, k: usize) -> f64 {
+        let total: usize = self.depths.iter().sum();
+        if total > 1 { self.drop_path_rate * k as f64 / (total - 1) as f64 } else { 0.0 }
+    }
+
+    /// The attention of a stage's linear kind over an M×M window.
+    fn linear_attention_config(&self, s: usize, window: usize) -> AttentionConfig {
+        AttentionConfig {
+            dim: self.stage_dim(s),
+            num_heads: self.num_heads[s],
+            qkv_bias: self.qkv_bias,
+            kind: self.attention[s],
+            grid: Some([window, window]),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let err = |msg: String| Err(Error::Config(msg));
+        let p = self.patch_size;
+        if p == 0 || self.img_size.iter().any(|&s| s == 0 || !s.is_multiple_of(p)) {
+            return err(format!("img_size {:?} must be positive multiples of patch_size {p}", self.img_size));
+        }
+        if self.in_chans == 0 || self.num_classes == 0 || self.embed_dim == 0 {
+            return err("in_chans, num_classes and embed_dim must be > 0".into());
+        }
+        let stages = self.num_stages();
+        if stages == 0 || self.num_heads.len() != stages || self.attention.len() != stages {
+            return err(format!(
+                "depths ({}), num_heads ({}) and attention ({}) need one entry per stage, at least one stage",
+                stages,
+                self.num_heads.len(),
+                self.attention.len()
+            ));
+        }
+        if self.depths.contains(&0) {
+            return err(format!("every stage needs a block, got depths {:?}", self.depths));
+        }
+        if self.window_size == 0 || self.linear_window_size == 0 {
+            return err("window sizes must be > 0".into());
+        }
+        if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0) {
+            return err(format!("mlp_ratio must be > 0, got {}", self.mlp_ratio));
+        }
+        if !(0.0..1.0).contains(&self.drop_path_rate) {
+            return err(format!("drop_path_rate must lie in [0, 1), got {}", self.drop_path_rate));
+        }
+        self.norm.validate()?;
+        for s in 0..stages {
+            let (dim, heads) = (self.stage_dim(s), self.num_heads[s]);
+            match self.attention[s] {
+                AttentionKind::Softmax => {
+                    if heads == 0 || !dim.is_multiple_of(heads) {
+                        return err(format!("stage {s}: dim {dim} is not divisible by num_heads {heads}"));
+                    }
+                }
+                AttentionKind::Sla { .. } | AttentionKind::Focused { .. } => {
+                    let window = self.block_grid(s, 0)?.window;
+                    self.linear_attention_config(s, window).validate()?;
+                }
+                AttentionKind::ReluL { .. } => {
+                    return err(format!("stage {s}: Swin stages take softmax window attention, SLA or FLatten, not ReLU attention"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Trainable parameters, from the architecture alone (SPEC §7.2 item 14 counting rules).
+    pub fn param_count(&self) -> usize {
+        let (c, norm) = (self.embed_dim, &self.norm);
+        let mut count = PatchEmbed::param_count(self.in_chans, c, self.patch_size) + if self.patch_norm { norm.param_count(c) } else { 0 };
+        for s in 0..self.num_stages() {
+            let dim = self.stage_dim(s);
+            for i in 0..self.depths[s] {
+                let window = self.block_grid(s, i).map(|g| g.window).unwrap_or(0);
+                let attention = match self.attention[s] {
+                    AttentionKind::Softmax => WindowAttention::param_count(dim, self.num_heads[s], window, self.qkv_bias),
+                    _ => self.linear_attention_config(s, window).param_count(),
+                };
+                count += 2 * norm.param_count(dim) + attention + Mlp::param_count(dim, self.mlp_hidden(dim));
+            }
+            if s + 1 < self.num_stages() {
+                count += PatchMerging::param_count(dim, norm);
+            }
+        }
+        let f = self.num_features();
+        count + norm.param_count(f) + f * self.num_classes + self.num_classes
+    }
+
+    /// Multiply-accumulates of one image's forward pass (the papers' "FLOPs"): the patch conv,
+    /// every window's attention (padding included), the MLPs, the merges and the head.
+    pub fn macs(&self) -> u64 {
+        let [h, w] = self.grid();
+        let c = self.embed_dim;
+        let mut macs = (h * w * c * self.in_chans * self.patch_size * self.patch_size) as u64;
+        for s in 0..self.num_stages() {
+            let (dim, [h, w]) = (self.stage_dim(s), self.stage_resolution(s));
+            for i in 0..self.depths[s] {
+                let Ok(grid) = self.block_grid(s, i) else { continue };
+                let per_window = match self.attention[s] {
+                    AttentionKind::Softmax => WindowAttention::macs_per_window(dim, grid.window),
+                    _ => self.linear_attention_config(s, grid.window).macs(grid.window_tokens()),
+                };
+                macs += grid.num_windows() as u64 * per_window + 2 * (h * w * dim * self.mlp_hidden(dim)) as u64;
+            }
+            if s + 1 < self.num_stages() {
+                macs += PatchMerging::macs(dim, [h, w]);
+            }
+        }
+        macs + (self.num_features() * self.num_classes) as u64
+    }
+
+    pub fn init(&self, device: &Device) -> Result<SwinTransformer> {
+        self.validate()?;
+        let persistent = self.layout == SwinLayout::Official;
+        let last = self.num_stages() - 1;
+        let mut layers = Vec::with_capacity(self.num_stages());
+        let mut k = 0;
+        for s in 0..=last {
+            let dim = self.stage_dim(s);
+            let mut blocks = Vec::with_capacity(self.depths[s]);
+            for i in 0..self.depths[s] {
+                let grid = self.block_grid(s, i)?;
+                let attn = match self.attention[s] {
+                    AttentionKind::Softmax => SwinAttention::Window(WindowAttention::new(dim, self.num_heads[s], grid.window, self.qkv_bias, persistent, device)),
+                    _ => match self.linear_attention_config(s, grid.window).init(device) {
+                        Attention::Linear(a) => SwinAttention::Linear(a),
+                        Attention::Dot(_) => unreachable!("a linear kind builds linear attention"),
+                    },
+                };
+                blocks.push(SwinBlock {
+                    norm1: self.norm.init(dim, device),
+                    attn,
+                    drop_path: DropPath::new(self.block_drop_path_rate(k)),
+                    norm2: self.norm.init(dim, device),
+                    mlp: Mlp::new(dim, self.mlp_hidden(dim), device),
+                    attn_mask: grid.mask_buffer(persistent, device),
+                    grid,
+                });
+                k += 1;
+            }
+            let (downsample, merge_first, merged) = match self.layout {
+                SwinLayout::Official => ((s < last).then(|| PatchMerging::new(dim, &self.norm, device)), false, self.stage_resolution(s)),
+                SwinLayout::Timm if s > 0 => (Some(PatchMerging::new(self.stage_dim(s - 1), &self.norm, device)), true, self.stage_resolution(s - 1)),
+                SwinLayout::Timm => (None, true, self.stage_resolution(s)),
+            };
+            layers.push(SwinStage { blocks, downsample, merge_first, merged_resolution: merged });
+        }
+        let c = self.embed_dim;
+        let f = self.num_features();
+        let head = linear(f, self.num_classes, true, device);
+        Ok(SwinTransformer {
+            patch_embed: SwinPatchEmbed {
+                proj: PatchEmbed::new(self.in_chans, c, self.patch_size, device).proj,
+                norm: self.patch_norm.then(|| self.norm.init(c, device)),
+            },
+            layers,
+            norm: self.norm.init(f, device),
+            head: match self.layout {
+                SwinLayout::Official => SwinHead::Linear(head),
+                SwinLayout::Timm => SwinHead::Timm(ClassifierHead { fc: head }),
+            },
+            config: self.clone(),
+        })
+    }
+}
+
+/// Patch conv, then the norm over the tokens.
+#[derive(Module, Debug)]
+pub struct SwinPatchEmbed {
+    pub proj: Conv2d,
+    pub norm: Option<Norm>,
+}
+
+impl SwinPatchEmbed {
+    /// (B, in_chans, H, W) → (B, H/p · W/p, C).
+    pub fn forward(&self, images: Tensor<4>) -> Tensor<3> {
+        let x = PatchEmbed { proj: self.proj.clone() }.forward(images); // (B, N, C)
+        match &self.norm {
+            Some(norm) => norm.forward(x),
+            None => x,
+        }
+    }
+}
+
+/// A Swin block's token mixer; adds no component to parameter keys.
+#[derive(Module, Debug)]
+pub enum SwinAttention {
+    Window(WindowAttention),
+    Linear(LinearAttention),
+}
+
+impl SwinAttention {
+    /// Windows (B·nW, M², C) → (B·nW, M², C). The shifted-window mask applies to softmax
+    /// attention only: the official SLA ignores it.
+    pub fn forward(&self, windows: Tensor<3>, mask: Option<Tensor<3>>) -> Tensor<3> {
+        match self {
+            SwinAttention::Window(a) => a.forward(windows, mask),
+            SwinAttention::Linear(a) => a.forward(windows),
+        }
+    }
+
+    /// The fuse rule of a preceding norm: folded into `qkv`.
+    pub fn fold_input(&self, a: Tensor<1>, b: Tensor<1>) -> Self {
+        match self {
+            SwinAttention::Window(attn) => SwinAttention::Window(attn.fold_input(a, b)),
+            SwinAttention::Linear(attn) => SwinAttention::Linear(LinearAttention { qkv: fold_into_next_linear(&attn.qkv, a, b), ..attn.clone() }),
+        }
+    }
+
+    fn qkv_mut(&mut self) -> &mut Linear {
+        match self {
+            SwinAttention::Window(a) => &mut a.qkv,
+            SwinAttention::Linear(a) => &mut a.qkv,
+        }
+    }
+
+    fn proj_mut(&mut self) -> &mut Linear {
+        match self {
+            SwinAttention::Window(a) => &mut a.proj,
+            SwinAttention::Linear(a) => &mut a.proj,
+        }
+    }
+}
+
+/// Attention over the block's windows of `x` (B, H·W, C), padding with `pad` (zeros if none).
+fn mix_tokens(attn: &SwinAttention, mask: Option<&MaskBuffer>, grid: &WindowGrid, pad: Option<&Tensor<1>>, x: Tensor<3>) -> Tensor<3> {
+    let mask = mask.map(MaskBuffer::tensor);
+    grid.apply(x, pad, |windows| attn.forward(windows, mask))
+}
+
+#[derive(Module, Debug)]
+pub struct SwinBlock {
+    pub norm1: Norm,
+    pub attn: SwinAttention,
+    pub drop_path: DropPath,
+    pub norm2: Norm,
+    pub mlp: Mlp,
+    /// Shifted blocks only.
+    pub attn_mask: Option<MaskBuffer>,
+    #[module(skip)]
+    pub grid: WindowGrid,
+}
+
+impl SwinBlock {
+    /// (B, H·W, C) → (B, H·W, C).
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let mixed = mix_tokens(&self.attn, self.attn_mask.as_ref(), &self.grid, None, self.norm1.forward(x.clone()));
+        let x = x.add(self.drop_path.forward(mixed));
+        x.clone().add(self.drop_path.forward(self.mlp.forward(self.norm2.forward(x))))
+    }
+
+    /// norm1 folded into the attention's `qkv`, norm2 into `mlp.fc1`. A padded map is padded with
+    /// the token the folded norm1 maps to zero, `−b/a`.
+    fn fuse(&self) -> Result<DeploySwinBlock> {
+        let (a1, b1) = self.norm1.eval_affine().ok_or_else(not_foldable)?;
+        let (a2, b2) = self.norm2.eval_affine().ok_or_else(not_foldable)?;
+        let pad = if self.grid.pads() {
+            check_invertible(&a1, "a block's norm1 (to pad its windows)")?;
+            Some(b1.clone().neg().div(a1.clone()))
+        } else {
+            None
+        };
+        Ok(DeploySwinBlock {
+            pad,
+            attn: self.attn.fold_input(a1, b1),
+            mlp: Mlp { fc1: fold_into_next_linear(&self.mlp.fc1, a2, b2), fc2: self.mlp.fc2.clone() },
+            attn_mask: self.attn_mask.clone(),
+            grid: self.grid,
+        })
+    }
+}
+
+fn not_foldable() -> Error {
+    Error::Config("LayerNorm models have no foldable norms: only RepBN/PRepBN models re-parameterize".into())
+}
+
+/// One stage: its blocks, and the patch merging that the layout places in it, before the blocks
+/// (timm) or after them (official).
+#[derive(Module, Debug)]
+pub struct SwinStage {
+    pub blocks: Vec<SwinBlock>,
+    pub downsample: Option<PatchMerging>,
+    #[module(skip)]
+    pub merge_first: bool,
+    /// The map `downsample` reads.
+    #[module(skip)]
+    pub merged_resolution: [usize; 2],
+}
+
+impl SwinStage {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let merge = |x: Tensor<3>| match &self.downsample {
+            Some(m) => m.forward(x, self.merged_resolution), // (B, ⌈H/2⌉·⌈W/2⌉, 2C)
+            None => x,
+        };
+        let x = if self.merge_first { merge(x) } else { x };
+        let x = self.blocks.iter().fold(x, |x, block| block.forward(x));
+        if self.merge_first { x } else { merge(x) }
+    }
+}
+
+/// timm's classifier head (`head.fc`).
+#[derive(Module, Debug)]
+pub struct ClassifierHead {
+    pub fc: Linear,
+}
+
+/// The head Linear, under `head` (official) or `head.fc` (timm); adds no key component itself.
+#[derive(Module, Debug)]
+pub enum SwinHead {
+    Linear(Linear),
+    Timm(ClassifierHead),
+}
+
+impl SwinHead {
+    pub fn linear(&self) -> &Linear {
+        match self {
+            SwinHead::Linear(l) => l,
+            SwinHead::Timm(h) => &h.fc,
+        }
+    }
+
+    fn with_linear(&self, fc: Linear) -> Self {
+        match self {
+            SwinHead::Linear(_) => SwinHead::Linear(fc),
+            SwinHead::Timm(_) => SwinHead::Timm(ClassifierHead { fc }),
+        }
+    }
+
+    /// Tokens (B, N, C) → logits (B, classes) from the token mean.
+    fn forward(&self, x: Tensor<3>) -> Tensor<2> {
+        let [b, _, c] = x.dims();
+        self.linear().forward(x.mean_dim(1).reshape([b, c])) // (B, classes)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct SwinTransformer {
+    pub patch_embed: SwinPatchEmbed,
+    pub layers: Vec<SwinStage>,
+    pub norm: Norm,
+    pub head: SwinHead,
+    #[module(skip)]
+    pub config: SwinConfig,
+}
+
+/// Where [`SwinTransformer::fuse_with`] puts the final norm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinalNormFold {
+    /// Forward into the head (mean pooling commutes with the per-channel affine map).
+    Head,
+    /// Backwards into the last stage, as the official `SwinTransformer.merge_bn` (SPEC §2.8 F3).
+    LastStage,
+}
+
+/// How to fuse: exact (the default), or as the official merge sequence does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SwinFuse {
+    pub final_norm: FinalNormFold,
+    /// Reproduce the official `PatchEmbed.merge_bn`, which drops RepBN's `α·c` bias term.
+    pub official_patch_embed: bool,
+}
+
+impl SwinFuse {
+    pub const EXACT: Self = Self { final_norm: FinalNormFold::Head, official_patch_embed: false };
+    /// The official `eval.py` merge, bias omission included: reproduces official fused states.
+    pub const OFFICIAL: Self = Self { final_norm: FinalNormFold::LastStage, official_patch_embed: true };
+}
+
+impl SwinTransformer {
+    /// Images (B, in_chans, H, W) → logits (B, num_classes). The input must have the configured
+    /// size; see [`try_forward`](Self::try_forward) for a checked call.
+    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        let x = self.patch_embed.forward(images); // (B, N, C)
+        let x = self.layers.iter().fold(x, |x, stage| stage.forward(x)); // (B, N_last, 8C)
+        self.head.forward(self.norm.forward(x))
+    }
+
+    /// [`forward`](Self::forward) after checking the input is (B > 0, in_chans, H, W).
+    pub fn try_forward(&self, images: Tensor<4>) -> Result<Tensor<2>> {
+        check_images(&self.config, &images)?;
+        Ok(self.forward(images))
+    }
+
+    /// The phase the first PRepBN layer will compute next (its λ is the one training logs).
+    pub fn prepbn_phase(&self) -> Option<Phase> {
+        match &self.layers.first()?.blocks.first()?.norm1 {
+            Norm::LinearNorm(n) => Some(n.next_phase()),
+            _ => None,
+        }
+    }
+
+    /// The exact deploy form ([`SwinFuse::EXACT`]).
+    pub fn fuse(&self) -> Result<DeploySwin> {
+        self.fuse_with(SwinFuse::EXACT)
+    }
+
+    /// The norm-free deploy form: block norms folded into `qkv` / `fc1`, each merge's norm into
+    /// its `reduction` (which gains a bias), the patch-embed norm into the conv, the final norm
+    /// into the head or the last stage. Needs RepBN/PRepBN norms; lives on the device without
+    /// autodiff.
+    pub fn fuse_with(&self, how: SwinFuse) -> Result<DeploySwin> {
+        let model = self.valid();
+        let proj = match &model.patch_embed.norm {
+            Some(norm) => {
+                let (a, b) = norm.eval_affine().ok_or_else(not_foldable)?;
+                let mode = if how.official_patch_embed { ConvFold::OfficialPatchEmbed { alpha: repbn_alpha(norm) } } else { ConvFold::Exact };
+                fold_into_previous_conv(&model.patch_embed.proj, a, b, mode)
+            }
+            None => model.patch_embed.proj.clone(),
+        };
+        let mut layers = Vec::with_capacity(model.layers.len());
+        for stage in &model.layers {
+            let downsample = match &stage.downsample {
+                Some(m) => Some(m.fuse().ok_or_else(not_foldable)?),
+                None => None,
+            };
+            let blocks = stage.blocks.iter().map(SwinBlock::fuse).collect::<Result<Vec<_>>>()?;
+            layers.push(DeploySwinStage { blocks, downsample, merge_first: stage.merge_first, merged_resolution: stage.merged_resolution });
+        }
+        let (a, b) = model.norm.eval_affine().ok_or_else(not_foldable)?;
+        let head = match how.final_norm {
+            FinalNormFold::Head => model.head.with_linear(fold_into_next_linear(model.head.linear(), a, b)),
+            FinalNormFold::LastStage => {
+                fold_into_last_stage(&mut layers, a, b)?;
+                model.head.with_linear(model.head.linear().clone())
+            }
+        };
+        Ok(DeploySwin { patch_embed: PatchEmbed { proj }, layers, head, config: model.config.clone() })
+    }
+}
+
+/// RepBN's α of a foldable norm (for the official patch-embed merge).
+fn repbn_alpha(norm: &Norm) -> f32 {
+    let alpha = match norm {
+        Norm::RepBN(n) => n.alpha.val(),
+        Norm::LinearNorm(n) => n.norm2.alpha.val(),
+        Norm::LayerNorm(_) => return 0.0,
+    };
+    alpha.into_scalar()
+}
+
+/// F3 (SPEC §2.8): the final norm `a ⊙ r + b` folded into the last stage's residual stream. The
+/// merge feeding the stage and every branch output (attn.proj, mlp.fc2) are scaled by `a`, the
+/// last fc2 also adds `b`; the inputs that read the stream (qkv, fc1) are scaled by 1/a.
+fn fold_into_last_stage(layers: &mut [DeploySwinStage], a: Tensor<1>, b: Tensor<1>) -> Result<()> {
+    check_invertible(&a, "the final norm (fold it into the head instead)")?;
+    let last = layers.len() - 1;
+    let merge_first = layers[last].merge_first;
+    let merge = match (merge_first, last) {
+        (true, _) => layers[last].downsample.as_mut(),
+        (false, 0) => None,
+        (false, _) => layers[last - 1].downsample.as_mut(),
+    }
+    .ok_or_else(|| Error::Config("folding the final norm into the last stage needs a patch merging before it (two stages or more)".into()))?;
+    merge.reduction = scale_outputs(&merge.reduction, a.clone(), None);
+    let inverse = a.clone().recip();
+    let blocks = &mut layers[last].blocks;
+    let depth = blocks.len();
+    for (i, block) in blocks.iter_mut().enumerate() {
+        let proj = scale_outputs(block.attn.proj_mut(), a.clone(), None);
+        *block.attn.proj_mut() = proj;
+        let qkv = scale_inputs(block.attn.qkv_mut(), inverse.clone());
+        *block.attn.qkv_mut() = qkv;
+        block.mlp.fc2 = scale_outputs(&block.mlp.fc2, a.clone(), (i + 1 == depth).then(|| b.clone()));
+        block.mlp.fc1 = scale_inputs(&block.mlp.fc1, inverse.clone());
+        block.pad = block.pad.take().map(|pad| pad.mul(a.clone())); // the stream it stands in for is scaled
+    }
+    Ok(())
+}
+
+/// Dividing by a norm's scale `a` needs `|a_c| ≥ 1e-8` in every channel.
+fn check_invertible(a: &Tensor<1>, what: &str) -> Result<()> {
+    let smallest: f32 = a.clone().abs().min().into_scalar();
+    if smallest.is_nan() || smallest < 1e-8 {
+        return Err(Error::Config(format!("{what}: a channel has |a| = {smallest:e} < 1e-8")));
+    }
+    Ok(())
+}
+
+/// `y ↦ a ⊙ y (+ shift)` after a Linear: its output columns (burn layout `[in, out]`) scaled.
+fn scale_outputs(linear: &Linear, a: Tensor<1>, shift: Option<Tensor<1>>) -> Linear {
+    let weight = linear.weight.val();
+    let [_, d_out] = weight.dims();
+    let bias = linear.bias.as_ref().map(|c| c.val().mul(a.clone()));
+    let bias = match (bias, shift) {
+        (Some(c), Some(s)) => Some(c.add(s)),
+        (c, s) => c.or(s),
+    };
+    Linear { weight: Param::from_tensor(weight.mul(a.reshape([1, d_out]))), bias: bias.map(Param::from_tensor) }
+}
+
+/// `x ↦ Linear(s ⊙ x)`: its input rows scaled, bias unchanged.
+fn scale_inputs(linear: &Linear, s: Tensor<1>) -> Linear {
+    let weight = linear.weight.val();
+    let [d_in, _] = weight.dims();
+    Linear { weight: Param::from_tensor(weight.mul(s.reshape([d_in, 1]))), bias: linear.bias.clone() }
+}
+
+fn check_images(cfg: &SwinConfig, images: &Tensor<4>) -> Result<()> {
+    let dims = images.dims();
+    let [h, w] = cfg.img_size;
+    if dims[0] == 0 || dims != [dims[0], cfg.in_chans, h, w] {
+        return Err(Error::InputShape {
+            layer: "swin transformer",
+            expected: format!("(B > 0, {}, {h}, {w}) images", cfg.in_chans),
+            found: dims.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// A block with its norms folded away: `x + attn(x)`, `x + mlp(x)`.
+#[derive(Module, Debug)]
+pub struct DeploySwinBlock {
+    /// What padded windows are filled with (maps that windows do not divide only); a constant,
+    /// not in the state dict.
+    pub pad: Option<Tensor<1>>,
+    pub attn: SwinAttention,
+    pub mlp: Mlp,
+    pub attn_mask: Option<MaskBuffer>,
+    #[module(skip)]
+    pub grid: WindowGrid,
+}
+
+impl DeploySwinBlock {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = x.clone().add(mix_tokens(&self.attn, self.attn_mask.as_ref(), &self.grid, self.pad.as_ref(), x));
+        x.clone().add(self.mlp.forward(x))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct DeploySwinStage {
+    pub blocks: Vec<DeploySwinBlock>,
+    pub downsample: Option<DeployPatchMerging>,
+    #[module(skip)]
+    pub merge_first: bool,
+    #[module(skip)]
+    pub merged_resolution: [usize; 2],
+}
+
+impl DeploySwinStage {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let merge = |x: Tensor<3>| match &self.downsample {
+            Some(m) => m.forward(x, self.merged_resolution),
+            None => x,
+        };
+        let x = if self.merge_first { merge(x) } else { x };
+        let x = self.blocks.iter().fold(x, |x, block| block.forward(x));
+        if self.merge_first { x } else { merge(x) }
+    }
+}
+
+/// The norm-free deploy model made by [`SwinTransformer::fuse_with`].
+#[derive(Module, Debug)]
+pub struct DeploySwin {
+    pub patch_embed: PatchEmbed,
+    pub layers: Vec<DeploySwinStage>,
+    pub head: SwinHead,
+    #[module(skip)]
+    pub config: SwinConfig,
+}
+
+impl DeploySwin {
+    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        let x = self.patch_embed.forward(images); // (B, N, C)
+        let x = self.layers.iter().fold(x, |x, stage| stage.forward(x));
+        self.head.forward(x)
+    }
+
+    pub fn try_forward(&self, images: Tensor<4>) -> Result<Tensor<2>> {
+        check_images(&self.config, &images)?;
+        Ok(self.forward(images))
+    }
+}
+
+impl ModelFamily for SwinTransformer {
+    type Config = SwinConfig;
+    type Deploy = DeploySwin;
+
+    fn presets() -> &'static [Preset<SwinConfig>] {
+        PRESETS
+    }
+    fn init(config: &SwinConfig, device: &Device) -> Result<Self> {
+        config.init(device)
+    }
+    fn config(&self) -> &SwinConfig {
+        &self.config
+    }
+    fn param_count(config: &SwinConfig) -> usize {
+        config.param_count()
+    }
+    fn macs(config: &SwinConfig) -> u64 {
+        config.macs()
+    }
+    fn fuse(&self) -> Result<DeploySwin> {
+        SwinTransformer::fuse(self)
+    }
+    fn prepbn_phase(&self) -> Option<Phase> {
+        SwinTransformer::prepbn_phase(self)
+    }
+    fn prepbn_schedule(config: &mut SwinConfig) -> Option<&mut PrepbnSchedule> {
+        match &mut config.norm {
+            NormKind::Prepbn { schedule, .. } => Some(schedule),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{collect_state, trainable_param_count};
+    use burn::tensor::Distribution;
+
+    fn preset(name: &str) -> SwinConfig {
+        (PRESETS.iter().find(|p| p.name == name).unwrap().config)()
+    }
+
+    #[test]
+    fn parameter_counts_match_spec() {
+        // SPEC §7.2 item 14 (training form), computed from the architecture and from the built
+        // (lazy) modules.
+        let cases = [
+            ("swin_tiny", 28_288_354),
+            ("swin_small", 49_606_258),
+            ("prepbn_swin_tiny", 28_288_383),
+            ("slab_swin_tiny", 29_216_605),
+            ("slab_swin_small", 50_552_965),
+        ];
+        let device = Device::flex();
+        for (name, want) in cases {
+            let config = preset(name);
+            assert_eq!(config.param_count(), want, "{name}");
+            assert_eq!(trainable_param_count(&config.init(&device).unwrap()), want, "{name}");
+        }
+        // Fused SLAB-Swin-T: SPEC's 29 167 040 (training form less its 29 norms) plus the 2C
+        // biases the three merges' `reduction` gain when their norms fold in (SPEC §2.8 F1).
+        let fused = preset("slab_swin_tiny").init(&device).unwrap().fuse().unwrap();
+        assert_eq!(trainable_param_count(&fused), 29_167_040 + 192 + 384 + 768);
+    }
+
+    #[test]
+    fn params_and_flops_match_published_figures() {
+        // Published params (M) and FLOPs (G MACs) at 224², SPEC §4.3 (Swin paper Table 1, SLAB
+        // Table 6 / 7, FLatten Table 2 as the spec quotes them): within 3 %.
+        let cases = [
+            ("swin_tiny", 28.0, 4.5),
+            ("swin_small", 50.0, 8.7),
+            ("prepbn_swin_tiny", 28.29, 4.5),
+            ("slab_swin_tiny", 29.22, 4.5),
+            ("slab_swin_small", 50.55, 8.7),
+            ("flatten_swin_tiny", 29.0, 4.5),
+        ];
+        for (name, params, flops) in cases {
+            let config = preset(name);
+            let ours_params = config.param_count() as f64 / 1e6;
+            let ours_flops = config.macs() as f64 / 1e9;
+            assert!((ours_params - params).abs() <= 0.03 * params, "{name}: {ours_params:.3} M vs {params} M");
+            assert!((ours_flops - flops).abs() <= 0.03 * flops, "{name}: {ours_flops:.3} G vs {flops} G");
+        }
+    }
+
+    #[test]
+    fn slab_linear_stages_are_one_window_of_the_whole_map() {
+        // SPEC §4.3: the 'L' positional encodings are (3136, 96) and (784, 192), no shift; the 'S'
+        // stages keep window 7 with shift 3.
+        let config = preset("slab_swin_tiny");
+        let model = config.init(&Device::flex()).unwrap();
+        for (s, tokens) in [(0, 3136), (1, 784)] {
+            for block in &model.layers[s].blocks {
+                let SwinAttention::Linear(attn) = &block.attn else { panic!("stage {s} is SLA") };
+                assert_eq!(attn.positional_encoding.lazy_shape().dims::<3>(), [1, tokens, config.stage_dim(s)]);
+                assert_eq!(block.grid.shift, 0);
+                assert!(block.attn_mask.is_none());
+            }
+        }
+        let shifted = &model.layers[2].blocks[1];
+        assert_eq!((shifted.grid.window, shifted.grid.shift), (7, 3));
+        assert!(matches!(shifted.attn, SwinAttention::Window(_)));
+    }
+
+    #[test]
+    fn layouts_name_the_official_and_timm_keys() {
+        let device = Device::flex();
+        let small = |layout| SwinConfig { img_size: [32, 32], patch_size: 2, embed_dim: 8, depths: vec![2, 2], num_heads: vec![2, 4], attention: vec![AttentionKind::Softmax; 2], window_size: 4, num_classes: 3, layout, ..SwinConfig::swin_tiny() };
+        let official = collect_state(&small(SwinLayout::Official).init(&device).unwrap());
+        for key in ["patch_embed.proj.weight", "patch_embed.norm.weight", "layers.0.blocks.0.attn.relative_position_index", "layers.0.blocks.1.attn_mask", "layers.0.downsample.reduction.weight", "head.weight"] {
+            assert!(official.contains(key), "official: {key}");
+        }
+        assert!(!official.contains("layers.0.blocks.0.attn_mask"));
+        let timm = collect_state(&small(SwinLayout::Timm).init(&device).unwrap());
+        for key in ["layers.1.downsample.norm.weight", "head.fc.weight", "layers.1.blocks.1.attn.relative_position_bias_table"] {
+            assert!(timm.contains(key), "timm: {key}");
+        }
+        assert!(!timm.keys().any(|k| k.contains("relative_position_index") || k.contains("attn_mask") || k.starts_with("layers.0.downsample")));
+    }
+
+    /// Narrow versions of the presets (the real windows and stage layout, small widths) for the
+    /// forward passes at full resolutions.
+    fn narrow(base: SwinConfig, img_size: [usize; 2]) -> SwinConfig {
+        SwinConfig { img_size, embed_dim: 8, depths: vec![2, 2, 2, 2], num_heads: vec![1, 2, 2, 4], num_classes: 5, ..base }
+    }
+
+    #[test]
+    fn every_resolution_builds_and_runs_including_non_divisible_maps() {
+        // 224², 256², 384² and a detection-size 800×1216 input. At 256² the 64×64 stage-1 map is
+        // not a multiple of SLAB's 56-token 'L' window; at 800×1216 the 200×304 map is not a
+        // multiple of 7: both are padded (see `WindowGrid`).
+        let device = Device::flex();
+        for size in [[224, 224], [256, 256], [384, 384], [800, 1216]] {
+            for base in [SwinConfig::prepbn_swin_tiny(), SwinConfig::slab_swin_tiny()] {
+                let config = narrow(base, size);
+                let model = crate::testing::randomized(config.init(&device).unwrap(), 1.0);
+                let images = Tensor::<4>::random([1, 3, size[0], size[1]], Distribution::Normal(0.0, 1.0), &device);
+                let logits = model.try_forward(images.clone()).unwrap();
+                assert_eq!(logits.dims(), [1, 5]);
+                let values = crate::state::host_f32(logits.clone());
+                assert!(values.iter().all(|v| v.is_finite()), "{size:?}: {values:?}");
+                // Padded windows stay equal once fused (the fused blocks pad with −b/a, also
+                // under the last-stage fold of the final norm).
+                let scale = values.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+                for how in [SwinFuse::EXACT, SwinFuse { final_norm: FinalNormFold::LastStage, official_patch_embed: false }] {
+                    let fused = model.fuse_with(how).unwrap().forward(images.clone());
+                    let diff: f32 = fused.sub(logits.clone()).abs().max().into_scalar();
+                    assert!(diff <= 1e-4 * scale, "{size:?} {how:?}: fused differs by {diff}");
+                }
+            }
+            // The full-width presets build at this size (parameters are lazy).
+            let config = SwinConfig { img_size: size, ..SwinConfig::slab_swin_tiny() };
+            assert_eq!(trainable_param_count(&config.init(&device).unwrap()), config.param_count());
+        }
+        let grid = SwinConfig { img_size: [800, 1216], ..SwinConfig::swin_tiny() }.block_grid(0, 1).unwrap();
+        assert_eq!((grid.resolution, grid.padded(), grid.shift), ([200, 304], [203, 308], 3));
+    }
+
+    #[test]
+    fn padded_windows_equal_the_official_detection_padding_by_hand() {
+        // A 5×6 map with window 4: the official detection block pads to 8×8 after norm1, attends
+        // in four windows and crops. Reproduce that by hand for one unshifted block.
+        let device = Device::flex();
+        let config = SwinConfig { img_size: [10, 12], patch_size: 2, embed_dim: 8, depths: vec![1], num_heads: vec![2], attention: vec![AttentionKind::Softmax], window_size: 4, num_classes: 3, ..SwinConfig::swin_tiny() };
+        let model = crate::testing::randomized(config.init(&device).unwrap(), 1.0);
+        let block = &model.layers[0].blocks[0];
+        let x = Tensor::<3>::random([2, 30, 8], Distribution::Normal(0.0, 1.0), &device);
+        let normed = block.norm1.forward(x.clone()).reshape([2, 5, 6, 8]);
+        let padded = Tensor::<4>::zeros([2, 8, 8, 8], &device).slice_assign([0..2, 0..5, 0..6, 0..8], normed);
+        let SwinAttention::Window(attn) = &block.attn else { panic!("window attention") };
+        let windows = crate::nn::attention::window::window_partition(padded, 4);
+        let mixed = crate::nn::attention::window::window_reverse(attn.forward(windows, None), 4, [8, 8]);
+        let mixed = mixed.narrow(1, 0, 5).narrow(2, 0, 6).reshape([2, 30, 8]);
+        let mid = x.clone().add(mixed);
+        let want = mid.clone().add(block.mlp.forward(block.norm2.forward(mid)));
+        let diff: f32 = block.forward(x).sub(want).abs().max().into_scalar();
+        assert!(diff < 1e-5, "{diff}");
+    }
+
+    #[test]
+    fn fused_models_equal_unfused_eval_and_have_no_norms() {
+        // SPEC §7.2 item 13 for Swin: PRepBN-Swin (RepBN, window attention) and SLAB-Swin (PRepBN +
+        // SLA), both layouts, both final-norm folds.
+        let device = Device::flex();
+        let small = |base: SwinConfig, layout| SwinConfig { img_size: [32, 32], patch_size: 2, embed_dim: 8, depths: vec![2, 2, 2], num_heads: vec![1, 2, 4], attention: vec![AttentionKind::Softmax; 3], window_size: 4, linear_window_size: 8, num_classes: 7, layout, ..base };
+        let slab = |layout| SwinConfig { attention: vec![AttentionKind::sla(), AttentionKind::Softmax, AttentionKind::Softmax], ..small(SwinConfig::slab_swin_tiny(), layout) };
+        let flatten = SwinConfig { attention: vec![AttentionKind::focused(), AttentionKind::Softmax, AttentionKind::Softmax], ..small(SwinConfig::prepbn_swin_tiny(), SwinLayout::Official) };
+        let configs = [small(SwinConfig::prepbn_swin_tiny(), SwinLayout::Official), small(SwinConfig::prepbn_swin_small(), SwinLayout::Timm), slab(SwinLayout::Official), slab(SwinLayout::Timm), flatten];
+        for config in configs {
+            let model = crate::testing::randomized(config.init(&device).unwrap(), 1.0);
+            let images = Tensor::<4>::random([16, 3, 32, 32], Distribution::Normal(0.0, 1.0), &device);
+            let want = model.forward(images.clone());
+            let scale: f32 = want.clone().abs().max().into_scalar();
+            for how in [SwinFuse::EXACT, SwinFuse { final_norm: FinalNormFold::LastStage, official_patch_embed: false }] {
+                let deploy = model.fuse_with(how).unwrap();
+                let keys = collect_state(&deploy);
+                let folded = |k: &str| k.contains("norm") || k.contains("bn.") || k.contains("alpha");
+                assert!(!keys.keys().any(|k| folded(k)), "{:?}", keys.keys().collect::<Vec<_>>());
+                let got = deploy.forward(images.clone());
+                let diff: f32 = got.clone().sub(want.clone()).abs().max().into_scalar();
+                assert!(diff <= 1e-4 * scale.max(1.0), "{config:?} {how:?}: {diff} vs max |logit| {scale}");
+                let same_top1: bool = got.argmax(1).equal(want.clone().argmax(1)).all().into_scalar();
+                assert!(same_top1);
+            }
+            // The official patch-embed merge misses exactly α·c in the conv bias.
+            let bias = |d: &DeploySwin| d.patch_embed.proj.bias.as_ref().unwrap().val();
+            let official = model.fuse_with(SwinFuse::OFFICIAL).unwrap();
+            let alpha_c = model.patch_embed.proj.bias.as_ref().unwrap().val().mul_scalar(repbn_alpha(model.patch_embed.norm.as_ref().unwrap()));
+            let exact = model.fuse().unwrap();
+            let gap: f32 = bias(&exact).sub(bias(&official)).sub(alpha_c.clone()).abs().max().into_scalar();
+            let size: f32 = alpha_c.abs().max().into_scalar();
+            assert!(gap < 1e-6 && size > 1e-3, "{gap} {size}");
+        }
+        let layer_norm = small(SwinConfig::swin_tiny(), SwinLayout::Official).init(&device).unwrap();
+        assert!(layer_norm.fuse().unwrap_err().to_string().contains("LayerNorm"));
+        let one_stage = SwinConfig { depths: vec![2], num_heads: vec![2], attention: vec![AttentionKind::Softmax], ..small(SwinConfig::prepbn_swin_tiny(), SwinLayout::Official) };
+        let model = one_stage.init(&device).unwrap();
+        assert!(model.fuse_with(SwinFuse::OFFICIAL).is_err());
+        assert!(model.fuse().is_ok());
+    }
+
+    #[test]
+    fn every_preset_is_valid_and_bad_configs_and_inputs_are_errors() {
+        for p in PRESETS {
+            (p.config)().validate().unwrap_or_else(|e| panic!("{}: {e}", p.name));
+        }
+        let base = SwinConfig::swin_tiny();
+        let bad = [
+            SwinConfig { img_size: [226, 224], ..base.clone() },
+            SwinConfig { num_heads: vec![3, 6, 12], ..base.clone() },
+            SwinConfig { num_heads: vec![5, 6, 12, 24], ..base.clone() },
+            SwinConfig { depths: vec![2, 0, 6, 2], ..base.clone() },
+            SwinConfig { attention: vec![AttentionKind::ReluL { qk_norm: false, gated: false }; 4], ..base.clone() },
+            SwinConfig { window_size: 0, ..base.clone() },
+            SwinConfig { drop_path_rate: 1.0, ..base.clone() },
+            SwinConfig { norm: NormKind::layer_norm(0.0), ..base.clone() },
+            SwinConfig { attention: vec![AttentionKind::Sla { kernel_size: 4 }; 4], ..base.clone() },
+        ];
+        let device = Device::flex();
+        for config in bad {
+            assert!(config.init(&device).is_err(), "{config:?}");
+        }
+        let config = SwinConfig { img_size: [32, 32], patch_size: 2, embed_dim: 8, depths: vec![2], num_heads: vec![2], attention: vec![AttentionKind::Softmax], window_size: 4, num_classes: 3, ..base };
+        let model = config.init(&device).unwrap();
+        for dims in [[2, 3, 32, 30], [2, 1, 32, 32], [0, 3, 32, 32]] {
+            let err = model.try_forward(Tensor::zeros(dims, &device)).unwrap_err();
+            assert!(err.to_string().contains(&format!("{dims:?}")), "{err}");
+        }
+    }
+}
