@@ -3,8 +3,10 @@
 //! ONNX walk; [`ModelFamily`] is what every family provides to the trainer, the CLI and the
 //! loaders. A preset is data: `presets()` lists every name the CLI and the loaders accept.
 
+pub mod cswin;
 pub mod vit;
 
+pub use cswin::{CswinConfig, CswinTransformer};
 pub use vit::{Pool, VisionTransformer, VitConfig};
 
 use burn::module::Module;
