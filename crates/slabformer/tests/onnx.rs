@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use burn::tensor::{Device, Distribution, Tensor};
 use slabformer::deploy::onnx::{export, export_model};
-use slabformer::models::{Pool, VitConfig};
+use slabformer::models::{CswinConfig, Pool, VitConfig};
 use slabformer::models::vit::{DeployVit, VisionTransformer};
 use slabformer::nn::attention::AttentionKind;
 
@@ -88,7 +88,12 @@ fn check(name: &str, config: VitConfig) {
 
 /// slabformer's logits against ONNX Runtime's on the exported file, for 3 seeded random images.
 fn compare(name: &str, path: &Path, config: &VitConfig, forward: impl Fn(Tensor<4>) -> Tensor<2>) {
-    let shape = [3, config.in_chans, config.img_size, config.img_size];
+    compare_images(name, path, [config.in_chans, config.img_size], forward);
+}
+
+/// [`compare`] for `[in_chans, img_size]` images.
+fn compare_images(name: &str, path: &Path, [in_chans, img_size]: [usize; 2], forward: impl Fn(Tensor<4>) -> Tensor<2>) {
+    let shape = [3, in_chans, img_size, img_size];
     let images = seeded(IMAGES_SEED, |device| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), device));
     let input: Vec<f32> = images.clone().into_data().try_to_vec().unwrap();
     let ours: Vec<f32> = forward(images).into_data().try_to_vec().unwrap();
@@ -160,4 +165,32 @@ fn existing_files_are_kept() {
     let err = export(&slab, &path, false).unwrap_err().to_string();
     assert!(err.contains("not overwriting"), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), before, "the existing file is untouched");
+}
+
+#[test]
+fn cswin_family_onnx_matches_slabformer() {
+    // SLAB-CSWin exported fused (SLA + LePE in global windows, softmax stripes, stem and merge
+    // norms folded into their convs), CSWin-T and FLatten-CSWin with their LayerNorms.
+    let small = |base: CswinConfig| CswinConfig {
+        img_size: 64,
+        num_classes: 10,
+        embed_dim: 8,
+        depth: [1, 1, 2, 1],
+        num_heads: [2, 2, 4, 8],
+        split_size: [1, 2, 2, 2],
+        mlp_ratio: 2.0,
+        ..base
+    };
+    let cases = [
+        ("slab_cswin", small(CswinConfig::slab_cswin_tiny())),
+        ("cswin", small(CswinConfig::cswin_tiny())),
+        ("flatten_cswin", small(CswinConfig::flatten_cswin_tiny())),
+    ];
+    for (name, config) in cases {
+        let model = seeded(WEIGHTS_SEED, |device| slabformer::testing::randomized(config.init(device).unwrap(), 3.0));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(format!("{name}.onnx"));
+        model.export_onnx(&path, false).unwrap();
+        compare_images(name, &path, [config.in_chans, config.img_size], |images| model.forward(images));
+    }
 }

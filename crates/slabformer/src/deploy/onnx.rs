@@ -300,7 +300,7 @@ impl Graph {
 }
 
 /// An image classifier as an ONNX model: input `images` (batch, C, H, W), output `logits`.
-fn classifier_proto(model: &impl ToOnnx, in_chans: usize, img_size: usize, classes: usize) -> Result<ModelProto> {
+pub fn classifier_proto(model: &impl ToOnnx, in_chans: usize, img_size: usize, classes: usize) -> Result<ModelProto> {
     let mut g = Graph::default();
     let logits = model.to_onnx(&mut g, "images")?;
     g.rename(&logits, "logits");

@@ -7,16 +7,21 @@
 //! doubling the channels → tokens → norm) between them; final norm → token mean → head. The
 //! cross-shaped attention itself is the layer kind `nn::attention::cross_shaped`.
 
+use std::path::Path;
+
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, PaddingConfig2d};
 use burn::tensor::{Device, Tensor};
+use prost::Message;
 use serde::{Deserialize, Serialize};
 
 use super::{ModelFamily, Preset};
+use crate::deploy::onnx::{Graph, ToOnnx, attr_int, attr_ints, classifier_proto};
+use crate::files::write_new;
 use crate::error::{Error, Result};
 use crate::nn::attention::AttentionKind;
-use crate::nn::attention::cross_shaped::{CrossShapedBranch, CrossShapedConfig, cross_shaped_attention};
+use crate::nn::attention::cross_shaped::{CrossShapedBranch, CrossShapedConfig, cross_shaped_attention, cross_shaped_attention_onnx};
 use crate::nn::drop_path::DropPath;
 use crate::nn::fuse::{ConvFold, fold_into_next_linear, fold_into_previous_conv};
 use crate::nn::linear::linear;
@@ -548,6 +553,114 @@ impl DeployCswin {
     pub fn try_forward(&self, images: Tensor<4>) -> Result<Tensor<2>> {
         check_images(&self.config, &images)?;
         Ok(self.forward(images))
+    }
+}
+
+// ---- ONNX: the graph walks the same modules as the forwards.
+
+/// (B, C, H, W) → (B, H·W, C) in the graph.
+fn tokens_onnx(g: &mut Graph, x: &str) -> String {
+    let x = g.reshape(x, &[0, 0, -1]);
+    g.transpose(&x, &[0, 2, 1])
+}
+
+/// A strided conv on the token map: (B, R², C) → (B, (R/stride)², C').
+fn map_conv_onnx(g: &mut Graph, x: &str, conv: &Conv2d, side: usize) -> String {
+    let c = conv.weight.dims()[1];
+    let image = g.transpose(x, &[0, 2, 1]);
+    let image = g.reshape(&image, &[0, c as i64, side as i64, side as i64]);
+    let y = g.conv(&image, conv, conv.weight.dims()[2] / 2);
+    tokens_onnx(g, &y)
+}
+
+fn attention_onnx(g: &mut Graph, x: &str, qkv: &Linear, attns: &[CrossShapedBranch], proj: &Linear) -> Result<String> {
+    let projected = qkv.to_onnx(g, x)?;
+    let attended = cross_shaped_attention_onnx(g, &projected, attns)?;
+    proj.to_onnx(g, &attended)
+}
+
+/// Token mean → head.
+fn classify_onnx(g: &mut Graph, x: &str, head: &Linear) -> Result<String> {
+    let pooled = g.op("ReduceMean", &[x], vec![attr_ints("axes", &[1]), attr_int("keepdims", 0)]);
+    head.to_onnx(g, &pooled)
+}
+
+impl ToOnnx for CswinBlock {
+    fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
+        let normed = self.norm1.to_onnx(g, x)?;
+        let a = attention_onnx(g, &normed, &self.qkv, &self.attns, &self.proj)?;
+        let x = g.op("Add", &[x, &a], vec![]);
+        let normed = self.norm2.to_onnx(g, &x)?;
+        let m = self.mlp.to_onnx(g, &normed)?;
+        Ok(g.op("Add", &[&x, &m], vec![]))
+    }
+}
+
+impl ToOnnx for DeployBlock {
+    fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
+        let a = attention_onnx(g, x, &self.qkv, &self.attns, &self.proj)?;
+        let x = g.op("Add", &[x, &a], vec![]);
+        let m = self.mlp.to_onnx(g, &x)?;
+        Ok(g.op("Add", &[&x, &m], vec![]))
+    }
+}
+
+/// RepBN/PRepBN models are emitted in their fused form, LayerNorm models (CSWin-T, FLatten-CSWin)
+/// with their norms.
+impl ToOnnx for CswinTransformer {
+    fn to_onnx(&self, g: &mut Graph, images: &str) -> Result<String> {
+        if self.config.norm.folds() {
+            return self.fuse()?.to_onnx(g, images);
+        }
+        let stem = g.conv(images, &self.stage1_conv_embed._0, 2);
+        let stem = tokens_onnx(g, &stem);
+        let mut x = self.stage1_conv_embed._2.to_onnx(g, &stem)?;
+        let merges = [None, Some(&self.merge1), Some(&self.merge2), Some(&self.merge3)];
+        for (s, (merge, blocks)) in merges.into_iter().zip(self.stages()).enumerate() {
+            if let Some(m) = merge {
+                let y = map_conv_onnx(g, &x, &m.conv, self.config.resolution(s - 1));
+                x = m.norm.to_onnx(g, &y)?;
+            }
+            for block in blocks {
+                x = block.to_onnx(g, &x)?;
+            }
+        }
+        let x = self.norm.to_onnx(g, &x)?;
+        classify_onnx(g, &x, &self.head)
+    }
+}
+
+impl ToOnnx for DeployCswin {
+    fn to_onnx(&self, g: &mut Graph, images: &str) -> Result<String> {
+        let stem = g.conv(images, &self.stage1_conv_embed._0, 2);
+        let mut x = tokens_onnx(g, &stem);
+        let merges = [None, Some(&self.merge1), Some(&self.merge2), Some(&self.merge3)];
+        let stages: [&[DeployBlock]; STAGES] = [&self.stage1, &self.stage2, &self.stage3, &self.stage4];
+        for (s, (merge, blocks)) in merges.into_iter().zip(stages).enumerate() {
+            if let Some(m) = merge {
+                x = map_conv_onnx(g, &x, &m.conv, self.config.resolution(s - 1));
+            }
+            for block in blocks {
+                x = block.to_onnx(g, &x)?;
+            }
+        }
+        classify_onnx(g, &x, &self.head)
+    }
+}
+
+impl CswinTransformer {
+    /// Writes the model as ONNX (see its `ToOnnx`); an existing file is kept unless `overwrite`.
+    pub fn export_onnx(&self, path: &Path, overwrite: bool) -> Result<()> {
+        let c = &self.config;
+        write_new(path, &classifier_proto(self, c.in_chans, c.img_size, c.num_classes)?.encode_to_vec(), overwrite)
+    }
+}
+
+impl DeployCswin {
+    /// Writes the deploy model as ONNX; an existing file is kept unless `overwrite`.
+    pub fn export_onnx(&self, path: &Path, overwrite: bool) -> Result<()> {
+        let c = &self.config;
+        write_new(path, &classifier_proto(self, c.in_chans, c.img_size, c.num_classes)?.encode_to_vec(), overwrite)
     }
 }
 

@@ -17,7 +17,8 @@ use burn::nn::{Initializer, PaddingConfig2d};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor};
 
-use super::{AttentionKind, FeatureMap, linear_attention_core, linear_attention_eps, linear_core_macs, merge_heads, shared_depthwise, split_heads};
+use super::{AttentionKind, FeatureMap, onnx, linear_attention_core, linear_attention_eps, linear_core_macs, merge_heads, shared_depthwise, split_heads};
+use crate::deploy::onnx::{Graph, attr_int};
 use crate::error::{Error, Result};
 
 /// One branch: its share of the block's channels and heads, and its window (rows, cols).
@@ -313,6 +314,109 @@ pub fn cross_shaped_attention(qkv: Tensor<3>, branches: &[CrossShapedBranch]) ->
         })
         .collect();
     Tensor::cat(outputs, 2)
+}
+
+// ---- ONNX, op for op as the forwards above.
+
+/// (B, R·R, C) → (B·nH·nW, H_sp·W_sp, C), as [`img2windows`].
+fn img2windows_onnx(g: &mut Graph, x: &str, resolution: usize, [rows, cols]: [usize; 2], c: usize) -> String {
+    let (nh, nw) = ((resolution / rows) as i64, (resolution / cols) as i64);
+    let x = g.reshape(x, &[-1, nh, rows as i64, nw, cols as i64, c as i64]);
+    let x = g.transpose(&x, &[0, 1, 3, 2, 4, 5]);
+    g.reshape(&x, &[-1, (rows * cols) as i64, c as i64])
+}
+
+/// The inverse, as [`windows2img`].
+fn windows2img_onnx(g: &mut Graph, x: &str, resolution: usize, [rows, cols]: [usize; 2], c: usize) -> String {
+    let (nh, nw) = ((resolution / rows) as i64, (resolution / cols) as i64);
+    let x = g.reshape(x, &[-1, nh, nw, rows as i64, cols as i64, c as i64]);
+    let x = g.transpose(&x, &[0, 1, 3, 2, 4, 5]);
+    g.reshape(&x, &[-1, (resolution * resolution) as i64, c as i64])
+}
+
+/// LePE of windows (B', N_w, C), split into heads: (B', h, N_w, d).
+fn lepe_onnx(g: &mut Graph, get_v: &Conv2d, v: &str, [rows, cols]: [usize; 2], c: usize, h: usize) -> String {
+    let n = rows * cols;
+    let image = g.transpose(v, &[0, 2, 1]);
+    let image = g.reshape(&image, &[-1, c as i64, rows as i64, cols as i64]);
+    let conv = g.conv(&image, get_v, 1);
+    let conv = g.reshape(&conv, &[-1, c as i64, n as i64]);
+    let conv = g.transpose(&conv, &[0, 2, 1]);
+    g.split_heads(&conv, n, h, c / h)
+}
+
+impl CrossShapedBranch {
+    /// This branch on its (B, N, dim) q, k, v in the graph → (B, N, dim).
+    fn to_onnx(&self, g: &mut Graph, [q, k, v]: [&str; 3]) -> Result<String> {
+        let (h, r, window) = match self {
+            CrossShapedBranch::Lepe(a) => (a.num_heads, a.resolution, a.window),
+            CrossShapedBranch::Linear(a) => (a.num_heads, a.resolution, a.window),
+        };
+        let c = self.dim();
+        let (n, d) = (window[0] * window[1], c / h);
+        let [q, k, v] = [q, k, v].map(|t| img2windows_onnx(g, t, r, window, c)); // (B', N_w, C)
+        let lepe = lepe_onnx(g, self.get_v(), &v, window, c, h);
+        let out = match self {
+            CrossShapedBranch::Lepe(_) => {
+                let (q, k, v) = (g.split_heads(&q, n, h, d), g.split_heads(&k, n, h, d), g.split_heads(&v, n, h, d));
+                let q = g.binary_scalar("Mul", &q, (d as f64).powf(-0.5) as f32);
+                let kt = g.transpose(&k, &[0, 1, 3, 2]);
+                let scores = g.op("MatMul", &[&q, &kt], vec![]);
+                let weights = g.op("Softmax", &[&scores], vec![attr_int("axis", -1)]);
+                g.op("MatMul", &[&weights, &v], vec![])
+            }
+            CrossShapedBranch::Linear(a) => {
+                let pos = g.param("positional_encoding", &a.positional_encoding);
+                let k = g.op("Add", &[&k, &pos], vec![]);
+                let (q, k) = match a.feature_map {
+                    FeatureMap::Relu => (g.op("Relu", &[&q], vec![]), g.op("Relu", &[&k], vec![])),
+                    FeatureMap::Focused { power } => {
+                        let theta = g.param("focus_scale", &a.scale);
+                        let scale = g.op("Softplus", &[&theta], vec![]);
+                        (onnx::focus(g, &q, &scale, power), onnx::focus(g, &k, &scale, power))
+                    }
+                };
+                let eps = linear_attention_eps(a.feature_map, n) as f32;
+                let (q, k, v) = (g.split_heads(&q, n, h, d), g.split_heads(&k, n, h, d), g.split_heads(&v, n, h, d));
+                let out = onnx::linear_core(g, &q, &k, &v, n, d, eps);
+                let conv = onnx::shared_depthwise(g, &v, &a.dwc, h, d, window);
+                g.op("Add", &[&out, &conv], vec![])
+            }
+        };
+        let out = g.op("Add", &[&out, &lepe], vec![]);
+        let merged = g.merge_heads(&out, n, c);
+        Ok(windows2img_onnx(g, &merged, r, window, c))
+    }
+
+    fn get_v(&self) -> &Conv2d {
+        match self {
+            CrossShapedBranch::Lepe(a) => &a.get_v,
+            CrossShapedBranch::Linear(a) => &a.get_v,
+        }
+    }
+}
+
+/// [`cross_shaped_attention`] in the graph: `qkv` names the (B, N, 3C) projection output.
+pub fn cross_shaped_attention_onnx(g: &mut Graph, qkv: &str, branches: &[CrossShapedBranch]) -> Result<String> {
+    let c: usize = branches.iter().map(CrossShapedBranch::dim).sum();
+    let qkv = g.reshape(qkv, &[0, -1, 3, c as i64]); // (B, N, 3, C)
+    let parts = [0, 1, 2].map(|i| g.gather(&qkv, i, 2)); // each (B, N, C)
+    let mut start = 0;
+    let mut outputs = Vec::new();
+    for branch in branches {
+        let dim = branch.dim();
+        let (starts, ends, axes) = (g.ints("starts", &[start as i64]), g.ints("ends", &[(start + dim) as i64]), g.ints("axes", &[2]));
+        let [q, k, v] = [0, 1, 2].map(|i| g.op("Slice", &[&parts[i], &starts, &ends, &axes], vec![]));
+        outputs.push(branch.to_onnx(g, [&q, &k, &v])?);
+        start += dim;
+    }
+    Ok(match outputs.as_slice() {
+        [one] => one.clone(),
+        _ => {
+            let refs: Vec<&str> = outputs.iter().map(String::as_str).collect();
+            g.op("Concat", &refs, vec![attr_int("axis", 2)])
+        }
+    })
 }
 
 #[cfg(test)]

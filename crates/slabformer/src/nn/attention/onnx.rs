@@ -1,5 +1,7 @@
 //! ONNX emission of the attention kinds, op for op as their burn forwards.
 
+use burn::nn::conv::Conv2d;
+
 use super::{Attention, DotAttention, FOCUS_OFFSET, FeatureMap, LinearAttention, Score, linear_attention_eps, linear_order};
 use crate::deploy::onnx::{Graph, ToOnnx, attr_int, attr_ints};
 use crate::error::Result;
@@ -56,8 +58,7 @@ impl ToOnnx for DotAttention {
 
 impl ToOnnx for LinearAttention {
     fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
-        let [rows, cols] = self.grid;
-        let n = rows * cols;
+        let n = self.grid[0] * self.grid[1];
         let h = self.num_heads;
         let c = self.qkv.weight.dims()[0];
         let d = c / h;
@@ -79,36 +80,48 @@ impl ToOnnx for LinearAttention {
             }
         };
         let (q, k, v) = (g.split_heads(&q, n, h, d), g.split_heads(&k, n, h, d), g.split_heads(&v, n, h, d));
-        let kt = g.transpose(&k, &[0, 1, 3, 2]);
-        let numerator = if linear_order(n, n, d, d) {
-            let kv = g.op("MatMul", &[&kt, &v], vec![]);
-            g.op("MatMul", &[&q, &kv], vec![])
-        } else {
-            let qk = g.op("MatMul", &[&q, &kt], vec![]);
-            g.op("MatMul", &[&qk, &v], vec![])
-        };
-        let k_sum = g.reduce_sum(&k, 2);
-        let qk_sum = g.op("Mul", &[&q, &k_sum], vec![]);
-        let denominator = g.reduce_sum(&qk_sum, 3);
-        let denominator = g.binary_scalar("Add", &denominator, eps);
-        let out = g.op("Div", &[&numerator, &denominator], vec![]);
-        // DWC on each head's v as a d-channel image, one conv shared by the heads.
-        let image = g.reshape(&v, &[-1, n as i64, d as i64]);
-        let image = g.transpose(&image, &[0, 2, 1]);
-        let image = g.reshape(&image, &[-1, d as i64, rows as i64, cols as i64]);
-        let pad = self.dwc.weight.dims()[2] / 2;
-        let conv = g.conv(&image, &self.dwc, pad);
-        let conv = g.reshape(&conv, &[-1, h as i64, d as i64, n as i64]);
-        let conv = g.transpose(&conv, &[0, 1, 3, 2]);
+        let out = linear_core(g, &q, &k, &v, n, d, eps);
+        let conv = shared_depthwise(g, &v, &self.dwc, h, d, self.grid);
         let out = g.op("Add", &[&out, &conv], vec![]);
         let merged = g.merge_heads(&out, n, c);
         self.proj.to_onnx(g, &merged)
     }
 }
 
+/// The linear-attention core of (·, h, N, d) φ(q), φ(k), v, in the order `linear_attention_core`
+/// takes: `(q·Σ kᵀv) / (q·Σ k + ε)`.
+pub(super) fn linear_core(g: &mut Graph, q: &str, k: &str, v: &str, n: usize, d: usize, eps: f32) -> String {
+    let kt = g.transpose(k, &[0, 1, 3, 2]);
+    let numerator = if linear_order(n, n, d, d) {
+        let kv = g.op("MatMul", &[&kt, v], vec![]);
+        g.op("MatMul", &[q, &kv], vec![])
+    } else {
+        let qk = g.op("MatMul", &[q, &kt], vec![]);
+        g.op("MatMul", &[&qk, v], vec![])
+    };
+    let k_sum = g.reduce_sum(k, 2);
+    let qk_sum = g.op("Mul", &[q, &k_sum], vec![]);
+    let denominator = g.reduce_sum(&qk_sum, 3);
+    let denominator = g.binary_scalar("Add", &denominator, eps);
+    g.op("Div", &[&numerator, &denominator], vec![])
+}
+
+/// DWC on each head's v (·, h, N, d) as a d-channel image on the (rows, cols) grid, one conv
+/// shared by the heads, as `shared_depthwise`.
+pub(super) fn shared_depthwise(g: &mut Graph, v: &str, dwc: &Conv2d, h: usize, d: usize, [rows, cols]: [usize; 2]) -> String {
+    let n = rows * cols;
+    let image = g.reshape(v, &[-1, n as i64, d as i64]);
+    let image = g.transpose(&image, &[0, 2, 1]);
+    let image = g.reshape(&image, &[-1, d as i64, rows as i64, cols as i64]);
+    let pad = dwc.weight.dims()[2] / 2;
+    let conv = g.conv(&image, dwc, pad);
+    let conv = g.reshape(&conv, &[-1, h as i64, d as i64, n as i64]);
+    g.transpose(&conv, &[0, 1, 3, 2])
+}
+
 /// FLatten's feature map `f_p((ReLU(t) + 1e-6) / scale)` over the channel axis, as
 /// `nn::attention::focus_power` computes it.
-fn focus(g: &mut Graph, t: &str, scale: &str, power: f64) -> String {
+pub(super) fn focus(g: &mut Graph, t: &str, scale: &str, power: f64) -> String {
     let r = g.op("Relu", &[t], vec![]);
     let r = g.binary_scalar("Add", &r, FOCUS_OFFSET as f32);
     let x = g.op("Div", &[&r, scale], vec![]);
