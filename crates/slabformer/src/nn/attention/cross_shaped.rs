@@ -473,7 +473,8 @@ mod tests {
         for kind in [AttentionKind::Softmax, AttentionKind::sla()] {
             let config = CrossShapedConfig { dim: 8, num_heads: 2, resolution: 4, split: 2, last_stage: false, kind };
             let branches = config.init(&device);
-            let qkv = Tensor::<3>::random([1, 16, 24], Distribution::Normal(0.0, 1.0), &device);
+            // Positive q: a ReLU query of zeros would see no key at all (only the local convs).
+            let qkv = Tensor::<3>::random([1, 16, 24], Distribution::Uniform(0.1, 1.0), &device);
             let bumped = qkv.clone().slice_assign([0..1, 0..1, 0..24], Tensor::ones([1, 1, 24], &device).mul_scalar(3.0));
             let delta = cross_shaped_attention(bumped, &branches).sub(cross_shaped_attention(qkv, &branches)).abs();
             let delta = values(delta); // (16 tokens, 8 channels)
