@@ -92,7 +92,6 @@ fn model_config(name: &str) -> Result<VitConfig> {
 fn vit_config(name: &str, config: AnyConfig) -> Result<VitConfig> {
     match config {
         AnyConfig::Vit(c) => Ok(c),
-        #[allow(unreachable_patterns)]
         other => anyhow::bail!("`{name}` is a {} model: the bench covers the DeiT family so far", other.family()),
     }
 }

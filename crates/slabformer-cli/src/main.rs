@@ -228,12 +228,13 @@ fn print_presets() {
     for preset in models::presets() {
         let config = &preset.config;
         println!(
-            "| {} | {} | {:.2} M | {:.3} | {}² | {} |",
+            "| {} | {} | {:.2} M | {:.3} | {}×{} | {} |",
             preset.name,
             config.family(),
             config.param_count() as f64 / 1e6,
             config.macs() as f64 / 1e9,
-            config.image().img_size(),
+            config.image().input_size()[0],
+            config.image().input_size()[1],
             preset.summary
         );
     }
@@ -244,7 +245,8 @@ fn describe(name: &str) -> Result<()> {
     let params = slabformer::with_family!(&config, |F, c| trainable_param_count(&F::init(c, &Device::flex())?));
     println!("model:      {name} ({} family)", config.family());
     println!("params:     {params} ({:.2} M)", params as f64 / 1e6);
-    println!("GFLOPs:     {:.3} (multiply-accumulates at {}², batch 1)", config.macs() as f64 / 1e9, config.image().img_size());
+    let [h, w] = config.image().input_size();
+    println!("GFLOPs:     {:.3} (multiply-accumulates at {h}×{w}, batch 1)", config.macs() as f64 / 1e9);
     if let AnyConfig::Vit(vit) = &config {
         println!("tokens:     {} ({}×{} patches of {}²)", vit.num_tokens(), vit.grid()[0], vit.grid()[1], vit.patch_size);
     }
@@ -260,8 +262,8 @@ fn smoke(name: &str, batch: usize) -> Result<()> {
 fn smoke_family<F: ModelFamily>(name: &str, config: &F::Config, batch: usize) -> Result<()> {
     let device = Device::flex().autodiff();
     let model = F::init(config, &device)?;
-    let (size, chans, classes) = (config.img_size(), config.in_chans(), config.num_classes());
-    let images = Tensor::<4>::random([batch, chans, size, size], Distribution::Normal(0.0, 1.0), &device);
+    let ([h, w], chans, classes) = (config.input_size(), config.in_chans(), config.num_classes());
+    let images = Tensor::<4>::random([batch, chans, h, w], Distribution::Normal(0.0, 1.0), &device);
     let labels = Tensor::<1, Int>::from_data((0..batch as i64).map(|i| i % classes as i64).collect::<Vec<_>>().as_slice(), &device);
     let start = Instant::now();
     let logits = model.logits(images);
@@ -416,14 +418,25 @@ fn predict(model_path: &Path, images: &[PathBuf]) -> Result<()> {
 }
 
 fn export_onnx(input: &Path, out: &Path, overwrite: bool) -> Result<()> {
-    use slabformer::deploy::onnx;
+    use slabformer::deploy::onnx::export_classifier;
     let file = read_model_file(input)?;
-    match file.load::<VisionTransformer>(&Device::flex())? {
-        // RepBN/PRepBN models are exported fused, LayerNorm models with their norms.
-        LoadedModel::Trained(m) => onnx::export_model(&m, out, overwrite)?,
-        LoadedModel::Deploy(m) => onnx::export(&m, out, overwrite)?,
+    let device = Device::flex();
+    // Trained RepBN/PRepBN models are exported fused, LayerNorm models with their norms.
+    macro_rules! export {
+        ($family:ty) => {
+            match file.load::<$family>(&device)? {
+                LoadedModel::Trained(m) => export_classifier(&m, out, overwrite)?,
+                LoadedModel::Deploy(m) => export_classifier(&m, out, overwrite)?,
+            }
+        };
     }
-    println!("exported {} to {} (ONNX opset {})", input.display(), out.display(), onnx::OPSET);
+    match &file.config {
+        AnyConfig::Vit(_) => export!(VisionTransformer),
+        AnyConfig::Pvt(_) => export!(models::PyramidVisionTransformer),
+        AnyConfig::Cswin(_) => export!(models::CswinTransformer),
+        AnyConfig::Swin(_) => anyhow::bail!("{} is a Swin model: ONNX export of window attention is not written yet", input.display()),
+    }
+    println!("exported {} to {} (ONNX opset {})", input.display(), out.display(), slabformer::deploy::onnx::OPSET);
     Ok(())
 }
 

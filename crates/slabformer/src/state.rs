@@ -241,7 +241,7 @@ impl KeyPath {
         self.stack
             .iter()
             .filter(|(_, container)| !container.starts_with("Enum:"))
-            .map(|(name, _)| name.as_str())
+            .map(|(name, _)| sequential_index(name))
             .collect::<Vec<_>>()
             .join(".")
     }
@@ -249,6 +249,15 @@ impl KeyPath {
     /// burn's `Linear` keeps its weight as `[in, out]`; PyTorch files hold `[out, in]`.
     fn is_linear_weight(&self) -> bool {
         matches!(self.stack.last(), Some((name, container)) if name == "weight" && container == "Struct:Linear")
+    }
+}
+
+/// A field named `_<digits>` stands for the PyTorch `nn.Sequential` index `<digits>` (CSWin's
+/// `stage1_conv_embed.0` / `.2`), which a Rust field name cannot be.
+fn sequential_index(name: &str) -> &str {
+    match name.strip_prefix('_') {
+        Some(index) if !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()) => index,
+        _ => name,
     }
 }
 

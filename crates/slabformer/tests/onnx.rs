@@ -6,8 +6,8 @@ use std::process::Command;
 use std::sync::Mutex;
 
 use burn::tensor::{Device, Distribution, Tensor};
-use slabformer::deploy::onnx::{export, export_model, export_pvt};
-use slabformer::models::{Pool, PvtConfig, VitConfig};
+use slabformer::deploy::onnx::{export, export_classifier, export_model};
+use slabformer::models::{CswinConfig, Pool, PvtConfig, VitConfig};
 use slabformer::models::vit::{DeployVit, VisionTransformer};
 use slabformer::nn::attention::AttentionKind;
 
@@ -191,8 +191,36 @@ fn pvt_onnx_matches_slabformer() {
         let model = seeded(WEIGHTS_SEED, |device| slabformer::testing::randomized(config.init(device).unwrap(), 6.0));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(format!("{name}.onnx"));
-        export_pvt(&model, &path, false).unwrap();
+        export_classifier(&model, &path, false).unwrap();
         let [h, w] = config.img_size;
         compare(name, &path, [3, config.in_chans, h, w], |images| model.forward(images));
+    }
+}
+
+#[test]
+fn cswin_family_onnx_matches_slabformer() {
+    // SLAB-CSWin exported fused (SLA + LePE in global windows, softmax stripes, stem and merge
+    // norms folded into their convs), CSWin-T and FLatten-CSWin with their LayerNorms.
+    let small = |base: CswinConfig| CswinConfig {
+        img_size: 64,
+        num_classes: 10,
+        embed_dim: 8,
+        depth: [1, 1, 2, 1],
+        num_heads: [2, 2, 4, 8],
+        split_size: [1, 2, 2, 2],
+        mlp_ratio: 2.0,
+        ..base
+    };
+    let cases = [
+        ("slab_cswin", small(CswinConfig::slab_cswin_tiny())),
+        ("cswin", small(CswinConfig::cswin_tiny())),
+        ("flatten_cswin", small(CswinConfig::flatten_cswin_tiny())),
+    ];
+    for (name, config) in cases {
+        let model = seeded(WEIGHTS_SEED, |device| slabformer::testing::randomized(config.init(device).unwrap(), 3.0));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(format!("{name}.onnx"));
+        export_classifier(&model, &path, false).unwrap();
+        compare(name, &path, [3, config.in_chans, config.img_size, config.img_size], |images| model.forward(images));
     }
 }

@@ -14,7 +14,7 @@ use prost::Message;
 
 use crate::error::Result;
 use crate::files::write_new;
-use crate::models::pvt::PyramidVisionTransformer;
+use crate::models::ImageClassifier;
 use crate::models::vit::{DeployVit, VisionTransformer};
 use crate::state::host_f32;
 
@@ -301,7 +301,7 @@ impl Graph {
 }
 
 /// An image classifier as an ONNX model: input `images` (batch, C, H, W), output `logits`.
-fn classifier_proto(model: &impl ToOnnx, in_chans: usize, [height, width]: [usize; 2], classes: usize) -> Result<ModelProto> {
+pub fn classifier_proto(model: &impl ToOnnx, in_chans: usize, [height, width]: [usize; 2], classes: usize) -> Result<ModelProto> {
     let mut g = Graph::default();
     let logits = model.to_onnx(&mut g, "images")?;
     g.rename(&logits, "logits");
@@ -334,11 +334,11 @@ pub fn model_to_onnx(model: &VisionTransformer) -> Result<ModelProto> {
     classifier_proto(model, cfg.in_chans, [cfg.img_size; 2], cfg.num_classes)
 }
 
-/// A PVT as ONNX (input `images` of the configured H×W): RepBN/PRepBN models in their fused
-/// form, LayerNorm models with their norms.
-pub fn pvt_to_onnx(model: &PyramidVisionTransformer) -> Result<ModelProto> {
-    let cfg = &model.config;
-    classifier_proto(model, cfg.in_chans, cfg.img_size, cfg.num_classes)
+/// Any image classifier with an ONNX walk (input `images` of its configured H×W). The trained
+/// forms of RepBN/PRepBN models emit their fused form, LayerNorm models keep their norms.
+pub fn classifier_to_onnx<M: ToOnnx + ImageClassifier>(model: &M) -> Result<ModelProto> {
+    let c = model.image_config();
+    classifier_proto(model, c.in_chans(), c.input_size(), c.num_classes())
 }
 
 /// Writes the ONNX file atomically; an existing file is kept unless `overwrite`.
@@ -351,7 +351,7 @@ pub fn export_model(model: &VisionTransformer, path: &Path, overwrite: bool) -> 
     write_new(path, &model_to_onnx(model)?.encode_to_vec(), overwrite)
 }
 
-/// [`pvt_to_onnx`] written like [`export`].
-pub fn export_pvt(model: &PyramidVisionTransformer, path: &Path, overwrite: bool) -> Result<()> {
-    write_new(path, &pvt_to_onnx(model)?.encode_to_vec(), overwrite)
+/// [`classifier_to_onnx`] written like [`export`].
+pub fn export_classifier<M: ToOnnx + ImageClassifier>(model: &M, path: &Path, overwrite: bool) -> Result<()> {
+    write_new(path, &classifier_to_onnx(model)?.encode_to_vec(), overwrite)
 }

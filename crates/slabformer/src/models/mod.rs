@@ -3,10 +3,12 @@
 //! ONNX walk; [`ModelFamily`] is what every family provides to the trainer, the CLI and the
 //! loaders. A preset is data: `presets()` lists every name the CLI and the loaders accept.
 
+pub mod cswin;
 pub mod pvt;
 pub mod swin;
 pub mod vit;
 
+pub use cswin::{CswinConfig, CswinTransformer};
 pub use pvt::{PvtConfig, PyramidVisionTransformer};
 pub use swin::{SwinConfig, SwinTransformer};
 pub use vit::{Pool, VisionTransformer, VitConfig};
@@ -29,8 +31,13 @@ pub struct Preset<C = VitConfig> {
 
 /// What every family's config says about the images it takes and what it outputs.
 pub trait ImageConfig {
-    /// Side of the square images it is trained and evaluated on.
-    fn img_size(&self) -> usize;
+    /// (height, width) of its input images.
+    fn input_size(&self) -> [usize; 2];
+    /// The side of its input images; training and evaluation on image sets take square ones
+    /// (the trainer refuses others by name).
+    fn img_size(&self) -> usize {
+        self.input_size()[0]
+    }
     fn in_chans(&self) -> usize;
     fn num_classes(&self) -> usize;
     /// Whether the model has a norm-free deploy form (RepBN / PRepBN norms fold; LayerNorm does
@@ -84,6 +91,9 @@ pub trait ModelFamily: ImageClassifier + Clone + Sized {
 #[serde(tag = "family", rename_all = "snake_case")]
 pub enum AnyConfig {
     Vit(VitConfig),
+    Swin(SwinConfig),
+    Pvt(PvtConfig),
+    Cswin(CswinConfig),
 }
 
 /// Runs `$body` with `$family` naming the family type of `$config` (an [`AnyConfig`], by value
@@ -97,6 +107,21 @@ macro_rules! with_family {
                 type $family = $crate::models::VisionTransformer;
                 $body
             }
+            $crate::models::AnyConfig::Swin($c) => {
+                #[allow(dead_code)]
+                type $family = $crate::models::SwinTransformer;
+                $body
+            }
+            $crate::models::AnyConfig::Pvt($c) => {
+                #[allow(dead_code)]
+                type $family = $crate::models::PyramidVisionTransformer;
+                $body
+            }
+            $crate::models::AnyConfig::Cswin($c) => {
+                #[allow(dead_code)]
+                type $family = $crate::models::CswinTransformer;
+                $body
+            }
         }
     };
 }
@@ -105,6 +130,9 @@ impl AnyConfig {
     pub fn family(&self) -> &'static str {
         match self {
             AnyConfig::Vit(_) => "vit",
+            AnyConfig::Swin(_) => "swin",
+            AnyConfig::Pvt(_) => "pvt",
+            AnyConfig::Cswin(_) => "cswin",
         }
     }
 
@@ -154,7 +182,11 @@ fn family_presets<F: ModelFamily>() -> impl Iterator<Item = AnyPreset> {
 
 /// Every preset of every family, family by family.
 pub fn presets() -> Vec<AnyPreset> {
-    family_presets::<VisionTransformer>().collect()
+    family_presets::<VisionTransformer>()
+        .chain(family_presets::<SwinTransformer>())
+        .chain(family_presets::<PyramidVisionTransformer>())
+        .chain(family_presets::<CswinTransformer>())
+        .collect()
 }
 
 pub fn preset(name: &str) -> Result<AnyConfig> {

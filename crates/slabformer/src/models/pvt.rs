@@ -16,7 +16,8 @@ use burn::nn::{Initializer, Linear};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{ModelFamily, Preset};
+use super::{AnyConfig, ImageClassifier, ImageConfig, ModelFamily, Preset};
+use crate::plan::Plan;
 use crate::deploy::onnx::{Graph, ToOnnx, attr_int, attr_ints};
 use crate::error::{Error, Result};
 use crate::nn::attention::AttentionKind;
@@ -513,6 +514,47 @@ impl DeployPvt {
     }
 }
 
+impl ImageConfig for PvtConfig {
+    fn input_size(&self) -> [usize; 2] {
+        self.img_size
+    }
+    fn in_chans(&self) -> usize {
+        self.in_chans
+    }
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+    fn folds(&self) -> bool {
+        self.norm.folds()
+    }
+    fn validate(&self) -> Result<()> {
+        PvtConfig::validate(self)
+    }
+}
+
+impl ImageClassifier for PyramidVisionTransformer {
+    fn image_config(&self) -> &dyn ImageConfig {
+        &self.config
+    }
+    fn logits(&self, images: Tensor<4>) -> Tensor<2> {
+        self.forward(images)
+    }
+}
+
+impl ImageClassifier for DeployPvt {
+    fn image_config(&self) -> &dyn ImageConfig {
+        &self.config
+    }
+    fn logits(&self, images: Tensor<4>) -> Tensor<2> {
+        self.forward(images)
+    }
+}
+
+/// What the fast path lacks for this family, named for the user (the trainer falls back to burn).
+fn not_lowered() -> Error {
+    Error::Unsupported { what: "PyramidVisionTransformer (spatial-reduction attention and stage embeddings are not plan steps yet)".into(), path: "the fast CPU path" }
+}
+
 impl ModelFamily for PyramidVisionTransformer {
     type Config = PvtConfig;
     type Deploy = DeployPvt;
@@ -543,6 +585,21 @@ impl ModelFamily for PyramidVisionTransformer {
             NormKind::Prepbn { schedule, .. } => Some(schedule),
             _ => None,
         }
+    }
+    fn tagged(config: &PvtConfig) -> AnyConfig {
+        AnyConfig::Pvt(config.clone())
+    }
+    fn config_of(any: &AnyConfig) -> Option<&PvtConfig> {
+        match any {
+            AnyConfig::Pvt(c) => Some(c),
+            _ => None,
+        }
+    }
+    fn lower(&self) -> Result<Plan> {
+        Err(not_lowered())
+    }
+    fn lower_deploy(_: &DeployPvt) -> Result<Plan> {
+        Err(not_lowered())
     }
 }
 
@@ -819,7 +876,7 @@ mod tests {
         let flatten = PvtConfig { sr_ratios: [2, 1, 1, 1], ..small(PvtConfig::flatten_pvt_tiny()) };
         for config in [reducing_sla, small(PvtConfig::prepbn_pvt_tiny()), small(PvtConfig::pvt_tiny()), flatten] {
             let model = config.init(&device).unwrap();
-            let graph = crate::deploy::onnx::pvt_to_onnx(&model).unwrap().graph.unwrap();
+            let graph = crate::deploy::onnx::classifier_to_onnx(&model).unwrap().graph.unwrap();
             let dims: Vec<Option<i64>> = graph.input[0].r#type.as_ref().unwrap().tensor_type.as_ref().unwrap().shape.as_ref().unwrap().dim.iter().map(|d| d.dim_value).collect();
             assert_eq!(dims, [None, Some(3), Some(48), Some(80)]);
             let mut known: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();

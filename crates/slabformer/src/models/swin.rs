@@ -16,7 +16,8 @@ use burn::nn::conv::Conv2d;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{ModelFamily, Preset};
+use super::{AnyConfig, ImageClassifier, ImageConfig, ModelFamily, Preset};
+use crate::plan::Plan;
 use crate::error::{Error, Result};
 use crate::nn::attention::window::{MaskBuffer, WindowAttention, WindowGrid};
 use crate::nn::attention::{Attention, AttentionConfig, AttentionKind, LinearAttention};
@@ -747,6 +748,47 @@ impl DeploySwin {
     }
 }
 
+impl ImageConfig for SwinConfig {
+    fn input_size(&self) -> [usize; 2] {
+        self.img_size
+    }
+    fn in_chans(&self) -> usize {
+        self.in_chans
+    }
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+    fn folds(&self) -> bool {
+        self.norm.folds()
+    }
+    fn validate(&self) -> Result<()> {
+        SwinConfig::validate(self)
+    }
+}
+
+impl ImageClassifier for SwinTransformer {
+    fn image_config(&self) -> &dyn ImageConfig {
+        &self.config
+    }
+    fn logits(&self, images: Tensor<4>) -> Tensor<2> {
+        self.forward(images)
+    }
+}
+
+impl ImageClassifier for DeploySwin {
+    fn image_config(&self) -> &dyn ImageConfig {
+        &self.config
+    }
+    fn logits(&self, images: Tensor<4>) -> Tensor<2> {
+        self.forward(images)
+    }
+}
+
+/// What the fast path lacks for this family, named for the user (the trainer falls back to burn).
+fn not_lowered() -> Error {
+    Error::Unsupported { what: "SwinTransformer (window attention, patch merging are not plan steps yet)".into(), path: "the fast CPU path" }
+}
+
 impl ModelFamily for SwinTransformer {
     type Config = SwinConfig;
     type Deploy = DeploySwin;
@@ -777,6 +819,21 @@ impl ModelFamily for SwinTransformer {
             NormKind::Prepbn { schedule, .. } => Some(schedule),
             _ => None,
         }
+    }
+    fn tagged(config: &SwinConfig) -> AnyConfig {
+        AnyConfig::Swin(config.clone())
+    }
+    fn config_of(any: &AnyConfig) -> Option<&SwinConfig> {
+        match any {
+            AnyConfig::Swin(c) => Some(c),
+            _ => None,
+        }
+    }
+    fn lower(&self) -> Result<Plan> {
+        Err(not_lowered())
+    }
+    fn lower_deploy(_: &DeploySwin) -> Result<Plan> {
+        Err(not_lowered())
     }
 }
 

@@ -383,6 +383,7 @@ impl ModelFamily for VisionTransformer {
     fn config_of(any: &AnyConfig) -> Option<&VitConfig> {
         match any {
             AnyConfig::Vit(c) => Some(c),
+            _ => None,
         }
     }
     fn lower(&self) -> Result<Plan> {
@@ -394,8 +395,8 @@ impl ModelFamily for VisionTransformer {
 }
 
 impl ImageConfig for VitConfig {
-    fn img_size(&self) -> usize {
-        self.img_size
+    fn input_size(&self) -> [usize; 2] {
+        [self.img_size; 2]
     }
     fn in_chans(&self) -> usize {
         self.in_chans

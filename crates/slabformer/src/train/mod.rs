@@ -351,6 +351,11 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
     let resolved = config.resolve(train_len)?;
     let model_config = resolved.model.expect("resolve gives the model");
     let image = model_config.image();
+    if let [h, w] = image.input_size()
+        && h != w
+    {
+        return Err(Error::Config(format!("training and evaluation take square images; the model's input is {h}×{w} (set model.img_size to one size)")));
+    }
     if data.train.channels != image.in_chans() || data.eval.channels != image.in_chans() {
         return Err(Error::Config(format!("the data has {} channels, the model expects {}", data.train.channels, image.in_chans())));
     }

@@ -14,6 +14,7 @@ use burn::tensor::activation::{relu, softmax, softplus};
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
+pub mod cross_shaped;
 pub mod fast;
 pub mod kernels;
 mod onnx;
@@ -183,14 +184,19 @@ impl AttentionConfig {
             }
             AttentionKind::Sla { kernel_size } | AttentionKind::Focused { kernel_size, .. } => {
                 let k2 = (kernel_size * kernel_size) as u64;
-                let core = if linear_order(n as usize, n as usize, d as usize, d as usize) {
-                    2 * n * d * d + 2 * n * d // KᵀV, Q·(KᵀV), normaliser
-                } else {
-                    2 * n * n * d + 2 * n * d // QKᵀ, (QKᵀ)·V, normaliser
-                };
-                projections + h * core + h * n * d * k2
+                projections + h * linear_core_macs(n, d) + h * n * d * k2
             }
         }
+    }
+}
+
+/// Multiply-accumulates of one head's linear-attention core over `n` tokens of width `d`, in the
+/// order [`linear_attention_core`] takes.
+pub fn linear_core_macs(n: u64, d: u64) -> u64 {
+    if linear_order(n as usize, n as usize, d as usize, d as usize) {
+        2 * n * d * d + 2 * n * d // KᵀV, Q·(KᵀV), normaliser
+    } else {
+        2 * n * n * d + 2 * n * d // QKᵀ, (QKᵀ)·V, normaliser
     }
 }
 
@@ -313,13 +319,13 @@ fn split_qkv_heads(qkv: Tensor<5>) -> [Tensor<4>; 3] {
 }
 
 /// (B, N, C) → (B, h, N, d): channel j belongs to head j / d.
-fn split_heads(x: Tensor<3>, heads: usize) -> Tensor<4> {
+pub(super) fn split_heads(x: Tensor<3>, heads: usize) -> Tensor<4> {
     let [b, n, c] = x.dims();
     x.reshape([b, n, heads, c / heads]).swap_dims(1, 2)
 }
 
 /// (B, h, N, d) → (B, N, h·d).
-fn merge_heads(x: Tensor<4>) -> Tensor<3> {
+pub(super) fn merge_heads(x: Tensor<4>) -> Tensor<3> {
     let [b, h, n, d] = x.dims();
     x.swap_dims(1, 2).reshape([b, n, h * d])
 }
@@ -358,47 +364,41 @@ impl LinearAttention {
         let [q, k, v] = [0, 1, 2].map(|i| qkv.clone().narrow(2, i, 1).reshape([b, n, c]));
         let k = k.add(self.positional_encoding.val());
         let eps = linear_attention_eps(self.feature_map, n);
-        let (q, k) = self.feature_map.apply(self.scale.as_ref(), q, k);
+        let (q, k) = self.feature_map.apply(q, k, self.scale.as_ref().map(Param::val));
         let v = split_heads(v, h); // (B, h, N, d)
         let out = linear_attention_core(split_heads(q, h), split_heads(k, h), v.clone(), eps);
         let out = out.add(self.depthwise_branch(v)); // (B, h, N, d)
         self.proj.forward(merge_heads(out))
     }
 
-    /// DWC(V): each head's v as a d-channel image on the token grid, one shared conv.
+    /// DWC(V) on the token grid.
     fn depthwise_branch(&self, v: Tensor<4>) -> Tensor<4> {
-        depthwise_on_grid(&self.dwc, self.grid, v)
+        shared_depthwise(&self.dwc, v, self.grid)
     }
 }
 
-/// `dwc` applied to each head's v (B, h, N, d) as a d-channel image on the row-major token
-/// `grid`: one conv shared by every head.
-fn depthwise_on_grid(dwc: &Conv2d, grid: [usize; 2], v: Tensor<4>) -> Tensor<4> {
-    let [b, h, n, d] = v.dims();
-    let [rows, cols] = grid;
-    let image = v
-        .reshape([b * h, n, d])
-        .swap_dims(1, 2)
-        .reshape([b * h, d, rows, cols]); // (B·h, d, rows, cols), tokens row-major
-    let conv = dwc.forward(image);
-    conv.reshape([b * h, d, n]).swap_dims(1, 2).reshape([b, h, n, d])
-}
-
 impl FeatureMap {
-    /// φ(q), φ(k) for (B, N, C) queries and keys; `theta` is FLatten's scale parameter.
-    fn apply(self, theta: Option<&Param<Tensor<3>>>, q: Tensor<3>, k: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
+    /// φ(q), φ(k) of (B, N, C) queries and keys (k with its positional encoding added). `theta`
+    /// is FLatten's (1, 1, C) scale parameter; ReLU ignores it.
+    pub fn apply(self, q: Tensor<3>, k: Tensor<3>, theta: Option<Tensor<3>>) -> (Tensor<3>, Tensor<3>) {
         match self {
             FeatureMap::Relu => (relu(q), relu(k)),
             FeatureMap::Focused { power } => {
-                let theta = theta.expect("focused attention has a scale").val();
-                let scale = softplus(theta, 1.0); // (1, 1, C)
-                let focus = |t: Tensor<3>| {
-                    focus_power(relu(t).add_scalar(FOCUS_OFFSET).div(scale.clone()), power)
-                };
+                let scale = softplus(theta.expect("focused attention has a scale"), 1.0); // (1, 1, C)
+                let focus = |t: Tensor<3>| focus_power(relu(t).add_scalar(FOCUS_OFFSET).div(scale.clone()), power);
                 (focus(q), focus(k))
             }
         }
     }
+}
+
+/// DWC(V): each head's v of (B, h, N, d) as a d-channel image on the (rows, cols) grid, tokens
+/// row-major, one depthwise conv shared by every head.
+pub fn shared_depthwise(dwc: &Conv2d, v: Tensor<4>, [rows, cols]: [usize; 2]) -> Tensor<4> {
+    let [b, h, n, d] = v.dims();
+    let image = v.reshape([b * h, n, d]).swap_dims(1, 2).reshape([b * h, d, rows, cols]); // (B·h, d, rows, cols)
+    let conv = dwc.forward(image);
+    conv.reshape([b * h, d, n]).swap_dims(1, 2).reshape([b, h, n, d])
 }
 
 /// FLatten's offset inside its feature map, `ReLU(x) + 1e-6`, before the scale.

@@ -60,8 +60,7 @@ impl ToOnnx for DotAttention {
 
 impl ToOnnx for LinearAttention {
     fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
-        let [rows, cols] = self.grid;
-        let n = rows * cols;
+        let n = self.grid[0] * self.grid[1];
         let h = self.num_heads;
         let c = self.qkv.weight.dims()[0];
         let d = c / h;
@@ -127,7 +126,7 @@ pub(super) fn depthwise_on_grid(g: &mut Graph, dwc: &Conv2d, v: &str, [rows, col
 
 /// FLatten's feature map `f_p((ReLU(t) + 1e-6) / scale)` over the channel axis, as
 /// `nn::attention::focus_power` computes it.
-fn focus(g: &mut Graph, t: &str, scale: &str, power: f64) -> String {
+pub(super) fn focus(g: &mut Graph, t: &str, scale: &str, power: f64) -> String {
     let r = g.op("Relu", &[t], vec![]);
     let r = g.binary_scalar("Add", &r, FOCUS_OFFSET as f32);
     let x = g.op("Div", &[&r, scale], vec![]);

@@ -15,7 +15,7 @@ use burn::nn::{Initializer, Linear, PaddingConfig2d};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use super::{AttentionConfig, AttentionKind, FeatureMap, depthwise_on_grid, linear_attention_core, linear_attention_eps, linear_order, merge_heads, onnx, split_heads};
+use super::{AttentionConfig, AttentionKind, FeatureMap, linear_attention_core, linear_attention_eps, linear_order, merge_heads, onnx, shared_depthwise, split_heads};
 use crate::deploy::onnx::{Graph, ToOnnx, attr_int};
 use crate::error::{Error, Result, check_tokens};
 use crate::nn::fuse::{fold_into_next_conv, fold_into_next_linear};
@@ -198,14 +198,14 @@ impl SpatialReductionAttention {
             Core::Linear(feature_map) => {
                 let pos = self.positional_encoding.as_ref().expect("linear attention has a positional encoding");
                 let k = k.add(pos.val());
-                let (q, k) = feature_map.apply(self.scale.as_ref(), q, k);
+                let (q, k) = feature_map.apply(q, k, self.scale.as_ref().map(Param::val));
                 let v = split_heads(v, h); // (B, h, N_r, d)
                 let eps = linear_attention_eps(feature_map, keys);
                 let out = linear_attention_core(split_heads(q, h), split_heads(k, h), v.clone(), eps); // (B, h, N, d)
                 // The official code interpolates exactly when it reduced (sr_ratio > 1).
                 let v = if self.sr.is_some() { interpolate_tokens(v, n) } else { v }; // (B, h, N, d)
                 let dwc = self.dwc.as_ref().expect("linear attention has a depthwise conv");
-                out.add(depthwise_on_grid(dwc, self.grid, v))
+                out.add(shared_depthwise(dwc, v, self.grid))
             }
         };
         self.proj.forward(merge_heads(out))
