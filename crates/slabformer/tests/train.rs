@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use slabformer::data::fetch::fetch_fashion_mnist;
 use slabformer::nn::attention::AttentionKind;
 use slabformer::nn::schedule::{Decay, PrepbnSchedule};
-use slabformer::train::config::{TrainConfig, TrainEngine};
+use slabformer::train::config::{RunConfig, TrainConfig, TrainEngine};
 use slabformer::train::metrics::Metrics;
 use slabformer::train::optim::LrSchedule;
 use slabformer::train::{TrainOptions, load_datasets, train};
@@ -213,4 +213,38 @@ fn missing_data_and_bad_configs_are_clear_errors() {
     config.prepbn.steps = Some(1000);
     let err = train(&config, &data, &options(run.path())).unwrap_err().to_string();
     assert!(err.contains("prepbn.steps") && err.contains("λ > 0"), "{err}");
+}
+
+/// The hierarchical families' Fashion-MNIST presets, shrunk to the small run of these tests.
+fn small_hierarchical(preset: &str) -> TrainConfig {
+    let base = small_config();
+    let mut c = TrainConfig::preset(preset).unwrap();
+    c.data = base.data;
+    c.run = RunConfig { epochs: 2, ..base.run };
+    c.optim = base.optim;
+    c.schedule = base.schedule;
+    c
+}
+
+#[test]
+fn swin_and_pvt_presets_train_fuse_and_resume_bit_for_bit() {
+    for preset in ["fashion-slab-swin", "fashion-slab-pvt"] {
+        let config = small_hierarchical(preset);
+        let data = load_datasets(&config).unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let summary = train(&config, &data, &options(run.path())).unwrap();
+        let m = metrics(run.path());
+        let (first, last) = (m.steps[..5].iter().map(|r| r.loss).sum::<f64>() / 5.0, m.steps[15..].iter().map(|r| r.loss).sum::<f64>() / 5.0);
+        assert!(last < first - 0.05, "{preset}: loss did not fall: {first:.3} → {last:.3}");
+        // Until the family is on the fast path, `auto` trains with burn and says why.
+        if summary.engine == "burn" {
+            assert!(summary.notes.iter().any(|n| n.contains("burn autodiff")), "{preset}: {:?}", summary.notes);
+        }
+        let fused = summary.fused_eval.as_ref().expect("a PRepBN model fuses");
+        assert!((fused.top1 - summary.final_eval.top1).abs() <= 1.0, "{preset}: {fused:?} vs {:?}", summary.final_eval);
+        let mut resumable = config.clone();
+        resumable.run.recalibrate_epochs = 0;
+        resumable.checkpoint.every_steps = Some(7);
+        assert_resume_is_exact(&resumable);
+    }
 }

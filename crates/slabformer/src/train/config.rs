@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::augment::{AugmentConfig, MixConfig};
 use crate::error::{Error, Result};
 use crate::models::{self, AnyConfig};
+use crate::nn::attention::AttentionKind;
 use crate::nn::schedule::Decay;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -321,14 +322,20 @@ impl TrainConfig {
         Ok(Validated { model: Some(model), warnings })
     }
 
+    /// The names [`preset`](Self::preset) knows.
+    pub const PRESETS: &[&str] = &["fashion-slab", "fashion-slab-swin", "fashion-slab-pvt", "imagenet-slab-deit-tiny", "imagenet-deit-tiny"];
+
     /// Named training presets.
     pub fn preset(name: &str) -> Result<Self> {
         match name {
             "fashion-slab" => Ok(Self::fashion_slab()),
+            "fashion-slab-swin" => Ok(Self::fashion_slab_swin()),
+            "fashion-slab-pvt" => Ok(Self::fashion_slab_pvt()),
             "imagenet-slab-deit-tiny" => Ok(Self::imagenet("slab_deit_tiny")),
             "imagenet-deit-tiny" => Ok(Self::imagenet("deit_tiny")),
             other => Err(Error::Config(format!(
-                "unknown training preset `{other}`; known: fashion-slab, imagenet-slab-deit-tiny, imagenet-deit-tiny"
+                "unknown training preset `{other}`; known: {}",
+                Self::PRESETS.join(", ")
             ))),
         }
     }
@@ -382,6 +389,48 @@ impl TrainConfig {
     }
 }
 
+impl TrainConfig {
+    /// A small SLAB-Swin on Fashion-MNIST (28², patch 2): stage 1 SLA over the whole 14×14 map,
+    /// stage 2 softmax windows of 7×7 on 7×7 tokens, PRepBN everywhere — the layout of the paper's
+    /// SLAB-Swin-T at a size that trains on 2 cores. The rest of the recipe is the quickstart's.
+    pub fn fashion_slab_swin() -> Self {
+        let model = ModelSpec::new("slab_swin_tiny")
+            .with("img_size", vec![28, 28])
+            .with("patch_size", 2)
+            .with("in_chans", 1)
+            .with("num_classes", 10)
+            .with("embed_dim", 32)
+            .with("depths", vec![2, 2])
+            .with("num_heads", vec![2, 4])
+            .with("attention", toml::Value::try_from([AttentionKind::sla(), AttentionKind::Softmax]).expect("attention kinds serialize"))
+            .with("window_size", 7)
+            .with("linear_window_size", 14)
+            .with("mlp_ratio", 2.0)
+            .with("drop_path_rate", 0.0);
+        Self { model, ..Self::fashion_slab() }
+    }
+
+    /// A small SLAB-PVT on Fashion-MNIST, resized to 32² (grids 8, 4, 2, 1 after the patch-4
+    /// stem and the three 2×2 stage embeddings): SLA in every stage, PRepBN everywhere.
+    pub fn fashion_slab_pvt() -> Self {
+        let model = ModelSpec::new("slab_pvt_tiny")
+            .with("img_size", vec![32, 32])
+            .with("patch_size", 4)
+            .with("in_chans", 1)
+            .with("num_classes", 10)
+            .with("embed_dims", vec![32, 48, 64, 96])
+            .with("num_heads", vec![1, 2, 2, 4])
+            .with("mlp_ratios", vec![2.0, 2.0, 2.0, 2.0])
+            .with("depths", vec![1, 1, 1, 1])
+            .with("drop_path_rate", 0.0);
+        let quickstart = Self::fashion_slab();
+        // The 28² images resized to 32² alike for training and evaluation: the whole image,
+        // never a crop of it.
+        let augment = AugmentConfig { random_resized_crop: true, scale: [1.0, 1.0], ratio: [1.0, 1.0], eval_crop: 1.0, ..quickstart.augment.clone() };
+        Self { model, augment, ..quickstart }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,11 +456,24 @@ mod tests {
     }
 
     #[test]
+    fn every_training_preset_resolves() {
+        for name in TrainConfig::PRESETS {
+            let config = TrainConfig::preset(name).unwrap();
+            let model = config.resolve(60_000).unwrap_or_else(|e| panic!("{name}: {e}")).model.unwrap();
+            assert_eq!(model.image().input_size()[0], model.image().input_size()[1], "{name}");
+            assert_eq!(TrainConfig::from_toml(&config.to_toml(), name).unwrap(), config, "{name}");
+        }
+        assert!(matches!(TrainConfig::preset("fashion-slab-swin").unwrap().model.config().unwrap(), AnyConfig::Swin(_)));
+        assert!(matches!(TrainConfig::preset("fashion-slab-pvt").unwrap().model.config().unwrap(), AnyConfig::Pvt(_)));
+        assert!(TrainConfig::preset("nope").unwrap_err().to_string().contains("fashion-slab-swin"));
+    }
+
+    #[test]
     fn overrides_reach_every_config_field() {
         let text = "[model]\npreset = \"flatten_deit_tiny\"\nembed_dim = 96\nmlp_ratio = 2\nattention = { kind = \"focused\", power = 2.0, kernel_size = 3 }\n";
         let Some(AnyConfig::Vit(model)) = TrainConfig::from_toml(text, "x.toml").unwrap().model.config().ok() else { panic!("a ViT") };
         assert_eq!((model.embed_dim, model.mlp_ratio), (96, 2.0));
-        assert_eq!(model.attention, crate::nn::attention::AttentionKind::Focused { power: 2.0, kernel_size: 3 });
+        assert_eq!(model.attention, AttentionKind::Focused { power: 2.0, kernel_size: 3 });
     }
 
     #[test]

@@ -420,9 +420,14 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
             .expect("valid template"),
     );
     bar.set_position(run.position.step);
-    if options.progress {
-        notes.iter().for_each(|n| bar.println(format!("note: {n}")));
-    }
+    // Lines above the bar; printed plainly where the bar is hidden (output not a terminal), so a
+    // log file still gets them.
+    let say = |line: String| match (options.progress, bar.is_hidden()) {
+        (false, _) => {}
+        (true, true) => println!("{line}"),
+        (true, false) => bar.println(line),
+    };
+    notes.iter().for_each(|n| say(format!("note: {n}")));
 
     while run.position.epoch < train_epochs && run.position.step < total_steps {
         let epoch = run.position.epoch;
@@ -496,9 +501,6 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
             let images_per_s = config.run.batch_size as f64 / step_started.elapsed().as_secs_f64();
             run.metrics.steps.push(StepRow { step: run.position.step, epoch, loss: loss_sum, lr, lambda, grad_norm, images_per_s });
             bar.set_position(run.position.step);
-    if options.progress {
-        notes.iter().for_each(|n| bar.println(format!("note: {n}")));
-    }
             bar.set_message(format!(
                 "epoch {} loss {loss_sum:.4} lr {lr:.2e} λ {} {images_per_s:.0} img/s",
                 epoch + 1,
@@ -517,7 +519,7 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
             run.position.step_in_epoch = 0;
         }
         let row = run.evaluate_all("model")?;
-        bar.println(format!(
+        say(format!(
             "epoch {:>3}: top-1 {:.2} %, top-5 {:.2} %, eval loss {:.4}, step {}",
             epoch + 1,
             row.top1,
