@@ -17,8 +17,11 @@ pub struct OptimConfig {
     /// Gradient clipping by global norm (default 5.0; none when absent).
     pub clip_grad: Option<f64>,
     /// Key suffixes without weight decay, besides every 1-D tensor (norm weights, biases, α).
-    /// Default: `pos_embed`, `cls_token`, `positional_encoding`. (The official script decays the
-    /// SLA `positional_encoding`; drop it from this list to match.)
+    /// Default: `pos_embed`, `cls_token`, `positional_encoding`, `relative_position_bias_table`
+    /// (Swin's, as its official `no_weight_decay_keywords`). (The official script decays the SLA
+    /// `positional_encoding`; drop it from this list to match. PVT's `pos_embed1`…`pos_embed4`
+    /// match none of these names and are decayed, as the official PVT, whose list holds only
+    /// `cls_token`.)
     pub no_decay: Vec<String>,
 }
 
@@ -30,7 +33,7 @@ impl Default for OptimConfig {
             betas: [0.9, 0.999],
             eps: 1e-8,
             clip_grad: Some(5.0),
-            no_decay: vec!["pos_embed".into(), "cls_token".into(), "positional_encoding".into()],
+            no_decay: vec!["pos_embed".into(), "cls_token".into(), "positional_encoding".into(), "relative_position_bias_table".into()],
         }
     }
 }

@@ -561,7 +561,7 @@ pub(crate) fn keys_by_id<M: Module>(module: &M) -> (HashMap<ParamId, OfficialKey
 
 /// BatchNorm running statistics and Swin's shifted-window mask are float buffers, not parameters.
 pub fn is_buffer_key(key: &str) -> bool {
-    key.ends_with("running_mean") || key.ends_with("running_var") || key.ends_with("attn_mask")
+    key.ends_with("running_mean") || key.ends_with("running_var") || key.ends_with("attn_mask") || key.ends_with(".pad")
 }
 
 struct ParamCounter {

@@ -10,7 +10,7 @@
 //! Two key layouts load without remapping ([`SwinLayout`]): the official Swin/SLAB code's and
 //! timm's.
 
-use burn::module::{Module, Param};
+use burn::module::{Module, Param, RunningState};
 use burn::nn::Linear;
 use burn::nn::conv::Conv2d;
 use burn::tensor::{Device, Tensor};
@@ -429,7 +429,7 @@ impl SwinBlock {
         let (a2, b2) = self.norm2.eval_affine().ok_or_else(not_foldable)?;
         let pad = if self.grid.pads() {
             check_invertible(&a1, "a block's norm1 (to pad its windows)")?;
-            Some(b1.clone().neg().div(a1.clone()))
+            Some(RunningState::new(b1.clone().neg().div(a1.clone())))
         } else {
             None
         };
@@ -637,7 +637,7 @@ fn fold_into_last_stage(layers: &mut [DeploySwinStage], a: Tensor<1>, b: Tensor<
         *block.attn.qkv_mut() = qkv;
         block.mlp.fc2 = scale_outputs(&block.mlp.fc2, a.clone(), (i + 1 == depth).then(|| b.clone()));
         block.mlp.fc1 = scale_inputs(&block.mlp.fc1, inverse.clone());
-        block.pad = block.pad.take().map(|pad| pad.mul(a.clone())); // the stream it stands in for is scaled
+        block.pad = block.pad.take().map(|pad| RunningState::new(pad.value().mul(a.clone()))); // the stream it stands in for is scaled
     }
     Ok(())
 }
@@ -686,9 +686,9 @@ fn check_images(cfg: &SwinConfig, images: &Tensor<4>) -> Result<()> {
 /// A block with its norms folded away: `x + attn(x)`, `x + mlp(x)`.
 #[derive(Module, Debug)]
 pub struct DeploySwinBlock {
-    /// What padded windows are filled with (maps that windows do not divide only); a constant,
-    /// not in the state dict.
-    pub pad: Option<Tensor<1>>,
+    /// What padded windows are filled with (maps that windows do not divide only): it comes from
+    /// the trained norm, so it is a buffer of the deploy model's state (`….pad`).
+    pub pad: Option<RunningState<Tensor<1>>>,
     pub attn: SwinAttention,
     pub mlp: Mlp,
     pub attn_mask: Option<MaskBuffer>,
@@ -698,7 +698,8 @@ pub struct DeploySwinBlock {
 
 impl DeploySwinBlock {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = x.clone().add(mix_tokens(&self.attn, self.attn_mask.as_ref(), &self.grid, self.pad.as_ref(), x));
+        let pad = self.pad.as_ref().map(RunningState::value);
+        let x = x.clone().add(mix_tokens(&self.attn, self.attn_mask.as_ref(), &self.grid, pad.as_ref(), x));
         x.clone().add(self.mlp.forward(x))
     }
 }
@@ -930,6 +931,25 @@ mod tests {
     /// forward passes at full resolutions.
     fn narrow(base: SwinConfig, img_size: [usize; 2]) -> SwinConfig {
         SwinConfig { img_size, embed_dim: 8, depths: vec![2, 2, 2, 2], num_heads: vec![1, 2, 2, 4], num_classes: 5, ..base }
+    }
+
+    #[test]
+    fn a_padded_fused_model_file_keeps_its_padding_token() {
+        // At 256² the stage-1 'L' map (64×64) is padded to the 56-token windows: the fused blocks
+        // pad with −b/a of the trained norm1, which must travel in the deploy file.
+        use crate::deploy::model_file::{LoadedModel, Preprocess, load_model, save_deploy};
+        let device = Device::flex();
+        let config = narrow(SwinConfig::slab_swin_tiny(), [256, 256]);
+        let model = crate::testing::randomized(config.init(&device).unwrap(), 1.0);
+        let deploy = model.fuse().unwrap();
+        assert!(crate::state::collect_state(&deploy).keys().any(|k| k.ends_with(".pad")), "no pad buffer in the deploy state");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fused.safetensors");
+        save_deploy::<SwinTransformer>(&path, &deploy, &config, &Preprocess::imagenet(3), false).unwrap();
+        let (LoadedModel::Deploy(loaded), _) = load_model::<SwinTransformer>(&path, &device).unwrap() else { panic!("a deploy file") };
+        let images = Tensor::<4>::random([1, 3, 256, 256], Distribution::Normal(0.0, 1.0), &device);
+        let (want, got) = (deploy.forward(images.clone()), loaded.forward(images));
+        assert_eq!(crate::state::host_f32(got), crate::state::host_f32(want));
     }
 
     #[test]

@@ -254,6 +254,8 @@ mod tests {
         assert!(!opt.decays("blocks.0.norm1.norm1.weight", 1));
         assert!(!opt.decays("head.bias", 1));
         assert!(!opt.decays("pos_embed", 3));
+        assert!(!opt.decays("layers.0.blocks.1.attn.relative_position_bias_table", 2)); // Swin's, as the official keywords
+        assert!(opt.decays("pos_embed1", 3)); // PVT's stage embeddings, as the official list
         assert!(!opt.decays("cls_token", 3));
         assert!(!opt.decays("blocks.3.attn.positional_encoding", 3));
     }
