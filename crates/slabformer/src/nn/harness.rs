@@ -19,6 +19,8 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use rand_pcg::Pcg64;
 
+use super::attention::window::{MaskBuffer, WindowAttention, WindowGrid};
+use super::attention::window_fast::{FastWindowAttention, WindowAttentionActivations, WindowAttentionScratch, WindowInferScratch, lower_windowed_linear};
 use super::attention::{Attention, AttentionActivations, AttentionConfig, AttentionKind, AttentionScratch, FastAttention, FeatureMap};
 use super::fuse::fold_into_next_linear;
 use super::linear::{FastLinear, linear};
@@ -27,6 +29,7 @@ use super::lower::ParamTable;
 use super::mlp::{FastMlp, Mlp, MlpActivations};
 use super::norm::{FastNorm, LayerNorm, LinearNorm, Norm, NormCache, RepBN, RepBnInit};
 use super::patch_embed::{FastPatchEmbed, PatchEmbed};
+use super::patch_merge::{DeployPatchMerging, FastPatchMerging, PatchMergeActivations, PatchMergeScratch, PatchMerging};
 use super::schedule::{Decay, PrepbnSchedule};
 use super::{set_counter_advance, set_training};
 use crate::kernels;
@@ -570,6 +573,259 @@ impl LayerCase for PatchEmbedCase {
     }
 }
 
+/// A Swin block's window attention as the block runs it on its (B, H·W, C) rows: pad (zeros,
+/// or a fused block's pad token), shift, windows, attention, reverse, crop.
+#[derive(Module, Debug)]
+struct WindowedAttention {
+    attn: WindowAttention,
+    attn_mask: Option<MaskBuffer>,
+    pad: Option<Tensor<1>>,
+    #[module(skip)]
+    grid: WindowGrid,
+}
+
+impl WindowedAttention {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let mask = self.attn_mask.as_ref().map(MaskBuffer::tensor);
+        self.grid.apply(x, self.pad.as_ref(), |windows| self.attn.forward(windows, mask))
+    }
+}
+
+#[derive(Debug)]
+struct WindowAttentionCase {
+    batch: usize,
+    heads: usize,
+    head_dim: usize,
+    grid: WindowGrid,
+    qkv_bias: bool,
+    /// The official layout (index and mask in the state; the harness redraws the mask's values
+    /// like any float buffer's) or timm's (recomputed: the real 0 / −100 mask).
+    persistent: bool,
+    /// A fused block's pad token instead of zeros.
+    pad: bool,
+    /// Whether the training forward adds to what the output holds (a residual).
+    accumulate: bool,
+    /// Threads sharing one image's inference.
+    parts: usize,
+}
+
+impl WindowAttentionCase {
+    /// Maps that windows do not divide (padding), windows of 2–4 tokens a side; shifted cases
+    /// have maps larger than their window, so that they do shift.
+    fn draw(rng: &mut Pcg64, shifted: bool) -> Self {
+        let (target, resolution) = if shifted {
+            (pick(rng, &[2, 3, 4]), [pick(rng, &[5, 6, 7, 9]), pick(rng, &[5, 7, 8])])
+        } else {
+            (pick(rng, &[2, 3, 4]), [pick(rng, &[2, 3, 5, 7]), pick(rng, &[3, 4, 6, 7])])
+        };
+        let grid = WindowGrid::new(resolution, target, shifted).expect("a non-empty map");
+        assert_eq!(grid.shift > 0, shifted, "{grid:?}");
+        Self {
+            batch: pick(rng, &[1, 2]),
+            heads: pick(rng, &[1, 2, 3]),
+            head_dim: pick(rng, &[3, 4, 5]),
+            grid,
+            qkv_bias: rng.random_bool(0.5),
+            persistent: rng.random_bool(0.5),
+            pad: rng.random_bool(0.5),
+            accumulate: rng.random_bool(0.5),
+            parts: pick(rng, &[1, 2, 3]),
+        }
+    }
+
+    fn dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    fn tokens(&self) -> usize {
+        self.grid.resolution[0] * self.grid.resolution[1]
+    }
+
+    fn len(&self) -> usize {
+        self.batch * self.tokens() * self.dim()
+    }
+
+    /// One image at a time, as the inference walk runs it: `out += attn(x)` from zeros.
+    fn infer_images(&self, fast: &FastWindowAttention, p: &[f32], x: &[f32], parts: usize) -> Vec<f32> {
+        let per_image = self.tokens() * self.dim();
+        let mut out = vec![0.0; x.len()];
+        let mut scratch = WindowInferScratch::default(); // reused from image to image
+        for (x, out) in x.chunks(per_image).zip(out.chunks_mut(per_image)) {
+            fast.infer(p, x, out, &mut scratch, parts);
+        }
+        out
+    }
+}
+
+impl LayerCase for WindowAttentionCase {
+    type Layer = WindowedAttention;
+    type Fast = FastWindowAttention;
+
+    fn build(&self, device: &Device, rng: &mut Pcg64) -> WindowedAttention {
+        let pad = self.pad.then(|| flat(&uniform(rng, self.dim(), -1.0, 1.0), device));
+        WindowedAttention {
+            attn: WindowAttention::new(self.dim(), self.heads, self.grid.window, self.qkv_bias, self.persistent, device),
+            attn_mask: self.grid.mask_buffer(self.persistent, device),
+            pad,
+            grid: self.grid,
+        }
+    }
+
+    fn input(&self, _layer: &WindowedAttention, rng: &mut Pcg64) -> Vec<f32> {
+        normal(rng, self.len(), 0.0, 1.0)
+    }
+
+    fn reference(&self, layer: &WindowedAttention, x: Tensor<1>) -> Tensor<1> {
+        layer.forward(x.reshape([self.batch, self.tokens(), self.dim()])).reshape([self.len()])
+    }
+
+    fn lower(&self, layer: &WindowedAttention, table: &mut ParamTable) -> FastWindowAttention {
+        FastWindowAttention::lower(&layer.attn, layer.grid, layer.attn_mask.as_ref(), layer.pad.as_ref(), table).expect("window attention lowers")
+    }
+
+    fn train(&self, fast: &mut FastWindowAttention, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        let base: Vec<f32> = (0..x.len()).map(|i| if self.accumulate { (i % 7) as f32 - 3.0 } else { f32::NAN }).collect();
+        let mut out = base.clone(); // NaN where the forward must overwrite
+        let mut acts = WindowAttentionActivations::default();
+        fast.forward(p, x, &mut out, &mut acts, self.batch, self.accumulate).expect("the training forward runs");
+        if self.accumulate {
+            out.iter_mut().zip(&base).for_each(|(o, b)| *o -= b);
+        }
+        let mut dx = vec![f32::NAN; x.len()]; // overwritten
+        fast.backward(p, g, &acts, dy, &mut dx, &mut WindowAttentionScratch::default(), self.batch);
+        (out, Some(dx))
+    }
+
+    fn infer(&self, fast: &FastWindowAttention, p: &[f32], x: &[f32]) -> Option<Vec<f32>> {
+        Some(self.infer_images(fast, p, x, self.parts))
+    }
+}
+
+#[derive(Debug)]
+struct PatchMergeCase {
+    /// The norm over 4C (its batch, tokens and channels those of the merged rows).
+    norm: NormCase,
+    batch: usize,
+    resolution: [usize; 2],
+    dim: usize,
+    parts: usize,
+}
+
+/// Odd maps (padding) and even ones, at least 2×2 merged tokens (BatchNorm statistics).
+fn merge_sizes(rng: &mut Pcg64) -> (usize, [usize; 2], usize, usize) {
+    (pick(rng, &[1, 2]), [pick(rng, &[3, 4, 5, 7]), pick(rng, &[3, 4, 6, 7])], pick(rng, &[3, 4, 5]), pick(rng, &[1, 2, 3]))
+}
+
+impl PatchMergeCase {
+    fn draw(rng: &mut Pcg64, variant: NormVariant) -> Self {
+        let (batch, resolution, dim, parts) = merge_sizes(rng);
+        let [h, w] = PatchMerging::output_resolution(resolution);
+        let norm = NormCase { batch, tokens: h * w, channels: 4 * dim, ..NormCase::draw(rng, variant) };
+        Self { norm, batch, resolution, dim, parts }
+    }
+}
+
+/// A merge's fast training forward and backward over the batch.
+fn merge_train(fast: &mut FastPatchMerging, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32], batch: usize, advance: bool) -> (Vec<f32>, Option<Vec<f32>>) {
+    let mut out = vec![f32::NAN; dy.len()];
+    let mut acts = PatchMergeActivations::default();
+    fast.forward(p, x, &mut out, &mut acts, batch, advance).expect("the training forward runs");
+    let mut dx = vec![f32::NAN; x.len()]; // overwritten
+    fast.backward(p, g, &acts, dy, &mut dx, &mut PatchMergeScratch::default(), batch);
+    (out, Some(dx))
+}
+
+/// A merge's inference, one image at a time, the scratch reused.
+fn merge_infer(fast: &FastPatchMerging, p: &[f32], x: &[f32], parts: usize) -> Vec<f32> {
+    let (per_in, per_out) = (fast.tokens() * fast.dim(), fast.out_tokens() * fast.out_dim());
+    let mut out = vec![f32::NAN; x.len() / per_in * per_out];
+    let mut scratch = PatchMergeScratch::default();
+    for (x, out) in x.chunks(per_in).zip(out.chunks_mut(per_out)) {
+        fast.infer(p, x, out, &mut scratch, parts);
+    }
+    out
+}
+
+impl LayerCase for PatchMergeCase {
+    type Layer = PatchMerging;
+    type Fast = FastPatchMerging;
+
+    fn build(&self, device: &Device, rng: &mut Pcg64) -> PatchMerging {
+        PatchMerging { norm: self.norm.build(device, rng), reduction: linear(4 * self.dim, 2 * self.dim, false, device) }
+    }
+
+    fn input(&self, _layer: &PatchMerging, rng: &mut Pcg64) -> Vec<f32> {
+        // Off-centre, so the norm's means matter.
+        normal(rng, self.batch * self.resolution[0] * self.resolution[1] * self.dim, 0.5, 1.5)
+    }
+
+    fn reference(&self, layer: &PatchMerging, x: Tensor<1>) -> Tensor<1> {
+        let [h, w] = self.resolution;
+        let out = layer.forward(x.reshape([self.batch, h * w, self.dim]), self.resolution);
+        let len = out.shape().num_elements();
+        out.reshape([len])
+    }
+
+    fn lower(&self, layer: &PatchMerging, table: &mut ParamTable) -> FastPatchMerging {
+        FastPatchMerging::lower(layer, self.resolution, table).expect("patch merging lowers")
+    }
+
+    fn train(&self, fast: &mut FastPatchMerging, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        merge_train(fast, p, x, dy, g, self.batch, self.norm.advance)
+    }
+
+    fn write_buffers(&self, fast: &FastPatchMerging, state: &mut StateDict) {
+        if let Some(norm) = &fast.norm {
+            norm.write_buffers(state);
+        }
+    }
+
+    fn infer(&self, fast: &FastPatchMerging, p: &[f32], x: &[f32]) -> Option<Vec<f32>> {
+        Some(merge_infer(fast, p, x, self.parts))
+    }
+}
+
+/// The deploy form: no norm, `reduction` with a bias.
+#[derive(Debug)]
+struct DeployPatchMergeCase {
+    batch: usize,
+    resolution: [usize; 2],
+    dim: usize,
+    parts: usize,
+}
+
+impl LayerCase for DeployPatchMergeCase {
+    type Layer = DeployPatchMerging;
+    type Fast = FastPatchMerging;
+
+    fn build(&self, device: &Device, _rng: &mut Pcg64) -> DeployPatchMerging {
+        DeployPatchMerging { reduction: linear(4 * self.dim, 2 * self.dim, true, device) }
+    }
+
+    fn input(&self, _layer: &DeployPatchMerging, rng: &mut Pcg64) -> Vec<f32> {
+        normal(rng, self.batch * self.resolution[0] * self.resolution[1] * self.dim, 0.0, 1.0)
+    }
+
+    fn reference(&self, layer: &DeployPatchMerging, x: Tensor<1>) -> Tensor<1> {
+        let [h, w] = self.resolution;
+        let out = layer.forward(x.reshape([self.batch, h * w, self.dim]), self.resolution);
+        let len = out.shape().num_elements();
+        out.reshape([len])
+    }
+
+    fn lower(&self, layer: &DeployPatchMerging, table: &mut ParamTable) -> FastPatchMerging {
+        FastPatchMerging::lower_deploy(layer, self.resolution, table).expect("patch merging lowers")
+    }
+
+    fn train(&self, fast: &mut FastPatchMerging, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        merge_train(fast, p, x, dy, g, self.batch, true)
+    }
+
+    fn infer(&self, fast: &FastPatchMerging, p: &[f32], x: &[f32]) -> Option<Vec<f32>> {
+        Some(merge_infer(fast, p, x, self.parts))
+    }
+}
+
 /// The loss as a layer: the soft targets are its (constant) module, the logits its input, the
 /// mean loss its one output.
 #[derive(Debug)]
@@ -725,6 +981,177 @@ fn folded_linear_equals_norm_then_linear() {
             let mut ours = vec![0.0; want.len()];
             fast.apply(&table.values, &host_f32(x), &mut ours);
             assert_close(&format!("{what}: folded on the fast path"), &ours, &want);
+        }
+    }
+}
+
+#[test]
+fn window_attention_matches_burn() {
+    check(|rng| WindowAttentionCase::draw(rng, false));
+}
+
+#[test]
+fn shifted_window_attention_matches_burn() {
+    check(|rng| WindowAttentionCase::draw(rng, true));
+}
+
+#[test]
+fn patch_merging_matches_burn() {
+    check(|rng| {
+        let variant = pick(rng, &[NormVariant::LayerNorm, NormVariant::RepBn, NormVariant::PrepbnWarm, NormVariant::PrepbnMixing]);
+        PatchMergeCase::draw(rng, variant)
+    });
+}
+
+#[test]
+fn deploy_patch_merging_matches_burn() {
+    check(|rng| {
+        let (batch, resolution, dim, parts) = merge_sizes(rng);
+        DeployPatchMergeCase { batch, resolution, dim, parts }
+    });
+}
+
+/// The deploy forms on the fast path against the unfused burn layers in eval mode: a block's
+/// norm (RepBN / PRepBN) folded into window attention's qkv, its padded windows filled with the
+/// folded norm's zero `−b/a`; a merge's norm folded into its reduction.
+#[test]
+fn fused_window_attention_and_patch_merging_equal_unfused_eval() {
+    let device = Device::flex(); // no autodiff: every norm evaluates in eval mode
+    let mut rng = Pcg64::seed_from_u64(SEED);
+    for _ in 0..SHAPES {
+        let variant = pick(&mut rng, &[NormVariant::RepBn, NormVariant::PrepbnMixing]);
+        let shifted = rng.random_bool(0.5);
+        let case = WindowAttentionCase { pad: false, persistent: false, ..WindowAttentionCase::draw(&mut rng, shifted) };
+        let norm = randomized(NormCase { channels: case.dim(), ..NormCase::draw(&mut rng, variant) }.build(&device, &mut rng), &mut rng);
+        let layer = randomized(case.build(&device, &mut rng), &mut rng);
+        let x = case.input(&layer, &mut rng);
+        let tokens = Tensor::<3>::from_data(TensorData::new(x.clone(), [case.batch, case.tokens(), case.dim()]), &device);
+        let want = host_f32(layer.forward(norm.forward(tokens)));
+        let (a, b) = norm.eval_affine().expect("RepBN and PRepBN fold");
+        let fused = WindowedAttention { attn: layer.attn.fold_input(a.clone(), b.clone()), pad: Some(b.neg().div(a)), ..layer };
+        let mut table = ParamTable::for_module(&fused);
+        let fast = FastWindowAttention::lower(&fused.attn, fused.grid, fused.attn_mask.as_ref(), fused.pad.as_ref(), &mut table).expect("window attention lowers");
+        assert_close(&format!("{case:?} fused after {variant:?}"), &case.infer_images(&fast, &table.values, &x, case.parts), &want);
+
+        let merge = PatchMergeCase::draw(&mut rng, variant);
+        let unfused = randomized(merge.build(&device, &mut rng), &mut rng);
+        let x = merge.input(&unfused, &mut rng);
+        let want = host_f32(merge.reference(&unfused, flat(&x, &device)));
+        let deploy = unfused.fuse().expect("RepBN and PRepBN fold");
+        let mut table = ParamTable::for_module(&deploy);
+        let fast = FastPatchMerging::lower_deploy(&deploy, merge.resolution, &mut table).expect("patch merging lowers");
+        assert_close(&format!("{merge:?} fused"), &merge_infer(&fast, &table.values, &x, merge.parts), &want);
+    }
+}
+
+/// Inference (one image at a time, over 1–3 threads) computes what the training forward does
+/// over the batch, where they compute the same function: window attention, and a merge whose
+/// norm has no batch statistics (LayerNorm, deploy).
+#[test]
+fn window_attention_and_patch_merging_infer_equals_forward() {
+    let device = Device::flex();
+    let mut rng = Pcg64::seed_from_u64(SEED);
+    for _ in 0..SHAPES {
+        let shifted = rng.random_bool(0.5);
+        let case = WindowAttentionCase::draw(&mut rng, shifted);
+        let layer = randomized(case.build(&device, &mut rng), &mut rng);
+        let mut table = ParamTable::for_module(&layer);
+        let fast = case.lower(&layer, &mut table);
+        let x = case.input(&layer, &mut rng);
+        let mut want = vec![0.0; x.len()];
+        fast.forward(&table.values, &x, &mut want, &mut WindowAttentionActivations::default(), case.batch, false).expect("the training forward runs");
+        for parts in 1..=3 {
+            assert_close(&format!("{case:?} over {parts} parts"), &case.infer_images(&fast, &table.values, &x, parts), &want);
+        }
+
+        let merge = PatchMergeCase::draw(&mut rng, NormVariant::LayerNorm);
+        let layer = randomized(merge.build(&device, &mut rng), &mut rng);
+        let x = merge.input(&layer, &mut rng);
+        let mut table = ParamTable::for_module(&layer);
+        let mut fast = merge.lower(&layer, &mut table);
+        let deploy = DeployPatchMerging { reduction: randomized(linear(4 * merge.dim, 2 * merge.dim, true, &device), &mut rng) };
+        let mut deploy_table = ParamTable::for_module(&deploy);
+        let mut fast_deploy = FastPatchMerging::lower_deploy(&deploy, merge.resolution, &mut deploy_table).expect("patch merging lowers");
+        for (fast, p) in [(&mut fast, &table.values), (&mut fast_deploy, &deploy_table.values)] {
+            let mut want = vec![0.0; x.len() / fast.tokens() / fast.dim() * fast.out_tokens() * fast.out_dim()];
+            fast.forward(p, &x, &mut want, &mut PatchMergeActivations::default(), merge.batch, true).expect("the training forward runs");
+            for parts in 1..=3 {
+                assert_close(&format!("{merge:?} over {parts} parts"), &merge_infer(fast, p, &x, parts), &want);
+            }
+        }
+    }
+    // Wrong sizes are errors, not panics.
+    let case = WindowAttentionCase::draw(&mut rng, false);
+    let layer = case.build(&device, &mut rng);
+    let mut table = ParamTable::for_module(&layer);
+    let fast = case.lower(&layer, &mut table);
+    let x = vec![0.0; case.len() + case.dim()];
+    assert!(fast.forward(&table.values, &x, &mut x.clone(), &mut WindowAttentionActivations::default(), case.batch, false).is_err());
+}
+
+/// SLAB-Swin's 'L' stages: SLA over a window that is the whole map is the existing fast
+/// attention; windows smaller than the map are refused by name.
+#[test]
+fn linear_attention_over_windows_lowers_only_a_whole_map_window() {
+    let device = Device::flex();
+    let mut rng = Pcg64::seed_from_u64(SEED);
+    let (batch, m, c) = (2, 4, 8);
+    let config = AttentionConfig { dim: c, num_heads: 2, qkv_bias: true, kind: AttentionKind::Sla { kernel_size: 3 }, grid: Some([m, m]) };
+    let Attention::Linear(sla) = randomized(config.init(&device), &mut rng) else { panic!("SLA is linear attention") };
+    let grid = WindowGrid::new([m, m], m, true).expect("a non-empty map");
+    let mut table = ParamTable::for_module(&sla);
+    let mut fast = lower_windowed_linear(&sla, &grid, &mut table).expect("one window lowers");
+    let x = normal(&mut rng, batch * m * m * c, 0.0, 1.0);
+    let want = host_f32(grid.apply(Tensor::<3>::from_data(TensorData::new(x.clone(), [batch, m * m, c]), &device), None, |w| sla.forward(w)));
+    let mut out = vec![0.0; x.len()];
+    fast.forward(&table.values, &x, &mut out, &mut AttentionActivations::default(), batch, m * m, false).expect("the training forward runs");
+    assert_close("SLA over one whole-map window", &out, &want);
+    for (resolution, shifted) in [([2 * m, 2 * m], false), ([2 * m, 2 * m], true), ([m, m + 1], false)] {
+        let grid = WindowGrid::new(resolution, m, shifted).expect("a non-empty map");
+        let err = lower_windowed_linear(&sla, &grid, &mut ParamTable::for_module(&sla)).err().expect("several windows are refused");
+        assert!(matches!(err, crate::error::Error::Unsupported { .. }) && err.to_string().contains("windows of a"), "{err}");
+    }
+}
+
+/// Swin-T stage 1 (56×56×96, 3 heads, window 7, unshifted and shifted): the fast form's
+/// inference and training step against burn's. Timing only: run with `--ignored --nocapture`.
+#[test]
+#[ignore = "timing; run with --ignored --nocapture"]
+fn window_attention_timing_at_swin_t_stage_one() {
+    use std::time::Instant;
+    let best = |runs: usize, mut f: Box<dyn FnMut() + '_>| (0..runs).map(|_| { let t = Instant::now(); f(); t.elapsed().as_secs_f64() * 1e3 }).fold(f64::INFINITY, f64::min);
+    let mut rng = Pcg64::seed_from_u64(SEED);
+    let threads = rayon::current_num_threads();
+    for shifted in [false, true] {
+        let grid = WindowGrid::new([56, 56], 7, shifted).expect("stage 1");
+        let case = WindowAttentionCase { batch: 8, heads: 3, head_dim: 32, grid, qkv_bias: true, persistent: false, pad: false, accumulate: true, parts: 1 };
+        let (t, c) = (case.tokens(), case.dim());
+        for device in [Device::flex(), Device::flex().autodiff()] {
+            let layer = randomized(case.build(&device, &mut rng), &mut rng);
+            let mut table = ParamTable::for_module(&layer);
+            let fast = case.lower(&layer, &mut table);
+            let p = table.values.clone();
+            let x = case.input(&layer, &mut rng);
+            if !device.is_autodiff() {
+                let image = Tensor::<3>::from_data(TensorData::new(x[..t * c].to_vec(), [1, t, c]), &device);
+                let burn_ms = best(5, Box::new(|| drop(host_f32(layer.forward(image.clone())))));
+                let (mut out, mut scratch) = (vec![0.0; t * c], WindowInferScratch::default());
+                let one = best(20, Box::new(|| fast.infer(&p, &x[..t * c], &mut out, &mut scratch, 1)));
+                let all = best(20, Box::new(|| fast.infer(&p, &x[..t * c], &mut out, &mut scratch, threads)));
+                println!("shifted {shifted}: inference, one image: burn {burn_ms:.2} ms, fast {one:.2} ms on 1 thread, {all:.2} ms on {threads}");
+            } else {
+                let tokens = Tensor::<3>::from_data(TensorData::new(x.clone(), [case.batch, t, c]), &device).require_grad();
+                let dy = flat(&normal(&mut rng, x.len(), 0.0, 1.0), &device).reshape([case.batch, t, c]);
+                let burn_ms = best(3, Box::new(|| drop(layer.forward(tokens.clone()).mul(dy.clone()).sum().backward())));
+                let dy = host_f32(dy.clone());
+                let (mut out, mut dx, mut g) = (vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; p.len()]);
+                let (mut acts, mut scratch) = (WindowAttentionActivations::default(), WindowAttentionScratch::default());
+                let fast_ms = best(5, Box::new(|| {
+                    fast.forward(&p, &x, &mut out, &mut acts, case.batch, true).expect("runs");
+                    fast.backward(&p, &mut g, &acts, &dy, &mut dx, &mut scratch, case.batch);
+                }));
+                println!("shifted {shifted}: training forward + backward, batch {}: burn autodiff {burn_ms:.1} ms, fast {fast_ms:.1} ms on {threads} threads", case.batch);
+            }
         }
     }
 }

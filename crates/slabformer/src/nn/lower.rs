@@ -194,3 +194,14 @@ pub fn sized(v: &mut Vec<f32>, len: usize) -> &mut Vec<f32> {
     v.resize(len, 0.0);
     v
 }
+
+/// Runs `f` on every job, in parallel when there is more than one (a layer's share of one
+/// image's work split over `parts` threads; one job runs on the calling thread).
+pub fn for_each_part<T: Send>(jobs: Vec<T>, f: impl Fn(T) + Sync + Send) {
+    use rayon::prelude::*;
+    if jobs.len() == 1 {
+        jobs.into_iter().for_each(f);
+    } else {
+        jobs.into_par_iter().for_each(f);
+    }
+}

@@ -20,6 +20,7 @@ pub mod kernels;
 mod onnx;
 pub mod spatial_reduction;
 pub mod window;
+pub mod window_fast;
 
 pub use fast::{AttentionActivations, AttentionScratch, FastAttention};
 
