@@ -453,6 +453,12 @@ impl FastSrAttention {
         Ok(())
     }
 
+    /// The linear kinds' normalisers `φ(q)·Σφ(k) + ε` of the last training forward, (B·N, heads).
+    #[cfg(test)]
+    pub(crate) fn normalisers<'a>(&self, a: &'a SrActivations) -> &'a [f32] {
+        &a.den
+    }
+
     /// The rows kv reads: the normed (or plain) reduced rows, or x itself.
     fn source<'a>(&self, x: &'a [f32], a: &'a SrActivations) -> &'a [f32] {
         match &self.reduction {
