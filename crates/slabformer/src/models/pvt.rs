@@ -998,7 +998,13 @@ mod tests {
         let want = collect_grads(&model, &grads);
         let ours = trainer.gradients();
         assert_eq!(ours.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "parameters with a gradient");
-        assert_states_near(&format!("{config:?}: gradient"), &ours, &want, 1e-4, 1e-5);
+        // SLA's and FLatten's gradients are differences of terms ∝ 1/normaliser; on these small grids (15 keys
+        // of 8 channels in stage 3) a row whose φ(q)·Σφ(k) is small but not 0 comes up about one
+        // run in 30 and costs a few 1e-4 of f32 rounding either way (the layer harness avoids
+        // such inputs; a whole model cannot pick them): the golden files' gradient tolerance,
+        // 1e-3 + 1e-4·max, then.
+        let abs = if config.attention.iter().any(AttentionKind::needs_grid) { 1e-3 } else { 1e-5 };
+        assert_states_near(&format!("{config:?}: gradient"), &ours, &want, 1e-4, abs);
         assert_states_near(&format!("{config:?}: state after the forward"), &trainer.state(), &collect_state(&model), 1e-5, 1e-6);
     }
 
