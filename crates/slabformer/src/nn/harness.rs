@@ -19,15 +19,20 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use rand_pcg::Pcg64;
 
+use super::attention::spatial_reduction::{SpatialReductionAttention, SrAttentionConfig};
+use super::attention::spatial_reduction_fast::{FastSrAttention, SrActivations, SrScratch};
 use super::attention::window::{MaskBuffer, WindowAttention, WindowGrid};
 use super::attention::window_fast::{FastWindowAttention, WindowAttentionActivations, WindowAttentionScratch, WindowInferScratch, lower_windowed_linear};
 use super::attention::{Attention, AttentionActivations, AttentionConfig, AttentionKind, AttentionScratch, FastAttention, FeatureMap};
+use super::conv::{FastConv, Source};
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
 use super::fuse::fold_into_next_linear;
 use super::linear::{FastLinear, linear};
 use super::loss::{cross_entropy, soft_cross_entropy};
 use super::lower::ParamTable;
 use super::mlp::{FastMlp, Mlp, MlpActivations};
-use super::norm::{FastNorm, LayerNorm, LinearNorm, Norm, NormCache, RepBN, RepBnInit};
+use super::norm::{FastNorm, LayerNorm, LinearNorm, Norm, NormCache, NormKind, RepBN, RepBnInit};
 use super::patch_embed::{FastPatchEmbed, PatchEmbed};
 use super::patch_merge::{DeployPatchMerging, FastPatchMerging, PatchMergeActivations, PatchMergeScratch, PatchMerging};
 use super::schedule::{Decay, PrepbnSchedule};
@@ -505,6 +510,234 @@ impl LayerCase for AttentionCase {
 }
 
 #[derive(Debug)]
+struct SrAttentionCase {
+    kind: AttentionKind,
+    batch: usize,
+    heads: usize,
+    head_dim: usize,
+    qkv_bias: bool,
+    grid: [usize; 2],
+    sr_ratio: usize,
+    /// The reduction's norm (R > 1): RepBN (batch statistics) or LayerNorm.
+    repbn: bool,
+    /// Row blocks of the inference passes.
+    parts: usize,
+}
+
+impl SrAttentionCase {
+    fn draw(rng: &mut Pcg64, kind: AttentionKind) -> Self {
+        Self {
+            kind,
+            // Two images at least: the reduction's BatchNorm needs two rows when N_r is 1.
+            batch: pick(rng, &[2, 3]),
+            heads: pick(rng, &[1, 3]),
+            head_dim: pick(rng, &[3, 4, 5]),
+            qkv_bias: rng.random_bool(0.5),
+            grid: pick(rng, &[[4, 6], [5, 3], [3, 7], [6, 4]]),
+            sr_ratio: pick(rng, &[1, 2, 3]),
+            repbn: rng.random_bool(0.5),
+            parts: pick(rng, &[1, 2, 3]),
+        }
+    }
+
+    fn dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    fn tokens(&self) -> usize {
+        self.grid[0] * self.grid[1]
+    }
+
+    fn len(&self) -> usize {
+        self.batch * self.tokens() * self.dim()
+    }
+}
+
+impl LayerCase for SrAttentionCase {
+    type Layer = SpatialReductionAttention;
+    type Fast = FastSrAttention;
+
+    fn build(&self, device: &Device, _rng: &mut Pcg64) -> SpatialReductionAttention {
+        let norm = if self.repbn { NormKind::repbn() } else { NormKind::layer_norm(1e-6) };
+        let config = SrAttentionConfig { dim: self.dim(), num_heads: self.heads, qkv_bias: self.qkv_bias, kind: self.kind, sr_ratio: self.sr_ratio, grid: self.grid, norm };
+        config.validate().expect("a valid case");
+        config.init(device)
+    }
+
+    /// For SLA an input whose normalisers are 0 or at least [`MIN_SLA_NORMALISER`] (see
+    /// [`AttentionCase::well_conditioned`]), probed on a second lowering of the layer (whose
+    /// statistics are its own copy).
+    fn input(&self, layer: &SpatialReductionAttention, rng: &mut Pcg64) -> Vec<f32> {
+        loop {
+            let x = normal(rng, self.len(), 0.0, 1.0);
+            if !matches!(self.kind, AttentionKind::Sla { .. }) {
+                return x;
+            }
+            let mut table = ParamTable::for_module(layer);
+            let mut probe = FastSrAttention::lower(layer, &mut table).expect("the layer lowers");
+            let (mut out, mut acts) = (vec![0.0; x.len()], SrActivations::default());
+            probe.forward(&table.values, &x, &mut out, &mut acts, self.batch, false, false).expect("the forward runs");
+            if probe.normalisers(&acts).iter().all(|&n| n - 1e-6 <= 0.0 || n >= MIN_SLA_NORMALISER) {
+                return x;
+            }
+        }
+    }
+
+    fn reference(&self, layer: &SpatialReductionAttention, x: Tensor<1>) -> Tensor<1> {
+        layer.forward(x.reshape([self.batch, self.tokens(), self.dim()])).reshape([self.len()])
+    }
+
+    fn lower(&self, layer: &SpatialReductionAttention, table: &mut ParamTable) -> FastSrAttention {
+        FastSrAttention::lower(layer, table).expect("the attention kind lowers")
+    }
+
+    fn train(&self, fast: &mut FastSrAttention, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        let mut out = vec![0.0; x.len()];
+        let mut acts = SrActivations::default();
+        fast.forward(p, x, &mut out, &mut acts, self.batch, true, false).expect("the training forward runs");
+        let mut dx = vec![0.0; x.len()];
+        fast.backward(p, g, x, &acts, dy, &mut dx, &mut SrScratch::default(), self.batch);
+        (out, Some(dx))
+    }
+
+    fn write_buffers(&self, fast: &FastSrAttention, state: &mut StateDict) {
+        if let Some(norm) = fast.norm() {
+            norm.write_buffers(state);
+        }
+    }
+
+    /// Each image in the plan's passes over `parts` row blocks: query rows (and unreduced keys),
+    /// reduced keys, the partial sums added, v interpolated, then the queries.
+    fn infer(&self, fast: &FastSrAttention, p: &[f32], x: &[f32]) -> Option<Vec<f32>> {
+        let (t, c, n_r) = (self.tokens(), self.dim(), fast.keys());
+        let (per, per_r, len) = (t.div_ceil(self.parts), n_r.div_ceil(self.parts), fast.patch_len());
+        let tiled = fast.tiled_conv(p);
+        let conv = tiled.as_ref().and_then(|(taps, bias)| fast.conv_view(taps, bias));
+        let state_len = c * self.head_dim;
+        let mut out = vec![0.0; x.len()];
+        for (x, out) in x.chunks(t * c).zip(out.chunks_mut(t * c)) {
+            let (mut q, mut kv_rows) = (vec![0.0; t * c], vec![0.0; n_r * 2 * c]);
+            let (mut k_sum, mut state) = (vec![0.0; c], vec![0.0; state_len]);
+            let mut add = |block_k_sum: &[f32], block_state: &[f32]| {
+                kernels::add_assign(&mut k_sum, block_k_sum);
+                kernels::add_assign(&mut state, block_state);
+            };
+            for (i, (x, q)) in x.chunks(per * c).zip(q.chunks_mut(per * c)).enumerate() {
+                let (mut bk, mut bs) = (vec![0.0; c], vec![0.0; state_len]);
+                let kv_block: &mut [f32] = if fast.reduces() { &mut [] } else { &mut kv_rows[i * per * 2 * c..(i * per * 2 * c + x.len() * 2).min(t * 2 * c)] };
+                fast.infer_rows(p, i * per, x, q, kv_block, &mut bk, &mut bs);
+                if !fast.reduces() {
+                    add(&bk, &bs);
+                }
+            }
+            if fast.reduces() {
+                for (i, kv_block) in kv_rows.chunks_mut(per_r * 2 * c).enumerate() {
+                    let rows = kv_block.len() / (2 * c);
+                    let (mut patches, mut reduced, mut normed) = (vec![0.0; rows * len], vec![0.0; rows * c], vec![0.0; rows * c]);
+                    let (mut bk, mut bs) = (vec![0.0; c], vec![0.0; state_len]);
+                    fast.infer_reduce(p, i * per_r, x, &mut patches, &mut reduced, &mut normed, kv_block, &mut bk, &mut bs);
+                    add(&bk, &bs);
+                }
+            }
+            let mut v_full = vec![0.0; if fast.interpolates() { t * c } else { 0 }];
+            for (i, v) in v_full.chunks_mut(per * c).enumerate() {
+                fast.infer_values(&kv_rows, i * per, v);
+            }
+            let mut mixed = vec![0.0; t * c];
+            for (i, mixed) in mixed.chunks_mut(per * c).enumerate() {
+                let mut scores = vec![0.0; mixed.len() / c * n_r];
+                fast.infer_queries(i * per, &q[i * per * c..i * per * c + mixed.len()], &kv_rows, &k_sum, &state, conv.as_ref(), &v_full, mixed, &mut scores);
+            }
+            fast.proj.apply(p, &mixed, out);
+        }
+        Some(out)
+    }
+}
+
+/// A stage embedding's conv over a token grid (PVT's patch convs, CSwin's padded merges):
+/// (B, H·W, C_in) rows → (B, H'·W', C_out) rows.
+#[derive(Debug)]
+struct StageConvCase {
+    batch: usize,
+    in_chans: usize,
+    grid: [usize; 2],
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    dim: usize,
+}
+
+impl StageConvCase {
+    fn draw(rng: &mut Pcg64) -> Self {
+        let (kernel, stride, padding) = pick(rng, &[(2, 2, 0), (3, 2, 1), (7, 4, 2), (3, 3, 0)]);
+        Self { batch: pick(rng, &[1, 2]), in_chans: pick(rng, &[1, 3, 5]), grid: pick(rng, &[[7, 9], [8, 8], [5, 6]]), kernel, stride, padding, dim: pick(rng, &[4, 9]) }
+    }
+
+    fn out_grid(&self) -> [usize; 2] {
+        self.grid.map(|n| (n + 2 * self.padding - self.kernel) / self.stride + 1)
+    }
+
+    fn out_len(&self) -> usize {
+        let [h, w] = self.out_grid();
+        self.batch * h * w * self.dim
+    }
+
+    fn patches(&self, fast: &FastConv, x: &[f32]) -> Vec<f32> {
+        let [h, w] = self.out_grid();
+        let mut patches = vec![0.0; self.batch * h * w * fast.patch_len()];
+        fast.im2col_batch(x, Source::Rows, self.grid, self.batch, &mut patches);
+        patches
+    }
+}
+
+impl LayerCase for StageConvCase {
+    type Layer = Conv2d;
+    type Fast = FastConv;
+
+    fn build(&self, device: &Device, _rng: &mut Pcg64) -> Conv2d {
+        let p = self.padding;
+        Conv2dConfig::new([self.in_chans, self.dim], [self.kernel, self.kernel]).with_stride([self.stride, self.stride]).with_padding(PaddingConfig2d::Explicit(p, p, p, p)).init(device)
+    }
+
+    fn input(&self, _layer: &Conv2d, rng: &mut Pcg64) -> Vec<f32> {
+        normal(rng, self.batch * self.grid[0] * self.grid[1] * self.in_chans, 0.0, 1.0)
+    }
+
+    fn reference(&self, layer: &Conv2d, x: Tensor<1>) -> Tensor<1> {
+        let [h, w] = self.grid;
+        let image = x.reshape([self.batch, h * w, self.in_chans]).swap_dims(1, 2).reshape([self.batch, self.in_chans, h, w]);
+        let y = layer.forward(image); // (B, dim, H', W')
+        let [oh, ow] = self.out_grid();
+        y.reshape([self.batch, self.dim, oh * ow]).swap_dims(1, 2).reshape([self.out_len()])
+    }
+
+    fn lower(&self, layer: &Conv2d, table: &mut ParamTable) -> FastConv {
+        FastConv::lower(layer, table).expect("a dense conv lowers")
+    }
+
+    fn train(&self, fast: &mut FastConv, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        let patches = self.patches(fast, x);
+        let mut out = vec![0.0; self.out_len()];
+        fast.proj.forward(p, &patches, &mut out, false);
+        fast.proj.backward_params(g, &patches, dy, &mut Vec::new());
+        let mut dpatches = vec![0.0; patches.len()];
+        fast.proj.backward_input(p, dy, &mut dpatches, |_, _| {});
+        let mut dx = vec![0.0; x.len()];
+        let [h, w] = self.out_grid();
+        for (dx, dp) in dx.chunks_mut(x.len() / self.batch).zip(dpatches.chunks(h * w * fast.patch_len())) {
+            fast.col2im_add(dp, Source::Rows, self.grid, dx);
+        }
+        (out, Some(dx))
+    }
+
+    fn infer(&self, fast: &FastConv, p: &[f32], x: &[f32]) -> Option<Vec<f32>> {
+        let mut out = vec![0.0; self.out_len()];
+        fast.proj.apply(p, &self.patches(fast, x), &mut out);
+        Some(out)
+    }
+}
+
+#[derive(Debug)]
 struct PatchEmbedCase {
     batch: usize,
     in_chans: usize,
@@ -943,6 +1176,32 @@ fn sla_attention_matches_burn() {
         let kernel_size = pick(rng, &[3, 5]);
         AttentionCase::draw(rng, AttentionKind::Sla { kernel_size })
     });
+}
+
+#[test]
+fn softmax_spatial_reduction_attention_matches_burn() {
+    check(|rng| SrAttentionCase::draw(rng, AttentionKind::Softmax));
+}
+
+#[test]
+fn sla_spatial_reduction_attention_matches_burn() {
+    check(|rng| {
+        let kernel_size = pick(rng, &[3, 5]);
+        SrAttentionCase::draw(rng, AttentionKind::Sla { kernel_size })
+    });
+}
+
+#[test]
+fn flatten_spatial_reduction_attention_matches_burn() {
+    check(|rng| {
+        let power = pick(rng, &[2.0, 3.0]);
+        SrAttentionCase::draw(rng, AttentionKind::Focused { power, kernel_size: 3 })
+    });
+}
+
+#[test]
+fn stage_conv_over_a_token_grid_matches_burn() {
+    check(StageConvCase::draw);
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! parameter names, built from a small config by `init(device)`.
 
 pub mod attention;
+pub mod conv;
 pub mod counter;
 pub mod drop_path;
 pub mod fuse;

@@ -8,9 +8,11 @@
 
 use rayon::prelude::*;
 
-use super::{Embed, Layer, Plan, Residual, Step};
+use super::{Embed, Layer, Plan, Residual, StageEmbed, Step};
 use crate::kernels;
 use crate::nn::attention::FastAttention;
+use crate::nn::attention::spatial_reduction_fast::FastSrAttention;
+use crate::nn::conv::Source;
 use crate::nn::norm::FastNorm;
 
 /// One thread's inference activations for one sequence, with room for `parts` row blocks.
@@ -20,16 +22,22 @@ pub struct InferWorkspace {
     normed: Vec<f32>,
     qkv: Vec<f32>,
     mixed: Vec<f32>,
-    /// (T, T) attention scores (softmax / ReLU-L layers only).
+    /// (T, keys) attention scores (softmax / ReLU-L layers only).
     scores: Vec<f32>,
     /// Per row block: Σk (C) and K·V (heads × d × d) of SLA layers.
     k_sum: Vec<f32>,
     kv: Vec<f32>,
     hidden: Vec<f32>,
-    /// The widest MLP's hidden width.
-    hidden_width: usize,
     /// The output gate's values (gated ReLU attention only).
     gate: Vec<f32>,
+    /// Spatial-reduction layers only: queries (T, C), keys and values (N_r, 2C), the
+    /// reduction's im2col rows, conv output and its norm, and v interpolated to (T, C).
+    sr_q: Vec<f32>,
+    sr_kv: Vec<f32>,
+    sr_patches: Vec<f32>,
+    sr_reduced: Vec<f32>,
+    sr_normed: Vec<f32>,
+    v_full: Vec<f32>,
     pooled: Vec<f32>,
     out: Vec<f32>,
     /// Tokens of the sequence the workspace holds now, and their width.
@@ -40,45 +48,76 @@ pub struct InferWorkspace {
 }
 
 impl InferWorkspace {
-    /// Sized for `plan` on sequences of up to `tokens` tokens.
+    /// Sized for `plan` on sequences that start with `tokens` tokens (the embedding steps set
+    /// their own): every buffer as large as the step that needs most of it.
     pub fn new(plan: &Plan, tokens: usize, parts: usize) -> Self {
         let parts = parts.max(1);
-        let (mut c, mut hidden, mut d, mut patches, mut classes) = (0, 0, 0, 0, 0);
-        let (mut dot, mut gated) = (false, false);
+        let (mut t, mut c) = (tokens, 0);
+        let (mut x, mut patches, mut qkv, mut mixed, mut scores, mut k_sum, mut kv, mut hidden, mut gate, mut pooled, mut classes) = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+        let (mut sr_q, mut sr_kv, mut sr_patches, mut sr_reduced, mut v_full) = (0, 0, 0, 0, 0);
         for step in &plan.steps {
             match step {
                 Step::Embed(e) => {
-                    c = c.max(e.dim());
-                    patches = e.num_patches() * e.patch.patch_len();
+                    (t, c) = (e.tokens(), e.dim());
+                    patches = patches.max(e.num_patches() * e.patch.patch_len());
+                }
+                Step::Stage(s) => {
+                    (t, c) = (s.tokens(), s.dim());
+                    patches = patches.max(t * s.conv.patch_len());
                 }
                 Step::Residual(r) => {
-                    c = c.max(r.layer.dim());
+                    c = r.layer.dim();
                     match &r.layer {
                         Layer::Attention { attn, .. } => {
-                            d = d.max(attn.dim() / attn.heads);
-                            dot |= attn.has_scores();
-                            gated |= attn.has_gate();
+                            qkv = qkv.max(t * 3 * c);
+                            mixed = mixed.max(t * c);
+                            if attn.has_scores() {
+                                scores = scores.max(t * t);
+                            }
+                            if attn.has_gate() {
+                                gate = gate.max(t * c);
+                            }
+                            (k_sum, kv) = (k_sum.max(parts * c), kv.max(parts * c * c / attn.heads));
                         }
-                        Layer::Mlp(mlp) => hidden = hidden.max(mlp.hidden()),
+                        Layer::SpatialReduction { attn, .. } => {
+                            let n_r = attn.keys();
+                            (sr_q, mixed, sr_kv) = (sr_q.max(t * c), mixed.max(t * c), sr_kv.max(n_r * 2 * c));
+                            (sr_patches, sr_reduced) = (sr_patches.max(n_r * attn.patch_len()), sr_reduced.max(if attn.reduces() { n_r * c } else { 0 }));
+                            if attn.has_scores() {
+                                scores = scores.max(t * n_r);
+                            }
+                            if attn.interpolates() {
+                                v_full = v_full.max(t * c);
+                            }
+                            (k_sum, kv) = (k_sum.max(parts * c), kv.max(parts * c * c / attn.heads));
+                        }
+                        Layer::Mlp(mlp) => hidden = hidden.max(t * mlp.hidden()),
                     }
                 }
                 Step::Head(h) => classes = h.outputs,
-                Step::Norm(_) | Step::Pool(_) => {}
+                Step::Pool(_) => pooled = pooled.max(c),
+                Step::Norm(_) => {}
             }
+            x = x.max(t * c);
         }
         InferWorkspace {
             patches: vec![0.0; patches],
-            x: vec![0.0; tokens * c],
-            normed: vec![0.0; tokens * c],
-            qkv: vec![0.0; if d > 0 { tokens * 3 * c } else { 0 }],
-            mixed: vec![0.0; if d > 0 { tokens * c } else { 0 }],
-            scores: vec![0.0; if dot { tokens * tokens } else { 0 }],
-            k_sum: vec![0.0; parts * c],
-            kv: vec![0.0; parts * c * d],
-            hidden: vec![0.0; tokens * hidden],
-            hidden_width: hidden,
-            gate: vec![0.0; if gated { tokens * c } else { 0 }],
-            pooled: vec![0.0; c],
+            x: vec![0.0; x],
+            normed: vec![0.0; x],
+            qkv: vec![0.0; qkv],
+            mixed: vec![0.0; mixed],
+            scores: vec![0.0; scores],
+            k_sum: vec![0.0; k_sum],
+            kv: vec![0.0; kv],
+            hidden: vec![0.0; hidden],
+            gate: vec![0.0; gate],
+            sr_q: vec![0.0; sr_q],
+            sr_kv: vec![0.0; sr_kv],
+            sr_patches: vec![0.0; sr_patches],
+            sr_reduced: vec![0.0; sr_reduced],
+            sr_normed: vec![0.0; sr_reduced],
+            v_full: vec![0.0; v_full],
+            pooled: vec![0.0; pooled.max(c)],
             out: vec![0.0; classes],
             tokens,
             width: c,
@@ -133,7 +172,7 @@ fn norm_or_identity<'a>(norm: Option<&FastNorm>, p: &[f32], x: &'a [f32], normed
 impl Plan {
     /// A workspace for inference on one image, its rows split into up to `parts` blocks.
     pub fn infer_workspace(&self, parts: usize) -> InferWorkspace {
-        InferWorkspace::new(self, self.embed().map_or(0, Embed::tokens), parts)
+        InferWorkspace::new(self, 0, parts)
     }
 
     /// One (C, H, W) image → its logits, its token rows split over `parts` threads.
@@ -160,6 +199,12 @@ impl Plan {
                     pending = i..i + 1; // its query rows
                     continue;
                 }
+                Step::Residual(r @ Residual { layer: Layer::SpatialReduction { attn, .. }, .. }) => {
+                    row_pass(&self.steps[pending], p, ws, parts);
+                    reduced_key_pass(r, attn, p, ws, parts);
+                    pending = i..i + 1; // its query rows
+                    continue;
+                }
                 Step::Residual(_) | Step::Norm(_) => {
                     if pending.is_empty() {
                         pending.start = i;
@@ -173,6 +218,7 @@ impl Plan {
             pending = i + 1..i + 1;
             match step {
                 Step::Embed(e) => embed(e, p, image.expect("an image for a plan that embeds one"), ws, parts),
+                Step::Stage(s) => stage(s, p, image, ws, parts),
                 Step::Pool(pool) => {
                     let c = ws.width;
                     pool.apply(&ws.x[..ws.tokens * c], c, &mut ws.pooled[..c]);
@@ -201,6 +247,94 @@ fn embed(e: &Embed, p: &[f32], image: &[f32], ws: &mut InferWorkspace, parts: us
     kernels::add_assign(&mut ws.x[..ws.tokens * c], &p[e.pos_embed.range()]);
 }
 
+/// A stage embedding: im2col rows of the image or of the token grid the workspace holds (all of
+/// them first: the conv's output overwrites its input), then the conv, norm and position
+/// embedding row block by row block.
+fn stage(s: &StageEmbed, p: &[f32], image: Option<&[f32]>, ws: &mut InferWorkspace, parts: usize) {
+    let (n, len, c) = (s.tokens(), s.conv.patch_len(), s.dim());
+    let per = n.div_ceil(parts.max(1)).max(1);
+    let InferWorkspace { x, normed, patches, tokens, width, .. } = ws;
+    {
+        let src: &[f32] = match s.source {
+            Source::Planes => image.expect("an image for a plan that embeds one"),
+            Source::Rows => &x[..*tokens * *width],
+        };
+        let jobs: Vec<_> = patches[..n * len].chunks_mut(per * len).enumerate().collect();
+        for_each_part(jobs, |(i, patches)| s.conv.im2col(src, s.source, s.in_grid, i * per, patches));
+    }
+    (*tokens, *width) = (n, c);
+    let jobs: Vec<_> = patches[..n * len].chunks(per * len).zip(x[..n * c].chunks_mut(per * c)).zip(normed.chunks_mut(per * c)).enumerate().collect();
+    for_each_part(jobs, |(i, ((patches, x), normed))| {
+        match &s.norm {
+            Some(norm) => {
+                let normed = &mut normed[..x.len()];
+                s.conv.proj.apply(p, patches, normed);
+                norm.infer(p, normed, x);
+            }
+            None => s.conv.proj.apply(p, patches, x),
+        }
+        if let Some(pos) = s.pos_embed {
+            kernels::add_assign(x, &p[pos.range()][i * per * c..i * per * c + x.len()]);
+        }
+    });
+}
+
+/// A spatial-reduction layer's first passes: block by block the norm, the queries and (without
+/// reduction) the keys, values and partial sums; with reduction, the reduced rows' keys and
+/// values from the whole normed grid, block by block; then the partial sums into the first
+/// block's, and v interpolated to the query tokens where the layer does that.
+fn reduced_key_pass(r: &Residual, attn: &FastSrAttention, p: &[f32], ws: &mut InferWorkspace, parts: usize) {
+    let c = attn.dim();
+    let (d, n_r) = (c / attn.heads, attn.keys());
+    let (t, per) = (ws.tokens, ws.rows_per_part(parts));
+    let InferWorkspace { x, normed, sr_q, sr_kv, sr_patches, sr_reduced, sr_normed, v_full, k_sum, kv, .. } = ws;
+    let kv_width = if attn.reduces() { 0 } else { 2 * c };
+    let mut kv_rows = sr_kv.chunks_mut((per * kv_width).max(1));
+    let jobs: Vec<_> = x[..t * c]
+        .chunks(per * c)
+        .zip(normed.chunks_mut(per * c))
+        .zip(sr_q.chunks_mut(per * c))
+        .zip(k_sum.chunks_mut(c))
+        .zip(kv.chunks_mut(c * d))
+        .enumerate()
+        .map(|(i, ((((x, normed), q), k_sum), kv))| (i, x, normed, q, next_block(&mut kv_rows, x.len() / c * kv_width), k_sum, kv))
+        .collect();
+    let mut blocks = jobs.len();
+    for_each_part(jobs, |(i, x, normed, q, kv_rows, k_sum, kv)| {
+        let input = norm_or_identity(r.norm.as_ref(), p, x, normed);
+        attn.infer_rows(p, i * per, input, &mut q[..x.len()], kv_rows, k_sum, kv);
+    });
+    if attn.reduces() {
+        let input: &[f32] = if r.norm.is_some() { &normed[..t * c] } else { &x[..t * c] };
+        let (per_r, len) = (n_r.div_ceil(parts.max(1)).max(1), attn.patch_len());
+        let jobs: Vec<_> = sr_kv[..n_r * 2 * c]
+            .chunks_mut(per_r * 2 * c)
+            .zip(sr_patches.chunks_mut(per_r * len))
+            .zip(sr_reduced.chunks_mut(per_r * c))
+            .zip(sr_normed.chunks_mut(per_r * c))
+            .zip(k_sum.chunks_mut(c))
+            .zip(kv.chunks_mut(c * d))
+            .enumerate()
+            .collect();
+        blocks = jobs.len();
+        for_each_part(jobs, |(i, (((((kv_rows, patches), reduced), normed), k_sum), kv))| {
+            let rows = kv_rows.len() / (2 * c);
+            attn.infer_reduce(p, i * per_r, input, &mut patches[..rows * len], &mut reduced[..rows * c], &mut normed[..rows * c], kv_rows, k_sum, kv);
+        });
+    }
+    if !attn.has_scores() && blocks > 1 {
+        let (first, rest) = k_sum.split_at_mut(c);
+        rest.chunks(c).take(blocks - 1).for_each(|p| kernels::add_assign(first, p));
+        let (first, rest) = kv.split_at_mut(c * d);
+        rest.chunks(c * d).take(blocks - 1).for_each(|p| kernels::add_assign(first, p));
+    }
+    if attn.interpolates() {
+        let kv_rows: &[f32] = &sr_kv[..n_r * 2 * c];
+        let jobs: Vec<_> = v_full[..t * c].chunks_mut(per * c).enumerate().collect();
+        for_each_part(jobs, |(i, v)| attn.infer_values(kv_rows, i * per, v));
+    }
+}
+
 /// A mixing layer's first pass, block by block: the norm, then qkv (and SLA's feature maps, each
 /// block's share of Σk and KᵀV), then the blocks' partial sums into the first's.
 fn key_pass(r: &Residual, attn: &FastAttention, p: &[f32], ws: &mut InferWorkspace, parts: usize) {
@@ -227,9 +361,13 @@ fn key_pass(r: &Residual, attn: &FastAttention, p: &[f32], ws: &mut InferWorkspa
 /// branches.
 fn row_pass(steps: &[Step], p: &[f32], ws: &mut InferWorkspace, parts: usize) {
     let Some(first_step) = steps.first() else { return };
-    let (c, t, per, hidden_width) = (ws.width, ws.tokens, ws.rows_per_part(parts), ws.hidden_width);
-    let InferWorkspace { x, normed, qkv, mixed, scores, k_sum, kv, hidden, gate, .. } = ws;
-    let (qkv, k_sum, kv): (&[f32], &[f32], &[f32]) = (qkv, k_sum, kv);
+    let (c, t, per) = (ws.width, ws.tokens, ws.rows_per_part(parts));
+    let hidden_width = steps.iter().map(|s| match s {
+        Step::Residual(Residual { layer: Layer::Mlp(mlp), .. }) => mlp.hidden(),
+        _ => 0,
+    }).max().unwrap_or(0);
+    let InferWorkspace { x, normed, qkv, mixed, scores, k_sum, kv, hidden, gate, sr_q, sr_kv, v_full, .. } = ws;
+    let (qkv, k_sum, kv, sr_kv, v_full): (&[f32], &[f32], &[f32], &[f32], &[f32]) = (qkv, k_sum, kv, sr_kv, v_full);
     let mixing = match first_step {
         Step::Residual(Residual { layer: Layer::Attention { attn, inference_conv }, .. }) => {
             let conv = inference_conv.as_ref().and_then(|(taps, bias)| attn.conv_view(taps, bias));
@@ -238,23 +376,40 @@ fn row_pass(steps: &[Step], p: &[f32], ws: &mut InferWorkspace, parts: usize) {
         }
         _ => None,
     };
-    let score_width = if mixing.as_ref().is_some_and(|(a, ..)| a.has_scores()) { t } else { 0 };
+    let reducing = match first_step {
+        Step::Residual(Residual { layer: Layer::SpatialReduction { attn, inference_conv }, .. }) => {
+            let conv = inference_conv.as_ref().and_then(|(taps, bias)| attn.conv_view(taps, bias));
+            let d = c / attn.heads;
+            let v_full = if attn.interpolates() { &v_full[..t * c] } else { &[][..] };
+            Some((attn, conv, &k_sum[..c], &kv[..c * d], &sr_kv[..attn.keys() * 2 * c], v_full))
+        }
+        _ => None,
+    };
+    let score_width = match (&mixing, &reducing) {
+        (Some((a, ..)), _) if a.has_scores() => t,
+        (_, Some((a, ..))) if a.has_scores() => a.keys(),
+        _ => 0,
+    };
     let gate_width = if mixing.as_ref().is_some_and(|(a, ..)| a.has_gate()) { c } else { 0 };
+    let q_width = if reducing.is_some() { c } else { 0 };
+    let mixed_width = if mixing.is_some() || reducing.is_some() { c } else { 0 };
     let mut scores = scores.chunks_mut((per * score_width).max(1));
     let mut hidden = hidden.chunks_mut((per * hidden_width).max(1));
     let mut gate = gate.chunks_mut((per * gate_width).max(1));
-    let mut mixed = mixed.chunks_mut(per * c);
+    let mut queries = sr_q.chunks((per * q_width).max(1));
+    let mut mixed = mixed.chunks_mut((per * mixed_width).max(1));
     let jobs: Vec<_> = x[..t * c]
         .chunks_mut(per * c)
         .zip(normed.chunks_mut(per * c))
         .enumerate()
         .map(|(i, (x, normed))| {
             let rows = x.len() / c;
-            let scratch = (next_block(&mut mixed, rows * c), next_block(&mut scores, rows * score_width), next_block(&mut hidden, rows * hidden_width), next_block(&mut gate, rows * gate_width));
-            (i * per, x, normed, scratch)
+            let q = queries.next().map_or(&[][..], |q| &q[..rows * q_width]);
+            let scratch = (next_block(&mut mixed, rows * mixed_width), next_block(&mut scores, rows * score_width), next_block(&mut hidden, rows * hidden_width), next_block(&mut gate, rows * gate_width));
+            (i * per, x, normed, q, scratch)
         })
         .collect();
-    for_each_part(jobs, |(first, x, normed, (mixed, scores, hidden, gate))| {
+    for_each_part(jobs, |(first, x, normed, q, (mixed, scores, hidden, gate))| {
         for step in steps {
             match step {
                 Step::Residual(r) => match &r.layer {
@@ -264,6 +419,11 @@ fn row_pass(steps: &[Step], p: &[f32], ws: &mut InferWorkspace, parts: usize) {
                         // pass, or x itself.
                         let input: &[f32] = if r.norm.is_some() { normed } else { x };
                         attn.infer_queries(p, first, qkv, k_sum, kv, conv.as_ref(), input, mixed, gate, scores);
+                        attn.proj.apply_residual(p, mixed, x);
+                    }
+                    Layer::SpatialReduction { attn, .. } => {
+                        let (_, conv, k_sum, kv, kv_rows, v_full) = reducing.as_ref().expect("a mixing layer only opens a pass");
+                        attn.infer_queries(first, q, kv_rows, k_sum, kv, conv.as_ref(), v_full, mixed, scores);
                         attn.proj.apply_residual(p, mixed, x);
                     }
                     Layer::Mlp(mlp) => {
@@ -276,7 +436,7 @@ fn row_pass(steps: &[Step], p: &[f32], ws: &mut InferWorkspace, parts: usize) {
                     n.infer(p, x, normed);
                     x.copy_from_slice(normed);
                 }
-                Step::Embed(_) | Step::Pool(_) | Step::Head(_) => unreachable!("only row-local steps wait for a row pass"),
+                Step::Embed(_) | Step::Stage(_) | Step::Pool(_) | Step::Head(_) => unreachable!("only row-local steps wait for a row pass"),
             }
         }
     });

@@ -11,6 +11,11 @@
 //!   each step's backward needs, then back through the steps in reverse.
 //!
 //! What a step computes is its layer kind's fast form in `nn`; the plan only orders the calls.
+//!
+//! Both walks track each image's token count and width from step to step: a flat model (DeiT)
+//! keeps the ones its [`Embed`] set; a hierarchical one (PVT, and the Swin / CSwin families'
+//! stem and merges) changes grid and width at each [`StageEmbed`], and every step after it reads
+//! the new ones.
 
 mod infer;
 mod train;
@@ -19,14 +24,17 @@ pub use infer::InferWorkspace;
 pub use train::{Scratch, TrainActivations};
 
 use burn::module::Param;
+use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
 
 use crate::error::Result;
 use crate::nn::attention::FastAttention;
+use crate::nn::attention::spatial_reduction_fast::FastSrAttention;
+use crate::nn::conv::{FastConv, Source};
 use crate::nn::linear::FastLinear;
 use crate::nn::lower::{Layout, ParamTable, Slot};
 use crate::nn::mlp::FastMlp;
-use crate::nn::norm::FastNorm;
+use crate::nn::norm::{FastNorm, Norm};
 use crate::nn::patch_embed::{FastPatchEmbed, PatchEmbed};
 use crate::nn::pool::Pool;
 use crate::nn::schedule::Phase;
@@ -42,6 +50,9 @@ pub struct Plan {
 pub enum Step {
     /// (C_in, H, W) images → (T, C) tokens: patch conv, class token, position embedding.
     Embed(Embed),
+    /// A stage of a hierarchical model: the image or the previous stage's token grid → this
+    /// stage's grid and width (strided conv, norm, position embedding).
+    Stage(StageEmbed),
     /// `x + drop_path(layer(norm(x)))`; the norm is absent in fused models.
     Residual(Residual),
     /// A norm on its own (the final norm of unfused models).
@@ -92,6 +103,50 @@ impl Embed {
     }
 }
 
+/// A stage's embedding: (C_in, H, W) images or an (H·W, C_in) token grid → the (H'·W', C)
+/// tokens of the conv's output grid, `pos + norm(conv(x))`; the norm is absent where it was
+/// folded into the conv, the position embedding where the family has none.
+pub struct StageEmbed {
+    pub conv: FastConv,
+    pub source: Source,
+    /// The input's grid (the image's (H, W) for the first stage).
+    pub in_grid: [usize; 2],
+    pub norm: Option<FastNorm>,
+    /// (H'·W', C), added after the norm.
+    pub pos_embed: Option<Slot>,
+}
+
+impl StageEmbed {
+    /// From a family's conv, the norm after it and the position embedding added last; `source`
+    /// and `in_grid` say what the conv reads.
+    pub fn lower(conv: &Conv2d, norm: Option<&Norm>, pos_embed: Option<&Param<Tensor<3>>>, source: Source, in_grid: [usize; 2], table: &mut ParamTable) -> Result<Self> {
+        let conv = FastConv::lower(conv, table)?;
+        let norm = norm.map(|n| FastNorm::lower(n, table)).transpose()?;
+        let pos_embed = pos_embed.map(|p| table.add(p, Layout::Official)).transpose()?;
+        Ok(Self { conv, source, in_grid, norm, pos_embed })
+    }
+
+    /// The conv's output grid.
+    pub fn grid(&self) -> [usize; 2] {
+        self.conv.out_grid(self.in_grid)
+    }
+
+    /// Tokens per image after this step.
+    pub fn tokens(&self) -> usize {
+        let [rows, cols] = self.grid();
+        rows * cols
+    }
+
+    pub fn dim(&self) -> usize {
+        self.conv.outputs()
+    }
+
+    /// Values of one image's input.
+    pub fn input_len(&self) -> usize {
+        self.conv.in_chans * self.in_grid[0] * self.in_grid[1]
+    }
+}
+
 /// A residual branch: `x + drop_path(layer(norm(x)))`.
 pub struct Residual {
     pub norm: Option<FastNorm>,
@@ -105,6 +160,8 @@ pub enum Layer {
     /// Token mixing; SLA's conv taps come tiled over the heads for inference (training re-tiles
     /// them every step, as the weights change).
     Attention { attn: FastAttention, inference_conv: Option<(Vec<f32>, Vec<f32>)> },
+    /// Token mixing with keys and values from the (reduced) token grid (PVT); conv taps as above.
+    SpatialReduction { attn: FastSrAttention, inference_conv: Option<(Vec<f32>, Vec<f32>)> },
     Mlp(FastMlp),
 }
 
@@ -114,10 +171,16 @@ impl Layer {
         Layer::Attention { attn, inference_conv }
     }
 
+    pub fn spatial_reduction(attn: FastSrAttention, table: &ParamTable) -> Self {
+        let inference_conv = attn.tiled_conv(&table.values);
+        Layer::SpatialReduction { attn, inference_conv }
+    }
+
     /// The width of the tokens the layer reads.
     pub fn dim(&self) -> usize {
         match self {
             Layer::Attention { attn, .. } => attn.dim(),
+            Layer::SpatialReduction { attn, .. } => attn.dim(),
             Layer::Mlp(mlp) => mlp.fc1.inputs,
         }
     }
@@ -132,12 +195,33 @@ impl Plan {
         }
     }
 
+    /// The images the plan takes: (channels, [H, W]).
+    pub fn input(&self) -> Option<(usize, [usize; 2])> {
+        match self.steps.first()? {
+            Step::Embed(e) => Some((e.patch.in_chans(), [e.img_size; 2])),
+            Step::Stage(s) if s.source == Source::Planes => Some((s.conv.in_chans, s.in_grid)),
+            _ => None,
+        }
+    }
+
+    /// Values of one input image.
+    pub fn image_len(&self) -> Option<usize> {
+        self.input().map(|(chans, [h, w])| chans * h * w)
+    }
+
     /// Every norm of the plan, in execution order.
     pub fn norms(&self) -> impl Iterator<Item = &FastNorm> {
-        self.steps.iter().filter_map(|step| match step {
-            Step::Residual(r) => r.norm.as_ref(),
-            Step::Norm(n) => Some(n),
-            _ => None,
+        self.steps.iter().flat_map(|step| {
+            let (first, second) = match step {
+                Step::Residual(r) => (r.norm.as_ref(), match &r.layer {
+                    Layer::SpatialReduction { attn, .. } => attn.norm(),
+                    _ => None,
+                }),
+                Step::Stage(s) => (s.norm.as_ref(), None),
+                Step::Norm(n) => (Some(n), None),
+                _ => (None, None),
+            };
+            first.into_iter().chain(second)
         })
     }
 

@@ -4,10 +4,12 @@
 
 use rayon::prelude::*;
 
-use super::{Embed, Layer, Plan, Residual, Step};
+use super::{Embed, Layer, Plan, Residual, StageEmbed, Step};
 use crate::error::{Error, Result};
 use crate::kernels;
+use crate::nn::attention::spatial_reduction_fast::{SrActivations, SrScratch};
 use crate::nn::attention::{AttentionActivations, AttentionScratch};
+use crate::nn::conv::Source;
 use crate::nn::drop_path::{add_masked_branch, draw_mask, masked_gradient, step_rng};
 use crate::nn::lower::sized;
 use crate::nn::mlp::MlpActivations;
@@ -21,12 +23,13 @@ struct StepActivations {
     x: Vec<f32>,
     /// Tokens per image of that input.
     tokens: usize,
-    /// The embedding's im2col rows and their conv output.
+    /// The embedding's im2col rows and their conv output (a stage's: before its norm).
     patches: Vec<f32>,
     embedded: Vec<f32>,
     norm: NormCache,
     normed: Vec<f32>,
     attn: AttentionActivations,
+    sr: SrActivations,
     mlp: MlpActivations,
     /// Per-image drop-path factors of a residual branch (empty: all kept).
     mask: Vec<f32>,
@@ -48,6 +51,7 @@ pub struct Scratch {
     /// A residual branch's output gradient under drop-path.
     dbranch: Vec<f32>,
     attn: AttentionScratch,
+    sr: SrScratch,
     partials: Vec<f32>,
 }
 
@@ -57,11 +61,10 @@ impl Plan {
     /// one training-mode forward of the burn model (the counters only with `advance`); drop-path
     /// masks come from `drop_path_seed` in the order burn's `drop_path::with_seed` draws them.
     pub fn train_forward(&mut self, images: &[f32], batch: usize, acts: &mut TrainActivations, drop_path_seed: u64, advance: bool) -> Result<Vec<f32>> {
-        let embed = self.embed().ok_or_else(|| Error::Unsupported { what: "training a plan that does not start from images".into(), path: "the CPU trainer" })?;
-        let per_image = embed.image_len();
+        let (chans, [h, w]) = self.input().ok_or_else(|| Error::Unsupported { what: "training a plan that does not start from images".into(), path: "the CPU trainer" })?;
+        let per_image = chans * h * w;
         if batch == 0 || images.len() != batch * per_image {
-            let (chans, size) = (embed.patch.in_chans(), embed.img_size);
-            return Err(Error::InputShape { layer: "vision transformer", expected: format!("{batch} × ({chans}, {size}, {size}) = {} values", batch * per_image), found: vec![images.len()] });
+            return Err(Error::InputShape { layer: "model input", expected: format!("{batch} × ({chans}, {h}, {w}) = {} values", batch * per_image), found: vec![images.len()] });
         }
         let Plan { table, steps } = self;
         let p = &table.values;
@@ -79,6 +82,10 @@ impl Plan {
             };
             match step {
                 Step::Embed(e) => tokens = embed_forward(e, p, images, batch, a, out),
+                Step::Stage(s) => {
+                    stage_forward(s, p, images, batch, a, out, advance)?;
+                    tokens = s.tokens();
+                }
                 Step::Residual(r) => residual_forward(r, p, a, out, batch, advance, &mut rng)?,
                 Step::Norm(n) => {
                     let c = a.x.len() / (batch * tokens);
@@ -124,6 +131,7 @@ impl Plan {
                 }
                 Step::Residual(r) => residual_backward(r, p, g, a, &mut dy, s, batch),
                 Step::Embed(e) => embed_backward(e, g, a, &dy, batch, &mut s.partials),
+                Step::Stage(stage) => dy = stage_backward(stage, p, g, a, &dy, batch, &mut s.partials),
             }
         }
     }
@@ -167,6 +175,62 @@ fn embed_backward(e: &Embed, g: &mut [f32], a: &StepActivations, dy: &[f32], bat
     e.patch.proj.backward_params(g, &a.patches, &dembedded, partials);
 }
 
+/// A stage embedding over the batch: im2col rows of the images or of the previous stage's token
+/// grids, the conv, its norm (batch statistics) and the position embedding.
+#[allow(clippy::too_many_arguments)]
+fn stage_forward(s: &mut StageEmbed, p: &[f32], images: &[f32], batch: usize, a: &mut StepActivations, out: &mut Vec<f32>, advance: bool) -> Result<()> {
+    let (n, c, len) = (s.tokens(), s.dim(), s.conv.patch_len());
+    let src: &[f32] = match s.source {
+        Source::Planes => images,
+        Source::Rows => &a.x,
+    };
+    s.conv.im2col_batch(src, s.source, s.in_grid, batch, sized(&mut a.patches, batch * n * len));
+    let out = sized(out, batch * n * c);
+    match &mut s.norm {
+        Some(norm) => {
+            s.conv.proj.forward(p, &a.patches, sized(&mut a.embedded, batch * n * c), false); // (B·N, C)
+            norm.forward(p, &a.embedded, out, &mut a.norm, c, advance)?;
+        }
+        None => s.conv.proj.forward(p, &a.patches, out, false),
+    }
+    if let Some(pos) = s.pos_embed {
+        out.par_chunks_mut(n * c).for_each(|x| kernels::add_assign(x, &p[pos.range()]));
+    }
+    Ok(())
+}
+
+/// The position embedding's gradient summed over the images, the norm's and the conv's; returns
+/// the gradient of the previous stage's tokens (nothing for a stage that reads the images).
+fn stage_backward(s: &StageEmbed, p: &[f32], g: &mut [f32], a: &StepActivations, dy: &[f32], batch: usize, partials: &mut Vec<f32>) -> Vec<f32> {
+    let (n, c, len) = (s.tokens(), s.dim(), s.conv.patch_len());
+    if let Some(pos) = s.pos_embed {
+        g[pos.range()].par_chunks_mut(c).enumerate().for_each(|(token, gp)| {
+            for image in 0..batch {
+                kernels::add_assign(gp, &dy[(image * n + token) * c..(image * n + token + 1) * c]);
+            }
+        });
+    }
+    let dembedded: Vec<f32> = match &s.norm {
+        Some(norm) => {
+            let mut d = vec![0.0; dy.len()];
+            norm.backward(p, g, &a.embedded, dy, &mut d, &a.norm, c); // adds into d
+            d
+        }
+        None => dy.to_vec(),
+    };
+    s.conv.proj.backward_params(g, &a.patches, &dembedded, partials);
+    match s.source {
+        Source::Planes => Vec::new(),
+        Source::Rows => {
+            let mut dpatches = vec![0.0; a.patches.len()];
+            s.conv.proj.backward_input(p, &dembedded, &mut dpatches, |_, _| {});
+            let mut dx = vec![0.0; a.x.len()];
+            dx.par_chunks_mut(a.x.len() / batch).zip(dpatches.par_chunks(n * len)).for_each(|(dx, dp)| s.conv.col2im_add(dp, Source::Rows, s.in_grid, dx));
+            dx
+        }
+    }
+}
+
 /// `out = x + mask·layer(norm(x))` over the batch, keeping the norm's and the layer's
 /// activations.
 fn residual_forward(r: &mut Residual, p: &[f32], a: &mut StepActivations, out: &mut Vec<f32>, batch: usize, advance: bool, rng: &mut Pcg64) -> Result<()> {
@@ -187,6 +251,7 @@ fn residual_forward(r: &mut Residual, p: &[f32], a: &mut StepActivations, out: &
     }
     match &mut r.layer {
         Layer::Attention { attn, .. } => attn.forward(p, input, out, &mut a.attn, batch, t, kept)?,
+        Layer::SpatialReduction { attn, .. } => attn.forward(p, input, out, &mut a.sr, batch, advance, kept)?,
         Layer::Mlp(mlp) => mlp.forward(p, input, out, &mut a.mlp, kept),
     }
     if !kept {
@@ -204,6 +269,7 @@ fn residual_backward(r: &Residual, p: &[f32], g: &mut [f32], a: &StepActivations
     let dinput = sized(&mut s.dnormed, len);
     match &r.layer {
         Layer::Attention { attn, .. } => attn.backward(p, g, input, &a.attn, dout, dinput, &mut s.attn, batch, t),
+        Layer::SpatialReduction { attn, .. } => attn.backward(p, g, input, &a.sr, dout, dinput, &mut s.sr, batch),
         Layer::Mlp(mlp) => mlp.backward(p, g, input, &a.mlp, dout, dinput, &mut s.dhidden, &mut s.partials),
     }
     s.dbranch = dbranch;

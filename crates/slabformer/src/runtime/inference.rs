@@ -84,8 +84,8 @@ impl Drop for PooledWorkspace<'_> {
 /// of the same model within float rounding (tested to 1e-4 of the largest logit).
 pub struct CpuModel {
     plan: Plan,
-    /// (in_chans, img_size) of the images and the number of classes.
-    input: (usize, usize),
+    /// (in_chans, [H, W]) of the images and the number of classes.
+    input: (usize, [usize; 2]),
     classes: usize,
     workspaces: Mutex<Vec<InferWorkspace>>,
 }
@@ -108,8 +108,7 @@ impl CpuModel {
     /// From a plan that embeds images and ends in a classifier head.
     pub fn from_plan(plan: Plan) -> Result<Self> {
         let not_a_classifier = || Error::Unsupported { what: "a plan that does not go from images to logits".into(), path: "the CPU runtime" };
-        let embed = plan.embed().ok_or_else(not_a_classifier)?;
-        let input = (embed.patch.in_chans(), embed.img_size);
+        let input = plan.input().ok_or_else(not_a_classifier)?;
         let Some(Step::Head(head)) = plan.steps.last() else { return Err(not_a_classifier()) };
         let classes = head.outputs;
         Ok(Self { plan, input, classes, workspaces: Mutex::new(Vec::new()) })
@@ -119,9 +118,10 @@ impl CpuModel {
         self.classes
     }
 
-    /// Side of the square images the model takes.
+    /// Height of the images the model takes (their side, for the square ones training and
+    /// evaluation use).
     pub fn img_size(&self) -> usize {
-        self.input.1
+        self.input.1[0]
     }
 
     /// Images (B, C, H, W) → logits (B, num_classes), on the device of the input.
@@ -134,19 +134,19 @@ impl CpuModel {
     }
 
     fn check_input(&self, dims: &[usize]) -> Result<()> {
-        let (chans, size) = self.input;
-        if dims.len() != 4 || dims[0] == 0 || dims != [dims[0], chans, size, size] {
-            return Err(Error::InputShape { layer: "model input", expected: format!("(B > 0, {chans}, {size}, {size}) images"), found: dims.to_vec() });
+        let (chans, [h, w]) = self.input;
+        if dims.len() != 4 || dims[0] == 0 || dims != [dims[0], chans, h, w] {
+            return Err(Error::InputShape { layer: "model input", expected: format!("(B > 0, {chans}, {h}, {w}) images"), found: dims.to_vec() });
         }
         Ok(())
     }
 
     /// `batch` images, row-major (B, C, H, W) → row-major (B, num_classes) logits.
     pub fn forward(&self, images: &[f32], batch: usize) -> Result<Vec<f32>> {
-        let (chans, size) = self.input;
-        let per_image = chans * size * size;
+        let (chans, [h, w]) = self.input;
+        let per_image = chans * h * w;
         if batch == 0 || images.len() != batch * per_image {
-            return Err(Error::InputShape { layer: "model input", expected: format!("{batch} × ({chans}, {size}, {size}) = {} values", batch * per_image), found: vec![images.len()] });
+            return Err(Error::InputShape { layer: "model input", expected: format!("{batch} × ({chans}, {h}, {w}) = {} values", batch * per_image), found: vec![images.len()] });
         }
         let classes = self.classes;
         let mut logits = vec![0.0; batch * classes];

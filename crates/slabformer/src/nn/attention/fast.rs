@@ -492,17 +492,17 @@ fn scatter_columns(src: &[f32], m: &mut [f32], stride: usize, start: usize) {
 }
 
 /// softplus(θ) = ln(1 + e^θ), per channel, as PyTorch computes it (linear above 20).
-fn softplus(theta: &[f32]) -> Vec<f32> {
+pub(super) fn softplus(theta: &[f32]) -> Vec<f32> {
     theta.iter().map(|&x| if x > 20.0 { x } else { x.exp().ln_1p() }).collect()
 }
 
-fn sigmoid(x: f32) -> f32 {
+pub(super) fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
 /// FLatten's feature map in place on one row of C channels:
 /// u = (ReLU(x) + offset) / s, φ = u^p · ‖u‖ / ‖u^p‖.
-fn focus(x: &mut [f32], scale: &[f32], power: f32) {
+pub(super) fn focus(x: &mut [f32], scale: &[f32], power: f32) {
     x.iter_mut().zip(scale).for_each(|(v, s)| *v = (v.max(0.0) + FOCUS_OFFSET as f32) / s);
     let norm = x.iter().map(|u| u * u).sum::<f32>().sqrt();
     x.iter_mut().for_each(|u| *u = u.powf(power));
@@ -515,7 +515,7 @@ fn focus(x: &mut [f32], scale: &[f32], power: f32) {
 /// `pre`; the scale's gradient is added into `dscale`. With a = ‖u‖ and ŵ = u^p / ‖u^p‖ (φ = a·ŵ),
 /// s = ∂L/∂φ · ŵ: ∂L/∂u = p·a·(ŵ/u)·(∂L/∂φ − s·ŵ) + s·u/a. Written with ŵ rather than ‖u^p‖³,
 /// which underflows f32 for rows of tiny u.
-fn focus_backward(pre: &[f32], grad: &mut [f32], scale: &[f32], power: f32, dscale: &mut [f32]) {
+pub(super) fn focus_backward(pre: &[f32], grad: &mut [f32], scale: &[f32], power: f32, dscale: &mut [f32]) {
     let offset = FOCUS_OFFSET as f32;
     let u: Vec<f32> = pre.iter().zip(scale).map(|(v, s)| (v.max(0.0) + offset) / s).collect();
     let a = u.iter().map(|u| u * u).sum::<f32>().sqrt();

@@ -19,6 +19,7 @@ pub mod fast;
 pub mod kernels;
 mod onnx;
 pub mod spatial_reduction;
+pub mod spatial_reduction_fast;
 pub mod window;
 pub mod window_fast;
 

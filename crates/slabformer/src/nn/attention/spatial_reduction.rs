@@ -288,7 +288,7 @@ fn interpolate_tokens(v: Tensor<4>, n_out: usize) -> Tensor<4> {
 
 /// Output token i of the interpolation from `n_in` to `n_out` tokens is
 /// `(1 − w_i)·v[lower_i] + w_i·v[upper_i]`: (lower, upper, w).
-fn interpolation(n_in: usize, n_out: usize) -> (Vec<i64>, Vec<i64>, Vec<f32>) {
+pub(super) fn interpolation(n_in: usize, n_out: usize) -> (Vec<i64>, Vec<i64>, Vec<f32>) {
     let scale = n_in as f32 / n_out as f32;
     let mut lower = Vec::with_capacity(n_out);
     let mut upper = Vec::with_capacity(n_out);
