@@ -99,6 +99,19 @@ enum Command {
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
+    /// Top-1 / top-5 accuracy and mean cross-entropy of a model file on a data set, without
+    /// training (the evaluation view: the model's preprocessing and center crop).
+    Eval {
+        /// A model file (trained or fused, any family).
+        #[arg(long)]
+        model: PathBuf,
+        /// `fashion-mnist` (its test split under data/fashion-mnist), a folder of the idx files,
+        /// or an image folder `DIR/<class>/<image>`.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+    },
     /// Export a model file's fused deploy form to ONNX (opset 17, dynamic batch).
     ExportOnnx {
         /// A model file (trained: it is fused first; or already fused).
@@ -171,10 +184,23 @@ fn main() -> std::process::ExitCode {
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", error_chain(&error));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each once: a library error already names its cause (the OS error
+/// of a file), so the chain stops there.
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut parts = Vec::new();
+    for cause in error.chain() {
+        parts.push(cause.to_string());
+        if cause.is::<slabformer::Error>() {
+            break;
+        }
+    }
+    parts.join(": ")
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -199,6 +225,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Import { from, model, out, overwrite } => import(&from, &model, &out, overwrite)?,
         Command::Fuse { model, out, overwrite } => fuse(&model, &out, overwrite)?,
         Command::Predict { model, images } => predict(&model, &images)?,
+        Command::Eval { model, data, batch } => eval(&model, &data, batch)?,
         Command::ExportOnnx { model, out, overwrite } => export_onnx(&model, &out, overwrite)?,
         Command::BenchCase { engine, model, batch, warmup, repeats } => {
             println!("{}", serde_json::to_string(&bench::run_case(engine, &model, batch, warmup, repeats)?)?);
@@ -314,11 +341,18 @@ fn load_config(path: Option<&Path>, preset: Option<&str>) -> Result<TrainConfig>
     }
 }
 
+/// The config a run was started with: its newest checkpoint's, or, for a run stopped before its
+/// first checkpoint, its config.toml.
 fn resume_config(run: &Path) -> Result<TrainConfig> {
-    let latest = slabformer::train::checkpoint::latest(run)
-        .with_context(|| format!("no checkpoint under {} to resume from", run.display()))?;
-    let (_, _, text) = slabformer::train::checkpoint::load(&latest)?;
-    Ok(TrainConfig::from_toml(&text, &latest.display().to_string())?)
+    let (text, origin) = match slabformer::train::checkpoint::latest(run) {
+        Some(latest) => (slabformer::train::checkpoint::load(&latest)?.2, latest),
+        None => {
+            let stored = run.join("config.toml");
+            anyhow::ensure!(stored.exists(), "nothing to resume in {}: no checkpoint and no config.toml", run.display());
+            (std::fs::read_to_string(&stored).with_context(|| format!("reading {}", stored.display()))?, stored)
+        }
+    };
+    Ok(TrainConfig::from_toml(&text, &origin.display().to_string())?)
 }
 
 fn train(config: &TrainConfig, out: PathBuf, resume: bool) -> Result<trainer::Summary> {
@@ -414,6 +448,52 @@ fn predict(model_path: &Path, images: &[PathBuf]) -> Result<()> {
             }
         }
     });
+    Ok(())
+}
+
+fn eval(model_path: &Path, data: &Path, batch: usize) -> Result<()> {
+    use slabformer::data::augment::AugmentConfig;
+    use slabformer::data::{Split, fashion_mnist, image_folder};
+    use slabformer::deploy::model_file::LoadedModel;
+    anyhow::ensure!(batch > 0, "--batch must be ≥ 1");
+    let file = read_model_file(model_path)?;
+    let image = file.config.image();
+    let augment = AugmentConfig { mean: file.preprocess.mean.clone(), std: file.preprocess.std.clone(), eval_crop: file.preprocess.eval_crop, ..Default::default() };
+    let root = if data == Path::new("fashion-mnist") { PathBuf::from("data/fashion-mnist") } else { data.to_path_buf() };
+    let set = if root.join("t10k-images-idx3-ubyte").exists() || data == Path::new("fashion-mnist") {
+        fashion_mnist(&root, Split::Test)?
+    } else {
+        image_folder(&root, augment.stored_size(image.img_size()))?
+    };
+    anyhow::ensure!(set.channels == image.in_chans(), "{} has {} channel(s), the model expects {}", data.display(), set.channels, image.in_chans());
+    anyhow::ensure!(
+        set.classes.len() == image.num_classes(),
+        "{} has {} classes, the model has {} outputs",
+        data.display(),
+        set.classes.len(),
+        image.num_classes()
+    );
+    if !file.preprocess.classes.is_empty() && file.preprocess.classes != set.classes {
+        eprintln!("warning: the data's class names differ from the model's; outputs are matched by index (sorted folder names)");
+    }
+    let set = std::sync::Arc::new(set);
+    let started = Instant::now();
+    let row = slabformer::with_family!(&file.config, |F, _c| match file.load::<F>(&Device::flex())? {
+        LoadedModel::Trained(m) => trainer::evaluate(&m, &set, &augment, batch),
+        LoadedModel::Deploy(m) => trainer::evaluate(&m, &set, &augment, batch),
+    });
+    println!(
+        "{} ({} {}) on {} ({} images): top-1 {:.2} %, top-5 {:.2} %, loss {:.4} in {:.1} s",
+        model_path.display(),
+        file.config.family(),
+        file.kind,
+        data.display(),
+        set.len(),
+        row.top1,
+        row.top5,
+        row.loss,
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

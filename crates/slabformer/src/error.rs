@@ -4,13 +4,15 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    #[error("{path}: {}", describe_io(source))]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{origin}: not a readable safetensors file: {reason}")]
+    /// A file that is not what it should be (a safetensors file, a checkpoint, a .pth): the
+    /// reason says what was expected.
+    #[error("{origin}: {reason}")]
     Format { origin: String, reason: String },
     #[error("{origin}: key `{key}` not found")]
     MissingKey { origin: String, key: String },
@@ -57,11 +59,24 @@ pub enum Error {
     Unsupported { what: String, path: &'static str },
     #[error("invalid config: {0}")]
     Config(String),
+    /// An output (file or run folder) that is not written: it exists, is not a regular file, or
+    /// another run holds it.
+    #[error("{path}: {reason}")]
+    Output { path: PathBuf, reason: String },
     #[error("unknown model `{name}`; known models: {known}")]
     UnknownModel { name: String, known: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// An OS error as a user reads it: "no such file" rather than "entity not found" (what an
+/// `io::Error` made from its kind alone says).
+fn describe_io(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".into(),
+        _ => e.to_string(),
+    }
+}
 
 /// Checks a rank-3 token input `(B, N, C)` against the layer's expected token count and width.
 pub(crate) fn check_tokens(

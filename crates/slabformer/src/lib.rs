@@ -12,6 +12,7 @@ pub mod deploy;
 pub mod error;
 pub mod files;
 pub mod kernels;
+pub mod memory;
 pub mod models;
 pub mod nn;
 pub mod optim;

@@ -71,7 +71,7 @@ impl StateDict {
     pub fn from_safetensors_bytes(bytes: &[u8], origin: String) -> Result<Self> {
         let format_error = |reason: String| Error::Format {
             origin: origin.clone(),
-            reason,
+            reason: format!("not a readable safetensors file: {reason}"),
         };
         let (_, header) =
             SafeTensors::read_metadata(bytes).map_err(|e| format_error(e.to_string()))?;
@@ -133,7 +133,7 @@ impl StateDict {
             let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), data)
                 .map_err(|e| Error::Format {
                     origin: self.origin.clone(),
-                    reason: format!("{k}: {e}"),
+                    reason: format!("cannot write safetensors: {k}: {e}"),
                 })?;
             views.push((k.clone(), view));
         }
@@ -141,7 +141,7 @@ impl StateDict {
             .then(|| self.metadata.clone().into_iter().collect());
         safetensors::tensor::serialize(views, metadata).map_err(|e| Error::Format {
             origin: self.origin.clone(),
-            reason: e.to_string(),
+            reason: format!("cannot write safetensors: {e}"),
         })
     }
 

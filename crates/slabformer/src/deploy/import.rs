@@ -14,8 +14,21 @@ use crate::state::{StateDict, StateTensor, Values, le_chunks};
 pub fn read_pytorch(path: &Path) -> Result<StateDict> {
     let origin = path.display().to_string();
     let refuse = |reason: String| Error::Format { origin: origin.clone(), reason };
-    if !path.exists() {
-        return Err(Error::Io { path: path.to_path_buf(), source: std::io::Error::from(std::io::ErrorKind::NotFound) });
+    let mut magic = [0u8; 4];
+    {
+        use std::io::Read;
+        let io = |source| Error::Io { path: path.to_path_buf(), source };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let n = file.read(&mut magic).map_err(io)?;
+        // torch.save writes a zip archive (since PyTorch 1.6) or, before, a pickle (protocol
+        // marker 0x80); anything else is not a checkpoint whatever its name.
+        if !(magic[..n].starts_with(b"PK\x03\x04") || magic[..n].first() == Some(&0x80)) {
+            return Err(refuse(format!(
+                "not a PyTorch checkpoint: expected a .pth file of torch.save (a zip archive, or a legacy pickle), found {} starting with {:02x?}",
+                if n < 4 { "a file of under 4 bytes".to_string() } else { "a file".to_string() },
+                &magic[..n]
+            )));
+        }
     }
     // The official release nests the state dict under "model"; plain state dicts are at the root.
     let reader = ["model", "state_dict"]

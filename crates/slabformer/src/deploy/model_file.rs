@@ -124,6 +124,21 @@ pub fn read_model_file(path: &Path) -> Result<ModelFile> {
     if kind != "trained" && kind != "deploy" {
         return Err(bad(format!("unknown model kind `{kind}`")));
     }
+    // The model is built from the header before the tensors are loaded into it: a header that
+    // claims more parameters than the file holds is refused before that allocation. Deploy files
+    // hold a little less than the trained config counts (norms folded away), buffers add to it:
+    // twice the file's elements is a generous bound that still caps memory by the file's size.
+    let params = config.param_count();
+    let elements: usize = dict.iter().map(|(_, t)| t.shape.iter().product::<usize>()).sum();
+    if params > 2 * elements + 4096 {
+        return Err(bad(format!(
+            "the header's `{MODEL_KEY}` describes a model of {params} parameters, but the file holds {elements} tensor elements ({} bytes); refusing to build it",
+            elements * 4
+        )));
+    }
+    if let Some(why) = crate::memory::params_too_big(params, 1, "the weights") {
+        return Err(bad(format!("the header's `{MODEL_KEY}`: {why}")));
+    }
     Ok(ModelFile { config, preprocess, kind, state: dict, path: path.to_path_buf() })
 }
 

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::augment::{AugmentConfig, MixConfig};
 use crate::error::{Error, Result};
+use crate::memory;
 use crate::models::{self, AnyConfig};
 use crate::nn::attention::AttentionKind;
 use crate::nn::schedule::Decay;
@@ -207,7 +208,7 @@ impl Default for PrepbnConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
-    /// Also checkpoint every N optimizer steps (default: only at epoch ends).
+    /// Also checkpoint every N ≥ 1 optimizer steps (default: only at epoch ends).
     pub every_steps: Option<u64>,
     /// Checkpoints kept (default 3).
     pub keep: usize,
@@ -224,6 +225,16 @@ impl Default for CheckpointConfig {
 pub struct Validated {
     pub model: Option<AnyConfig>,
     pub warnings: Vec<String>,
+}
+
+/// The first non-finite float under `value`, with its dotted key (`optim.betas[1]`).
+fn non_finite(value: &toml::Value, key: &str) -> Option<(String, f64)> {
+    match value {
+        toml::Value::Float(f) if !f.is_finite() => Some((key.to_string(), *f)),
+        toml::Value::Array(items) => items.iter().enumerate().find_map(|(i, v)| non_finite(v, &format!("{key}[{i}]"))),
+        toml::Value::Table(table) => table.iter().find_map(|(k, v)| non_finite(v, &if key.is_empty() { k.clone() } else { format!("{key}.{k}") })),
+        _ => None,
+    }
 }
 
 impl TrainConfig {
@@ -253,6 +264,20 @@ impl TrainConfig {
     /// `train_len` images.
     pub fn resolve(&self, train_len: usize) -> Result<Validated> {
         let err = |m: String| Err(Error::Config(m));
+        // Every float of the config (optim, schedule, prepbn, augment, mix, run, model
+        // overrides) in one walk: NaN passes every range check below.
+        let tree = toml::Value::try_from(self).expect("config serializes");
+        if let Some((key, value)) = non_finite(&tree, "") {
+            return err(format!("{key} = {value} is not a finite number"));
+        }
+        for (key, value) in [("data.train_per_class", self.data.train_per_class), ("data.eval_per_class", self.data.eval_per_class)] {
+            if value == Some(0) {
+                return err(format!("{key} must be ≥ 1 (leave it out to use every image)"));
+            }
+        }
+        if self.checkpoint.every_steps == Some(0) {
+            return err("checkpoint.every_steps must be ≥ 1 (leave it out to checkpoint at epoch ends only)".into());
+        }
         let r = &self.run;
         if r.batch_size == 0 || r.accum_steps == 0 || !r.batch_size.is_multiple_of(r.accum_steps) {
             return err(format!("run.batch_size ({}) must be a positive multiple of run.accum_steps ({})", r.batch_size, r.accum_steps));
@@ -319,6 +344,12 @@ impl TrainConfig {
             warnings.push(format!("prepbn.steps is set but model `{}` has no PRepBN norm; ignored", self.model.preset));
         }
         model.image().validate()?;
+        // The CPU trainer's weights beside burn's, gradients, two AdamW moments, and the EMA.
+        let copies = 5 + u64::from(self.run.ema_decay.is_some());
+        if let Some(why) = memory::params_too_big(model.param_count(), copies, "weights twice, gradients, 2 AdamW moments, EMA") {
+            let overrides: Vec<String> = self.model.overrides.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+            return err(format!("[model] preset `{}` with {}: {why}", self.model.preset, overrides.join(", ")));
+        }
         Ok(Validated { model: Some(model), warnings })
     }
 

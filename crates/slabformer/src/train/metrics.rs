@@ -1,7 +1,6 @@
 //! What a run records: `metrics.csv` (one row per optimizer step and per evaluation) and
 //! `training.png` (loss, accuracy, learning rate and λ over steps).
 
-use std::fmt::Write as _;
 use std::path::Path;
 
 use plotters::prelude::*;
@@ -31,33 +30,101 @@ pub struct EvalRow {
     pub loss: f64,
 }
 
-#[derive(Clone, Debug, Default)]
+/// The rows of a run. A training run appends each row to `metrics.csv` as it is recorded
+/// ([`open_log`](Self::open_log), [`record_step`](Self::record_step)), and syncs the file before
+/// each checkpoint, so the rows up to a checkpoint are on disk before the checkpoint is; resume
+/// truncates them to the checkpoint ([`truncate_after`](Self::truncate_after)) and goes on.
+#[derive(Debug, Default)]
 pub struct Metrics {
     pub steps: Vec<StepRow>,
     pub evals: Vec<EvalRow>,
+    log: Option<std::fs::File>,
+}
+
+impl Clone for Metrics {
+    /// The rows; the copy appends nowhere.
+    fn clone(&self) -> Self {
+        Self { steps: self.steps.clone(), evals: self.evals.clone(), log: None }
+    }
 }
 
 const HEADER: &str = "kind,step,epoch,model,loss,lr,lambda,grad_norm,images_per_s,top1,top5";
 
+fn step_line(r: &StepRow) -> String {
+    let lambda = r.lambda.map(|l| format!("{l:.6}")).unwrap_or_default();
+    format!("step,{},{},,{:.6},{:.6e},{lambda},{:.4},{:.1},,\n", r.step, r.epoch, r.loss, r.lr, r.grad_norm, r.images_per_s)
+}
+
+fn eval_line(r: &EvalRow) -> String {
+    format!("eval,{},{},{},{:.6},,,,,{:.4},{:.4}\n", r.step, r.epoch, r.model, r.loss, r.top1, r.top5)
+}
+
 impl Metrics {
+    /// Rows in the order a run records them: by step, a step's evaluations after its step row.
     pub fn to_csv(&self) -> String {
         let mut out = String::from(HEADER);
         out.push('\n');
+        let mut evals = self.evals.iter().peekable();
         for r in &self.steps {
-            let lambda = r.lambda.map(|l| format!("{l:.6}")).unwrap_or_default();
-            let _ = writeln!(out, "step,{},{},,{:.6},{:.6e},{lambda},{:.4},{:.1},,", r.step, r.epoch, r.loss, r.lr, r.grad_norm, r.images_per_s);
+            while let Some(e) = evals.next_if(|e| e.step < r.step) {
+                out.push_str(&eval_line(e));
+            }
+            out.push_str(&step_line(r));
         }
-        for r in &self.evals {
-            let _ = writeln!(out, "eval,{},{},{},{:.6},,,,,{:.4},{:.4}", r.step, r.epoch, r.model, r.loss, r.top1, r.top5);
-        }
+        evals.for_each(|e| out.push_str(&eval_line(e)));
         out
+    }
+
+    /// Rewrites `run/metrics.csv` with the rows so far (atomically) and appends every row
+    /// recorded from now on to it.
+    pub fn open_log(&mut self, run: &Path) -> Result<()> {
+        let path = run.join("metrics.csv");
+        write_atomic(&path, self.to_csv().as_bytes())?;
+        let file = std::fs::OpenOptions::new().append(true).open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        self.log = Some(file);
+        Ok(())
+    }
+
+    fn append(&mut self, line: &str) -> Result<()> {
+        use std::io::Write;
+        match &mut self.log {
+            // One write per row: a kill leaves whole rows, or at worst a last row without its
+            // newline, which reading drops.
+            Some(file) => file.write_all(line.as_bytes()).map_err(|source| Error::Io { path: "metrics.csv".into(), source }),
+            None => Ok(()),
+        }
+    }
+
+    pub fn record_step(&mut self, row: StepRow) -> Result<()> {
+        self.append(&step_line(&row))?;
+        self.steps.push(row);
+        Ok(())
+    }
+
+    pub fn record_eval(&mut self, row: EvalRow) -> Result<()> {
+        self.append(&eval_line(&row))?;
+        self.evals.push(row);
+        Ok(())
+    }
+
+    /// Makes the rows appended so far durable (before a checkpoint that covers them).
+    pub fn sync(&self) -> Result<()> {
+        match &self.log {
+            Some(file) => file.sync_data().map_err(|source| Error::Io { path: "metrics.csv".into(), source }),
+            None => Ok(()),
+        }
     }
 
     /// Reads a `metrics.csv` written by [`to_csv`](Self::to_csv) (to continue it on resume).
     pub fn from_csv(text: &str, path: &Path) -> Result<Self> {
         let bad = |line: usize| Error::Data { path: path.to_path_buf(), reason: format!("line {line} is not a metrics row") };
         let mut metrics = Metrics::default();
-        for (i, line) in text.lines().enumerate().skip(1) {
+        // A last row without its newline was cut by a kill mid-append: it is not a row.
+        let complete = match text.rfind('\n') {
+            Some(end) => &text[..=end],
+            None => "",
+        };
+        for (i, line) in complete.lines().enumerate().skip(1) {
             let f: Vec<&str> = line.split(',').collect();
             if f.len() != 11 {
                 return Err(bad(i + 1));
@@ -88,10 +155,11 @@ impl Metrics {
         Ok(metrics)
     }
 
-    /// Drops rows after `step` (what a resumed run will redo).
-    pub fn truncate_after(&mut self, step: u64) {
+    /// Drops the rows after a checkpoint at (`step`, `epoch`): what a resumed run will redo.
+    /// Evaluations are keyed by both, since re-calibration epochs evaluate at one step.
+    pub fn truncate_after(&mut self, step: u64, epoch: u64) {
         self.steps.retain(|r| r.step <= step);
-        self.evals.retain(|r| r.step <= step);
+        self.evals.retain(|r| r.step <= step && r.epoch <= epoch);
     }
 
     pub fn write(&self, run: &Path) -> Result<()> {
@@ -167,7 +235,7 @@ mod tests {
         assert_eq!(back.steps.len(), 5);
         assert_eq!(back.evals[0].top1, 50.0);
         assert_eq!(back.steps[2].lambda, Some(0.4));
-        back.truncate_after(3);
+        back.truncate_after(3, 0);
         assert_eq!(back.steps.len(), 3);
         assert!(back.evals.is_empty());
         let png = std::fs::read(dir.path().join("training.png")).unwrap();

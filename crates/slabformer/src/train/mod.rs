@@ -247,21 +247,41 @@ impl<F: ModelFamily> Run<'_, F> {
         if let Some(ema) = &self.ema {
             prefixed("", ema.state(), &mut dict);
         }
+        // The rows up to this step reach the disk before the checkpoint that covers them.
+        self.metrics.sync()?;
         self.last_checkpoint = Some(checkpoint::save(&self.dir, dict, self.position, &self.config_toml, self.config.checkpoint.keep)?);
-        self.metrics.write(&self.dir)
+        self.metrics.plot(&self.dir.join("training.png"))
+    }
+
+    /// Refuses to continue a run stored with another config (`stored`, read from `origin`).
+    fn check_stored_config(&self, stored: &str, origin: &Path) -> Result<()> {
+        // Compared as configs, not as text: a run written before a field existed reads it as its
+        // default.
+        let stored = TrainConfig::from_toml(stored, &origin.display().to_string())?;
+        if stored != *self.config {
+            return Err(Error::Config(format!(
+                "{} was written with another training config; resume with that config (it is stored in the run folder)",
+                origin.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Continues the run's `metrics.csv` from `position`: rows after it (written after the
+    /// checkpoint, before the run stopped) are dropped, as the run redoes them.
+    fn continue_metrics(&mut self, position: Position) -> Result<()> {
+        let csv = self.dir.join("metrics.csv");
+        if csv.exists() {
+            let text = std::fs::read_to_string(&csv).map_err(|source| Error::Io { path: csv.clone(), source })?;
+            self.metrics = Metrics::from_csv(&text, &csv)?;
+            self.metrics.truncate_after(position.step, position.epoch);
+        }
+        self.metrics.open_log(&self.dir)
     }
 
     fn restore(&mut self, path: &Path) -> Result<()> {
         let (dict, position, stored_config) = checkpoint::load(path)?;
-        // Compared as configs, not as text: a run written before a field existed reads it as its
-        // default.
-        let stored = TrainConfig::from_toml(&stored_config, &path.display().to_string())?;
-        if stored != *self.config {
-            return Err(Error::Config(format!(
-                "{} was written with another training config; resume with that config (it is stored in the checkpoint)",
-                path.display()
-            )));
-        }
+        self.check_stored_config(&stored_config, path)?;
         let model = self.model.clone();
         self.model = load_state(model, &dict.subset("model"), false)?.0;
         let inner = self.device.clone().without_autodiff();
@@ -273,12 +293,7 @@ impl<F: ModelFamily> Run<'_, F> {
         if let Some(ema) = &mut self.ema {
             ema.load_state(&dict, &inner)?;
         }
-        let csv = self.dir.join("metrics.csv");
-        if csv.exists() {
-            let text = std::fs::read_to_string(&csv).map_err(|source| Error::Io { path: csv.clone(), source })?;
-            self.metrics = Metrics::from_csv(&text, &csv)?;
-            self.metrics.truncate_after(position.step);
-        }
+        self.continue_metrics(position)?;
         self.position = position;
         self.last_checkpoint = Some(path.to_path_buf());
         Ok(())
@@ -303,12 +318,15 @@ impl<F: ModelFamily> Run<'_, F> {
         ))
     }
 
-    fn evaluate_all(&mut self, label: &str) -> Result<EvalRow> {
+    /// Evaluates the model, its fused form and its EMA; `record` puts the rows into the metrics
+    /// (not for the evaluation of a resumed run that had nothing left to do: its rows are there).
+    fn evaluate_all(&mut self, label: &str, record: bool) -> Result<EvalRow> {
         self.sync_model()?;
         let cfg = self.config;
+        let mut rows = Vec::new();
         let mut row = evaluate(&self.model, &self.data.eval, &cfg.augment, cfg.run.eval_batch_size);
         (row.step, row.epoch, row.model) = (self.position.step, self.position.epoch, label.into());
-        self.metrics.evals.push(row.clone());
+        rows.push(row.clone());
         let fused = match self.fused_eval {
             FusedEval::None => None,
             FusedEval::Runtime => Some(evaluate_runtime(&CpuModel::from_deploy::<F>(&self.model.fuse()?)?, &self.data.eval, &cfg.augment, cfg.run.eval_batch_size)),
@@ -318,12 +336,17 @@ impl<F: ModelFamily> Run<'_, F> {
             (f.step, f.epoch, f.model) = (self.position.step, self.position.epoch, "fused".into());
             f
         });
-        self.metrics.evals.extend(fused.clone());
+        rows.extend(fused.clone());
         if let Some(ema) = &self.ema {
             let averaged = ema.apply(self.model.clone());
             let mut e = evaluate(&averaged, &self.data.eval, &cfg.augment, cfg.run.eval_batch_size);
             (e.step, e.epoch, e.model) = (self.position.step, self.position.epoch, "ema".into());
-            self.metrics.evals.push(e);
+            rows.push(e);
+        }
+        if record {
+            for r in rows {
+                self.metrics.record_eval(r)?;
+            }
         }
         self.last_eval = Some((row.clone(), fused));
         Ok(row)
@@ -365,13 +388,30 @@ pub fn train(config: &TrainConfig, data: &Datasets, options: &TrainOptions) -> R
     crate::with_family!(model_config, |Family, c| train_family::<Family>(config, data, options, &c, resolved.warnings, started))
 }
 
+/// Plain progress lines where the bar is hidden: every this many steps, or sooner when this
+/// many seconds passed since the last one.
+const PLAIN_EVERY_STEPS: u64 = 50;
+const PLAIN_EVERY_SECONDS: f64 = 10.0;
+
+/// Removes what writes killed between create and rename left in the run folder and its
+/// checkpoints (the folder is locked: no write of another run is under way).
+fn remove_leftovers(dir: &Path) {
+    crate::files::remove_temp_files(dir);
+    crate::files::remove_temp_files(&checkpoint::checkpoint_dir(dir));
+}
+
 /// [`train`] for one family's model.
 fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: &TrainOptions, model_config: &F::Config, warnings: Vec<String>, started: Instant) -> Result<Summary> {
     let train_len = data.train.len();
     let dir = options.run_dir.clone();
-    if !options.resume && dir.exists() && std::fs::read_dir(&dir).map(|mut d| d.next().is_some()).unwrap_or(false) {
-        return Err(Error::Config(format!("{} already holds a run; not overwriting it (use --resume, or another --out)", dir.display())));
+    // Held until this function returns (or the process ends, killed or not): a second training on
+    // the folder stops here, naming the holder.
+    let _lock = crate::files::RunLock::acquire(&dir)?;
+    let holds_run = std::fs::read_dir(&dir).map(|d| d.flatten().any(|e| e.file_name() != crate::files::LOCK_FILE)).unwrap_or(false);
+    if !options.resume && holds_run {
+        return Err(Error::Output { path: dir.clone(), reason: "already holds a run; not overwriting it (use --resume, or another --out)".into() });
     }
+    remove_leftovers(&dir);
     let device = Device::flex().autodiff();
     let model: F = initial_model::<F>(model_config, &device, config.run.seed)?;
     let ranks = param_ranks(&model);
@@ -397,11 +437,26 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
         last_eval: None,
         fused_eval,
     };
-    if options.resume {
-        let latest = checkpoint::latest(&dir).ok_or_else(|| Error::Config(format!("no checkpoint under {} to resume from", checkpoint::checkpoint_dir(&dir).display())))?;
-        run.restore(&latest)?;
-    } else {
-        crate::files::write_atomic(&dir.join("config.toml"), run.config_toml.as_bytes())?;
+    let stored_config = dir.join("config.toml");
+    match (options.resume, checkpoint::latest(&dir)) {
+        (true, Some(latest)) => run.restore(&latest)?,
+        // Stopped before its first checkpoint: it starts over, with the config it was started with.
+        (true, None) if stored_config.exists() => {
+            let text = std::fs::read_to_string(&stored_config).map_err(|source| Error::Io { path: stored_config.clone(), source })?;
+            run.check_stored_config(&text, &stored_config)?;
+            run.continue_metrics(Position::default())?;
+        }
+        (true, None) => {
+            return Err(Error::Config(format!(
+                "nothing to resume in {}: no checkpoint under {} and no config.toml",
+                dir.display(),
+                checkpoint::checkpoint_dir(&dir).display()
+            )));
+        }
+        (false, _) => {
+            crate::files::write_atomic(&stored_config, run.config_toml.as_bytes())?;
+            run.metrics.open_log(&dir)?;
+        }
     }
 
     let steps_per_epoch = config.steps_per_epoch(train_len);
@@ -428,6 +483,7 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
         (true, false) => bar.println(line),
     };
     notes.iter().for_each(|n| say(format!("note: {n}")));
+    let mut last_plain = Instant::now();
 
     while run.position.epoch < train_epochs && run.position.step < total_steps {
         let epoch = run.position.epoch;
@@ -499,13 +555,15 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
             run.position.step += 1;
             run.position.step_in_epoch += 1;
             let images_per_s = config.run.batch_size as f64 / step_started.elapsed().as_secs_f64();
-            run.metrics.steps.push(StepRow { step: run.position.step, epoch, loss: loss_sum, lr, lambda, grad_norm, images_per_s });
+            run.metrics.record_step(StepRow { step: run.position.step, epoch, loss: loss_sum, lr, lambda, grad_norm, images_per_s })?;
             bar.set_position(run.position.step);
-            bar.set_message(format!(
-                "epoch {} loss {loss_sum:.4} lr {lr:.2e} λ {} {images_per_s:.0} img/s",
-                epoch + 1,
-                lambda.map_or("-".into(), |l| format!("{l:.3}"))
-            ));
+            let status = format!("epoch {} loss {loss_sum:.4} lr {lr:.2e} λ {} {images_per_s:.0} img/s", epoch + 1, lambda.map_or("-".into(), |l| format!("{l:.3}")));
+            // Where the bar is hidden (a log file, CI), a plain line now and then instead.
+            if options.progress && bar.is_hidden() && (run.position.step.is_multiple_of(PLAIN_EVERY_STEPS) || last_plain.elapsed().as_secs_f64() >= PLAIN_EVERY_SECONDS) {
+                println!("step {}/{total_steps}: {status}", run.position.step);
+                last_plain = Instant::now();
+            }
+            bar.set_message(status);
             if config.checkpoint.every_steps.is_some_and(|n| run.position.step.is_multiple_of(n)) && run.position.step_in_epoch < steps_per_epoch {
                 run.checkpoint()?;
             }
@@ -518,7 +576,7 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
             run.position.epoch += 1;
             run.position.step_in_epoch = 0;
         }
-        let row = run.evaluate_all("model")?;
+        let row = run.evaluate_all("model", true)?;
         say(format!(
             "epoch {:>3}: top-1 {:.2} %, top-5 {:.2} %, eval loss {:.4}, step {}",
             epoch + 1,
@@ -557,7 +615,7 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
             }
             run.position.epoch += 1;
             run.model = model.clone();
-            let row = run.evaluate_all("recalibrated")?;
+            let row = run.evaluate_all("recalibrated", true)?;
             if options.progress {
                 println!("BN re-calibration epoch {}/{recal_epochs}: top-1 {:.2} %, top-5 {:.2} %", run.position.epoch - train_epochs, row.top1, row.top5);
             }
@@ -570,7 +628,7 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
     let (final_eval, fused_eval) = match run.last_eval.take() {
         Some(evals) => evals,
         None => {
-            run.evaluate_all("final")?;
+            run.evaluate_all("final", false)?;
             run.last_eval.take().expect("evaluate_all records its evaluation")
         }
     };
@@ -582,6 +640,8 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
         classes: data.train.classes.clone(),
     };
     save_model(&model_path, &run.model, &preprocess, true)?;
-    run.metrics.write(&dir)?;
+    run.metrics.sync()?;
+    run.metrics.plot(&dir.join("training.png"))?;
+    remove_leftovers(&dir);
     Ok(Summary { run_dir: dir, steps: run.position.step, seconds: started.elapsed().as_secs_f64(), warnings, final_eval, fused_eval, model_path, engine, notes })
 }
