@@ -1230,7 +1230,17 @@ mod tests {
         assert_eq!(ours.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "parameters with a gradient");
         // Linear attention's gradients are differences of terms ∝ 1/normaliser (see the PVT
         // trainer test): the golden files' gradient tolerance, 1e-3 + 1e-4·max, for those models.
-        let abs = if config.attention.iter().any(AttentionKind::needs_grid) { 1e-3 } else { 1e-5 };
+        // BatchNorm models: the gradient through a batch-statistics norm is the difference of
+        // terms that cancel over the batch's 3·256 rows, and a branch's bias gradient sums
+        // those rows again; about one run in six differs by 1e-5–5e-5 (at a max of 4e-3–7e-3)
+        // from f32 rounding, so 1e-4 for them.
+        let abs = if config.attention.iter().any(AttentionKind::needs_grid) {
+            1e-3
+        } else if config.norm.folds() {
+            1e-4
+        } else {
+            1e-5
+        };
         assert_states_near(&format!("{config:?}: gradient"), &ours, &want, 1e-4, abs);
         assert_states_near(&format!("{config:?}: state after the forward"), &trainer.state(), &collect_state(&model), 1e-5, 1e-6);
     }
