@@ -236,10 +236,8 @@ fn swin_and_pvt_presets_train_fuse_and_resume_bit_for_bit() {
         let m = metrics(run.path());
         let (first, last) = (m.steps[..5].iter().map(|r| r.loss).sum::<f64>() / 5.0, m.steps[15..].iter().map(|r| r.loss).sum::<f64>() / 5.0);
         assert!(last < first - 0.05, "{preset}: loss did not fall: {first:.3} → {last:.3}");
-        // Until the family is on the fast path, `auto` trains with burn and says why.
-        if summary.engine == "burn" {
-            assert!(summary.notes.iter().any(|n| n.contains("burn autodiff")), "{preset}: {:?}", summary.notes);
-        }
+        // Both families are on the fast path: `auto` picks the CPU trainer.
+        assert_eq!(summary.engine, "cpu", "{preset}: {:?}", summary.notes);
         let fused = summary.fused_eval.as_ref().expect("a PRepBN model fuses");
         assert!((fused.top1 - summary.final_eval.top1).abs() <= 1.0, "{preset}: {fused:?} vs {:?}", summary.final_eval);
         let mut resumable = config.clone();

@@ -17,9 +17,17 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{AnyConfig, ImageClassifier, ImageConfig, ModelFamily, Preset};
-use crate::plan::Plan;
+use crate::plan::{Layer, Plan, Residual, StageEmbed, Step};
 use crate::error::{Error, Result};
 use crate::nn::attention::window::{MaskBuffer, WindowAttention, WindowGrid};
+use crate::nn::attention::window_fast::{FastWindowAttention, lower_windowed_linear};
+use crate::nn::conv::Source;
+use crate::nn::linear::FastLinear;
+use crate::nn::lower::ParamTable;
+use crate::nn::mlp::FastMlp;
+use crate::nn::norm::FastNorm;
+use crate::nn::patch_merge::FastPatchMerging;
+use crate::nn::pool::Pool;
 use crate::nn::attention::{Attention, AttentionConfig, AttentionKind, LinearAttention};
 use crate::nn::drop_path::DropPath;
 use crate::nn::fuse::{ConvFold, fold_into_next_linear, fold_into_previous_conv};
@@ -785,11 +793,6 @@ impl ImageClassifier for DeploySwin {
     }
 }
 
-/// What the fast path lacks for this family, named for the user (the trainer falls back to burn).
-fn not_lowered() -> Error {
-    Error::Unsupported { what: "SwinTransformer (window attention, patch merging are not plan steps yet)".into(), path: "the fast CPU path" }
-}
-
 impl ModelFamily for SwinTransformer {
     type Config = SwinConfig;
     type Deploy = DeploySwin;
@@ -831,11 +834,81 @@ impl ModelFamily for SwinTransformer {
         }
     }
     fn lower(&self) -> Result<Plan> {
-        Err(not_lowered())
+        let mut table = ParamTable::for_module(self);
+        let embed = StageEmbed::lower(&self.patch_embed.proj, self.patch_embed.norm.as_ref(), None, Source::Planes, self.config.img_size, &mut table)?;
+        let stages = self.layers.iter().map(|s| (&s.blocks[..], s.downsample.as_ref(), s.merge_first, s.merged_resolution));
+        let block = |b: &SwinBlock, rate: f64, table: &mut ParamTable| -> Result<[Step; 2]> {
+            let norm1 = FastNorm::lower(&b.norm1, table)?;
+            let attn = lower_attention(&b.attn, &b.grid, b.attn_mask.as_ref(), None, table)?;
+            let norm2 = FastNorm::lower(&b.norm2, table)?;
+            let mlp = Layer::Mlp(FastMlp::lower(&b.mlp, table)?);
+            Ok([Step::Residual(Residual { norm: Some(norm1), layer: attn, drop_path: rate }), Step::Residual(Residual { norm: Some(norm2), layer: mlp, drop_path: rate })])
+        };
+        let merge = |m: &PatchMerging, resolution, table: &mut ParamTable| FastPatchMerging::lower(m, resolution, table);
+        let mut steps = lower_stages(&self.config, embed, stages, block, merge, &mut table)?;
+        steps.push(Step::Norm(FastNorm::lower(&self.norm, &mut table)?));
+        steps.push(Step::Pool(Pool::Mean));
+        steps.push(Step::Head(FastLinear::lower(self.head.linear(), &mut table)?));
+        Ok(Plan { table, steps })
     }
-    fn lower_deploy(_: &DeploySwin) -> Result<Plan> {
-        Err(not_lowered())
+    fn lower_deploy(deploy: &DeploySwin) -> Result<Plan> {
+        let mut table = ParamTable::for_module(deploy);
+        let embed = StageEmbed::lower(&deploy.patch_embed.proj, None, None, Source::Planes, deploy.config.img_size, &mut table)?;
+        let stages = deploy.layers.iter().map(|s| (&s.blocks[..], s.downsample.as_ref(), s.merge_first, s.merged_resolution));
+        let block = |b: &DeploySwinBlock, _: f64, table: &mut ParamTable| -> Result<[Step; 2]> {
+            let pad = b.pad.as_ref().map(RunningState::value);
+            let attn = lower_attention(&b.attn, &b.grid, b.attn_mask.as_ref(), pad.as_ref(), table)?;
+            let mlp = Layer::Mlp(FastMlp::lower(&b.mlp, table)?);
+            Ok([Step::Residual(Residual { norm: None, layer: attn, drop_path: 0.0 }), Step::Residual(Residual { norm: None, layer: mlp, drop_path: 0.0 })])
+        };
+        let merge = |m: &DeployPatchMerging, resolution, table: &mut ParamTable| FastPatchMerging::lower_deploy(m, resolution, table);
+        let mut steps = lower_stages(&deploy.config, embed, stages, block, merge, &mut table)?;
+        steps.push(Step::Pool(Pool::Mean));
+        steps.push(Step::Head(FastLinear::lower(deploy.head.linear(), &mut table)?));
+        Ok(Plan { table, steps })
     }
+}
+
+// ---- The fast path: the model lowered into a plan (`crate::plan`) in the order the forward
+// runs it: the patch embedding as a stage embedding (conv, patch norm; no position embedding),
+// per stage its blocks' attention and MLP residuals with the patch merging before (timm) or
+// after (official) them, then (unfused models) the final norm, the token mean and the head.
+
+/// A block's token mixer as a residual layer: window attention for softmax stages, the
+/// existing linear attention where an 'L' stage's window is its whole map.
+fn lower_attention(attn: &SwinAttention, grid: &WindowGrid, mask: Option<&MaskBuffer>, pad: Option<&Tensor<1>>, table: &mut ParamTable) -> Result<Layer> {
+    Ok(match attn {
+        SwinAttention::Window(a) => Layer::WindowAttention(FastWindowAttention::lower(a, *grid, mask, pad, table)?),
+        SwinAttention::Linear(a) => Layer::attention(lower_windowed_linear(a, grid, table)?, table),
+    })
+}
+
+/// The embedding, then every stage's steps; `stages` yields (blocks, downsample, merge first,
+/// the map the downsample reads).
+fn lower_stages<'a, B: 'a, M: 'a>(
+    config: &SwinConfig,
+    embed: StageEmbed,
+    stages: impl Iterator<Item = (&'a [B], Option<&'a M>, bool, [usize; 2])>,
+    block: impl Fn(&B, f64, &mut ParamTable) -> Result<[Step; 2]>,
+    merge: impl Fn(&M, [usize; 2], &mut ParamTable) -> Result<FastPatchMerging>,
+    table: &mut ParamTable,
+) -> Result<Vec<Step>> {
+    let mut steps = vec![Step::Stage(embed)];
+    let mut k = 0;
+    for (blocks, downsample, merge_first, resolution) in stages {
+        let merge_step = |table: &mut ParamTable| downsample.map(|m| merge(m, resolution, table).map(Step::Merge)).transpose();
+        if merge_first {
+            steps.extend(merge_step(table)?);
+        }
+        for b in blocks {
+            steps.extend(block(b, config.block_drop_path_rate(k), table)?);
+            k += 1;
+        }
+        if !merge_first {
+            steps.extend(merge_step(table)?);
+        }
+    }
+    Ok(steps)
 }
 
 #[cfg(test)]
@@ -1074,5 +1147,118 @@ mod tests {
             let err = model.try_forward(Tensor::zeros(dims, &device)).unwrap_err();
             assert!(err.to_string().contains(&format!("{dims:?}")), "{err}");
         }
+    }
+
+    /// Small models for the fast path: shifted windows on every stage but the last, a padded
+    /// map (10×14, windows of 4, odd maps at the merges), both layouts, an SLA 'L' stage whose
+    /// window is its whole map next to softmax stages.
+    fn fast_path_configs() -> Vec<SwinConfig> {
+        let small = |base: SwinConfig, layout| SwinConfig { img_size: [32, 32], patch_size: 2, embed_dim: 8, depths: vec![2, 2, 2], num_heads: vec![1, 2, 4], attention: vec![AttentionKind::Softmax; 3], window_size: 4, linear_window_size: 16, num_classes: 7, layout, ..base };
+        let slab = |layout| SwinConfig { attention: vec![AttentionKind::sla(), AttentionKind::Softmax, AttentionKind::Softmax], ..small(SwinConfig::slab_swin_tiny(), layout) };
+        let padded = |base| SwinConfig { img_size: [20, 28], ..small(base, SwinLayout::Official) };
+        vec![
+            small(SwinConfig::swin_tiny(), SwinLayout::Official),
+            small(SwinConfig::swin_tiny(), SwinLayout::Timm),
+            small(SwinConfig::prepbn_swin_tiny(), SwinLayout::Official),
+            small(SwinConfig::prepbn_swin_small(), SwinLayout::Timm),
+            slab(SwinLayout::Official),
+            slab(SwinLayout::Timm),
+            padded(SwinConfig::swin_tiny()),
+            padded(SwinConfig::prepbn_swin_tiny()),
+        ]
+    }
+
+    /// A model whose every op shows in the logits; BatchNorm models take smaller weights (their
+    /// fixed statistics do not rescale activations).
+    fn randomized_model(config: &SwinConfig, device: &Device) -> SwinTransformer {
+        let weight_scale = if config.norm.folds() { 3.0 } else { 6.0 };
+        crate::testing::randomized(config.init(device).unwrap(), weight_scale)
+    }
+
+    #[test]
+    fn the_cpu_runtime_equals_the_burn_forward_fused_and_unfused() {
+        use crate::runtime::CpuModel;
+        let device = Device::flex();
+        // Three threads split one image's rows and windows unevenly.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for config in fast_path_configs() {
+            let model = randomized_model(&config, &device);
+            let mut runtimes = vec![("trained form", CpuModel::from_plan(model.lower().unwrap()).unwrap())];
+            if config.norm.folds() {
+                runtimes.push(("fused", CpuModel::new(&model).unwrap()));
+            }
+            let [h, w] = config.img_size;
+            for batch in [1, 3] {
+                let images = Tensor::<4>::random([batch, 3, h, w], Distribution::Normal(0.0, 1.0), &device);
+                let want = crate::state::host_f32(model.forward(images.clone()));
+                for (form, runtime) in &runtimes {
+                    let got = pool.install(|| crate::state::host_f32(runtime.forward_tensor(images.clone()).unwrap()));
+                    crate::testing::assert_near(&format!("{config:?} {form} batch {batch}"), &got, &want, 1e-4, 1e-5);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn linear_attention_over_several_windows_is_not_lowered() {
+        let config = SwinConfig { linear_window_size: 8, ..fast_path_configs().swap_remove(4) };
+        let model = config.init(&Device::flex()).unwrap();
+        assert!(matches!(model.lower(), Err(Error::Unsupported { .. })));
+    }
+
+    /// Forward, backward and state of the CPU trainer against burn autodiff.
+    fn check_trainer_against_burn(config: SwinConfig, drop_path_seed: Option<u64>) {
+        use crate::runtime::{CpuTrainer, ForwardOptions};
+        use crate::state::{collect_grads, host_f32};
+        use crate::testing::{assert_near, assert_states_near};
+        let device = Device::flex().autodiff();
+        let model = randomized_model(&config, &device);
+        let mut trainer = CpuTrainer::new(&model, Default::default()).unwrap();
+        let batch = 3;
+        let [h, w] = config.img_size;
+        let x = Tensor::<4>::random([batch, 3, h, w], Distribution::Normal(0.0, 1.0), &device);
+        let seed = drop_path_seed.unwrap_or(0);
+        let logits = crate::nn::drop_path::with_seed(seed, || model.forward(x.clone()));
+        let weight = Tensor::<2>::random([batch, config.num_classes], Distribution::Normal(0.0, 1.0), &device);
+        let grads = logits.clone().mul(weight.clone()).sum().backward();
+        let options = ForwardOptions { drop_path_seed: seed, advance_counters: true };
+        let ours = trainer.forward_with(&host_f32(x), batch, options).unwrap();
+        assert_near(&format!("{config:?}: logits"), &ours, &host_f32(logits), 1e-4, 1e-6);
+        trainer.backward(&host_f32(weight)).unwrap();
+        let want = collect_grads(&model, &grads);
+        let ours = trainer.gradients();
+        assert_eq!(ours.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "parameters with a gradient");
+        // Linear attention's gradients are differences of terms ∝ 1/normaliser (see the PVT
+        // trainer test): the golden files' gradient tolerance, 1e-3 + 1e-4·max, for those models.
+        // BatchNorm models: the gradient through a batch-statistics norm is the difference of
+        // terms that cancel over the batch's 3·256 rows, and a branch's bias gradient sums
+        // those rows again; about one run in six differs by 1e-5–5e-5 (at a max of 4e-3–7e-3)
+        // from f32 rounding, so 1e-4 for them.
+        let abs = if config.attention.iter().any(AttentionKind::needs_grid) {
+            1e-3
+        } else if config.norm.folds() {
+            1e-4
+        } else {
+            1e-5
+        };
+        assert_states_near(&format!("{config:?}: gradient"), &ours, &want, 1e-4, abs);
+        assert_states_near(&format!("{config:?}: state after the forward"), &trainer.state(), &collect_state(&model), 1e-5, 1e-6);
+    }
+
+    #[test]
+    fn the_cpu_trainer_equals_burn_autodiff_for_every_kind() {
+        for mut config in fast_path_configs() {
+            if let NormKind::Prepbn { schedule, .. } = &mut config.norm {
+                // λ = 0.5: both branches, and the counters advance.
+                (schedule.warm, schedule.total) = (0, 4);
+            }
+            check_trainer_against_burn(config, None);
+        }
+    }
+
+    #[test]
+    fn the_cpu_trainer_draws_drop_path_masks_like_burn() {
+        let config = SwinConfig { drop_path_rate: 0.5, ..fast_path_configs().swap_remove(4) };
+        check_trainer_against_burn(config, Some(7));
     }
 }

@@ -12,8 +12,10 @@ use super::{Embed, Layer, Plan, Residual, StageEmbed, Step};
 use crate::kernels;
 use crate::nn::attention::FastAttention;
 use crate::nn::attention::spatial_reduction_fast::FastSrAttention;
+use crate::nn::attention::window_fast::{FastWindowAttention, WindowInferScratch};
 use crate::nn::conv::Source;
 use crate::nn::norm::FastNorm;
+use crate::nn::patch_merge::{FastPatchMerging, PatchMergeScratch};
 
 /// One thread's inference activations for one sequence, with room for `parts` row blocks.
 pub struct InferWorkspace {
@@ -38,6 +40,9 @@ pub struct InferWorkspace {
     sr_reduced: Vec<f32>,
     sr_normed: Vec<f32>,
     v_full: Vec<f32>,
+    /// Window attention's and patch merging's own buffers (Swin), sized on first use.
+    window: WindowInferScratch,
+    merge: PatchMergeScratch,
     pooled: Vec<f32>,
     out: Vec<f32>,
     /// Tokens of the sequence the workspace holds now, and their width.
@@ -65,6 +70,7 @@ impl InferWorkspace {
                     (t, c) = (s.tokens(), s.dim());
                     patches = patches.max(t * s.conv.patch_len());
                 }
+                Step::Merge(m) => (t, c) = (m.out_tokens(), m.out_dim()),
                 Step::Residual(r) => {
                     c = r.layer.dim();
                     match &r.layer {
@@ -91,6 +97,7 @@ impl InferWorkspace {
                             }
                             (k_sum, kv) = (k_sum.max(parts * c), kv.max(parts * c * c / attn.heads));
                         }
+                        Layer::WindowAttention(_) => {}
                         Layer::Mlp(mlp) => hidden = hidden.max(t * mlp.hidden()),
                     }
                 }
@@ -117,6 +124,8 @@ impl InferWorkspace {
             sr_reduced: vec![0.0; sr_reduced],
             sr_normed: vec![0.0; sr_reduced],
             v_full: vec![0.0; v_full],
+            window: WindowInferScratch::default(),
+            merge: PatchMergeScratch::default(),
             pooled: vec![0.0; pooled.max(c)],
             out: vec![0.0; classes],
             tokens,
@@ -205,6 +214,12 @@ impl Plan {
                     pending = i..i + 1; // its query rows
                     continue;
                 }
+                Step::Residual(r @ Residual { layer: Layer::WindowAttention(attn), .. }) => {
+                    row_pass(&self.steps[pending], p, ws, parts);
+                    window_attention(r, attn, p, ws, parts);
+                    pending = i + 1..i + 1;
+                    continue;
+                }
                 Step::Residual(_) | Step::Norm(_) => {
                     if pending.is_empty() {
                         pending.start = i;
@@ -219,6 +234,7 @@ impl Plan {
             match step {
                 Step::Embed(e) => embed(e, p, image.expect("an image for a plan that embeds one"), ws, parts),
                 Step::Stage(s) => stage(s, p, image, ws, parts),
+                Step::Merge(m) => merge(m, p, ws, parts),
                 Step::Pool(pool) => {
                     let c = ws.width;
                     pool.apply(&ws.x[..ws.tokens * c], c, &mut ws.pooled[..c]);
@@ -279,6 +295,36 @@ fn stage(s: &StageEmbed, p: &[f32], image: Option<&[f32]>, ws: &mut InferWorkspa
     });
 }
 
+/// A window-attention residual: the norm row block by row block (where there is one), then
+/// `x += attn(normed)` with the threads splitting the windows; without a norm the layer reads
+/// the residual stream, which it only overwrites once every window is mixed.
+fn window_attention(r: &Residual, attn: &FastWindowAttention, p: &[f32], ws: &mut InferWorkspace, parts: usize) {
+    let (c, t, per) = (attn.dim(), ws.tokens, ws.rows_per_part(parts));
+    let InferWorkspace { x, normed, window, .. } = ws;
+    let x = &mut x[..t * c];
+    match &r.norm {
+        Some(norm) => {
+            let normed = &mut normed[..t * c];
+            let jobs: Vec<_> = x.chunks(per * c).zip(normed.chunks_mut(per * c)).collect();
+            for_each_part(jobs, |(x, normed)| norm.infer(p, x, normed));
+            attn.infer(p, normed, x, window, parts);
+        }
+        None => {
+            attn.infer_mix(p, x, window, parts);
+            attn.infer_project(p, x, window, parts);
+        }
+    }
+}
+
+/// Patch merging into the second token buffer, which then holds the sequence.
+fn merge(m: &FastPatchMerging, p: &[f32], ws: &mut InferWorkspace, parts: usize) {
+    let (n, c) = (m.out_tokens(), m.out_dim());
+    let InferWorkspace { x, normed, merge, tokens, width, .. } = ws;
+    m.infer(p, &x[..*tokens * *width], &mut normed[..n * c], merge, parts);
+    std::mem::swap(x, normed);
+    (*tokens, *width) = (n, c);
+}
+
 /// A spatial-reduction layer's first passes: block by block the norm, the queries and (without
 /// reduction) the keys, values and partial sums; with reduction, the reduced rows' keys and
 /// values from the whole normed grid, block by block; then the partial sums into the first
@@ -292,7 +338,7 @@ fn reduced_key_pass(r: &Residual, attn: &FastSrAttention, p: &[f32], ws: &mut In
     let mut kv_rows = sr_kv.chunks_mut((per * kv_width).max(1));
     let jobs: Vec<_> = x[..t * c]
         .chunks(per * c)
-        .zip(normed.chunks_mut(per * c))
+        .zip(normed[..t * c].chunks_mut(per * c))
         .zip(sr_q.chunks_mut(per * c))
         .zip(k_sum.chunks_mut(c))
         .zip(kv.chunks_mut(c * d))
@@ -342,7 +388,7 @@ fn key_pass(r: &Residual, attn: &FastAttention, p: &[f32], ws: &mut InferWorkspa
     let d = c / attn.heads;
     let (t, per) = (ws.tokens, ws.rows_per_part(parts));
     let InferWorkspace { x, normed, qkv, k_sum, kv, .. } = ws;
-    let jobs: Vec<_> = x[..t * c].chunks(per * c).zip(normed.chunks_mut(per * c)).zip(qkv.chunks_mut(per * 3 * c)).zip(k_sum.chunks_mut(c)).zip(kv.chunks_mut(c * d)).enumerate().collect();
+    let jobs: Vec<_> = x[..t * c].chunks(per * c).zip(normed[..t * c].chunks_mut(per * c)).zip(qkv.chunks_mut(per * 3 * c)).zip(k_sum.chunks_mut(c)).zip(kv.chunks_mut(c * d)).enumerate().collect();
     let blocks = jobs.len();
     for_each_part(jobs, |(i, ((((x, normed), qkv), k_sum), kv))| {
         let input = norm_or_identity(r.norm.as_ref(), p, x, normed);
@@ -400,7 +446,7 @@ fn row_pass(steps: &[Step], p: &[f32], ws: &mut InferWorkspace, parts: usize) {
     let mut mixed = mixed.chunks_mut((per * mixed_width).max(1));
     let jobs: Vec<_> = x[..t * c]
         .chunks_mut(per * c)
-        .zip(normed.chunks_mut(per * c))
+        .zip(normed[..t * c].chunks_mut(per * c))
         .enumerate()
         .map(|(i, (x, normed))| {
             let rows = x.len() / c;
@@ -426,6 +472,7 @@ fn row_pass(steps: &[Step], p: &[f32], ws: &mut InferWorkspace, parts: usize) {
                         attn.infer_queries(first, q, kv_rows, k_sum, kv, conv.as_ref(), v_full, mixed, scores);
                         attn.proj.apply_residual(p, mixed, x);
                     }
+                    Layer::WindowAttention(_) => unreachable!("window attention runs as its own step"),
                     Layer::Mlp(mlp) => {
                         let hidden = &mut hidden[..x.len() / c * mlp.hidden()];
                         mlp.infer_hidden(p, norm_or_identity(r.norm.as_ref(), p, x, normed), hidden);
@@ -436,7 +483,7 @@ fn row_pass(steps: &[Step], p: &[f32], ws: &mut InferWorkspace, parts: usize) {
                     n.infer(p, x, normed);
                     x.copy_from_slice(normed);
                 }
-                Step::Embed(_) | Step::Stage(_) | Step::Pool(_) | Step::Head(_) => unreachable!("only row-local steps wait for a row pass"),
+                Step::Embed(_) | Step::Stage(_) | Step::Merge(_) | Step::Pool(_) | Step::Head(_) => unreachable!("only row-local steps wait for a row pass"),
             }
         }
     });

@@ -30,12 +30,14 @@ use burn::tensor::Tensor;
 use crate::error::Result;
 use crate::nn::attention::FastAttention;
 use crate::nn::attention::spatial_reduction_fast::FastSrAttention;
+use crate::nn::attention::window_fast::FastWindowAttention;
 use crate::nn::conv::{FastConv, Source};
 use crate::nn::linear::FastLinear;
 use crate::nn::lower::{Layout, ParamTable, Slot};
 use crate::nn::mlp::FastMlp;
 use crate::nn::norm::{FastNorm, Norm};
 use crate::nn::patch_embed::{FastPatchEmbed, PatchEmbed};
+use crate::nn::patch_merge::FastPatchMerging;
 use crate::nn::pool::Pool;
 use crate::nn::schedule::Phase;
 use crate::state::StateDict;
@@ -55,6 +57,8 @@ pub enum Step {
     Stage(StageEmbed),
     /// `x + drop_path(layer(norm(x)))`; the norm is absent in fused models.
     Residual(Residual),
+    /// (H·W, C) tokens → the 2×2-merged (⌈H/2⌉·⌈W/2⌉, 2C) (Swin's patch merging).
+    Merge(FastPatchMerging),
     /// A norm on its own (the final norm of unfused models).
     Norm(FastNorm),
     /// (T, C) tokens → (C).
@@ -162,6 +166,9 @@ pub enum Layer {
     Attention { attn: FastAttention, inference_conv: Option<(Vec<f32>, Vec<f32>)> },
     /// Token mixing with keys and values from the (reduced) token grid (PVT); conv taps as above.
     SpatialReduction { attn: FastSrAttention, inference_conv: Option<(Vec<f32>, Vec<f32>)> },
+    /// Softmax attention inside (shifted) windows of the token map (Swin); the windows are
+    /// independent, so it runs as one step with the threads splitting windows, not key rows.
+    WindowAttention(FastWindowAttention),
     Mlp(FastMlp),
 }
 
@@ -181,6 +188,7 @@ impl Layer {
         match self {
             Layer::Attention { attn, .. } => attn.dim(),
             Layer::SpatialReduction { attn, .. } => attn.dim(),
+            Layer::WindowAttention(attn) => attn.dim(),
             Layer::Mlp(mlp) => mlp.fc1.inputs,
         }
     }
@@ -218,6 +226,7 @@ impl Plan {
                     _ => None,
                 }),
                 Step::Stage(s) => (s.norm.as_ref(), None),
+                Step::Merge(m) => (m.norm.as_ref(), None),
                 Step::Norm(n) => (Some(n), None),
                 _ => (None, None),
             };

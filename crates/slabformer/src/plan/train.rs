@@ -8,12 +8,14 @@ use super::{Embed, Layer, Plan, Residual, StageEmbed, Step};
 use crate::error::{Error, Result};
 use crate::kernels;
 use crate::nn::attention::spatial_reduction_fast::{SrActivations, SrScratch};
+use crate::nn::attention::window_fast::{WindowAttentionActivations, WindowAttentionScratch};
 use crate::nn::attention::{AttentionActivations, AttentionScratch};
 use crate::nn::conv::Source;
 use crate::nn::drop_path::{add_masked_branch, draw_mask, masked_gradient, step_rng};
 use crate::nn::lower::sized;
 use crate::nn::mlp::MlpActivations;
 use crate::nn::norm::NormCache;
+use crate::nn::patch_merge::{PatchMergeActivations, PatchMergeScratch};
 use rand_pcg::Pcg64;
 
 /// One step's training activations.
@@ -30,6 +32,8 @@ struct StepActivations {
     normed: Vec<f32>,
     attn: AttentionActivations,
     sr: SrActivations,
+    window: WindowAttentionActivations,
+    merge: PatchMergeActivations,
     mlp: MlpActivations,
     /// Per-image drop-path factors of a residual branch (empty: all kept).
     mask: Vec<f32>,
@@ -52,6 +56,8 @@ pub struct Scratch {
     dbranch: Vec<f32>,
     attn: AttentionScratch,
     sr: SrScratch,
+    window: WindowAttentionScratch,
+    merge: PatchMergeScratch,
     partials: Vec<f32>,
 }
 
@@ -85,6 +91,10 @@ impl Plan {
                 Step::Stage(s) => {
                     stage_forward(s, p, images, batch, a, out, advance)?;
                     tokens = s.tokens();
+                }
+                Step::Merge(m) => {
+                    m.forward(p, &a.x, sized(out, batch * m.out_tokens() * m.out_dim()), &mut a.merge, batch, advance)?;
+                    tokens = m.out_tokens();
                 }
                 Step::Residual(r) => residual_forward(r, p, a, out, batch, advance, &mut rng)?,
                 Step::Norm(n) => {
@@ -127,6 +137,11 @@ impl Plan {
                 Step::Norm(n) => {
                     let mut dx = vec![0.0; a.x.len()];
                     n.backward(p, g, &a.x, &dy, &mut dx, &a.norm, a.x.len() / (batch * a.tokens));
+                    dy = dx;
+                }
+                Step::Merge(m) => {
+                    let mut dx = vec![0.0; a.x.len()];
+                    m.backward(p, g, &a.merge, &dy, &mut dx, &mut s.merge, batch);
                     dy = dx;
                 }
                 Step::Residual(r) => residual_backward(r, p, g, a, &mut dy, s, batch),
@@ -252,6 +267,7 @@ fn residual_forward(r: &mut Residual, p: &[f32], a: &mut StepActivations, out: &
     match &mut r.layer {
         Layer::Attention { attn, .. } => attn.forward(p, input, out, &mut a.attn, batch, t, kept)?,
         Layer::SpatialReduction { attn, .. } => attn.forward(p, input, out, &mut a.sr, batch, advance, kept)?,
+        Layer::WindowAttention(attn) => attn.forward(p, input, out, &mut a.window, batch, kept)?,
         Layer::Mlp(mlp) => mlp.forward(p, input, out, &mut a.mlp, kept),
     }
     if !kept {
@@ -270,6 +286,7 @@ fn residual_backward(r: &Residual, p: &[f32], g: &mut [f32], a: &StepActivations
     match &r.layer {
         Layer::Attention { attn, .. } => attn.backward(p, g, input, &a.attn, dout, dinput, &mut s.attn, batch, t),
         Layer::SpatialReduction { attn, .. } => attn.backward(p, g, input, &a.sr, dout, dinput, &mut s.sr, batch),
+        Layer::WindowAttention(attn) => attn.backward(p, g, &a.window, dout, dinput, &mut s.window, batch),
         Layer::Mlp(mlp) => mlp.backward(p, g, input, &a.mlp, dout, dinput, &mut s.dhidden, &mut s.partials),
     }
     s.dbranch = dbranch;
