@@ -2,7 +2,7 @@
 //! models whose every term shows in the outputs and gradients.
 
 use burn::module::Module;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Device, Distribution, Tensor};
 
 use crate::state::{StateDict, Values, map_float_tensors};
 
@@ -30,6 +30,16 @@ pub fn randomized<M: Module>(module: M, weight_scale: f64) -> M {
             uniform(-0.5, 0.5)
         })
     })
+}
+
+/// `f` with burn's generator seeded with `seed` on `device`, under a lock: the generator is
+/// process-wide, so tests drawing in parallel threads would otherwise interleave their draws and
+/// be different every run.
+pub fn seeded<R>(seed: u64, device: &Device, f: impl FnOnce() -> R) -> R {
+    static DRAWS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = DRAWS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    device.seed(seed);
+    f()
 }
 
 /// `max|ours − want| ≤ abs + rel·max|want|`, naming the worst element otherwise (NaN fails).

@@ -1206,20 +1206,26 @@ mod tests {
         assert!(matches!(model.lower(), Err(Error::Unsupported { .. })));
     }
 
+    const TEST_SEED: u64 = 20261202;
+
     /// Forward, backward and state of the CPU trainer against burn autodiff.
     fn check_trainer_against_burn(config: SwinConfig, drop_path_seed: Option<u64>) {
         use crate::runtime::{CpuTrainer, ForwardOptions};
         use crate::state::{collect_grads, host_f32};
         use crate::testing::{assert_near, assert_states_near};
         let device = Device::flex().autodiff();
-        let model = randomized_model(&config, &device);
-        let mut trainer = CpuTrainer::new(&model, Default::default()).unwrap();
         let batch = 3;
         let [h, w] = config.img_size;
-        let x = Tensor::<4>::random([batch, 3, h, w], Distribution::Normal(0.0, 1.0), &device);
+        // Fixed draws: the same model and images every run.
+        let (model, x, weight) = crate::testing::seeded(TEST_SEED, &device, || {
+            let model = randomized_model(&config, &device);
+            let x = Tensor::<4>::random([batch, 3, h, w], Distribution::Normal(0.0, 1.0), &device);
+            let weight = Tensor::<2>::random([batch, config.num_classes], Distribution::Normal(0.0, 1.0), &device);
+            (model, x, weight)
+        });
+        let mut trainer = CpuTrainer::new(&model, Default::default()).unwrap();
         let seed = drop_path_seed.unwrap_or(0);
         let logits = crate::nn::drop_path::with_seed(seed, || model.forward(x.clone()));
-        let weight = Tensor::<2>::random([batch, config.num_classes], Distribution::Normal(0.0, 1.0), &device);
         let grads = logits.clone().mul(weight.clone()).sum().backward();
         let options = ForwardOptions { drop_path_seed: seed, advance_counters: true };
         let ours = trainer.forward_with(&host_f32(x), batch, options).unwrap();
