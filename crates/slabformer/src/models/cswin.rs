@@ -14,8 +14,9 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{AnyConfig, ImageClassifier, ImageConfig, ModelFamily, Preset};
+use crate::nn::pool::Pool;
 use crate::plan::Plan;
-use crate::deploy::onnx::{Graph, ToOnnx, attr_int, attr_ints};
+use crate::deploy::onnx::{Graph, ToOnnx};
 use crate::error::{Error, Result};
 use crate::nn::attention::AttentionKind;
 use crate::nn::attention::cross_shaped::{CrossShapedBranch, CrossShapedConfig, cross_shaped_attention, cross_shaped_attention_onnx};
@@ -442,8 +443,7 @@ impl CswinTransformer {
 
 /// Final-norm output (B, N, C) → token mean → head.
 fn classify(x: Tensor<3>, head: &Linear) -> Tensor<2> {
-    let [b, _, c] = x.dims();
-    head.forward(x.mean_dim(1).reshape([b, c]))
+    head.forward(Pool::Mean.forward(x)) // (B, C) → (B, classes)
 }
 
 fn check_images(cfg: &CswinConfig, images: &Tensor<4>) -> Result<()> {
@@ -634,7 +634,7 @@ fn attention_onnx(g: &mut Graph, x: &str, qkv: &Linear, attns: &[CrossShapedBran
 
 /// Token mean → head.
 fn classify_onnx(g: &mut Graph, x: &str, head: &Linear) -> Result<String> {
-    let pooled = g.op("ReduceMean", &[x], vec![attr_ints("axes", &[1]), attr_int("keepdims", 0)]);
+    let pooled = Pool::Mean.to_onnx(g, x);
     head.to_onnx(g, &pooled)
 }
 

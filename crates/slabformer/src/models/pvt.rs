@@ -23,8 +23,9 @@ use crate::nn::linear::FastLinear;
 use crate::nn::lower::ParamTable;
 use crate::nn::mlp::FastMlp;
 use crate::nn::norm::FastNorm;
+use crate::nn::pool::Pool;
 use crate::plan::{Layer, Plan, Residual, StageEmbed, Step};
-use crate::deploy::onnx::{Graph, ToOnnx, attr_int, attr_ints};
+use crate::deploy::onnx::{Graph, ToOnnx};
 use crate::error::{Error, Result};
 use crate::nn::attention::AttentionKind;
 use crate::nn::attention::spatial_reduction::{SpatialReductionAttention, SrAttentionConfig};
@@ -408,8 +409,7 @@ impl<B> Stages<'_, B> {
             tokens = Some(x);
         }
         let x = tokens.expect("four stages ran");
-        let [batch, _, c] = x.dims();
-        head.forward(x.mean_dim(1).reshape([batch, c])) // (B, num_classes)
+        head.forward(Pool::Mean.forward(x)) // (B, C) → (B, num_classes)
     }
 }
 
@@ -633,7 +633,7 @@ impl<B> Stages<'_, B> {
                 index += 1;
             }
         }
-        steps.push(Step::Pool(crate::nn::pool::Pool::Mean));
+        steps.push(Step::Pool(Pool::Mean));
         steps.push(Step::Head(FastLinear::lower(head, &mut table)?));
         Ok(Plan { table, steps })
     }
@@ -661,7 +661,7 @@ impl<B: ToOnnx> Stages<'_, B> {
             }
             tokens = x;
         }
-        let pooled = g.op("ReduceMean", &[&tokens], vec![attr_ints("axes", &[1]), attr_int("keepdims", 0)]);
+        let pooled = Pool::Mean.to_onnx(g, &tokens);
         head.to_onnx(g, &pooled)
     }
 }

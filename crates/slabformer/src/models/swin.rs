@@ -510,8 +510,7 @@ impl SwinHead {
 
     /// Tokens (B, N, C) → logits (B, classes) from the token mean.
     fn forward(&self, x: Tensor<3>) -> Tensor<2> {
-        let [b, _, c] = x.dims();
-        self.linear().forward(x.mean_dim(1).reshape([b, c])) // (B, classes)
+        self.linear().forward(Pool::Mean.forward(x)) // (B, C) → (B, classes)
     }
 }
 
