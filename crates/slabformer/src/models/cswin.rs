@@ -13,7 +13,7 @@ use burn::nn::{Linear, PaddingConfig2d};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{AnyConfig, ImageClassifier, ImageConfig, ModelFamily, Preset};
+use super::{AnyConfig, ImageClassifier, ImageConfig, ModelFamily, Preset, check_images};
 use crate::nn::pool::Pool;
 use crate::plan::Plan;
 use crate::deploy::onnx::{Graph, ToOnnx};
@@ -395,7 +395,7 @@ impl CswinTransformer {
 
     /// [`forward`](Self::forward) after checking the input is (B > 0, in_chans, img, img).
     pub fn try_forward(&self, images: Tensor<4>) -> Result<Tensor<2>> {
-        check_images(&self.config, &images)?;
+        check_images("CSWin transformer", &self.config, images.dims())?;
         Ok(self.forward(images))
     }
 
@@ -444,18 +444,6 @@ impl CswinTransformer {
 /// Final-norm output (B, N, C) → token mean → head.
 fn classify(x: Tensor<3>, head: &Linear) -> Tensor<2> {
     head.forward(Pool::Mean.forward(x)) // (B, C) → (B, classes)
-}
-
-fn check_images(cfg: &CswinConfig, images: &Tensor<4>) -> Result<()> {
-    let dims = images.dims();
-    if dims[0] == 0 || dims != [dims[0], cfg.in_chans, cfg.img_size, cfg.img_size] {
-        return Err(Error::InputShape {
-            layer: "CSWin transformer",
-            expected: format!("(B > 0, {}, {}, {}) images", cfg.in_chans, cfg.img_size, cfg.img_size),
-            found: dims.to_vec(),
-        });
-    }
-    Ok(())
 }
 
 impl ImageConfig for CswinConfig {
@@ -604,7 +592,7 @@ impl DeployCswin {
     }
 
     pub fn try_forward(&self, images: Tensor<4>) -> Result<Tensor<2>> {
-        check_images(&self.config, &images)?;
+        check_images("CSWin transformer", &self.config, images.dims())?;
         Ok(self.forward(images))
     }
 }

@@ -46,6 +46,16 @@ pub trait ImageConfig {
     fn validate(&self) -> Result<()>;
 }
 
+/// Whether `dims` are (B > 0, in_chans, H, W) images of `config`'s input size; an error naming
+/// `layer` and both shapes otherwise.
+pub(crate) fn check_images(layer: &'static str, config: &dyn ImageConfig, dims: [usize; 4]) -> Result<()> {
+    let [h, w] = config.input_size();
+    if dims[0] == 0 || dims[1..] != [config.in_chans(), h, w] {
+        return Err(Error::InputShape { layer, expected: format!("(B > 0, {}, {h}, {w}) images", config.in_chans()), found: dims.to_vec() });
+    }
+    Ok(())
+}
+
 /// A model that maps images to logits: trained and deploy forms alike.
 pub trait ImageClassifier: Module {
     fn image_config(&self) -> &dyn ImageConfig;

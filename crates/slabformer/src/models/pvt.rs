@@ -16,7 +16,7 @@ use burn::nn::{Initializer, Linear};
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{AnyConfig, ImageClassifier, ImageConfig, ModelFamily, Preset};
+use super::{AnyConfig, ImageClassifier, ImageConfig, ModelFamily, Preset, check_images};
 use crate::nn::attention::spatial_reduction_fast::FastSrAttention;
 use crate::nn::conv::Source;
 use crate::nn::linear::FastLinear;
@@ -430,7 +430,7 @@ impl PyramidVisionTransformer {
 
     /// [`forward`](Self::forward) after checking the input is (B > 0, in_chans, H, W).
     pub fn try_forward(&self, images: Tensor<4>) -> Result<Tensor<2>> {
-        check_images(&self.config, images.dims())?;
+        check_images("pyramid vision transformer", &self.config, images.dims())?;
         Ok(self.forward(images))
     }
 
@@ -469,18 +469,6 @@ impl PyramidVisionTransformer {
     }
 }
 
-fn check_images(config: &PvtConfig, dims: [usize; 4]) -> Result<()> {
-    let [h, w] = config.img_size;
-    if dims[0] == 0 || dims[1..] != [config.in_chans, h, w] {
-        return Err(Error::InputShape {
-            layer: "pyramid vision transformer",
-            expected: format!("(B > 0, {}, {h}, {w}) images", config.in_chans),
-            found: dims.to_vec(),
-        });
-    }
-    Ok(())
-}
-
 /// The norm-free deploy model made by [`PyramidVisionTransformer::fuse`].
 #[derive(Module, Debug)]
 pub struct DeployPvt {
@@ -515,7 +503,7 @@ impl DeployPvt {
     }
 
     pub fn try_forward(&self, images: Tensor<4>) -> Result<Tensor<2>> {
-        check_images(&self.config, images.dims())?;
+        check_images("pyramid vision transformer", &self.config, images.dims())?;
         Ok(self.forward(images))
     }
 }

@@ -16,7 +16,7 @@ use burn::nn::conv::Conv2d;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{AnyConfig, ImageClassifier, ImageConfig, ModelFamily, Preset};
+use super::{AnyConfig, ImageClassifier, ImageConfig, ModelFamily, Preset, check_images};
 use crate::plan::{Layer, Plan, Residual, StageEmbed, Step};
 use crate::error::{Error, Result};
 use crate::nn::attention::window::{MaskBuffer, WindowAttention, WindowGrid};
@@ -558,7 +558,7 @@ impl SwinTransformer {
 
     /// [`forward`](Self::forward) after checking the input is (B > 0, in_chans, H, W).
     pub fn try_forward(&self, images: Tensor<4>) -> Result<Tensor<2>> {
-        check_images(&self.config, &images)?;
+        check_images("swin transformer", &self.config, images.dims())?;
         Ok(self.forward(images))
     }
 
@@ -677,19 +677,6 @@ fn scale_inputs(linear: &Linear, s: Tensor<1>) -> Linear {
     Linear { weight: Param::from_tensor(weight.mul(s.reshape([d_in, 1]))), bias: linear.bias.clone() }
 }
 
-fn check_images(cfg: &SwinConfig, images: &Tensor<4>) -> Result<()> {
-    let dims = images.dims();
-    let [h, w] = cfg.img_size;
-    if dims[0] == 0 || dims != [dims[0], cfg.in_chans, h, w] {
-        return Err(Error::InputShape {
-            layer: "swin transformer",
-            expected: format!("(B > 0, {}, {h}, {w}) images", cfg.in_chans),
-            found: dims.to_vec(),
-        });
-    }
-    Ok(())
-}
-
 /// A block with its norms folded away: `x + attn(x)`, `x + mlp(x)`.
 #[derive(Module, Debug)]
 pub struct DeploySwinBlock {
@@ -751,7 +738,7 @@ impl DeploySwin {
     }
 
     pub fn try_forward(&self, images: Tensor<4>) -> Result<Tensor<2>> {
-        check_images(&self.config, &images)?;
+        check_images("swin transformer", &self.config, images.dims())?;
         Ok(self.forward(images))
     }
 }
