@@ -122,7 +122,7 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
-    /// Time slabformer beside ONNX Runtime (DeiT-T, PRepBN-DeiT-T, SLAB-DeiT-T at 224²).
+    /// Time slabformer beside PyTorch eager, ONNX Runtime and OpenVINO (the T model of every family, plain and SLAB, at 224²)
     Bench {
         #[arg(long, default_value_t = 10)]
         repeats: usize,
@@ -133,9 +133,19 @@ enum Command {
         /// Write the Markdown report here as well.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Draw the SLA-vs-softmax attention sweep here (PNG; the sweep runs only with it).
+        /// Draw the one-layer SLA-vs-softmax attention sweep here (PNG; the sweep runs only with it).
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// Draw the SLAB-Swin-T resolution sweep (224² → 1344², SLA vs window attention) here
+        /// (PNG; the sweep runs only with it).
+        #[arg(long)]
+        swin_plot: Option<PathBuf>,
+        /// Presets to compare, comma-separated (default: every family's T model, plain and SLAB).
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+        /// Skip the burn forward / autodiff columns (the generic path; slow on the big models).
+        #[arg(long)]
+        skip_burn: bool,
         /// Replace existing --out/--plot files.
         #[arg(long)]
         overwrite: bool,
@@ -147,6 +157,9 @@ enum Command {
         engine: bench::Engine,
         #[arg(long)]
         model: String,
+        /// Config overrides, `field=value` with a JSON value (`img_size=[448,448]`).
+        #[arg(long = "set")]
+        sets: Vec<String>,
         /// Images, or tokens for the attention engines.
         #[arg(long)]
         batch: usize,
@@ -227,11 +240,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Predict { model, images } => predict(&model, &images)?,
         Command::Eval { model, data, batch } => eval(&model, &data, batch)?,
         Command::ExportOnnx { model, out, overwrite } => export_onnx(&model, &out, overwrite)?,
-        Command::BenchCase { engine, model, batch, warmup, repeats } => {
-            println!("{}", serde_json::to_string(&bench::run_case(engine, &model, batch, warmup, repeats)?)?);
+        Command::BenchCase { engine, model, sets, batch, warmup, repeats } => {
+            println!("{}", serde_json::to_string(&bench::run_case(engine, &model, &sets, batch, warmup, repeats)?)?);
         }
-        Command::Bench { repeats, python, out, plot, overwrite } => {
-            for path in out.iter().chain(&plot) {
+        Command::Bench { repeats, python, out, plot, swin_plot, models, skip_burn, overwrite } => {
+            for path in out.iter().chain(&plot).chain(&swin_plot) {
                 slabformer::files::check_new(path, overwrite)?;
             }
             // bench/compare.sh makes bench/.venv (torch, timm, onnxruntime); .ci/venv has onnxruntime.
@@ -239,7 +252,12 @@ fn run(cli: Cli) -> Result<()> {
             if python.is_none() {
                 eprintln!("no Python peers (run `bash bench/compare.sh`, or give --python): timing slabformer alone");
             }
-            let report = bench::run(&bench::Options { repeats, python: python.as_deref(), plot: plot.as_deref() })?;
+            let models = if models.is_empty() { bench::MODELS.map(String::from).to_vec() } else { models };
+            for name in &models {
+                slabformer::models::preset(name)?;
+            }
+            let options = bench::Options { repeats, python: python.as_deref(), models: &models, burn: !skip_burn, plot: plot.as_deref(), swin_plot: swin_plot.as_deref() };
+            let report = bench::run(&options)?;
             print!("{report}");
             if let Some(out) = out {
                 slabformer::files::write_new(&out, report.as_bytes(), overwrite)?;
