@@ -1,15 +1,24 @@
 """PyTorch eager versions of the benchmarked models, for `slabformer bench`.
 
-DeiT-T is timm's. PRepBN-DeiT-T is timm's VisionTransformer with its norms swapped: identity in the
+DeiT-T and Swin-T are timm's. The hierarchical backbones (PVT-T, SLAB-PVT-T, PRepBN/SLAB-Swin-T,
+CSwin-T, SLAB-CSwin-T) are in torch_pvt.py, torch_swin.py and torch_cswin.py, written after the
+official SLAB code's structure and key names (check_torch_models.py checks them against the golden
+files). PRepBN-DeiT-T is timm's VisionTransformer with its norms swapped: identity in the
 deploy form (every RepBN folded away), RepBN while training. SLAB-DeiT-T (simplified linear
 attention, mean pool, PRepBN) is written here after the SLAB paper's code and ../shared/SPEC.md §3:
 q ← ReLU(q), k ← ReLU(k + P), O = Q(KᵀV) ⊙ z with z = 1/(q·Σk + 1e-6), plus a 5×5 depthwise conv
 on V shared by all heads.
 """
+import importlib
+import os
+import sys
+
 import timm
 import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 class RepBN(nn.Module):
@@ -27,14 +36,16 @@ class RepBN(nn.Module):
 
 
 class LinearNorm(nn.Module):
-    """PRepBN: λ·LayerNorm + (1 − λ)·RepBN while training, λ decaying linearly over `step` calls."""
+    """PRepBN: λ·LayerNorm + (1 − λ)·RepBN while training, λ decaying linearly over `step` calls.
 
-    def __init__(self, dim, warm=0, step=60000, **_):
+    `ln_eps`: the LayerNorm's eps (1e-6 in SLAB-DeiT/PVT, the nn.LayerNorm default 1e-5 in SLAB-Swin/CSwin)."""
+
+    def __init__(self, dim, warm=0, step=60000, ln_eps=1e-6, **_):
         super().__init__()
         self.register_buffer("warm", torch.tensor(warm))
         self.register_buffer("iter", torch.tensor(step))
         self.register_buffer("total_step", torch.tensor(step))
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=ln_eps)
         self.norm2 = RepBN(dim)
 
     def forward(self, x):
@@ -47,6 +58,41 @@ class LinearNorm(nn.Module):
         if self.iter > 0:
             self.iter.copy_(self.iter - 1)
         return lam * self.norm1(x) + (1 - lam) * self.norm2(x)
+
+
+def sla_core(q, k, v):
+    """SLA's normalised ReLU-kernel attention on (B·h, N, d) heads, q and k already ReLU'd:
+    (q Σ_j k_j v_jᵀ) / (q · Σ_j k_j + 1e-6), kv-first when that is cheaper (the official rule)."""
+    i, j, c, d = q.shape[-2], k.shape[-2], k.shape[-1], v.shape[-1]
+    z = 1 / (q @ k.sum(dim=-2, keepdim=True).transpose(-2, -1) + 1e-6)  # (B·h, N, 1)
+    if i * j * (c + d) > c * d * (i + j):
+        return (q @ (k.transpose(-2, -1) @ v)) * z
+    return ((q @ k.transpose(-2, -1)) @ v) * z
+
+
+def split_heads(x, heads):
+    """(B, N, h·d) → (B·h, N, d), channel = head·d + e."""
+    b, n, c = x.shape
+    return x.reshape(b, n, heads, c // heads).transpose(1, 2).reshape(b * heads, n, c // heads)
+
+
+def merge_heads(x, heads):
+    """(B·h, N, d) → (B, N, h·d)."""
+    bh, n, d = x.shape
+    return x.reshape(bh // heads, heads, n, d).transpose(1, 2).reshape(bh // heads, n, heads * d)
+
+
+def official_init(module):
+    """The official code's init: Linear weights trunc-normal(0.02), zero biases; LayerNorm 1 / 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return module
 
 
 class SimplifiedLinearAttention(nn.Module):
@@ -113,12 +159,28 @@ def identity(*_, **__):
     return nn.Identity()
 
 
-def create(name, deploy):
-    """The model `name` of slabformer's presets; `deploy`: the fused, norm-free form."""
+def fused_attention(model):
+    """Switches timm's window attention to F.scaled_dot_product_attention (timm leaves it off for
+    Swin as 'experimental'), as every other softmax attention here runs: timm's DeiT by default, and
+    the PVT / Swin / CSwin modules of torch_pvt, torch_swin, torch_cswin."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = True
+    return model
+
+
+def create(name, deploy, img_size=224):
+    """The model `name` of slabformer's presets for `img_size`² inputs; `deploy`: the fused, norm-free form."""
     if name == "deit_tiny":
-        return timm.create_model("deit_tiny_patch16_224", pretrained=False)
+        return timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=img_size)
     if name == "prepbn_deit_tiny":
-        return VisionTransformer(embed_dim=192, depth=12, num_heads=3, norm_layer=identity if deploy else RepBN)
+        return VisionTransformer(img_size=img_size, embed_dim=192, depth=12, num_heads=3, norm_layer=identity if deploy else RepBN)
     if name == "slab_deit_tiny":
-        return SlabDeiT(identity if deploy else LinearNorm)
+        return SlabDeiT(identity if deploy else LinearNorm, img_size=img_size)
+    if name == "swin_tiny":
+        return fused_attention(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=img_size))
+    for module in ("torch_pvt", "torch_swin", "torch_cswin"):
+        family = importlib.import_module(module)
+        if name in family.PRESETS:
+            return family.create(name, deploy, img_size)
     raise ValueError(f"unknown model {name}")
