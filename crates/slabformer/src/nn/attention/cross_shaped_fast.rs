@@ -134,7 +134,7 @@ fn lower_depthwise(conv: &Conv2d, channels: usize, what: &str, table: &mut Param
     let kernel = dims[2];
     let pad = kernel / 2;
     let same = matches!(conv.padding, PaddingConfig2d::Explicit(t, l, b, r) if [t, l, b, r] == [pad; 4]);
-    if dims != [channels, 1, kernel, kernel] || kernel % 2 == 0 || conv.groups != channels || conv.stride != [1, 1] || conv.dilation != [1, 1] || !same {
+    if dims != [channels, 1, kernel, kernel] || kernel.is_multiple_of(2) || conv.groups != channels || conv.stride != [1, 1] || conv.dilation != [1, 1] || !same {
         return Err(unsupported(format!("{what}: a conv of weight {dims:?}, groups {}, stride {:?}, padding {:?} (a depthwise odd k×k, stride 1, padding k/2 over {channels} channels)", conv.groups, conv.stride, conv.padding)));
     }
     let weight = table.add(&conv.weight, Layout::Official)?;
@@ -153,7 +153,7 @@ fn take<'a>(rest: &mut &'a mut [f32], n: usize) -> &'a mut [f32] {
 }
 
 /// Splits `bufs` into `count` consecutive per-window groups of `sizes`.
-fn split_windows<'a>(bufs: [&'a mut [f32]; BUFFERS], sizes: [usize; BUFFERS], count: usize) -> Vec<[&'a mut [f32]; BUFFERS]> {
+fn split_windows(bufs: [&mut [f32]; BUFFERS], sizes: [usize; BUFFERS], count: usize) -> Vec<[&mut [f32]; BUFFERS]> {
     let mut rest = bufs;
     (0..count).map(|_| std::array::from_fn(|i| take(&mut rest[i], sizes[i]))).collect()
 }
