@@ -14,8 +14,14 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{AnyConfig, ImageClassifier, ImageConfig, ModelFamily, Preset, check_images};
+use crate::nn::attention::cross_shaped_fast::FastCrossShapedAttention;
+use crate::nn::conv::Source;
+use crate::nn::linear::FastLinear;
+use crate::nn::lower::ParamTable;
+use crate::nn::mlp::FastMlp;
+use crate::nn::norm::FastNorm;
 use crate::nn::pool::Pool;
-use crate::plan::Plan;
+use crate::plan::{Layer, Plan, Residual, StageEmbed, Step};
 use crate::deploy::onnx::{Graph, ToOnnx};
 use crate::error::{Error, Result};
 use crate::nn::attention::AttentionKind;
@@ -482,11 +488,6 @@ impl ImageClassifier for DeployCswin {
     }
 }
 
-/// What the fast path lacks for this family, named for the user (the trainer falls back to burn).
-fn not_lowered() -> Error {
-    Error::Unsupported { what: "CswinTransformer (cross-shaped window attention with LePE and the conv stem/merges are not plan steps yet)".into(), path: "the fast CPU path" }
-}
-
 impl ModelFamily for CswinTransformer {
     type Config = CswinConfig;
     type Deploy = DeployCswin;
@@ -528,11 +529,67 @@ impl ModelFamily for CswinTransformer {
         }
     }
     fn lower(&self) -> Result<Plan> {
-        Err(not_lowered())
+        let mut table = ParamTable::for_module(self);
+        let convs = [(&self.stage1_conv_embed._0, &self.stage1_conv_embed._2), (&self.merge1.conv, &self.merge1.norm), (&self.merge2.conv, &self.merge2.norm), (&self.merge3.conv, &self.merge3.norm)];
+        let block = |b: &CswinBlock, rate: f64, table: &mut ParamTable| -> Result<[Step; 2]> {
+            let norm1 = FastNorm::lower(&b.norm1, table)?;
+            let attn = Layer::CrossShaped(FastCrossShapedAttention::lower(&b.qkv, &b.attns, &b.proj, table)?);
+            let norm2 = FastNorm::lower(&b.norm2, table)?;
+            let mlp = Layer::Mlp(FastMlp::lower(&b.mlp, table)?);
+            Ok([Step::Residual(Residual { norm: Some(norm1), layer: attn, drop_path: rate }), Step::Residual(Residual { norm: Some(norm2), layer: mlp, drop_path: rate })])
+        };
+        let mut steps = lower_stages(&self.config, convs.map(|(conv, norm)| (conv, Some(norm))), self.stages(), block, &mut table)?;
+        steps.push(Step::Norm(FastNorm::lower(&self.norm, &mut table)?));
+        steps.push(Step::Pool(Pool::Mean));
+        steps.push(Step::Head(FastLinear::lower(&self.head, &mut table)?));
+        Ok(Plan { table, steps })
     }
-    fn lower_deploy(_: &DeployCswin) -> Result<Plan> {
-        Err(not_lowered())
+    fn lower_deploy(deploy: &DeployCswin) -> Result<Plan> {
+        let mut table = ParamTable::for_module(deploy);
+        let convs = [&deploy.stage1_conv_embed._0, &deploy.merge1.conv, &deploy.merge2.conv, &deploy.merge3.conv];
+        let block = |b: &DeployBlock, _: f64, table: &mut ParamTable| -> Result<[Step; 2]> {
+            let attn = Layer::CrossShaped(FastCrossShapedAttention::lower(&b.qkv, &b.attns, &b.proj, table)?);
+            let mlp = Layer::Mlp(FastMlp::lower(&b.mlp, table)?);
+            Ok([Step::Residual(Residual { norm: None, layer: attn, drop_path: 0.0 }), Step::Residual(Residual { norm: None, layer: mlp, drop_path: 0.0 })])
+        };
+        let stages: [&[DeployBlock]; STAGES] = [&deploy.stage1, &deploy.stage2, &deploy.stage3, &deploy.stage4];
+        let mut steps = lower_stages(&deploy.config, convs.map(|conv| (conv, None)), stages, block, &mut table)?;
+        steps.push(Step::Pool(Pool::Mean));
+        steps.push(Step::Head(FastLinear::lower(&deploy.head, &mut table)?));
+        Ok(Plan { table, steps })
     }
+}
+
+// ---- The fast path: the model lowered into a plan (`crate::plan`) in the order the forward runs
+// it: per stage its conv (the stem over the image, a merge over the previous stage's token
+// grid) with its norm as a stage embedding, then per block the cross-shaped attention and MLP
+// residuals; (unfused models) the final norm, then the token mean and the head.
+
+/// The stage embeddings (`convs`: the stem and the three merges, each with its norm where the
+/// model has one) and every stage's block steps.
+fn lower_stages<B>(
+    config: &CswinConfig,
+    convs: [(&Conv2d, Option<&Norm>); STAGES],
+    stages: [&[B]; STAGES],
+    block: impl Fn(&B, f64, &mut ParamTable) -> Result<[Step; 2]>,
+    table: &mut ParamTable,
+) -> Result<Vec<Step>> {
+    let mut steps = Vec::new();
+    let mut k = 0;
+    for (s, ((conv, norm), blocks)) in convs.into_iter().zip(stages).enumerate() {
+        let (source, in_grid) = if s == 0 { (Source::Planes, [config.img_size; 2]) } else { (Source::Rows, [config.resolution(s - 1); 2]) };
+        let embed = StageEmbed::lower(conv, norm, None, source, in_grid, table)?;
+        let side = config.resolution(s);
+        if embed.grid() != [side, side] {
+            return Err(Error::Config(format!("CSWin stage {}: its conv makes a {:?} grid, the blocks are built for {side}×{side}", s + 1, embed.grid())));
+        }
+        steps.push(Step::Stage(embed));
+        for b in blocks {
+            steps.extend(block(b, config.block_drop_path_rate(k), table)?);
+            k += 1;
+        }
+    }
+    Ok(steps)
 }
 
 // ---- The deploy form: the same modules without norms.
@@ -849,5 +906,156 @@ mod tests {
         let model = small(config).init(&Device::flex()).unwrap();
         assert!((model.stage4[0].drop_path.rate - 0.1).abs() < 1e-12);
         assert!((model.stage2[0].drop_path.rate - 0.025).abs() < 1e-12); // block 1 of 0..=4
+    }
+
+    /// Small models of every preset's layout for the fast path: softmax stripes of width 1 and
+    /// 2 and global windows (CSWin-T), global SLA / FLatten stages next to softmax stripes
+    /// (SLAB-, FLatten-CSWin-T), RepBN, and SLA in stripes.
+    fn fast_path_configs() -> Vec<CswinConfig> {
+        vec![
+            small(CswinConfig::cswin_tiny()),
+            small(CswinConfig::slab_cswin_tiny()),
+            small(CswinConfig::flatten_cswin_tiny()),
+            CswinConfig { depth: [1, 1, 1, 1], ..small(CswinConfig::slab_cswin_small()) },
+            CswinConfig { norm: NormKind::repbn(), la_split_size: Some([4, 2, 2, 2]), ..small(CswinConfig::slab_cswin_tiny()) },
+        ]
+    }
+
+    /// A model whose every op shows in the logits; BatchNorm models take smaller weights (their
+    /// fixed statistics do not rescale activations).
+    fn randomized_model(config: &CswinConfig, device: &Device) -> CswinTransformer {
+        let weight_scale = if config.norm.folds() { 3.0 } else { 6.0 };
+        crate::testing::randomized(config.init(device).unwrap(), weight_scale)
+    }
+
+    #[test]
+    fn every_preset_lowers_fused_and_unfused() {
+        let device = Device::flex();
+        for preset in PRESETS {
+            let config = CswinConfig { num_classes: 10, ..(preset.config)() };
+            let model = config.init(&device).unwrap();
+            let plan = model.lower().unwrap_or_else(|e| panic!("{}: {e}", preset.name));
+            let blocks: usize = config.depth.iter().sum();
+            assert_eq!(plan.steps.len(), STAGES + 2 * blocks + 3, "{}: stages, two residuals a block, norm, pool, head", preset.name);
+            assert!(plan.input() == Some((3, [224, 224])), "{}", preset.name);
+            if config.norm.folds() {
+                let deploy = model.fuse().unwrap();
+                assert_eq!(CswinTransformer::lower_deploy(&deploy).unwrap().steps.len(), STAGES + 2 * blocks + 2, "{}", preset.name);
+            }
+        }
+    }
+
+    #[test]
+    fn the_cpu_runtime_equals_the_burn_forward_fused_and_unfused() {
+        use crate::runtime::CpuModel;
+        let device = Device::flex();
+        // Three threads split one image's rows and windows unevenly.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for config in fast_path_configs() {
+            let model = randomized_model(&config, &device);
+            let mut runtimes = vec![("trained form", CpuModel::from_plan(model.lower().unwrap()).unwrap())];
+            if config.norm.folds() {
+                runtimes.push(("fused", CpuModel::new(&model).unwrap()));
+            }
+            for batch in [1, 3] {
+                let images = Tensor::<4>::random([batch, 3, 64, 64], Distribution::Normal(0.0, 1.0), &device);
+                let want = crate::state::host_f32(model.forward(images.clone()));
+                for (form, runtime) in &runtimes {
+                    let got = pool.install(|| crate::state::host_f32(runtime.forward_tensor(images.clone()).unwrap()));
+                    crate::testing::assert_near(&format!("{config:?} {form} batch {batch}"), &got, &want, 1e-4, 1e-5);
+                }
+            }
+        }
+    }
+
+    const TEST_SEED: u64 = 20261203;
+
+    /// Forward, backward and state of the CPU trainer against burn autodiff.
+    fn check_trainer_against_burn(config: CswinConfig, drop_path_seed: Option<u64>) {
+        use crate::runtime::{CpuTrainer, ForwardOptions};
+        use crate::state::{collect_grads, host_f32};
+        use crate::testing::{assert_near, assert_states_near};
+        let device = Device::flex().autodiff();
+        let batch = 3;
+        // Fixed draws: the same model and images every run.
+        let (model, x, weight) = crate::testing::seeded(TEST_SEED, &device, || {
+            let model = randomized_model(&config, &device);
+            let x = Tensor::<4>::random([batch, 3, 64, 64], Distribution::Normal(0.0, 1.0), &device);
+            let weight = Tensor::<2>::random([batch, config.num_classes], Distribution::Normal(0.0, 1.0), &device);
+            (model, x, weight)
+        });
+        let mut trainer = CpuTrainer::new(&model, Default::default()).unwrap();
+        let seed = drop_path_seed.unwrap_or(0);
+        let logits = crate::nn::drop_path::with_seed(seed, || model.forward(x.clone()));
+        let grads = logits.clone().mul(weight.clone()).sum().backward();
+        let options = ForwardOptions { drop_path_seed: seed, advance_counters: true };
+        let ours = trainer.forward_with(&host_f32(x), batch, options).unwrap();
+        assert_near(&format!("{config:?}: logits"), &ours, &host_f32(logits), 1e-4, 1e-6);
+        trainer.backward(&host_f32(weight)).unwrap();
+        let want = collect_grads(&model, &grads);
+        let ours = trainer.gradients();
+        assert_eq!(ours.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "parameters with a gradient");
+        // As the Swin and PVT trainer tests: linear attention's gradients are differences of
+        // terms ∝ 1/normaliser (the golden gradient tolerance 1e-3 + 1e-4·max for those models),
+        // BatchNorm models' sum rows whose terms cancel over the batch (1e-4).
+        let abs = if config.attention.iter().any(AttentionKind::needs_grid) {
+            1e-3
+        } else if config.norm.folds() {
+            1e-4
+        } else {
+            1e-5
+        };
+        assert_states_near(&format!("{config:?}: gradient"), &ours, &want, 1e-4, abs);
+        assert_states_near(&format!("{config:?}: state after the forward"), &trainer.state(), &collect_state(&model), 1e-5, 1e-6);
+    }
+
+    #[test]
+    fn the_cpu_trainer_equals_burn_autodiff_for_every_kind() {
+        for mut config in fast_path_configs() {
+            if let NormKind::Prepbn { schedule, .. } = &mut config.norm {
+                // λ = 0.5: both branches, and the counters advance.
+                (schedule.warm, schedule.total) = (0, 4);
+            }
+            check_trainer_against_burn(config, None);
+        }
+    }
+
+    #[test]
+    fn the_cpu_trainer_draws_drop_path_masks_like_burn() {
+        let config = CswinConfig { drop_path_rate: 0.5, ..small(CswinConfig::cswin_tiny()) };
+        check_trainer_against_burn(config, Some(7));
+    }
+
+    /// CSwin-T and SLAB-CSwin-T (fused) at 224², batch 1: the CPU runtime against the burn
+    /// forward, medians of 5 calls after one warm-up.
+    #[test]
+    #[ignore = "timing; run with --ignored --nocapture"]
+    fn inference_timing_at_224() {
+        use crate::runtime::CpuModel;
+        use std::time::Instant;
+        let device = Device::flex();
+        let median = |mut f: Box<dyn FnMut() + '_>| {
+            f();
+            let mut times: Vec<f64> = (0..5).map(|_| {
+                let start = Instant::now();
+                f();
+                start.elapsed().as_secs_f64() * 1e3
+            }).collect();
+            times.sort_by(f64::total_cmp);
+            times[2]
+        };
+        let images = Tensor::<4>::random([1, 3, 224, 224], Distribution::Normal(0.0, 1.0), &device);
+        let flat = crate::state::host_f32(images.clone());
+        for name in ["cswin_tiny", "slab_cswin_tiny"] {
+            let config = (PRESETS.iter().find(|p| p.name == name).unwrap().config)();
+            let model = config.init(&device).unwrap();
+            let runtime = CpuModel::new(&model).unwrap();
+            let fast = median(Box::new(|| drop(runtime.forward(&flat, 1).unwrap())));
+            let burn = match model.fuse() {
+                Ok(deploy) => median(Box::new(|| drop(deploy.forward(images.clone()).into_data()))),
+                Err(_) => median(Box::new(|| drop(model.forward(images.clone()).into_data()))),
+            };
+            println!("{name} 224² batch 1: CPU runtime {fast:.1} ms, burn forward {burn:.1} ms ({:.2}×)", burn / fast);
+        }
     }
 }

@@ -19,6 +19,8 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use rand_pcg::Pcg64;
 
+use super::attention::cross_shaped::{CrossShapedBranch, CrossShapedConfig, cross_shaped_attention, img2windows};
+use super::attention::cross_shaped_fast::{CrossShapedActivations, CrossShapedInferScratch, CrossShapedScratch, FastCrossShapedAttention};
 use super::attention::spatial_reduction::{SpatialReductionAttention, SrAttentionConfig};
 use super::attention::spatial_reduction_fast::{FastSrAttention, SrActivations, SrScratch};
 use super::attention::window::{MaskBuffer, WindowAttention, WindowGrid};
@@ -934,6 +936,142 @@ impl LayerCase for WindowAttentionCase {
     }
 }
 
+/// A CSWin block's attention between its norm and its residual: `proj(attns(qkv(x)))`.
+#[derive(Module, Debug)]
+struct CrossShapedLayer {
+    qkv: Linear,
+    attns: Vec<CrossShapedBranch>,
+    proj: Linear,
+}
+
+impl CrossShapedLayer {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.proj.forward(cross_shaped_attention(self.qkv.forward(x), &self.attns))
+    }
+}
+
+#[derive(Debug)]
+struct CrossShapedCase {
+    config: CrossShapedConfig,
+    batch: usize,
+    qkv_bias: bool,
+    /// Whether the training forward adds to what the output holds (a residual).
+    accumulate: bool,
+    /// Threads sharing one image's inference.
+    parts: usize,
+}
+
+impl CrossShapedCase {
+    /// Maps of 2–6 tokens a side, stripes of every width that divides them (1 included) or the
+    /// whole map (split = resolution, or a last stage), 1–2 heads of 2–5 channels per branch.
+    /// SLA's stripes are at least half the map (see [`Self::well_conditioned`]); FLatten only
+    /// has the global window.
+    fn draw(rng: &mut Pcg64, kind: AttentionKind) -> Self {
+        let resolution: usize = pick(rng, &[2, 3, 4, 6]);
+        let divisors: Vec<usize> = (1..=resolution).filter(|s| resolution.is_multiple_of(*s) && (kind == AttentionKind::Softmax || 2 * s >= resolution)).collect();
+        let (split, last_stage) = match kind {
+            AttentionKind::Focused { .. } => (resolution, rng.random_bool(0.5)),
+            _ => (pick(rng, &divisors), rng.random_bool(0.25)),
+        };
+        let global = last_stage || split == resolution;
+        let (heads, head_dim) = (pick(rng, &[1, 2]) * if global { 1 } else { 2 }, pick(rng, &[2, 3, 4, 5]));
+        let config = CrossShapedConfig { dim: heads * head_dim, num_heads: heads, resolution, split, last_stage, kind };
+        config.validate().expect("a valid drawn config");
+        Self { config, batch: pick(rng, &[1, 2]), qkv_bias: rng.random_bool(0.5), accumulate: rng.random_bool(0.5), parts: pick(rng, &[1, 2, 3]) }
+    }
+
+    fn dim(&self) -> usize {
+        self.config.dim
+    }
+
+    fn tokens(&self) -> usize {
+        self.config.resolution * self.config.resolution
+    }
+
+    fn len(&self) -> usize {
+        self.batch * self.tokens() * self.dim()
+    }
+
+    /// SLA's normaliser per window, row and head is 0 or at least [`MIN_SLA_NORMALISER`], as
+    /// [`AttentionCase::well_conditioned`] asks of a whole sequence.
+    fn well_conditioned(&self, layer: &CrossShapedLayer, x: &[f32]) -> bool {
+        let (b, t, c) = (self.batch, self.tokens(), self.dim());
+        let x = flat(x, &layer.qkv.weight.val().device()).reshape([b, t, c]);
+        let qkv = layer.qkv.forward(x).reshape([b, t, 3, c]);
+        let mut start = 0;
+        for branch in &layer.attns {
+            let (first, dim) = (start, branch.dim());
+            start += dim;
+            let CrossShapedBranch::Linear(a) = branch else { continue };
+            if a.feature_map != FeatureMap::Relu {
+                continue;
+            }
+            let part = |i: usize| img2windows(qkv.clone().narrow(2, i, 1).narrow(3, first, dim).reshape([b, t, dim]), a.resolution, a.window);
+            let (q, k) = (part(0), part(1).add(a.positional_encoding.val()));
+            let [windows, n, _] = q.dims();
+            let (h, d) = (a.num_heads, dim / a.num_heads);
+            let q = relu(q).reshape([windows, n, h, d]);
+            let k = relu(k).reshape([windows, n, h, d]);
+            if !host_f32(q.mul(k.sum_dim(1)).sum_dim(3)).iter().all(|&v| v == 0.0 || v >= MIN_SLA_NORMALISER) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+impl LayerCase for CrossShapedCase {
+    type Layer = CrossShapedLayer;
+    type Fast = FastCrossShapedAttention;
+
+    fn build(&self, device: &Device, _rng: &mut Pcg64) -> CrossShapedLayer {
+        let c = self.dim();
+        CrossShapedLayer { qkv: linear(c, 3 * c, self.qkv_bias, device), attns: self.config.init(device), proj: linear(c, c, true, device) }
+    }
+
+    fn input(&self, layer: &CrossShapedLayer, rng: &mut Pcg64) -> Vec<f32> {
+        loop {
+            let x = normal(rng, self.len(), 0.0, 1.0);
+            if self.well_conditioned(layer, &x) {
+                return x;
+            }
+        }
+    }
+
+    fn reference(&self, layer: &CrossShapedLayer, x: Tensor<1>) -> Tensor<1> {
+        layer.forward(x.reshape([self.batch, self.tokens(), self.dim()])).reshape([self.len()])
+    }
+
+    fn lower(&self, layer: &CrossShapedLayer, table: &mut ParamTable) -> FastCrossShapedAttention {
+        FastCrossShapedAttention::lower(&layer.qkv, &layer.attns, &layer.proj, table).expect("cross-shaped attention lowers")
+    }
+
+    fn train(&self, fast: &mut FastCrossShapedAttention, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        let base: Vec<f32> = (0..x.len()).map(|i| if self.accumulate { (i % 7) as f32 - 3.0 } else { f32::NAN }).collect();
+        let mut out = base.clone(); // NaN where the forward must overwrite
+        let mut acts = CrossShapedActivations::default();
+        fast.forward(p, x, &mut out, &mut acts, self.batch, self.accumulate).expect("the training forward runs");
+        if self.accumulate {
+            out.iter_mut().zip(&base).for_each(|(o, b)| *o -= b);
+        }
+        let mut dx = vec![f32::NAN; x.len()]; // overwritten
+        fast.backward(p, g, x, &acts, dy, &mut dx, &mut CrossShapedScratch::default(), self.batch);
+        (out, Some(dx))
+    }
+
+    /// One image at a time, as the inference walk runs it: `out += attn(x)` from zeros, the
+    /// scratch reused from image to image.
+    fn infer(&self, fast: &FastCrossShapedAttention, p: &[f32], x: &[f32]) -> Option<Vec<f32>> {
+        let per_image = self.tokens() * self.dim();
+        let mut out = vec![0.0; x.len()];
+        let mut scratch = CrossShapedInferScratch::default();
+        for (x, out) in x.chunks(per_image).zip(out.chunks_mut(per_image)) {
+            fast.infer(p, x, out, &mut scratch, self.parts);
+        }
+        Some(out)
+    }
+}
+
 #[derive(Debug)]
 struct PatchMergeCase {
     /// The norm over 4C (its batch, tokens and channels those of the merged rows).
@@ -1252,6 +1390,40 @@ fn window_attention_matches_burn() {
 #[test]
 fn shifted_window_attention_matches_burn() {
     check(|rng| WindowAttentionCase::draw(rng, true));
+}
+
+#[test]
+fn cross_shaped_lepe_attention_matches_burn() {
+    check(|rng| CrossShapedCase::draw(rng, AttentionKind::Softmax));
+}
+
+#[test]
+fn cross_shaped_sla_attention_matches_burn() {
+    check(|rng| {
+        let kernel_size = pick(rng, &[3, 5]);
+        CrossShapedCase::draw(rng, AttentionKind::Sla { kernel_size })
+    });
+}
+
+#[test]
+fn cross_shaped_flatten_attention_matches_burn() {
+    check(|rng| {
+        // Powers 2 and 3, as flatten_focused_attention_matches_burn.
+        let (power, kernel_size) = (pick(rng, &[2.0, 3.0]), pick(rng, &[3, 5]));
+        CrossShapedCase::draw(rng, AttentionKind::Focused { power, kernel_size })
+    });
+}
+
+#[test]
+fn cross_shaped_attention_refuses_a_wrong_input() {
+    let mut rng = Pcg64::seed_from_u64(SEED);
+    let case = CrossShapedCase::draw(&mut rng, AttentionKind::Softmax);
+    let layer = case.build(&Device::flex(), &mut rng);
+    let mut table = ParamTable::for_module(&layer);
+    let fast = case.lower(&layer, &mut table);
+    let x = vec![0.0; case.len() + case.dim()];
+    let err = fast.forward(&table.values, &x, &mut x.clone(), &mut CrossShapedActivations::default(), case.batch, false).unwrap_err();
+    assert!(err.to_string().contains("cross-shaped attention"), "{err}");
 }
 
 #[test]

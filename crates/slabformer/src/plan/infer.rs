@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use super::{Embed, Layer, Plan, Residual, StageEmbed, Step};
 use crate::kernels;
 use crate::nn::attention::FastAttention;
+use crate::nn::attention::cross_shaped_fast::{CrossShapedInferScratch, FastCrossShapedAttention};
 use crate::nn::attention::spatial_reduction_fast::FastSrAttention;
 use crate::nn::attention::window_fast::{FastWindowAttention, WindowInferScratch};
 use crate::nn::conv::Source;
@@ -42,6 +43,8 @@ pub struct InferWorkspace {
     v_full: Vec<f32>,
     /// Window attention's and patch merging's own buffers (Swin), sized on first use.
     window: WindowInferScratch,
+    /// Cross-shaped attention's (CSWin), sized on first use.
+    cross: CrossShapedInferScratch,
     merge: PatchMergeScratch,
     pooled: Vec<f32>,
     out: Vec<f32>,
@@ -97,7 +100,7 @@ impl InferWorkspace {
                             }
                             (k_sum, kv) = (k_sum.max(parts * c), kv.max(parts * c * c / attn.heads));
                         }
-                        Layer::WindowAttention(_) => {}
+                        Layer::WindowAttention(_) | Layer::CrossShaped(_) => {}
                         Layer::Mlp(mlp) => hidden = hidden.max(t * mlp.hidden()),
                     }
                 }
@@ -125,6 +128,7 @@ impl InferWorkspace {
             sr_normed: vec![0.0; sr_reduced],
             v_full: vec![0.0; v_full],
             window: WindowInferScratch::default(),
+            cross: CrossShapedInferScratch::default(),
             merge: PatchMergeScratch::default(),
             pooled: vec![0.0; pooled.max(c)],
             out: vec![0.0; classes],
@@ -220,6 +224,12 @@ impl Plan {
                     pending = i + 1..i + 1;
                     continue;
                 }
+                Step::Residual(r @ Residual { layer: Layer::CrossShaped(attn), .. }) => {
+                    row_pass(&self.steps[pending], p, ws, parts);
+                    cross_shaped(r, attn, p, ws, parts);
+                    pending = i + 1..i + 1;
+                    continue;
+                }
                 Step::Residual(_) | Step::Norm(_) => {
                     if pending.is_empty() {
                         pending.start = i;
@@ -312,6 +322,26 @@ fn window_attention(r: &Residual, attn: &FastWindowAttention, p: &[f32], ws: &mu
         None => {
             attn.infer_mix(p, x, window, parts);
             attn.infer_project(p, x, window, parts);
+        }
+    }
+}
+
+/// A cross-shaped attention residual, as [`window_attention`]: the norm row block by row block
+/// (where there is one), then `x += attn(normed)` with the threads splitting the windows.
+fn cross_shaped(r: &Residual, attn: &FastCrossShapedAttention, p: &[f32], ws: &mut InferWorkspace, parts: usize) {
+    let (c, t, per) = (attn.dim(), ws.tokens, ws.rows_per_part(parts));
+    let InferWorkspace { x, normed, cross, .. } = ws;
+    let x = &mut x[..t * c];
+    match &r.norm {
+        Some(norm) => {
+            let normed = &mut normed[..t * c];
+            let jobs: Vec<_> = x.chunks(per * c).zip(normed.chunks_mut(per * c)).collect();
+            for_each_part(jobs, |(x, normed)| norm.infer(p, x, normed));
+            attn.infer(p, normed, x, cross, parts);
+        }
+        None => {
+            attn.infer_mix(p, x, cross, parts);
+            attn.infer_project(p, x, cross, parts);
         }
     }
 }
@@ -472,7 +502,7 @@ fn row_pass(steps: &[Step], p: &[f32], ws: &mut InferWorkspace, parts: usize) {
                         attn.infer_queries(first, q, kv_rows, k_sum, kv, conv.as_ref(), v_full, mixed, scores);
                         attn.proj.apply_residual(p, mixed, x);
                     }
-                    Layer::WindowAttention(_) => unreachable!("window attention runs as its own step"),
+                    Layer::WindowAttention(_) | Layer::CrossShaped(_) => unreachable!("windowed attention runs as its own step"),
                     Layer::Mlp(mlp) => {
                         let hidden = &mut hidden[..x.len() / c * mlp.hidden()];
                         mlp.infer_hidden(p, norm_or_identity(r.norm.as_ref(), p, x, normed), hidden);

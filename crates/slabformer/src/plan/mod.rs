@@ -29,6 +29,7 @@ use burn::tensor::Tensor;
 
 use crate::error::Result;
 use crate::nn::attention::FastAttention;
+use crate::nn::attention::cross_shaped_fast::FastCrossShapedAttention;
 use crate::nn::attention::spatial_reduction_fast::FastSrAttention;
 use crate::nn::attention::window_fast::FastWindowAttention;
 use crate::nn::conv::{FastConv, Source};
@@ -169,6 +170,9 @@ pub enum Layer {
     /// Softmax attention inside (shifted) windows of the token map (Swin); the windows are
     /// independent, so it runs as one step with the threads splitting windows, not key rows.
     WindowAttention(FastWindowAttention),
+    /// CSWin's cross-shaped windows (stripes or the whole map, LePE): like window attention, one
+    /// step whose threads split windows.
+    CrossShaped(FastCrossShapedAttention),
     Mlp(FastMlp),
 }
 
@@ -189,6 +193,7 @@ impl Layer {
             Layer::Attention { attn, .. } => attn.dim(),
             Layer::SpatialReduction { attn, .. } => attn.dim(),
             Layer::WindowAttention(attn) => attn.dim(),
+            Layer::CrossShaped(attn) => attn.dim(),
             Layer::Mlp(mlp) => mlp.fc1.inputs,
         }
     }

@@ -306,31 +306,7 @@ impl FastAttention {
                     .zip(k_sum.par_chunks_mut(c))
                     .zip(den.par_chunks_mut(t * heads))
                     .for_each(|(((((qkv, mixed), attn), kv), k_sum), den)| {
-                        match feature {
-                            Feature::Relu => attention_kernels::sla_feature_maps(qkv, pe, c),
-                            Feature::Focused { power, .. } => {
-                                for (row, pe) in qkv.chunks_exact_mut(3 * c).zip(pe.chunks_exact(c)) {
-                                    let (q, rest) = row.split_at_mut(c);
-                                    focus(q, scale, *power);
-                                    rest[..c].iter_mut().zip(pe).for_each(|(k, p)| *k += p);
-                                    focus(&mut rest[..c], scale, *power);
-                                }
-                            }
-                        }
-                        kernels::column_sums(qkv, t, 3 * c, c, k_sum);
-                        let column = |start: usize| MatRef::columns(qkv, t, 3 * c, start, d);
-                        for h in 0..heads {
-                            let kv = &mut kv[h * d * d..(h + 1) * d * d];
-                            matmul(MatMut::new(kv, d, d), column(c + h * d).t(), column(2 * c + h * d), false, 1.0); // (d, d)
-                            matmul(MatMut::columns(attn, t, c, h * d, d), column(h * d), MatRef::new(kv, d, d), false, 1.0);
-                            let k_sum = &k_sum[h * d..(h + 1) * d];
-                            for row in 0..t {
-                                let q = &qkv[row * 3 * c + h * d..row * 3 * c + (h + 1) * d];
-                                let denominator = q.iter().zip(k_sum).map(|(q, k)| q * k).sum::<f32>() + eps;
-                                den[row * heads + h] = denominator;
-                                attn[row * c + h * d..row * c + (h + 1) * d].iter_mut().for_each(|v| *v /= denominator);
-                            }
-                        }
+                        linear_core_forward(qkv, pe, feature, scale, eps, heads, kv, k_sum, den, attn);
                         mixed.copy_from_slice(attn);
                         conv.add_to(qkv, 3 * c, 2 * c, mixed, 0);
                     });
@@ -530,20 +506,56 @@ pub(super) fn focus_backward(pre: &[f32], grad: &mut [f32], scale: &[f32], power
     }
 }
 
-/// One image's linear-attention activations.
-struct LinearImage<'a> {
-    qkv: &'a [f32],
-    attn: &'a [f32],
-    kv: &'a [f32],
-    k_sum: &'a [f32],
-    den: &'a [f32],
-    dmixed: &'a [f32],
+/// The linear kinds' core on one sequence (an image, or one CSWin window) of (t, 3c) qkv rows:
+/// the feature maps in place (k with the positional encoding `pe` (t, c) added first; `scale` is
+/// FLatten's softplus(θ), empty for SLA), Σφ(k) into `k_sum` (c), every head's φ(K)ᵀV into `kv`
+/// (heads·d·d), the normalisers into `den` (t, heads) and the normalized output into `attn`
+/// (t, c); the conv on V is the caller's.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn linear_core_forward(qkv: &mut [f32], pe: &[f32], feature: &Feature, scale: &[f32], eps: f32, heads: usize, kv: &mut [f32], k_sum: &mut [f32], den: &mut [f32], attn: &mut [f32]) {
+    let c = k_sum.len();
+    let (d, t) = (c / heads, attn.len() / c);
+    match feature {
+        Feature::Relu => attention_kernels::sla_feature_maps(qkv, pe, c),
+        Feature::Focused { power, .. } => {
+            for (row, pe) in qkv.chunks_exact_mut(3 * c).zip(pe.chunks_exact(c)) {
+                let (q, rest) = row.split_at_mut(c);
+                focus(q, scale, *power);
+                rest[..c].iter_mut().zip(pe).for_each(|(k, p)| *k += p);
+                focus(&mut rest[..c], scale, *power);
+            }
+        }
+    }
+    kernels::column_sums(qkv, t, 3 * c, c, k_sum);
+    let column = |start: usize| MatRef::columns(qkv, t, 3 * c, start, d);
+    for h in 0..heads {
+        let kv = &mut kv[h * d * d..(h + 1) * d * d];
+        matmul(MatMut::new(kv, d, d), column(c + h * d).t(), column(2 * c + h * d), false, 1.0); // (d, d)
+        matmul(MatMut::columns(attn, t, c, h * d, d), column(h * d), MatRef::new(kv, d, d), false, 1.0);
+        let k_sum = &k_sum[h * d..(h + 1) * d];
+        for row in 0..t {
+            let q = &qkv[row * 3 * c + h * d..row * 3 * c + (h + 1) * d];
+            let denominator = q.iter().zip(k_sum).map(|(q, k)| q * k).sum::<f32>() + eps;
+            den[row * heads + h] = denominator;
+            attn[row * c + h * d..row * c + (h + 1) * d].iter_mut().for_each(|v| *v /= denominator);
+        }
+    }
+}
+
+/// One image's (or CSWin window's) linear-attention activations.
+pub(super) struct LinearImage<'a> {
+    pub qkv: &'a [f32],
+    pub attn: &'a [f32],
+    pub kv: &'a [f32],
+    pub k_sum: &'a [f32],
+    pub den: &'a [f32],
+    pub dmixed: &'a [f32],
 }
 
 /// The linear-attention core's backward for one image: `dqkv` (T, 3C) from `dmixed` (q and k as
 /// the gradients of the feature maps' outputs), and this image's conv tap and bias gradients
 /// (tiled layout) into `partial`.
-fn linear_core_backward(a: LinearImage<'_>, dqkv: &mut [f32], partial: &mut [f32], conv: &DepthwiseConv<'_>, heads: usize, t: usize) {
+pub(super) fn linear_core_backward(a: LinearImage<'_>, dqkv: &mut [f32], partial: &mut [f32], conv: &DepthwiseConv<'_>, heads: usize, t: usize) {
     let c = a.k_sum.len();
     let d = c / heads;
     dqkv.fill(0.0);

@@ -15,6 +15,7 @@ use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
 pub mod cross_shaped;
+pub mod cross_shaped_fast;
 pub mod fast;
 pub mod kernels;
 mod onnx;
