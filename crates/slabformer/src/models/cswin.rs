@@ -1025,37 +1025,4 @@ mod tests {
         let config = CswinConfig { drop_path_rate: 0.5, ..small(CswinConfig::cswin_tiny()) };
         check_trainer_against_burn(config, Some(7));
     }
-
-    /// CSwin-T and SLAB-CSwin-T (fused) at 224², batch 1: the CPU runtime against the burn
-    /// forward, medians of 5 calls after one warm-up.
-    #[test]
-    #[ignore = "timing; run with --ignored --nocapture"]
-    fn inference_timing_at_224() {
-        use crate::runtime::CpuModel;
-        use std::time::Instant;
-        let device = Device::flex();
-        let median = |mut f: Box<dyn FnMut() + '_>| {
-            f();
-            let mut times: Vec<f64> = (0..5).map(|_| {
-                let start = Instant::now();
-                f();
-                start.elapsed().as_secs_f64() * 1e3
-            }).collect();
-            times.sort_by(f64::total_cmp);
-            times[2]
-        };
-        let images = Tensor::<4>::random([1, 3, 224, 224], Distribution::Normal(0.0, 1.0), &device);
-        let flat = crate::state::host_f32(images.clone());
-        for name in ["cswin_tiny", "slab_cswin_tiny"] {
-            let config = (PRESETS.iter().find(|p| p.name == name).unwrap().config)();
-            let model = config.init(&device).unwrap();
-            let runtime = CpuModel::new(&model).unwrap();
-            let fast = median(Box::new(|| drop(runtime.forward(&flat, 1).unwrap())));
-            let burn = match model.fuse() {
-                Ok(deploy) => median(Box::new(|| drop(deploy.forward(images.clone()).into_data()))),
-                Err(_) => median(Box::new(|| drop(model.forward(images.clone()).into_data()))),
-            };
-            println!("{name} 224² batch 1: CPU runtime {fast:.1} ms, burn forward {burn:.1} ms ({:.2}×)", burn / fast);
-        }
-    }
 }
