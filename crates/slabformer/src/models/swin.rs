@@ -17,6 +17,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{AnyConfig, ImageClassifier, ImageConfig, ModelFamily, Preset, check_images};
+use crate::deploy::onnx::{Graph, ToOnnx};
 use crate::plan::{Layer, Plan, Residual, StageEmbed, Step};
 use crate::error::{Error, Result};
 use crate::nn::attention::window::{MaskBuffer, WindowAttention, WindowGrid};
@@ -895,6 +896,126 @@ fn lower_stages<'a, B: 'a, M: 'a>(
         }
     }
     Ok(steps)
+}
+
+// ---- ONNX: the graph walks the same modules as the forwards.
+
+impl ToOnnx for SwinPatchEmbed {
+    fn to_onnx(&self, g: &mut Graph, images: &str) -> Result<String> {
+        let x = PatchEmbed { proj: self.proj.clone() }.to_onnx(g, images)?; // (B, N, C)
+        match &self.norm {
+            Some(norm) => norm.to_onnx(g, &x),
+            None => Ok(x),
+        }
+    }
+}
+
+impl SwinAttention {
+    fn to_onnx(&self, g: &mut Graph, windows: &str, mask: Option<&MaskBuffer>) -> Result<String> {
+        match self {
+            SwinAttention::Window(a) => a.to_onnx(g, windows, mask.map(MaskBuffer::tensor)),
+            SwinAttention::Linear(a) => a.to_onnx(g, windows),
+        }
+    }
+
+    fn dim(&self) -> usize {
+        match self {
+            SwinAttention::Window(a) => a.dim(),
+            SwinAttention::Linear(a) => a.qkv.weight.dims()[0],
+        }
+    }
+}
+
+/// [`mix_tokens`] in the graph.
+fn mix_tokens_onnx(g: &mut Graph, attn: &SwinAttention, mask: Option<&MaskBuffer>, grid: &WindowGrid, pad: Option<&Tensor<1>>, x: &str) -> Result<String> {
+    grid.to_onnx(g, x, attn.dim(), pad, |g, windows| attn.to_onnx(g, windows, mask))
+}
+
+impl ToOnnx for SwinBlock {
+    fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
+        let normed = self.norm1.to_onnx(g, x)?;
+        let mixed = mix_tokens_onnx(g, &self.attn, self.attn_mask.as_ref(), &self.grid, None, &normed)?;
+        let x = g.op("Add", &[x, &mixed], vec![]);
+        let normed = self.norm2.to_onnx(g, &x)?;
+        let m = self.mlp.to_onnx(g, &normed)?;
+        Ok(g.op("Add", &[&x, &m], vec![]))
+    }
+}
+
+impl ToOnnx for DeploySwinBlock {
+    fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
+        let pad = self.pad.as_ref().map(RunningState::value);
+        let mixed = mix_tokens_onnx(g, &self.attn, self.attn_mask.as_ref(), &self.grid, pad.as_ref(), x)?;
+        let x = g.op("Add", &[x, &mixed], vec![]);
+        let m = self.mlp.to_onnx(g, &x)?;
+        Ok(g.op("Add", &[&x, &m], vec![]))
+    }
+}
+
+impl ToOnnx for SwinStage {
+    fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
+        let mut x = x.to_string();
+        if let (true, Some(m)) = (self.merge_first, &self.downsample) {
+            x = m.to_onnx(g, &x, self.merged_resolution)?;
+        }
+        for block in &self.blocks {
+            x = block.to_onnx(g, &x)?;
+        }
+        match (self.merge_first, &self.downsample) {
+            (false, Some(m)) => m.to_onnx(g, &x, self.merged_resolution),
+            _ => Ok(x),
+        }
+    }
+}
+
+impl ToOnnx for DeploySwinStage {
+    fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
+        let mut x = x.to_string();
+        if let (true, Some(m)) = (self.merge_first, &self.downsample) {
+            x = m.to_onnx(g, &x, self.merged_resolution)?;
+        }
+        for block in &self.blocks {
+            x = block.to_onnx(g, &x)?;
+        }
+        match (self.merge_first, &self.downsample) {
+            (false, Some(m)) => m.to_onnx(g, &x, self.merged_resolution),
+            _ => Ok(x),
+        }
+    }
+}
+
+impl ToOnnx for SwinHead {
+    /// Tokens (B, N, C) → logits (B, classes) from the token mean.
+    fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
+        let pooled = Pool::Mean.to_onnx(g, x);
+        self.linear().to_onnx(g, &pooled)
+    }
+}
+
+/// RepBN/PRepBN models are emitted in their fused form ([`SwinFuse::EXACT`]); LayerNorm models
+/// (Swin-T/S, FLatten-Swin) with their norms.
+impl ToOnnx for SwinTransformer {
+    fn to_onnx(&self, g: &mut Graph, images: &str) -> Result<String> {
+        if self.config.norm.folds() {
+            return self.fuse()?.to_onnx(g, images);
+        }
+        let mut x = self.patch_embed.to_onnx(g, images)?; // (B, N, C)
+        for stage in &self.layers {
+            x = stage.to_onnx(g, &x)?;
+        }
+        let x = self.norm.to_onnx(g, &x)?;
+        self.head.to_onnx(g, &x)
+    }
+}
+
+impl ToOnnx for DeploySwin {
+    fn to_onnx(&self, g: &mut Graph, images: &str) -> Result<String> {
+        let mut x = self.patch_embed.to_onnx(g, images)?; // (B, N, C)
+        for stage in &self.layers {
+            x = stage.to_onnx(g, &x)?;
+        }
+        self.head.to_onnx(g, &x)
+    }
 }
 
 #[cfg(test)]
