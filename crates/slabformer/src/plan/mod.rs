@@ -30,7 +30,7 @@ use burn::tensor::Tensor;
 use crate::error::Result;
 use crate::nn::attention::FastAttention;
 use crate::nn::attention::spatial_reduction_fast::FastSrAttention;
-use crate::nn::attention::window_fast::FastWindowAttention;
+use crate::nn::attention::window_fast::{FastWindowAttention, FastWindowedLinear};
 use crate::nn::conv::{FastConv, Source};
 use crate::nn::linear::FastLinear;
 use crate::nn::lower::{Layout, ParamTable, Slot};
@@ -169,6 +169,9 @@ pub enum Layer {
     /// Softmax attention inside (shifted) windows of the token map (Swin); the windows are
     /// independent, so it runs as one step with the threads splitting windows, not key rows.
     WindowAttention(FastWindowAttention),
+    /// SLA / FLatten inside the (shifted, padded) windows of a map that has several (Swin's 'L'
+    /// stages above 224²); run like window attention, the threads splitting windows.
+    WindowedLinear(FastWindowedLinear),
     Mlp(FastMlp),
 }
 
@@ -189,6 +192,7 @@ impl Layer {
             Layer::Attention { attn, .. } => attn.dim(),
             Layer::SpatialReduction { attn, .. } => attn.dim(),
             Layer::WindowAttention(attn) => attn.dim(),
+            Layer::WindowedLinear(attn) => attn.dim(),
             Layer::Mlp(mlp) => mlp.fc1.inputs,
         }
     }

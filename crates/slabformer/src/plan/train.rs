@@ -8,7 +8,7 @@ use super::{Embed, Layer, Plan, Residual, StageEmbed, Step};
 use crate::error::{Error, Result};
 use crate::kernels;
 use crate::nn::attention::spatial_reduction_fast::{SrActivations, SrScratch};
-use crate::nn::attention::window_fast::{WindowAttentionActivations, WindowAttentionScratch};
+use crate::nn::attention::window_fast::{WindowAttentionActivations, WindowAttentionScratch, WindowedLinearActivations, WindowedLinearScratch};
 use crate::nn::attention::{AttentionActivations, AttentionScratch};
 use crate::nn::conv::Source;
 use crate::nn::drop_path::{add_masked_branch, draw_mask, masked_gradient, step_rng};
@@ -33,6 +33,7 @@ struct StepActivations {
     attn: AttentionActivations,
     sr: SrActivations,
     window: WindowAttentionActivations,
+    windowed_linear: WindowedLinearActivations,
     merge: PatchMergeActivations,
     mlp: MlpActivations,
     /// Per-image drop-path factors of a residual branch (empty: all kept).
@@ -57,6 +58,7 @@ pub struct Scratch {
     attn: AttentionScratch,
     sr: SrScratch,
     window: WindowAttentionScratch,
+    windowed_linear: WindowedLinearScratch,
     merge: PatchMergeScratch,
     partials: Vec<f32>,
 }
@@ -268,6 +270,7 @@ fn residual_forward(r: &mut Residual, p: &[f32], a: &mut StepActivations, out: &
         Layer::Attention { attn, .. } => attn.forward(p, input, out, &mut a.attn, batch, t, kept)?,
         Layer::SpatialReduction { attn, .. } => attn.forward(p, input, out, &mut a.sr, batch, advance, kept)?,
         Layer::WindowAttention(attn) => attn.forward(p, input, out, &mut a.window, batch, kept)?,
+        Layer::WindowedLinear(attn) => attn.forward(p, input, out, &mut a.windowed_linear, batch, kept)?,
         Layer::Mlp(mlp) => mlp.forward(p, input, out, &mut a.mlp, kept),
     }
     if !kept {
@@ -287,6 +290,7 @@ fn residual_backward(r: &Residual, p: &[f32], g: &mut [f32], a: &StepActivations
         Layer::Attention { attn, .. } => attn.backward(p, g, input, &a.attn, dout, dinput, &mut s.attn, batch, t),
         Layer::SpatialReduction { attn, .. } => attn.backward(p, g, input, &a.sr, dout, dinput, &mut s.sr, batch),
         Layer::WindowAttention(attn) => attn.backward(p, g, &a.window, dout, dinput, &mut s.window, batch),
+        Layer::WindowedLinear(attn) => attn.backward(p, g, &a.windowed_linear, dout, dinput, &mut s.windowed_linear, batch),
         Layer::Mlp(mlp) => mlp.backward(p, g, input, &a.mlp, dout, dinput, &mut s.dhidden, &mut s.partials),
     }
     s.dbranch = dbranch;

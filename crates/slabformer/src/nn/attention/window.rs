@@ -162,6 +162,12 @@ impl WindowGrid {
         Some(if persistent { MaskBuffer::Persistent(RunningState::new(mask)) } else { MaskBuffer::Constant(mask) })
     }
 
+    /// Whether the map is one unpadded, unshifted window (a layer over windows is then a layer
+    /// over the whole map).
+    pub fn is_one_window(&self) -> bool {
+        self.num_windows() == 1 && !self.pads() && self.shift == 0
+    }
+
     /// Whether windows do not divide the map, so that [`apply`](Self::apply) pads it.
     pub fn pads(&self) -> bool {
         self.padded() != self.resolution
