@@ -411,7 +411,7 @@ impl Notes {
 
 /// The ONNX graph of `config`'s deploy form (RepBN/PRepBN models fused, LayerNorm ones as they
 /// are), random weights.
-fn export_onnx(name: &str, config: &AnyConfig, path: &Path) -> Result<()> {
+fn export_onnx(config: &AnyConfig, path: &Path) -> Result<()> {
     use slabformer::deploy::onnx::export_classifier;
     let device = Device::flex();
     macro_rules! export {
@@ -424,7 +424,7 @@ fn export_onnx(name: &str, config: &AnyConfig, path: &Path) -> Result<()> {
         AnyConfig::Vit(c) => export!(models::VisionTransformer, c),
         AnyConfig::Pvt(c) => export!(models::PyramidVisionTransformer, c),
         AnyConfig::Cswin(c) => export!(models::CswinTransformer, c),
-        AnyConfig::Swin(_) => anyhow::bail!("{name}: no ONNX export of Swin's window attention yet, so no ONNX Runtime / OpenVINO cases"),
+        AnyConfig::Swin(c) => export!(models::SwinTransformer, c),
     }
     Ok(())
 }
@@ -459,7 +459,7 @@ pub fn run(options: &Options) -> Result<String> {
     for name in options.models {
         let config = model_config(name, &[])?;
         let onnx = dir.path().join(format!("{name}.onnx"));
-        let exported = notes.attempt(Some(export_onnx(name, &config, &onnx))).is_some();
+        let exported = notes.attempt(Some(export_onnx(&config, &onnx).with_context(|| format!("{name}: ONNX export")))).is_some();
         let macs = config.macs();
         for batch in [1, 32] {
             let warmup = if batch == 1 { 5 } else { 1 };

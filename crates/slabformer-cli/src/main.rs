@@ -532,7 +532,7 @@ fn export_onnx(input: &Path, out: &Path, overwrite: bool) -> Result<()> {
         AnyConfig::Vit(_) => export!(VisionTransformer),
         AnyConfig::Pvt(_) => export!(models::PyramidVisionTransformer),
         AnyConfig::Cswin(_) => export!(models::CswinTransformer),
-        AnyConfig::Swin(_) => anyhow::bail!("{} is a Swin model: ONNX export of window attention is not written yet", input.display()),
+        AnyConfig::Swin(_) => export!(models::SwinTransformer),
     }
     println!("exported {} to {} (ONNX opset {})", input.display(), out.display(), slabformer::deploy::onnx::OPSET);
     Ok(())

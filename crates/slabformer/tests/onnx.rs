@@ -7,7 +7,8 @@ use std::sync::Mutex;
 
 use burn::tensor::{Device, Distribution, Tensor};
 use slabformer::deploy::onnx::{export, export_classifier, export_model};
-use slabformer::models::{CswinConfig, Pool, PvtConfig, VitConfig};
+use slabformer::models::swin::{FinalNormFold, SwinFuse, SwinLayout};
+use slabformer::models::{CswinConfig, Pool, PvtConfig, SwinConfig, VitConfig};
 use slabformer::models::vit::{DeployVit, VisionTransformer};
 use slabformer::nn::attention::AttentionKind;
 
@@ -222,5 +223,79 @@ fn cswin_family_onnx_matches_slabformer() {
         let path = dir.path().join(format!("{name}.onnx"));
         export_classifier(&model, &path, false).unwrap();
         compare(name, &path, [3, config.in_chans, config.img_size, config.img_size], |images| model.forward(images));
+    }
+}
+
+/// Small Swin models: a 10×14 token map (20×28 images, patch 2) with windows of 4, so the first
+/// stage pads to 12×16 and shifts by 2, the second (5×7) pads to 8×8 after an odd merge, the
+/// third (3×4) is one unshifted 3×3-window row padded to 3×6.
+fn small_swin(base: SwinConfig, layout: SwinLayout) -> SwinConfig {
+    SwinConfig {
+        img_size: [20, 28],
+        patch_size: 2,
+        embed_dim: 8,
+        depths: vec![2, 2, 2],
+        num_heads: vec![1, 2, 4],
+        attention: vec![base.attention[0], base.attention[1], base.attention[3]],
+        window_size: 4,
+        linear_window_size: 4,
+        num_classes: 10,
+        layout,
+        ..base
+    }
+}
+
+fn check_swin(name: &str, export_form: impl Fn(&slabformer::models::SwinTransformer, &Path), config: SwinConfig, forward_fused: Option<SwinFuse>) {
+    let model = seeded(WEIGHTS_SEED, |device| slabformer::testing::randomized(config.init(device).unwrap(), 3.0));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(format!("{name}.onnx"));
+    export_form(&model, &path);
+    let [h, w] = config.img_size;
+    let shape = [2, config.in_chans, h, w];
+    match forward_fused {
+        Some(how) => {
+            let deploy = model.fuse_with(how).unwrap();
+            compare(name, &path, shape, |images| deploy.forward(images));
+        }
+        None => compare(name, &path, shape, |images| model.forward(images)),
+    }
+}
+
+/// The Swin family on a padded map with shifted windows: fused SLAB-Swin (SLA 'L' stages over
+/// several padded, shifted windows that pad with the −b/a token, softmax window attention with
+/// the relative position bias and the −100 mask) in both layouts, with the final norm folded
+/// into the head or into the last stage, SLA 'L' stages of one window each, fused PRepBN-Swin,
+/// and the LayerNorm Swin-T and FLatten-Swin with their norms.
+#[test]
+fn swin_family_onnx_matches_slabformer() {
+    let trained = |m: &slabformer::models::SwinTransformer, p: &Path| export_classifier(m, p, false).unwrap();
+    let last_stage = SwinFuse { final_norm: FinalNormFold::LastStage, official_patch_embed: false };
+    let deployed = |m: &slabformer::models::SwinTransformer, p: &Path| export_classifier(&m.fuse_with(last_stage).unwrap(), p, false).unwrap();
+    let cases = [
+        ("slab_swin", small_swin(SwinConfig::slab_swin_tiny(), SwinLayout::Official)),
+        ("slab_swin_timm", small_swin(SwinConfig::slab_swin_tiny(), SwinLayout::Timm)),
+        ("slab_swin_one_window", SwinConfig { linear_window_size: 16, ..small_swin(SwinConfig::slab_swin_tiny(), SwinLayout::Official) }),
+        ("prepbn_swin_timm", small_swin(SwinConfig::prepbn_swin_small(), SwinLayout::Timm)),
+        ("swin", small_swin(SwinConfig::swin_tiny(), SwinLayout::Official)),
+        ("swin_timm", small_swin(SwinConfig::swin_tiny(), SwinLayout::Timm)),
+        ("flatten_swin", small_swin(SwinConfig::flatten_swin_tiny(), SwinLayout::Official)),
+    ];
+    for (name, config) in cases {
+        let fused = config.norm.folds().then_some(SwinFuse::EXACT);
+        check_swin(name, trained, config, fused);
+    }
+    check_swin("slab_swin_last_stage", deployed, small_swin(SwinConfig::slab_swin_tiny(), SwinLayout::Official), Some(last_stage));
+}
+
+/// The released Swin-T and SLAB-Swin-T at 224² (SLA stages of one 56² window, 7-token softmax
+/// windows shifted by 3).
+#[test]
+fn swin_tiny_and_slab_swin_tiny_at_224_onnx_match_slabformer() {
+    for (name, config) in [("swin_tiny", SwinConfig::swin_tiny()), ("slab_swin_tiny", SwinConfig::slab_swin_tiny())] {
+        let model = seeded(WEIGHTS_SEED, |device| slabformer::testing::randomized(config.init(device).unwrap(), 1.0));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(format!("{name}.onnx"));
+        export_classifier(&model, &path, false).unwrap();
+        compare(name, &path, [1, 3, 224, 224], |images| model.forward(images));
     }
 }

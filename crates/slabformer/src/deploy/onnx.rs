@@ -256,6 +256,19 @@ impl Graph {
         self.op("Gather", &[x, &i], vec![attr_int("axis", axis)])
     }
 
+    /// `x[start..end]` along `axis`.
+    pub fn slice(&mut self, x: &str, axis: i64, start: i64, end: i64) -> String {
+        let (starts, ends, axes) = (self.ints("starts", &[start]), self.ints("ends", &[end]), self.ints("axes", &[axis]));
+        self.op("Slice", &[x, &starts, &ends, &axes], vec![])
+    }
+
+    /// `x` padded with zeros: `pads` lists every axis's leading counts, then every axis's
+    /// trailing counts (ONNX `Pad`).
+    pub fn pad_zeros(&mut self, x: &str, pads: &[i64]) -> String {
+        let pads = self.ints("pads", pads);
+        self.op("Pad", &[x, &pads], vec![])
+    }
+
     pub fn reduce_sum(&mut self, x: &str, axis: i64) -> String {
         let axes = self.ints("axes", &[axis]);
         self.op("ReduceSum", &[x, &axes], vec![attr_int("keepdims", 1)])

@@ -17,10 +17,11 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{AnyConfig, ImageClassifier, ImageConfig, ModelFamily, Preset, check_images};
+use crate::deploy::onnx::{Graph, ToOnnx};
 use crate::plan::{Layer, Plan, Residual, StageEmbed, Step};
 use crate::error::{Error, Result};
 use crate::nn::attention::window::{MaskBuffer, WindowAttention, WindowGrid};
-use crate::nn::attention::window_fast::{FastWindowAttention, lower_windowed_linear};
+use crate::nn::attention::window_fast::{FastWindowAttention, FastWindowedLinear};
 use crate::nn::conv::Source;
 use crate::nn::linear::FastLinear;
 use crate::nn::lower::ParamTable;
@@ -28,7 +29,7 @@ use crate::nn::mlp::FastMlp;
 use crate::nn::norm::FastNorm;
 use crate::nn::patch_merge::FastPatchMerging;
 use crate::nn::pool::Pool;
-use crate::nn::attention::{Attention, AttentionConfig, AttentionKind, LinearAttention};
+use crate::nn::attention::{Attention, AttentionConfig, AttentionKind, FastAttention, LinearAttention};
 use crate::nn::drop_path::DropPath;
 use crate::nn::fuse::{ConvFold, fold_into_next_linear, fold_into_previous_conv};
 use crate::nn::linear::linear;
@@ -860,12 +861,14 @@ impl ModelFamily for SwinTransformer {
 // per stage its blocks' attention and MLP residuals with the patch merging before (timm) or
 // after (official) them, then (unfused models) the final norm, the token mean and the head.
 
-/// A block's token mixer as a residual layer: window attention for softmax stages, the
-/// existing linear attention where an 'L' stage's window is its whole map.
+/// A block's token mixer as a residual layer: window attention for softmax stages; for 'L'
+/// stages the existing linear attention where the window is the whole map (224²), linear
+/// attention over the windows otherwise.
 fn lower_attention(attn: &SwinAttention, grid: &WindowGrid, mask: Option<&MaskBuffer>, pad: Option<&Tensor<1>>, table: &mut ParamTable) -> Result<Layer> {
     Ok(match attn {
         SwinAttention::Window(a) => Layer::WindowAttention(FastWindowAttention::lower(a, *grid, mask, pad, table)?),
-        SwinAttention::Linear(a) => Layer::attention(lower_windowed_linear(a, grid, table)?, table),
+        SwinAttention::Linear(a) if grid.is_one_window() => Layer::attention(FastAttention::lower(&Attention::Linear(a.clone()), table)?, table),
+        SwinAttention::Linear(a) => Layer::WindowedLinear(FastWindowedLinear::lower(a, *grid, pad, table)?),
     })
 }
 
@@ -895,6 +898,126 @@ fn lower_stages<'a, B: 'a, M: 'a>(
         }
     }
     Ok(steps)
+}
+
+// ---- ONNX: the graph walks the same modules as the forwards.
+
+impl ToOnnx for SwinPatchEmbed {
+    fn to_onnx(&self, g: &mut Graph, images: &str) -> Result<String> {
+        let x = PatchEmbed { proj: self.proj.clone() }.to_onnx(g, images)?; // (B, N, C)
+        match &self.norm {
+            Some(norm) => norm.to_onnx(g, &x),
+            None => Ok(x),
+        }
+    }
+}
+
+impl SwinAttention {
+    fn to_onnx(&self, g: &mut Graph, windows: &str, mask: Option<&MaskBuffer>) -> Result<String> {
+        match self {
+            SwinAttention::Window(a) => a.to_onnx(g, windows, mask.map(MaskBuffer::tensor)),
+            SwinAttention::Linear(a) => a.to_onnx(g, windows),
+        }
+    }
+
+    fn dim(&self) -> usize {
+        match self {
+            SwinAttention::Window(a) => a.dim(),
+            SwinAttention::Linear(a) => a.qkv.weight.dims()[0],
+        }
+    }
+}
+
+/// [`mix_tokens`] in the graph.
+fn mix_tokens_onnx(g: &mut Graph, attn: &SwinAttention, mask: Option<&MaskBuffer>, grid: &WindowGrid, pad: Option<&Tensor<1>>, x: &str) -> Result<String> {
+    grid.to_onnx(g, x, attn.dim(), pad, |g, windows| attn.to_onnx(g, windows, mask))
+}
+
+impl ToOnnx for SwinBlock {
+    fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
+        let normed = self.norm1.to_onnx(g, x)?;
+        let mixed = mix_tokens_onnx(g, &self.attn, self.attn_mask.as_ref(), &self.grid, None, &normed)?;
+        let x = g.op("Add", &[x, &mixed], vec![]);
+        let normed = self.norm2.to_onnx(g, &x)?;
+        let m = self.mlp.to_onnx(g, &normed)?;
+        Ok(g.op("Add", &[&x, &m], vec![]))
+    }
+}
+
+impl ToOnnx for DeploySwinBlock {
+    fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
+        let pad = self.pad.as_ref().map(RunningState::value);
+        let mixed = mix_tokens_onnx(g, &self.attn, self.attn_mask.as_ref(), &self.grid, pad.as_ref(), x)?;
+        let x = g.op("Add", &[x, &mixed], vec![]);
+        let m = self.mlp.to_onnx(g, &x)?;
+        Ok(g.op("Add", &[&x, &m], vec![]))
+    }
+}
+
+impl ToOnnx for SwinStage {
+    fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
+        let mut x = x.to_string();
+        if let (true, Some(m)) = (self.merge_first, &self.downsample) {
+            x = m.to_onnx(g, &x, self.merged_resolution)?;
+        }
+        for block in &self.blocks {
+            x = block.to_onnx(g, &x)?;
+        }
+        match (self.merge_first, &self.downsample) {
+            (false, Some(m)) => m.to_onnx(g, &x, self.merged_resolution),
+            _ => Ok(x),
+        }
+    }
+}
+
+impl ToOnnx for DeploySwinStage {
+    fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
+        let mut x = x.to_string();
+        if let (true, Some(m)) = (self.merge_first, &self.downsample) {
+            x = m.to_onnx(g, &x, self.merged_resolution)?;
+        }
+        for block in &self.blocks {
+            x = block.to_onnx(g, &x)?;
+        }
+        match (self.merge_first, &self.downsample) {
+            (false, Some(m)) => m.to_onnx(g, &x, self.merged_resolution),
+            _ => Ok(x),
+        }
+    }
+}
+
+impl ToOnnx for SwinHead {
+    /// Tokens (B, N, C) → logits (B, classes) from the token mean.
+    fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
+        let pooled = Pool::Mean.to_onnx(g, x);
+        self.linear().to_onnx(g, &pooled)
+    }
+}
+
+/// RepBN/PRepBN models are emitted in their fused form ([`SwinFuse::EXACT`]); LayerNorm models
+/// (Swin-T/S, FLatten-Swin) with their norms.
+impl ToOnnx for SwinTransformer {
+    fn to_onnx(&self, g: &mut Graph, images: &str) -> Result<String> {
+        if self.config.norm.folds() {
+            return self.fuse()?.to_onnx(g, images);
+        }
+        let mut x = self.patch_embed.to_onnx(g, images)?; // (B, N, C)
+        for stage in &self.layers {
+            x = stage.to_onnx(g, &x)?;
+        }
+        let x = self.norm.to_onnx(g, &x)?;
+        self.head.to_onnx(g, &x)
+    }
+}
+
+impl ToOnnx for DeploySwin {
+    fn to_onnx(&self, g: &mut Graph, images: &str) -> Result<String> {
+        let mut x = self.patch_embed.to_onnx(g, images)?; // (B, N, C)
+        for stage in &self.layers {
+            x = stage.to_onnx(g, &x)?;
+        }
+        self.head.to_onnx(g, &x)
+    }
 }
 
 #[cfg(test)]
@@ -1137,11 +1260,14 @@ mod tests {
 
     /// Small models for the fast path: shifted windows on every stage but the last, a padded
     /// map (10×14, windows of 4, odd maps at the merges), both layouts, an SLA 'L' stage whose
-    /// window is its whole map next to softmax stages.
+    /// window is its whole map next to softmax stages, and SLA / FLatten 'L' stages over several
+    /// padded, shifted windows.
     fn fast_path_configs() -> Vec<SwinConfig> {
         let small = |base: SwinConfig, layout| SwinConfig { img_size: [32, 32], patch_size: 2, embed_dim: 8, depths: vec![2, 2, 2], num_heads: vec![1, 2, 4], attention: vec![AttentionKind::Softmax; 3], window_size: 4, linear_window_size: 16, num_classes: 7, layout, ..base };
         let slab = |layout| SwinConfig { attention: vec![AttentionKind::sla(), AttentionKind::Softmax, AttentionKind::Softmax], ..small(SwinConfig::slab_swin_tiny(), layout) };
         let padded = |base| SwinConfig { img_size: [20, 28], ..small(base, SwinLayout::Official) };
+        // 'L' stages over several windows: 10×14 padded to 12×16 in 4×4 windows, shifted by 2.
+        let windowed = |base: SwinConfig, layout| SwinConfig { img_size: [20, 28], linear_window_size: 4, ..SwinConfig { attention: vec![base.attention[0], AttentionKind::Softmax, AttentionKind::Softmax], ..small(base, layout) } };
         vec![
             small(SwinConfig::swin_tiny(), SwinLayout::Official),
             small(SwinConfig::swin_tiny(), SwinLayout::Timm),
@@ -1151,6 +1277,9 @@ mod tests {
             slab(SwinLayout::Timm),
             padded(SwinConfig::swin_tiny()),
             padded(SwinConfig::prepbn_swin_tiny()),
+            windowed(SwinConfig::slab_swin_tiny(), SwinLayout::Official),
+            windowed(SwinConfig::slab_swin_tiny(), SwinLayout::Timm),
+            windowed(SwinConfig::flatten_swin_tiny(), SwinLayout::Official),
         ]
     }
 
@@ -1186,10 +1315,47 @@ mod tests {
     }
 
     #[test]
-    fn linear_attention_over_several_windows_is_not_lowered() {
+    fn linear_attention_over_several_windows_lowers_to_windowed_steps() {
+        // A 16×16 'L' map in 8×8 windows: both stage-1 blocks (the second shifted) are linear
+        // attention over windows; the softmax stages stay window attention.
         let config = SwinConfig { linear_window_size: 8, ..fast_path_configs().swap_remove(4) };
-        let model = config.init(&Device::flex()).unwrap();
-        assert!(matches!(model.lower(), Err(Error::Unsupported { .. })));
+        let plan = config.init(&Device::flex()).unwrap().lower().unwrap();
+        let count = |f: fn(&Layer) -> bool| plan.steps.iter().filter(|s| matches!(s, Step::Residual(r) if f(&r.layer))).count();
+        assert_eq!(count(|l| matches!(l, Layer::WindowedLinear(_))), 2);
+        assert_eq!(count(|l| matches!(l, Layer::Attention { .. })), 0);
+        assert_eq!(count(|l| matches!(l, Layer::WindowAttention(_))), 4);
+    }
+
+    /// The narrowed SLAB-Swin layout (real 56-token 'L' windows and 7-token softmax windows) at
+    /// 256²: the 64×64 stage-1 map is four windows padded to 112×112 (shifted by 28 on odd
+    /// blocks); fused too, where the padding is the −b/a token.
+    fn multi_window_slab_swin() -> SwinConfig {
+        narrow(SwinConfig::slab_swin_tiny(), [256, 256])
+    }
+
+    #[test]
+    fn slab_swin_over_several_linear_windows_runs_on_the_cpu_runtime() {
+        use crate::runtime::CpuModel;
+        let device = Device::flex();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let config = multi_window_slab_swin();
+        assert!(!config.block_grid(0, 1).unwrap().is_one_window());
+        let model = crate::testing::seeded(TEST_SEED, &device, || randomized_model(&config, &device));
+        let images = crate::testing::seeded(TEST_SEED + 1, &device, || Tensor::<4>::random([2, 3, 256, 256], Distribution::Normal(0.0, 1.0), &device));
+        let want = crate::state::host_f32(model.forward(images.clone()));
+        for (form, runtime) in [("trained form", CpuModel::from_plan(model.lower().unwrap()).unwrap()), ("fused", CpuModel::new(&model).unwrap())] {
+            let got = pool.install(|| crate::state::host_f32(runtime.forward_tensor(images.clone()).unwrap()));
+            crate::testing::assert_near(&format!("{form}"), &got, &want, 1e-4, 1e-5);
+        }
+    }
+
+    #[test]
+    fn slab_swin_over_several_linear_windows_trains_like_burn() {
+        let mut config = multi_window_slab_swin();
+        if let NormKind::Prepbn { schedule, .. } = &mut config.norm {
+            (schedule.warm, schedule.total) = (0, 4);
+        }
+        check_trainer_against_burn(config, None);
     }
 
     const TEST_SEED: u64 = 20261202;

@@ -24,8 +24,8 @@ use super::attention::cross_shaped_fast::{CrossShapedActivations, CrossShapedInf
 use super::attention::spatial_reduction::{SpatialReductionAttention, SrAttentionConfig};
 use super::attention::spatial_reduction_fast::{FastSrAttention, SrActivations, SrScratch};
 use super::attention::window::{MaskBuffer, WindowAttention, WindowGrid};
-use super::attention::window_fast::{FastWindowAttention, WindowAttentionActivations, WindowAttentionScratch, WindowInferScratch, lower_windowed_linear};
-use super::attention::{Attention, AttentionActivations, AttentionConfig, AttentionKind, AttentionScratch, FastAttention, FeatureMap};
+use super::attention::window_fast::{FastWindowAttention, FastWindowedLinear, WindowAttentionActivations, WindowAttentionScratch, WindowInferScratch, WindowedLinearActivations, WindowedLinearInferScratch, WindowedLinearScratch};
+use super::attention::{Attention, AttentionActivations, AttentionConfig, AttentionKind, AttentionScratch, FastAttention, FeatureMap, LinearAttention};
 use super::conv::{FastConv, Source};
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -434,19 +434,29 @@ impl AttentionCase {
     /// of two terms ∝ 1/normaliser, and either implementation's f32 rounding of it exceeds any
     /// useful tolerance (a one-ulp change of x moves it as much).
     fn well_conditioned(&self, layer: &Attention, x: &[f32]) -> bool {
-        let sla = match layer {
-            Attention::Linear(sla) if sla.feature_map == FeatureMap::Relu => sla,
-            _ => return true, // no normaliser (dot kinds); FLatten will need its own criterion
-        };
-        let (b, t, c, h) = (self.batch, self.tokens, self.dim(), self.heads);
-        let x = flat(x, &sla.qkv.weight.val().device()).reshape([b, t, c]);
-        let qkv = sla.qkv.forward(x).reshape([b, t, 3, c]);
-        let part = |i: usize| qkv.clone().narrow(2, i, 1).reshape([b, t, c]);
-        let q = relu(part(0)).reshape([b, t, h, self.head_dim]);
-        let k = relu(part(1).add(sla.positional_encoding.val())).reshape([b, t, h, self.head_dim]);
-        let normalisers = host_f32(q.mul(k.sum_dim(1)).sum_dim(3));
-        normalisers.iter().all(|&n| n == 0.0 || n >= MIN_SLA_NORMALISER)
+        match layer {
+            Attention::Linear(sla) => {
+                let x = flat(x, &sla.qkv.weight.val().device()).reshape([self.batch, self.tokens, self.dim()]);
+                sla_well_conditioned(sla, x)
+            }
+            Attention::Dot(_) => true, // no normaliser
+        }
     }
+}
+
+/// [`AttentionCase::well_conditioned`] for a linear attention's input sequences (B, T, C); true
+/// for FLatten, which will need its own criterion.
+fn sla_well_conditioned(sla: &LinearAttention, x: Tensor<3>) -> bool {
+    if sla.feature_map != FeatureMap::Relu {
+        return true;
+    }
+    let ([b, t, c], h) = (x.dims(), sla.num_heads);
+    let qkv = sla.qkv.forward(x).reshape([b, t, 3, c]);
+    let part = |i: usize| qkv.clone().narrow(2, i, 1).reshape([b, t, c]);
+    let q = relu(part(0)).reshape([b, t, h, c / h]);
+    let k = relu(part(1).add(sla.positional_encoding.val())).reshape([b, t, h, c / h]);
+    let normalisers = host_f32(q.mul(k.sum_dim(1)).sum_dim(3));
+    normalisers.iter().all(|&n| n == 0.0 || n >= MIN_SLA_NORMALISER)
 }
 
 impl LayerCase for AttentionCase {
@@ -1072,6 +1082,115 @@ impl LayerCase for CrossShapedCase {
     }
 }
 
+/// SLA / FLatten inside a Swin block's windows, as the block runs it on its (B, H·W, C) rows:
+/// pad (zeros, or a fused block's pad token), shift, windows, attention over each, reverse, crop.
+#[derive(Module, Debug)]
+struct WindowedLinearAttention {
+    attn: LinearAttention,
+    pad: Option<Tensor<1>>,
+    #[module(skip)]
+    grid: WindowGrid,
+}
+
+impl WindowedLinearAttention {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.grid.apply(x, self.pad.as_ref(), |windows| self.attn.forward(windows))
+    }
+}
+
+#[derive(Debug)]
+struct WindowedLinearCase {
+    kind: AttentionKind,
+    /// The window geometry and sizes of a window-attention case.
+    windows: WindowAttentionCase,
+}
+
+impl WindowedLinearCase {
+    /// Maps of several windows (padded ones among them), shifted or not.
+    fn draw(rng: &mut Pcg64, kind: AttentionKind) -> Self {
+        let shifted = rng.random_bool(0.5);
+        let windows = loop {
+            let case = WindowAttentionCase::draw(rng, shifted);
+            if !case.grid.is_one_window() {
+                break case;
+            }
+        };
+        Self { kind, windows }
+    }
+
+    fn infer_images(&self, fast: &FastWindowedLinear, p: &[f32], x: &[f32], parts: usize) -> Vec<f32> {
+        let per_image = self.windows.tokens() * self.windows.dim();
+        let mut out = vec![0.0; x.len()];
+        let mut scratch = WindowedLinearInferScratch::default(); // reused from image to image
+        for (x, out) in x.chunks(per_image).zip(out.chunks_mut(per_image)) {
+            fast.infer(p, x, out, &mut scratch, parts);
+        }
+        out
+    }
+
+    fn tokens(&self, x: &[f32], device: &Device) -> Tensor<3> {
+        let w = &self.windows;
+        Tensor::from_data(TensorData::new(x.to_vec(), [w.batch, w.tokens(), w.dim()]), device)
+    }
+}
+
+impl LayerCase for WindowedLinearCase {
+    type Layer = WindowedLinearAttention;
+    type Fast = FastWindowedLinear;
+
+    fn build(&self, device: &Device, rng: &mut Pcg64) -> WindowedLinearAttention {
+        let w = &self.windows;
+        let m = w.grid.window;
+        let config = AttentionConfig { dim: w.dim(), num_heads: w.heads, qkv_bias: w.qkv_bias, kind: self.kind, grid: Some([m, m]) };
+        let Attention::Linear(attn) = config.init(device) else { panic!("a linear kind builds linear attention") };
+        let pad = w.pad.then(|| flat(&uniform(rng, w.dim(), -1.0, 1.0), device));
+        WindowedLinearAttention { attn, pad, grid: w.grid }
+    }
+
+    /// Inputs whose every window is well conditioned for SLA (see [`AttentionCase`]).
+    fn input(&self, layer: &WindowedLinearAttention, rng: &mut Pcg64) -> Vec<f32> {
+        let device = layer.attn.qkv.weight.val().device();
+        loop {
+            let x = normal(rng, self.windows.len(), 0.0, 1.0);
+            let mut ok = true;
+            layer.grid.apply(self.tokens(&x, &device), layer.pad.as_ref(), |windows| {
+                ok = sla_well_conditioned(&layer.attn, windows.clone());
+                windows
+            });
+            if ok {
+                return x;
+            }
+        }
+    }
+
+    fn reference(&self, layer: &WindowedLinearAttention, x: Tensor<1>) -> Tensor<1> {
+        let w = &self.windows;
+        layer.forward(x.reshape([w.batch, w.tokens(), w.dim()])).reshape([w.len()])
+    }
+
+    fn lower(&self, layer: &WindowedLinearAttention, table: &mut ParamTable) -> FastWindowedLinear {
+        FastWindowedLinear::lower(&layer.attn, layer.grid, layer.pad.as_ref(), table).expect("linear attention over windows lowers")
+    }
+
+    fn train(&self, fast: &mut FastWindowedLinear, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        let (batch, accumulate) = (self.windows.batch, self.windows.accumulate);
+        let base: Vec<f32> = (0..x.len()).map(|i| if accumulate { (i % 7) as f32 - 3.0 } else { f32::NAN }).collect();
+        let mut out = base.clone(); // NaN where the forward must overwrite
+        let mut acts = WindowedLinearActivations::default();
+        fast.forward(p, x, &mut out, &mut acts, batch, accumulate).expect("the training forward runs");
+        if accumulate {
+            out.iter_mut().zip(&base).for_each(|(o, b)| *o -= b);
+        }
+        let mut dx = vec![f32::NAN; x.len()]; // overwritten
+        fast.backward(p, g, &acts, dy, &mut dx, &mut WindowedLinearScratch::default(), batch);
+        (out, Some(dx))
+    }
+
+    fn infer(&self, fast: &FastWindowedLinear, p: &[f32], x: &[f32]) -> Option<Vec<f32>> {
+        Some(self.infer_images(fast, p, x, self.windows.parts))
+    }
+}
+
 #[derive(Debug)]
 struct PatchMergeCase {
     /// The norm over 4C (its batch, tokens and channels those of the merged rows).
@@ -1520,28 +1639,76 @@ fn window_attention_and_patch_merging_infer_equals_forward() {
     assert!(fast.forward(&table.values, &x, &mut x.clone(), &mut WindowAttentionActivations::default(), case.batch, false).is_err());
 }
 
-/// SLAB-Swin's 'L' stages: SLA over a window that is the whole map is the existing fast
-/// attention; windows smaller than the map are refused by name.
+/// SLAB-Swin's 'L' stages above 224²: SLA over several (padded, shifted) windows.
 #[test]
-fn linear_attention_over_windows_lowers_only_a_whole_map_window() {
+fn sla_over_windows_matches_burn() {
+    check(|rng| {
+        let kernel_size = pick(rng, &[3, 5]);
+        WindowedLinearCase::draw(rng, AttentionKind::Sla { kernel_size })
+    });
+}
+
+/// FLatten-Swin's 'L' stages over several windows (powers as in
+/// `flatten_focused_attention_matches_burn`).
+#[test]
+fn flatten_over_windows_matches_burn() {
+    check(|rng| {
+        let (power, kernel_size) = (pick(rng, &[2.0, 3.0]), pick(rng, &[3, 5]));
+        WindowedLinearCase::draw(rng, AttentionKind::Focused { power, kernel_size })
+    });
+}
+
+/// Linear attention over windows: inference over 1–3 threads equals the training forward; a
+/// fused block (its norm folded into qkv, padding with −b/a) equals the unfused one in eval
+/// mode; a map that is one window equals the plain attention over the map; wrong sizes are
+/// errors.
+#[test]
+fn linear_attention_over_windows_infers_fuses_and_covers_one_window() {
     let device = Device::flex();
     let mut rng = Pcg64::seed_from_u64(SEED);
-    let (batch, m, c) = (2, 4, 8);
-    let config = AttentionConfig { dim: c, num_heads: 2, qkv_bias: true, kind: AttentionKind::Sla { kernel_size: 3 }, grid: Some([m, m]) };
-    let Attention::Linear(sla) = randomized(config.init(&device), &mut rng) else { panic!("SLA is linear attention") };
-    let grid = WindowGrid::new([m, m], m, true).expect("a non-empty map");
-    let mut table = ParamTable::for_module(&sla);
-    let mut fast = lower_windowed_linear(&sla, &grid, &mut table).expect("one window lowers");
-    let x = normal(&mut rng, batch * m * m * c, 0.0, 1.0);
-    let want = host_f32(grid.apply(Tensor::<3>::from_data(TensorData::new(x.clone(), [batch, m * m, c]), &device), None, |w| sla.forward(w)));
-    let mut out = vec![0.0; x.len()];
-    fast.forward(&table.values, &x, &mut out, &mut AttentionActivations::default(), batch, m * m, false).expect("the training forward runs");
-    assert_close("SLA over one whole-map window", &out, &want);
-    for (resolution, shifted) in [([2 * m, 2 * m], false), ([2 * m, 2 * m], true), ([m, m + 1], false)] {
-        let grid = WindowGrid::new(resolution, m, shifted).expect("a non-empty map");
-        let err = lower_windowed_linear(&sla, &grid, &mut ParamTable::for_module(&sla)).err().expect("several windows are refused");
-        assert!(matches!(err, crate::error::Error::Unsupported { .. }) && err.to_string().contains("windows of a"), "{err}");
+    for _ in 0..SHAPES {
+        let case = WindowedLinearCase::draw(&mut rng, AttentionKind::Sla { kernel_size: 3 });
+        let layer = randomized(case.build(&device, &mut rng), &mut rng);
+        let mut table = ParamTable::for_module(&layer);
+        let mut fast = case.lower(&layer, &mut table);
+        let x = case.input(&layer, &mut rng);
+        let mut want = vec![0.0; x.len()];
+        fast.forward(&table.values, &x, &mut want, &mut WindowedLinearActivations::default(), case.windows.batch, false).expect("the training forward runs");
+        for parts in 1..=3 {
+            assert_close(&format!("{case:?} over {parts} parts"), &case.infer_images(&fast, &table.values, &x, parts), &want);
+        }
+
+        let variant = pick(&mut rng, &[NormVariant::RepBn, NormVariant::PrepbnMixing]);
+        let norm = randomized(NormCase { channels: case.windows.dim(), ..NormCase::draw(&mut rng, variant) }.build(&device, &mut rng), &mut rng);
+        let unfused = WindowedLinearAttention { pad: None, ..layer };
+        let want = host_f32(unfused.forward(norm.forward(case.tokens(&x, &device))));
+        let (a, b) = norm.eval_affine().expect("RepBN and PRepBN fold");
+        let attn = LinearAttention { qkv: fold_into_next_linear(&unfused.attn.qkv, a.clone(), b.clone()), ..unfused.attn.clone() };
+        let fused = WindowedLinearAttention { attn, pad: Some(b.neg().div(a)), ..unfused };
+        let mut table = ParamTable::for_module(&fused);
+        let fast = FastWindowedLinear::lower(&fused.attn, fused.grid, fused.pad.as_ref(), &mut table).expect("linear attention over windows lowers");
+        assert_close(&format!("{case:?} fused after {variant:?}"), &case.infer_images(&fast, &table.values, &x, case.windows.parts), &want);
     }
+    // One window of the whole map: the layer over windows is the attention over the map.
+    let (batch, m, c) = (2, 4, 8);
+    let grid = WindowGrid::new([m, m], m, true).expect("a non-empty map");
+    assert!(grid.is_one_window());
+    let windows = WindowAttentionCase { batch, heads: 2, head_dim: c / 2, grid, qkv_bias: true, persistent: false, pad: false, accumulate: false, parts: 2 };
+    let case = WindowedLinearCase { kind: AttentionKind::Sla { kernel_size: 3 }, windows };
+    let layer = randomized(case.build(&device, &mut rng), &mut rng);
+    let x = case.input(&layer, &mut rng);
+    let mut table = ParamTable::for_module(&layer);
+    let mut whole = FastAttention::lower(&Attention::Linear(layer.attn.clone()), &mut table).expect("SLA lowers");
+    let mut want = vec![0.0; x.len()];
+    whole.forward(&table.values, &x, &mut want, &mut AttentionActivations::default(), batch, m * m, false).expect("the training forward runs");
+    let mut windowed_table = ParamTable::for_module(&layer);
+    let mut fast = case.lower(&layer, &mut windowed_table);
+    assert_close("SLA over one whole-map window", &case.infer_images(&fast, &windowed_table.values, &x, 2), &want);
+    // Wrong sizes are errors, not panics; so is a window the attention's grid does not fit.
+    let x = vec![0.0; x.len() + c];
+    assert!(fast.forward(&windowed_table.values, &x, &mut x.clone(), &mut WindowedLinearActivations::default(), batch, false).is_err());
+    let other = WindowGrid::new([2 * m, 2 * m], m - 1, false).expect("a non-empty map");
+    assert!(FastWindowedLinear::lower(&layer.attn, other, None, &mut ParamTable::for_module(&layer)).is_err());
 }
 
 /// Swin-T stage 1 (56×56×96, 3 heads, window 7, unshifted and shifted): the fast form's

@@ -13,6 +13,7 @@ use super::fuse::fold_into_next_linear;
 use super::linear::{FastLinear, linear};
 use super::lower::{ParamTable, for_each_part, row_block, sized};
 use super::norm::{FastNorm, Norm, NormCache, NormKind};
+use crate::deploy::onnx::{Graph, ToOnnx};
 use crate::error::{Error, Result};
 
 #[derive(Module, Debug)]
@@ -66,6 +67,28 @@ impl PatchMerging {
     }
 }
 
+/// [`gather_2x2`] in the graph for C = `dim`: (B, H·W, C) → (B, ⌈H/2⌉·⌈W/2⌉, 4C).
+fn gather_2x2_onnx(g: &mut Graph, x: &str, [h, w]: [usize; 2], dim: usize) -> String {
+    let ([h, w], c) = ([h as i64, w as i64], dim as i64);
+    let (hp, wp) = (h + h % 2, w + w % 2);
+    let mut map = g.reshape(x, &[-1, h, w, c]);
+    if hp > h || wp > w {
+        map = g.pad_zeros(&map, &[0, 0, 0, 0, 0, hp - h, wp - w, 0]); // (B, Hp, Wp, C)
+    }
+    let map = g.reshape(&map, &[-1, hp / 2, 2, wp / 2, 2, c]); // (B, H/2, row offset, W/2, col offset, C)
+    let map = g.transpose(&map, &[0, 1, 3, 4, 2, 5]); // (B, H/2, W/2, col offset, row offset, C)
+    g.reshape(&map, &[-1, (hp / 2) * (wp / 2), 4 * c])
+}
+
+impl PatchMerging {
+    /// [`forward`](Self::forward) in the graph (the norm as its op: LayerNorm models).
+    pub fn to_onnx(&self, g: &mut Graph, x: &str, resolution: [usize; 2]) -> Result<String> {
+        let gathered = gather_2x2_onnx(g, x, resolution, self.norm.channels() / 4);
+        let normed = self.norm.to_onnx(g, &gathered)?;
+        self.reduction.to_onnx(g, &normed)
+    }
+}
+
 /// Patch merging with its norm folded away: `reduction(gather(x))`, `reduction` with a bias.
 #[derive(Module, Debug)]
 pub struct DeployPatchMerging {
@@ -75,6 +98,12 @@ pub struct DeployPatchMerging {
 impl DeployPatchMerging {
     pub fn forward(&self, x: Tensor<3>, resolution: [usize; 2]) -> Tensor<3> {
         self.reduction.forward(gather_2x2(x, resolution))
+    }
+
+    /// [`forward`](Self::forward) in the graph.
+    pub fn to_onnx(&self, g: &mut Graph, x: &str, resolution: [usize; 2]) -> Result<String> {
+        let gathered = gather_2x2_onnx(g, x, resolution, self.reduction.weight.dims()[0] / 4);
+        self.reduction.to_onnx(g, &gathered)
     }
 }
 

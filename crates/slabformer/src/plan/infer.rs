@@ -13,7 +13,7 @@ use crate::kernels;
 use crate::nn::attention::FastAttention;
 use crate::nn::attention::cross_shaped_fast::{CrossShapedInferScratch, FastCrossShapedAttention};
 use crate::nn::attention::spatial_reduction_fast::FastSrAttention;
-use crate::nn::attention::window_fast::{FastWindowAttention, WindowInferScratch};
+use crate::nn::attention::window_fast::{WindowInferScratch, WindowedLinearInferScratch};
 use crate::nn::conv::Source;
 use crate::nn::norm::FastNorm;
 use crate::nn::patch_merge::{FastPatchMerging, PatchMergeScratch};
@@ -41,10 +41,12 @@ pub struct InferWorkspace {
     sr_reduced: Vec<f32>,
     sr_normed: Vec<f32>,
     v_full: Vec<f32>,
-    /// Window attention's and patch merging's own buffers (Swin), sized on first use.
+    /// Window attention's, linear attention over windows' and patch merging's own buffers
+    /// (Swin), sized on first use.
     window: WindowInferScratch,
     /// Cross-shaped attention's (CSWin), sized on first use.
     cross: CrossShapedInferScratch,
+    windowed_linear: WindowedLinearInferScratch,
     merge: PatchMergeScratch,
     pooled: Vec<f32>,
     out: Vec<f32>,
@@ -100,7 +102,7 @@ impl InferWorkspace {
                             }
                             (k_sum, kv) = (k_sum.max(parts * c), kv.max(parts * c * c / attn.heads));
                         }
-                        Layer::WindowAttention(_) | Layer::CrossShaped(_) => {}
+                        Layer::WindowAttention(_) | Layer::WindowedLinear(_) | Layer::CrossShaped(_) => {}
                         Layer::Mlp(mlp) => hidden = hidden.max(t * mlp.hidden()),
                     }
                 }
@@ -129,6 +131,7 @@ impl InferWorkspace {
             v_full: vec![0.0; v_full],
             window: WindowInferScratch::default(),
             cross: CrossShapedInferScratch::default(),
+            windowed_linear: WindowedLinearInferScratch::default(),
             merge: PatchMergeScratch::default(),
             pooled: vec![0.0; pooled.max(c)],
             out: vec![0.0; classes],
@@ -218,9 +221,9 @@ impl Plan {
                     pending = i..i + 1; // its query rows
                     continue;
                 }
-                Step::Residual(r @ Residual { layer: Layer::WindowAttention(attn), .. }) => {
+                Step::Residual(r @ Residual { layer: Layer::WindowAttention(_) | Layer::WindowedLinear(_), .. }) => {
                     row_pass(&self.steps[pending], p, ws, parts);
-                    window_attention(r, attn, p, ws, parts);
+                    windowed(r, p, ws, parts);
                     pending = i + 1..i + 1;
                     continue;
                 }
@@ -305,24 +308,32 @@ fn stage(s: &StageEmbed, p: &[f32], image: Option<&[f32]>, ws: &mut InferWorkspa
     });
 }
 
-/// A window-attention residual: the norm row block by row block (where there is one), then
-/// `x += attn(normed)` with the threads splitting the windows; without a norm the layer reads
-/// the residual stream, which it only overwrites once every window is mixed.
-fn window_attention(r: &Residual, attn: &FastWindowAttention, p: &[f32], ws: &mut InferWorkspace, parts: usize) {
-    let (c, t, per) = (attn.dim(), ws.tokens, ws.rows_per_part(parts));
-    let InferWorkspace { x, normed, window, .. } = ws;
+/// A residual over windows (window attention, linear attention over windows): the norm row
+/// block by row block (where there is one), then `x += attn(normed)` with the threads splitting
+/// the windows; without a norm the layer reads the residual stream, which it only overwrites
+/// once every window is mixed.
+fn windowed(r: &Residual, p: &[f32], ws: &mut InferWorkspace, parts: usize) {
+    let (c, t, per) = (r.layer.dim(), ws.tokens, ws.rows_per_part(parts));
+    let InferWorkspace { x, normed, window, windowed_linear, .. } = ws;
     let x = &mut x[..t * c];
-    match &r.norm {
+    let input: &[f32] = match &r.norm {
         Some(norm) => {
             let normed = &mut normed[..t * c];
             let jobs: Vec<_> = x.chunks(per * c).zip(normed.chunks_mut(per * c)).collect();
             for_each_part(jobs, |(x, normed)| norm.infer(p, x, normed));
-            attn.infer(p, normed, x, window, parts);
+            normed
         }
-        None => {
-            attn.infer_mix(p, x, window, parts);
-            attn.infer_project(p, x, window, parts);
-        }
+        None => x,
+    };
+    match &r.layer {
+        Layer::WindowAttention(attn) => attn.infer_mix(p, input, window, parts),
+        Layer::WindowedLinear(attn) => attn.infer_mix(p, input, windowed_linear, parts),
+        _ => unreachable!("only layers over windows run here"),
+    }
+    match &r.layer {
+        Layer::WindowAttention(attn) => attn.infer_project(p, x, window, parts),
+        Layer::WindowedLinear(attn) => attn.infer_project(p, x, windowed_linear, parts),
+        _ => unreachable!("only layers over windows run here"),
     }
 }
 
@@ -502,7 +513,7 @@ fn row_pass(steps: &[Step], p: &[f32], ws: &mut InferWorkspace, parts: usize) {
                         attn.infer_queries(first, q, kv_rows, k_sum, kv, conv.as_ref(), v_full, mixed, scores);
                         attn.proj.apply_residual(p, mixed, x);
                     }
-                    Layer::WindowAttention(_) | Layer::CrossShaped(_) => unreachable!("windowed attention runs as its own step"),
+                    Layer::WindowAttention(_) | Layer::WindowedLinear(_) | Layer::CrossShaped(_) => unreachable!("layers over windows run as their own step"),
                     Layer::Mlp(mlp) => {
                         let hidden = &mut hidden[..x.len() / c * mlp.hidden()];
                         mlp.infer_hidden(p, norm_or_identity(r.norm.as_ref(), p, x, normed), hidden);

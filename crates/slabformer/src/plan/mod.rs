@@ -31,7 +31,7 @@ use crate::error::Result;
 use crate::nn::attention::FastAttention;
 use crate::nn::attention::cross_shaped_fast::FastCrossShapedAttention;
 use crate::nn::attention::spatial_reduction_fast::FastSrAttention;
-use crate::nn::attention::window_fast::FastWindowAttention;
+use crate::nn::attention::window_fast::{FastWindowAttention, FastWindowedLinear};
 use crate::nn::conv::{FastConv, Source};
 use crate::nn::linear::FastLinear;
 use crate::nn::lower::{Layout, ParamTable, Slot};
@@ -173,6 +173,9 @@ pub enum Layer {
     /// CSWin's cross-shaped windows (stripes or the whole map, LePE): like window attention, one
     /// step whose threads split windows.
     CrossShaped(FastCrossShapedAttention),
+    /// SLA / FLatten inside the (shifted, padded) windows of a map that has several (Swin's 'L'
+    /// stages above 224²); run like window attention, the threads splitting windows.
+    WindowedLinear(FastWindowedLinear),
     Mlp(FastMlp),
 }
 
@@ -194,6 +197,7 @@ impl Layer {
             Layer::SpatialReduction { attn, .. } => attn.dim(),
             Layer::WindowAttention(attn) => attn.dim(),
             Layer::CrossShaped(attn) => attn.dim(),
+            Layer::WindowedLinear(attn) => attn.dim(),
             Layer::Mlp(mlp) => mlp.fc1.inputs,
         }
     }

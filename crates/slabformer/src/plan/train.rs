@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::kernels;
 use crate::nn::attention::cross_shaped_fast::{CrossShapedActivations, CrossShapedScratch};
 use crate::nn::attention::spatial_reduction_fast::{SrActivations, SrScratch};
-use crate::nn::attention::window_fast::{WindowAttentionActivations, WindowAttentionScratch};
+use crate::nn::attention::window_fast::{WindowAttentionActivations, WindowAttentionScratch, WindowedLinearActivations, WindowedLinearScratch};
 use crate::nn::attention::{AttentionActivations, AttentionScratch};
 use crate::nn::conv::Source;
 use crate::nn::drop_path::{add_masked_branch, draw_mask, masked_gradient, step_rng};
@@ -35,6 +35,7 @@ struct StepActivations {
     sr: SrActivations,
     window: WindowAttentionActivations,
     cross: CrossShapedActivations,
+    windowed_linear: WindowedLinearActivations,
     merge: PatchMergeActivations,
     mlp: MlpActivations,
     /// Per-image drop-path factors of a residual branch (empty: all kept).
@@ -60,6 +61,7 @@ pub struct Scratch {
     sr: SrScratch,
     window: WindowAttentionScratch,
     cross: CrossShapedScratch,
+    windowed_linear: WindowedLinearScratch,
     merge: PatchMergeScratch,
     partials: Vec<f32>,
 }
@@ -272,6 +274,7 @@ fn residual_forward(r: &mut Residual, p: &[f32], a: &mut StepActivations, out: &
         Layer::SpatialReduction { attn, .. } => attn.forward(p, input, out, &mut a.sr, batch, advance, kept)?,
         Layer::WindowAttention(attn) => attn.forward(p, input, out, &mut a.window, batch, kept)?,
         Layer::CrossShaped(attn) => attn.forward(p, input, out, &mut a.cross, batch, kept)?,
+        Layer::WindowedLinear(attn) => attn.forward(p, input, out, &mut a.windowed_linear, batch, kept)?,
         Layer::Mlp(mlp) => mlp.forward(p, input, out, &mut a.mlp, kept),
     }
     if !kept {
@@ -292,6 +295,7 @@ fn residual_backward(r: &Residual, p: &[f32], g: &mut [f32], a: &StepActivations
         Layer::SpatialReduction { attn, .. } => attn.backward(p, g, input, &a.sr, dout, dinput, &mut s.sr, batch),
         Layer::WindowAttention(attn) => attn.backward(p, g, &a.window, dout, dinput, &mut s.window, batch),
         Layer::CrossShaped(attn) => attn.backward(p, g, input, &a.cross, dout, dinput, &mut s.cross, batch),
+        Layer::WindowedLinear(attn) => attn.backward(p, g, &a.windowed_linear, dout, dinput, &mut s.windowed_linear, batch),
         Layer::Mlp(mlp) => mlp.backward(p, g, input, &a.mlp, dout, dinput, &mut s.dhidden, &mut s.partials),
     }
     s.dbranch = dbranch;

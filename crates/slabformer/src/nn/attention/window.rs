@@ -12,7 +12,9 @@ use burn::nn::{Initializer, Linear};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use crate::deploy::onnx::{Graph, ToOnnx, attr_int};
 use crate::error::{Error, Result, check_tokens};
+use crate::state::host_f32;
 use crate::nn::fuse::fold_into_next_linear;
 use crate::nn::linear::linear;
 
@@ -158,6 +160,12 @@ impl WindowGrid {
         let n = self.window_tokens();
         let mask = Tensor::<3>::from_data(TensorData::new(self.mask()?, [self.num_windows(), n, n]), device);
         Some(if persistent { MaskBuffer::Persistent(RunningState::new(mask)) } else { MaskBuffer::Constant(mask) })
+    }
+
+    /// Whether the map is one unpadded, unshifted window (a layer over windows is then a layer
+    /// over the whole map).
+    pub fn is_one_window(&self) -> bool {
+        self.num_windows() == 1 && !self.pads() && self.shift == 0
     }
 
     /// Whether windows do not divide the map, so that [`apply`](Self::apply) pads it.
@@ -316,6 +324,99 @@ impl WindowAttention {
     /// The fuse rule of a preceding norm `a ⊙ x + b`: folded into `qkv`.
     pub fn fold_input(&self, a: Tensor<1>, b: Tensor<1>) -> Self {
         Self { qkv: fold_into_next_linear(&self.qkv, a, b), ..self.clone() }
+    }
+}
+
+// ---- ONNX: the window geometry and the window attention, op for op as `apply` and `forward`.
+
+impl WindowGrid {
+    /// [`apply`](Self::apply) in the graph for C = `dim`: `x` (B, H·W, C) padded (zeros, plus a
+    /// constant map holding `pad` at the padded positions), shifted (Slice + Concat), partitioned
+    /// into (B·nW, M², C) for `mixer`, reversed, shifted back and cropped.
+    pub fn to_onnx(&self, g: &mut Graph, x: &str, dim: usize, pad: Option<&Tensor<1>>, mixer: impl FnOnce(&mut Graph, &str) -> Result<String>) -> Result<String> {
+        let [h, w] = self.resolution.map(|r| r as i64);
+        let [hp, wp] = self.padded().map(|r| r as i64);
+        let (m, c, s) = (self.window as i64, dim as i64, self.shift as i64);
+        let mut map = g.reshape(x, &[-1, h, w, c]); // (B, H, W, C)
+        if self.pads() {
+            map = g.pad_zeros(&map, &[0, 0, 0, 0, 0, hp - h, wp - w, 0]); // (B, Hp, Wp, C)
+            if let Some(token) = pad {
+                let filler = padding_map(self.resolution, self.padded(), &host_f32(token.clone()));
+                let filler = g.floats("pad_map", vec![1, hp, wp, c], &filler);
+                map = g.op("Add", &[&map, &filler], vec![]);
+            }
+        }
+        if s > 0 {
+            map = roll_onnx(g, &map, 1, hp, -s);
+            map = roll_onnx(g, &map, 2, wp, -s);
+        }
+        let windows = g.reshape(&map, &[-1, hp / m, m, wp / m, m, c]);
+        let windows = g.transpose(&windows, &[0, 1, 3, 2, 4, 5]); // (B, Hp/M, Wp/M, M, M, C)
+        let windows = g.reshape(&windows, &[-1, m * m, c]); // (B·nW, M², C)
+        let mixed = mixer(g, &windows)?;
+        let map = g.reshape(&mixed, &[-1, hp / m, wp / m, m, m, c]);
+        let map = g.transpose(&map, &[0, 1, 3, 2, 4, 5]); // (B, Hp/M, M, Wp/M, M, C)
+        let mut map = g.reshape(&map, &[-1, hp, wp, c]); // (B, Hp, Wp, C)
+        if s > 0 {
+            map = roll_onnx(g, &map, 1, hp, s);
+            map = roll_onnx(g, &map, 2, wp, s);
+        }
+        if self.pads() {
+            map = g.slice(&map, 1, 0, h);
+            map = g.slice(&map, 2, 0, w); // (B, H, W, C)
+        }
+        Ok(g.reshape(&map, &[-1, h * w, c]))
+    }
+}
+
+/// (Hp, Wp, C) row-major: `token` outside the (H, W) map, zeros inside (added to the
+/// zero-padded map, it fills the padding with `token` as `apply` does).
+fn padding_map([h, w]: [usize; 2], [hp, wp]: [usize; 2], token: &[f32]) -> Vec<f32> {
+    let c = token.len();
+    let mut map = vec![0.0; hp * wp * c];
+    for (p, cell) in map.chunks_exact_mut(c).enumerate() {
+        if p / wp >= h || p % wp >= w {
+            cell.copy_from_slice(token);
+        }
+    }
+    map
+}
+
+/// `torch.roll(x, by, axis)` on an axis of `len`: element i moves to (i + by) mod len.
+fn roll_onnx(g: &mut Graph, x: &str, axis: i64, len: i64, by: i64) -> String {
+    let start = (-by).rem_euclid(len);
+    let tail = g.slice(x, axis, start, len);
+    let head = g.slice(x, axis, 0, start);
+    g.op("Concat", &[&tail, &head], vec![attr_int("axis", axis)])
+}
+
+impl WindowAttention {
+    /// [`forward`](Self::forward) in the graph: windows (B·nW, M², C) → (B·nW, M², C). The
+    /// relative position bias is gathered at export into a constant (heads, M², M²); the mask
+    /// (nW, M², M²) is a constant too.
+    pub fn to_onnx(&self, g: &mut Graph, x: &str, mask: Option<Tensor<3>>) -> Result<String> {
+        let (h, n, c) = (self.num_heads as i64, (self.window * self.window) as i64, self.dim() as i64);
+        let d = c / h;
+        let qkv = self.qkv.to_onnx(g, x)?;
+        let qkv = g.reshape(&qkv, &[-1, n, 3, h, d]);
+        let qkv = g.transpose(&qkv, &[2, 0, 3, 1, 4]); // (3, B·nW, h, N, d)
+        let (q, k, v) = (g.gather(&qkv, 0, 0), g.gather(&qkv, 1, 0), g.gather(&qkv, 2, 0));
+        let q = g.binary_scalar("Mul", &q, (d as f64).powf(-0.5) as f32);
+        let kt = g.transpose(&k, &[0, 1, 3, 2]);
+        let scores = g.op("MatMul", &[&q, &kt], vec![]); // (B·nW, h, N, N)
+        let bias = g.tensor("relative_position_bias", self.relative_position_bias());
+        let mut scores = g.op("Add", &[&scores, &bias], vec![]);
+        if let Some(mask) = mask {
+            let nw = mask.dims()[0];
+            let mask = g.tensor("attn_mask", mask.reshape([nw, 1, n as usize, n as usize]));
+            let per_image = g.reshape(&scores, &[-1, nw as i64, h, n, n]); // (B, nW, h, N, N)
+            let masked = g.op("Add", &[&per_image, &mask], vec![]);
+            scores = g.reshape(&masked, &[-1, h, n, n]);
+        }
+        let weights = g.op("Softmax", &[&scores], vec![attr_int("axis", -1)]);
+        let out = g.op("MatMul", &[&weights, &v], vec![]); // (B·nW, h, N, d)
+        let out = g.merge_heads(&out, n as usize, c as usize);
+        self.proj.to_onnx(g, &out)
     }
 }
 

@@ -12,14 +12,15 @@
 //! window ↔ raster maps are computed once, at lowering; nothing is allocated per window.
 //!
 //! SLA / FLatten stages of SLAB-Swin run the existing [`FastAttention`] when their window is the
-//! whole stage map ([`lower_windowed_linear`]).
+//! whole stage map, and [`FastWindowedLinear`] (the same attention per window, over the same
+//! window-order rows) when the map has several windows.
 
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 use super::kernels as attention_kernels;
 use super::window::{MaskBuffer, WindowAttention, WindowGrid};
-use super::{Attention, FastAttention, LinearAttention};
+use super::{Attention, AttentionActivations, AttentionScratch, FastAttention, LinearAttention};
 use crate::error::{Error, Result};
 use crate::kernels::{self, MatMut, MatRef, matmul};
 use crate::nn::linear::FastLinear;
@@ -39,16 +40,86 @@ pub struct FastWindowAttention {
     bias_table: Slot,
     /// `relative_position_index`, (M², M²).
     index: Vec<u32>,
-    /// Window-order position (Hp·Wp of them) → raster token of the image, or [`PAD`].
-    source: Vec<u32>,
-    /// Raster token (H·W) → its window-order position.
-    position: Vec<u32>,
+    maps: WindowMaps,
     /// Per window of an image: where its (M², M²) mask starts in `masks`; `None` without a mask
     /// or where the mask is all zeros (interior windows of a shifted block).
     mask_of: Vec<Option<usize>>,
     masks: Vec<f32>,
+}
+
+/// An image's rows in window order and back, for a block's grid: which raster token each
+/// window-order position holds (or padding), where each raster token sits, and what padded
+/// positions hold.
+struct WindowMaps {
+    /// Window-order position (Hp·Wp of them) → raster token of the image, or [`PAD`].
+    source: Vec<u32>,
+    /// Raster token (H·W) → its window-order position.
+    position: Vec<u32>,
     /// What padded positions hold: a fused block's pad token (C), zeros otherwise.
     pad: Option<Vec<f32>>,
+}
+
+impl WindowMaps {
+    /// The maps of `grid` for C = `dim`; `pad` is checked to be C wide.
+    fn new(grid: &WindowGrid, pad: Option<&Tensor<1>>, dim: usize) -> Result<Self> {
+        let pad = match pad {
+            Some(token) => {
+                let values = host_f32(token.clone());
+                if values.len() != dim {
+                    return Err(config_error(format!("the pad token has {} values for width {dim}", values.len())));
+                }
+                Some(values)
+            }
+            None => None,
+        };
+        let (source, position) = window_order(grid);
+        Ok(Self { source, position, pad })
+    }
+
+    /// Tokens of an image, H·W.
+    fn tokens(&self) -> usize {
+        self.position.len()
+    }
+
+    /// Window-order rows of an image, Hp·Wp.
+    fn window_rows(&self) -> usize {
+        self.source.len()
+    }
+
+    /// Window-order rows `first..` (counted over the batch) of the C-wide raster rows `x` into
+    /// `out`; padded positions hold the pad token where `padded` (zeros without one), else zeros
+    /// (a gradient's window order).
+    fn gather_windows(&self, c: usize, x: &[f32], first: usize, out: &mut [f32], padded: bool) {
+        let (per_image, tokens) = (self.window_rows(), self.tokens());
+        let pad = self.pad.as_deref().filter(|_| padded);
+        for (k, row) in out.chunks_exact_mut(c).enumerate() {
+            let (image, at) = ((first + k) / per_image, (first + k) % per_image);
+            match (self.source[at], pad) {
+                (PAD, Some(token)) => row.copy_from_slice(token),
+                (PAD, None) => row.fill(0.0),
+                (src, _) => {
+                    let src = image * tokens + src as usize;
+                    row.copy_from_slice(&x[src * c..(src + 1) * c]);
+                }
+            }
+        }
+    }
+
+    /// Raster rows `first..` (counted over the batch) of the C-wide window-order rows `windows`
+    /// into `out`, added to what it holds where `accumulate`; padded positions are dropped.
+    fn gather_raster(&self, c: usize, windows: &[f32], first: usize, out: &mut [f32], accumulate: bool) {
+        let (per_image, tokens) = (self.window_rows(), self.tokens());
+        for (k, row) in out.chunks_exact_mut(c).enumerate() {
+            let (image, token) = ((first + k) / tokens, (first + k) % tokens);
+            let src = image * per_image + self.position[token] as usize;
+            let src = &windows[src * c..(src + 1) * c];
+            if accumulate {
+                kernels::add_assign(row, src);
+            } else {
+                row.copy_from_slice(src);
+            }
+        }
+    }
 }
 
 /// What the training forward keeps for the backward pass.
@@ -139,17 +210,7 @@ impl FastWindowAttention {
             }
             None => (vec![None; grid.num_windows()], Vec::new()),
         };
-        let pad = match pad {
-            Some(token) => {
-                let values = host_f32(token.clone());
-                if values.len() != c {
-                    return Err(config_error(format!("the pad token has {} values for width {c}", values.len())));
-                }
-                Some(values)
-            }
-            None => None,
-        };
-        let (source, position) = window_order(&grid);
+        let maps = WindowMaps::new(&grid, pad, c)?;
         Ok(Self {
             qkv: FastLinear::lower(&attn.qkv, table)?,
             proj: FastLinear::lower(&attn.proj, table)?,
@@ -157,11 +218,9 @@ impl FastWindowAttention {
             grid,
             bias_table: table.add(&attn.relative_position_bias_table, Layout::Official)?,
             index,
-            source,
-            position,
+            maps,
             mask_of,
             masks,
-            pad,
         })
     }
 
@@ -171,12 +230,12 @@ impl FastWindowAttention {
 
     /// Tokens of an image, H·W.
     pub fn tokens(&self) -> usize {
-        self.position.len()
+        self.maps.tokens()
     }
 
     /// Window-order rows of an image, Hp·Wp (the padded map).
     pub fn window_rows(&self) -> usize {
-        self.source.len()
+        self.maps.window_rows()
     }
 
     fn window_tokens(&self) -> usize {
@@ -198,34 +257,6 @@ impl FastWindowAttention {
     fn mask(&self, window: usize) -> Option<&[f32]> {
         let pairs = self.index.len();
         self.mask_of[window % self.mask_of.len()].map(|start| &self.masks[start..start + pairs])
-    }
-
-    /// Window-order rows `first..` (counted over the batch) of the raster rows `x` into `out`,
-    /// padded positions filled with `pad` (zeros if `None`).
-    fn gather_windows(&self, x: &[f32], first: usize, out: &mut [f32], pad: Option<&[f32]>) {
-        let (c, per_image, tokens) = (self.dim(), self.window_rows(), self.tokens());
-        for (k, row) in out.chunks_exact_mut(c).enumerate() {
-            let (image, at) = ((first + k) / per_image, (first + k) % per_image);
-            match (self.source[at], pad) {
-                (PAD, Some(token)) => row.copy_from_slice(token),
-                (PAD, None) => row.fill(0.0),
-                (src, _) => {
-                    let src = image * tokens + src as usize;
-                    row.copy_from_slice(&x[src * c..(src + 1) * c]);
-                }
-            }
-        }
-    }
-
-    /// Raster rows `first..` (counted over the batch) of the window-order rows `windows` into
-    /// `out`; padded positions are dropped.
-    fn gather_raster(&self, windows: &[f32], first: usize, out: &mut [f32]) {
-        let (c, per_image, tokens) = (self.dim(), self.window_rows(), self.tokens());
-        for (k, row) in out.chunks_exact_mut(c).enumerate() {
-            let (image, token) = ((first + k) / tokens, (first + k) % tokens);
-            let src = image * per_image + self.position[token] as usize;
-            row.copy_from_slice(&windows[src * c..(src + 1) * c]);
-        }
     }
 
     /// One window: its (M², 3C) qkv rows → the (heads, M², M²) weights into `weights` and its
@@ -294,7 +325,7 @@ impl FastWindowAttention {
             .enumerate()
             .collect();
         for_each_part(jobs, |(i, (((staging, qkv), mixed), weights))| {
-            self.gather_windows(x, i * per * n, staging, self.pad.as_deref());
+            self.maps.gather_windows(c, x, i * per * n, staging, true);
             self.qkv.apply(p, staging, qkv); // (rows, 3C)
             for (k, (qkv, mixed)) in qkv.chunks_exact(n * 3 * c).zip(mixed.chunks_exact_mut(n * c)).enumerate() {
                 self.window_forward(qkv, bias, self.mask(i * per + k), weights, mixed);
@@ -312,7 +343,7 @@ impl FastWindowAttention {
         let jobs: Vec<_> = out.chunks_mut(per * c).zip(s.rows.chunks_mut(per * c)).enumerate().collect();
         for_each_part(jobs, |(i, (out, staging))| {
             let staging = &mut staging[..out.len()];
-            self.gather_raster(mixed, i * per, staging);
+            self.maps.gather_raster(c, mixed, i * per, staging, false);
             self.proj.apply_residual(p, staging, out);
         });
     }
@@ -329,7 +360,7 @@ impl FastWindowAttention {
         let windows = batch * self.grid.num_windows();
         let rows = windows * n;
         let per = row_block(rows);
-        sized(&mut a.windows, rows * c).par_chunks_mut(per * c).enumerate().for_each(|(i, block)| self.gather_windows(x, i * per, block, self.pad.as_deref()));
+        sized(&mut a.windows, rows * c).par_chunks_mut(per * c).enumerate().for_each(|(i, block)| self.maps.gather_windows(c, x, i * per, block, true));
         self.qkv.forward(p, &a.windows, sized(&mut a.qkv, rows * 3 * c), false); // (B·Hp·Wp, 3C)
         self.gather_bias(p, sized(&mut a.bias, heads * n * n));
         let WindowAttentionActivations { qkv, bias, probs, mixed, .. } = a;
@@ -345,7 +376,7 @@ impl FastWindowAttention {
         let per = row_block(batch * t);
         out.par_chunks_mut(per * c).enumerate().for_each_init(Vec::new, |staging, (i, out)| {
             let staging = sized(staging, out.len());
-            self.gather_raster(mixed, i * per, staging);
+            self.maps.gather_raster(c, mixed, i * per, staging, false);
             if accumulate {
                 self.proj.apply_residual(p, staging, out);
             } else {
@@ -368,7 +399,7 @@ impl FastWindowAttention {
         let WindowAttentionScratch { dwindows, dmixed, dqkv, bias_partials, partials } = s;
         // proj read the raster rows of `mixed`: in window order, its gradient is dy there (and
         // none at padded positions, which proj never read).
-        sized(dwindows, rows * c).par_chunks_mut(per * c).enumerate().for_each(|(i, block)| self.gather_windows(dy, i * per, block, None));
+        sized(dwindows, rows * c).par_chunks_mut(per * c).enumerate().for_each(|(i, block)| self.maps.gather_windows(c, dy, i * per, block, false));
         self.proj.backward_params(g, &a.mixed, dwindows, partials);
         self.proj.backward_input(p, dwindows, sized(dmixed, rows * c), |_, _| {});
         let tasks = rayon::current_num_threads().clamp(1, windows);
@@ -402,7 +433,7 @@ impl FastWindowAttention {
         self.qkv.backward_input(p, dqkv, dwindows, |_, _| {}); // (B·Hp·Wp, C), window order
         let per = row_block(dx.len() / c);
         let dwindows: &[f32] = dwindows;
-        dx.par_chunks_mut(per * c).enumerate().for_each(|(i, block)| self.gather_raster(dwindows, i * per, block));
+        dx.par_chunks_mut(per * c).enumerate().for_each(|(i, block)| self.maps.gather_raster(c, dwindows, i * per, block, false));
     }
 }
 
@@ -432,16 +463,164 @@ fn window_order(grid: &WindowGrid) -> (Vec<u32>, Vec<u32>) {
     (source, position)
 }
 
-/// SLA / FLatten over a Swin block's windows on the fast path: the existing [`FastAttention`]
-/// where the block's grid is its whole map as one unshifted window (SLAB-Swin's 'L' stages at
-/// 224², whose 56-token window covers the map); `Error::Unsupported` otherwise.
-pub fn lower_windowed_linear(attn: &LinearAttention, grid: &WindowGrid, table: &mut ParamTable) -> Result<FastAttention> {
-    if grid.num_windows() != 1 || grid.pads() || grid.shift != 0 {
-        let ([h, w], m) = (grid.resolution, grid.window);
-        return Err(Error::Unsupported {
-            what: format!("linear attention over {m}×{m} windows of a {h}×{w} map (only over a map that is one window)"),
-            path: "the fast CPU path",
+/// SLA / FLatten over a Swin block's windows on the fast path, where the map has several windows
+/// (or is padded): the block's rows gathered in window order (padding with zeros or a fused
+/// block's pad token; shifted windows as for window attention, whose mask SLA does not use), the
+/// existing [`FastAttention`] over each window as one sequence of M² tokens (its positional
+/// encoding per window position, its DWC on each window's M×M grid), the output gathered back
+/// into raster order. A map that is one window runs [`FastAttention`] directly
+/// ([`WindowGrid::is_one_window`]).
+pub struct FastWindowedLinear {
+    pub attn: FastAttention,
+    pub grid: WindowGrid,
+    maps: WindowMaps,
+    /// The DWC taps tiled over the heads for inference (training re-tiles them every step).
+    inference_conv: (Vec<f32>, Vec<f32>),
+}
+
+/// What the training forward keeps for the backward pass.
+#[derive(Default)]
+pub struct WindowedLinearActivations {
+    /// (B·Hp·Wp, C): the input in window order, padded.
+    windows: Vec<f32>,
+    attn: AttentionActivations,
+    /// (B·Hp·Wp, C): the attention's output in window order.
+    mixed: Vec<f32>,
+}
+
+/// Reusable backward buffers.
+#[derive(Default)]
+pub struct WindowedLinearScratch {
+    /// (B·Hp·Wp, C): the output gradient in window order, and the input gradient's.
+    dwindows: Vec<f32>,
+    dinput: Vec<f32>,
+    attn: AttentionScratch,
+}
+
+/// Reusable inference buffers for one image.
+#[derive(Default)]
+pub struct WindowedLinearInferScratch {
+    /// Per part: a window's (M², C) rows, its (M², 3C) qkv, Σφ(k) (C), φ(K)ᵀV (heads·d·d).
+    rows: Vec<f32>,
+    qkv: Vec<f32>,
+    k_sum: Vec<f32>,
+    kv: Vec<f32>,
+    /// (Hp·Wp, C) heads side by side, window order.
+    mixed: Vec<f32>,
+    /// (H·W, C): the mixed rows back in raster order, before proj.
+    raster: Vec<f32>,
+}
+
+impl FastWindowedLinear {
+    /// `pad`: what a fused block pads its windows with (its folded norm's zero, `−b/a`), zeros
+    /// if `None`.
+    pub fn lower(attn: &LinearAttention, grid: WindowGrid, pad: Option<&Tensor<1>>, table: &mut ParamTable) -> Result<Self> {
+        let m = grid.window;
+        if attn.grid != [m, m] {
+            return Err(config_error(format!("linear attention over a {:?} grid in the block's {m}×{m} windows", attn.grid)));
+        }
+        let fast = FastAttention::lower(&Attention::Linear(attn.clone()), table)?;
+        let maps = WindowMaps::new(&grid, pad, fast.dim())?;
+        let inference_conv = fast.tiled_conv(&table.values).expect("linear attention has a depthwise conv");
+        Ok(Self { attn: fast, grid, maps, inference_conv })
+    }
+
+    pub fn dim(&self) -> usize {
+        self.attn.dim()
+    }
+
+    /// Tokens of an image, H·W.
+    pub fn tokens(&self) -> usize {
+        self.maps.tokens()
+    }
+
+    /// Inference, first pass: each window of the image `x` (H·W, C) gathered, then the
+    /// attention's two inference passes over it (keys: qkv, feature maps, Σφ(k), φ(K)ᵀV;
+    /// queries: normalized φ(Q)·KV plus the DWC on v) into `s`; the windows are split over
+    /// `parts` threads, which need not meet. After it `x` is no longer read (see
+    /// [`FastWindowAttention::infer_mix`]).
+    pub fn infer_mix(&self, p: &[f32], x: &[f32], s: &mut WindowedLinearInferScratch, parts: usize) {
+        let (c, n) = (self.dim(), self.grid.window_tokens());
+        let d = c / self.attn.heads;
+        assert_eq!(x.len(), self.tokens() * c, "one image's (H·W, C) rows");
+        let windows = self.grid.num_windows();
+        let parts = parts.clamp(1, windows);
+        let per = windows.div_ceil(parts);
+        let (taps, bias) = &self.inference_conv;
+        let conv = self.attn.conv_view(taps, bias).expect("linear attention has a depthwise conv");
+        let WindowedLinearInferScratch { rows, qkv, k_sum, kv, mixed, .. } = s;
+        let jobs: Vec<_> = sized(mixed, windows * n * c)
+            .chunks_mut(per * n * c)
+            .zip(sized(rows, parts * n * c).chunks_mut(n * c))
+            .zip(sized(qkv, parts * n * 3 * c).chunks_mut(n * 3 * c))
+            .zip(sized(k_sum, parts * c).chunks_mut(c))
+            .zip(sized(kv, parts * c * d).chunks_mut(c * d))
+            .enumerate()
+            .collect();
+        for_each_part(jobs, |(i, ((((mixed, rows), qkv), k_sum), kv))| {
+            for (k, mixed) in mixed.chunks_exact_mut(n * c).enumerate() {
+                self.maps.gather_windows(c, x, (i * per + k) * n, rows, true);
+                self.attn.infer_keys(p, 0, rows, qkv, k_sum, kv);
+                self.attn.infer_queries(p, 0, qkv, k_sum, kv, Some(&conv), rows, mixed, &mut [], &mut []);
+            }
         });
     }
-    FastAttention::lower(&Attention::Linear(attn.clone()), table)
+
+    /// Inference, second pass: `out += proj(mixed)` for the image's (H·W, C) raster rows, their
+    /// row blocks split over `parts` threads.
+    pub fn infer_project(&self, p: &[f32], out: &mut [f32], s: &mut WindowedLinearInferScratch, parts: usize) {
+        let (c, t) = (self.dim(), self.tokens());
+        assert_eq!(out.len(), t * c, "one image's (H·W, C) rows");
+        let per = t.div_ceil(parts.clamp(1, t));
+        let mixed = &s.mixed;
+        let jobs: Vec<_> = out.chunks_mut(per * c).zip(sized(&mut s.raster, t * c).chunks_mut(per * c)).enumerate().collect();
+        for_each_part(jobs, |(i, (out, raster))| {
+            self.maps.gather_raster(c, mixed, i * per, raster, false);
+            self.attn.proj.apply_residual(p, raster, out);
+        });
+    }
+
+    /// Both inference passes on one image: `out += attn(x)`.
+    pub fn infer(&self, p: &[f32], x: &[f32], out: &mut [f32], s: &mut WindowedLinearInferScratch, parts: usize) {
+        self.infer_mix(p, x, s, parts);
+        self.infer_project(p, out, s, parts);
+    }
+
+    /// Training forward of `batch` images' (B·H·W, C) raster rows: `out (+)= attn(x)`
+    /// (`accumulate`: add to what `out` holds, a residual), keeping the activations. The
+    /// attention runs on the B·nW windows as a batch of M²-token sequences.
+    pub fn forward(&mut self, p: &[f32], x: &[f32], out: &mut [f32], a: &mut WindowedLinearActivations, batch: usize, accumulate: bool) -> Result<()> {
+        let (c, n, t) = (self.dim(), self.grid.window_tokens(), self.tokens());
+        if batch == 0 || x.len() != batch * t * c || out.len() != x.len() {
+            let [h, w] = self.grid.resolution;
+            return Err(Error::InputShape { layer: "linear attention over windows", expected: format!("{batch} × ({h}·{w}, {c}) rows in and out"), found: vec![x.len(), out.len()] });
+        }
+        let windows = batch * self.grid.num_windows();
+        let rows = windows * n;
+        let per = row_block(rows);
+        let maps = &self.maps;
+        sized(&mut a.windows, rows * c).par_chunks_mut(per * c).enumerate().for_each(|(i, block)| maps.gather_windows(c, x, i * per, block, true));
+        self.attn.forward(p, &a.windows, sized(&mut a.mixed, rows * c), &mut a.attn, windows, n, false)?; // (B·Hp·Wp, C)
+        let (mixed, per) = (&a.mixed, row_block(batch * t));
+        out.par_chunks_mut(per * c).enumerate().for_each(|(i, out)| maps.gather_raster(c, mixed, i * per, out, accumulate));
+        Ok(())
+    }
+
+    /// `dx = ∂attn/∂x · dy` (overwritten) and the attention's parameter gradients added into `g`,
+    /// for the activations of the last [`forward`](Self::forward) of `batch` images. Padded
+    /// positions are constants: their output was dropped (no gradient) and their input
+    /// gradient is dropped.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(&self, p: &[f32], g: &mut [f32], a: &WindowedLinearActivations, dy: &[f32], dx: &mut [f32], s: &mut WindowedLinearScratch, batch: usize) {
+        let (c, n) = (self.dim(), self.grid.window_tokens());
+        let windows = batch * self.grid.num_windows();
+        let rows = windows * n;
+        let per = row_block(rows);
+        let WindowedLinearScratch { dwindows, dinput, attn } = s;
+        sized(dwindows, rows * c).par_chunks_mut(per * c).enumerate().for_each(|(i, block)| self.maps.gather_windows(c, dy, i * per, block, false));
+        self.attn.backward(p, g, &a.windows, &a.attn, dwindows, sized(dinput, rows * c), attn, windows, n);
+        let per = row_block(dx.len() / c);
+        let dinput: &[f32] = dinput;
+        dx.par_chunks_mut(per * c).enumerate().for_each(|(i, block)| self.maps.gather_raster(c, dinput, i * per, block, false));
+    }
 }
