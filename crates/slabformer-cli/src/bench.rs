@@ -414,18 +414,10 @@ impl Notes {
 fn export_onnx(config: &AnyConfig, path: &Path) -> Result<()> {
     use slabformer::deploy::onnx::export_classifier;
     let device = Device::flex();
-    macro_rules! export {
-        ($family:ty, $config:expr) => {{
-            let model = <$family as ModelFamily>::init($config, &device)?;
-            if $config.folds() { export_classifier(&model.fuse()?, path, false)? } else { export_classifier(&model, path, false)? }
-        }};
-    }
-    match config {
-        AnyConfig::Vit(c) => export!(models::VisionTransformer, c),
-        AnyConfig::Pvt(c) => export!(models::PyramidVisionTransformer, c),
-        AnyConfig::Cswin(c) => export!(models::CswinTransformer, c),
-        AnyConfig::Swin(c) => export!(models::SwinTransformer, c),
-    }
+    slabformer::with_family!(config, |F, c| {
+        let model = F::init(c, &device)?;
+        if c.folds() { export_classifier(&model.fuse()?, path, false)? } else { export_classifier(&model, path, false)? }
+    });
     Ok(())
 }
 

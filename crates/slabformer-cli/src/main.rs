@@ -520,20 +520,10 @@ fn export_onnx(input: &Path, out: &Path, overwrite: bool) -> Result<()> {
     let file = read_model_file(input)?;
     let device = Device::flex();
     // Trained RepBN/PRepBN models are exported fused, LayerNorm models with their norms.
-    macro_rules! export {
-        ($family:ty) => {
-            match file.load::<$family>(&device)? {
-                LoadedModel::Trained(m) => export_classifier(&m, out, overwrite)?,
-                LoadedModel::Deploy(m) => export_classifier(&m, out, overwrite)?,
-            }
-        };
-    }
-    match &file.config {
-        AnyConfig::Vit(_) => export!(VisionTransformer),
-        AnyConfig::Pvt(_) => export!(models::PyramidVisionTransformer),
-        AnyConfig::Cswin(_) => export!(models::CswinTransformer),
-        AnyConfig::Swin(_) => export!(models::SwinTransformer),
-    }
+    slabformer::with_family!(&file.config, |F, _c| match file.load::<F>(&device)? {
+        LoadedModel::Trained(m) => export_classifier(&m, out, overwrite)?,
+        LoadedModel::Deploy(m) => export_classifier(&m, out, overwrite)?,
+    });
     println!("exported {} to {} (ONNX opset {})", input.display(), out.display(), slabformer::deploy::onnx::OPSET);
     Ok(())
 }

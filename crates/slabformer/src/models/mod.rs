@@ -18,6 +18,7 @@ use burn::tensor::{Device, Tensor};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::deploy::onnx::ToOnnx;
 use crate::error::{Error, Result};
 use crate::nn::schedule::{Phase, PrepbnSchedule};
 use crate::plan::Plan;
@@ -63,12 +64,12 @@ pub trait ImageClassifier: Module {
 }
 
 /// What a model family provides: its config and presets, one constructor, the counts the papers
-/// tabulate, its deploy form, the PRepBN schedule its norms follow, and its lowering onto the
-/// fast path.
-pub trait ModelFamily: ImageClassifier + Clone + Sized {
+/// tabulate, its deploy form, the PRepBN schedule its norms follow, its lowering onto the fast
+/// path, and (both forms) its ONNX graph.
+pub trait ModelFamily: ImageClassifier + ToOnnx + Clone + Sized {
     type Config: ImageConfig + Clone + std::fmt::Debug + 'static + PartialEq + Serialize + DeserializeOwned;
     /// The re-parameterized inference form.
-    type Deploy: ImageClassifier;
+    type Deploy: ImageClassifier + ToOnnx;
 
     fn presets() -> &'static [Preset<Self::Config>];
     /// `config` under its family's tag, as files and the CLI hold it.
