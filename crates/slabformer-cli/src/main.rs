@@ -10,7 +10,7 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::{Device, Distribution, Int, Tensor};
 use clap::{Parser, Subcommand};
 use slabformer::deploy::model_file::{LoadedModel, Preprocess, read_model_file, save_deploy, save_model};
-use slabformer::models::{self, AnyConfig, ImageConfig, ModelFamily, VisionTransformer};
+use slabformer::models::{self, AnyConfig, ImageConfig, ModelFamily};
 use slabformer::state::trainable_param_count;
 use slabformer::train::config::TrainConfig;
 use slabformer::train::{self as trainer, TrainOptions};
