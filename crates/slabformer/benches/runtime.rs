@@ -4,7 +4,7 @@
 
 use burn::tensor::{Device, Distribution, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use slabformer::models::VitConfig;
+use slabformer::models::{self, ModelFamily, VitConfig};
 use slabformer::nn::attention::{AttentionConfig, AttentionKind};
 use slabformer::kernels::{self, MatMut, MatRef};
 use slabformer::nn::attention::kernels as attention_kernels;
@@ -74,14 +74,16 @@ fn attention(c: &mut Criterion) {
     group.finish();
 }
 
-/// Whole deploy forwards at 224², batch 1 and 8.
+/// Whole deploy forwards at 224²: the DeiTs at batch 1 and 8, the hierarchical SLAB backbones
+/// (spatial-reduction, window and cross-shaped attention) at batch 1.
 fn models(c: &mut Criterion) {
     let device = Device::flex();
     let mut group = c.benchmark_group("forward");
     group.sample_size(10);
-    for (name, config) in [("deit_tiny", VitConfig::deit_tiny()), ("slab_deit_tiny", VitConfig::slab_deit_tiny())] {
-        let runtime = CpuModel::new(&config.init(&device).unwrap()).unwrap();
-        for batch in [1, 8] {
+    for (name, batches) in [("deit_tiny", &[1, 8][..]), ("slab_deit_tiny", &[1, 8]), ("slab_pvt_tiny", &[1]), ("slab_swin_tiny", &[1]), ("slab_cswin_tiny", &[1])] {
+        let config = models::preset(name).unwrap();
+        let runtime = slabformer::with_family!(&config, |F, c| CpuModel::new::<F>(&F::init(c, &device).unwrap()).unwrap());
+        for &batch in batches {
             let images: Vec<f32> = Tensor::<4>::random([batch, 3, 224, 224], Distribution::Normal(0.0, 1.0), &device).into_data().try_to_vec().unwrap();
             group.throughput(Throughput::Elements(batch as u64));
             group.bench_function(BenchmarkId::new(name, batch), |b| b.iter(|| runtime.forward(&images, batch).unwrap()));
