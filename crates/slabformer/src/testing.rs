@@ -4,7 +4,8 @@
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor};
 
-use crate::state::{StateDict, Values, map_float_tensors};
+use crate::models::{ImageConfig, ModelFamily};
+use crate::state::{StateDict, Values, host_f32, map_float_tensors};
 
 /// `module` with every parameter and buffer moved off its initial value: BatchNorm statistics,
 /// RepBN α, norm affines, biases, positional encodings and class tokens random, and the other
@@ -68,4 +69,73 @@ pub fn assert_states_near(what: &str, ours: &StateDict, want: &StateDict, rel: f
             (a, b) => assert_near(&what, floats(&what, a), floats(&what, b), rel, abs),
         }
     }
+}
+
+/// A model of `config` whose every op shows in the logits ([`randomized`]); BatchNorm models take
+/// smaller weights (their fixed statistics do not rescale activations).
+pub fn randomized_model<F: ModelFamily>(config: &F::Config, device: &Device) -> F {
+    let weight_scale = if config.folds() { 3.0 } else { 6.0 };
+    randomized(F::init(config, device).expect("a valid test config"), weight_scale)
+}
+
+/// `batch` random images of `config`'s input size.
+fn images(config: &dyn ImageConfig, batch: usize, device: &Device) -> Tensor<4> {
+    let [h, w] = config.input_size();
+    Tensor::random([batch, config.in_chans(), h, w], Distribution::Normal(0.0, 1.0), device)
+}
+
+/// The CPU runtime of a [`randomized_model`] drawn with `seed` — its trained form's plan and,
+/// where the norms fold, the fused model — equals the burn forward at batch 1 and 3 (within
+/// 1e-4·max + 1e-5), with three threads splitting one image's rows and windows unevenly.
+pub fn check_runtime_against_burn<F: ModelFamily>(config: &F::Config, seed: u64) {
+    use crate::runtime::CpuModel;
+    let device = Device::flex();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("a thread pool");
+    let (model, batches) = seeded(seed, &device, || {
+        let model: F = randomized_model(config, &device);
+        (model, [images(config, 1, &device), images(config, 3, &device)])
+    });
+    let mut runtimes = vec![("trained form", CpuModel::from_plan(model.lower().expect("the model lowers")).expect("a classifier plan"))];
+    if config.folds() {
+        runtimes.push(("fused", CpuModel::new(&model).expect("the fused model lowers")));
+    }
+    for images in batches {
+        let batch = images.dims()[0];
+        let want = host_f32(model.logits(images.clone()));
+        for (form, runtime) in &runtimes {
+            let got = pool.install(|| host_f32(runtime.forward_tensor(images.clone()).expect("the runtime runs")));
+            assert_near(&format!("{config:?} {form} batch {batch}"), &got, &want, 1e-4, 1e-5);
+        }
+    }
+}
+
+/// One training step of the CPU trainer against burn autodiff on a [`randomized_model`] drawn
+/// with `seed` (the same model and images every run): logits, the gradient of every parameter
+/// (within `1e-4·max + grad_abs`: the family says what its kinds' rounding needs), and the
+/// state after the forward (BatchNorm statistics, PRepBN counters exactly). With
+/// `drop_path_seed`, both draw their stochastic-depth masks from it.
+pub fn check_trainer_against_burn<F: ModelFamily>(config: &F::Config, seed: u64, drop_path_seed: Option<u64>, grad_abs: f32) {
+    use crate::runtime::{CpuTrainer, ForwardOptions};
+    use crate::state::{collect_grads, collect_state};
+    let device = Device::flex().autodiff();
+    let batch = 3;
+    let (model, x, weight) = seeded(seed, &device, || {
+        let model: F = randomized_model(config, &device);
+        let x = images(config, batch, &device);
+        let weight = Tensor::<2>::random([batch, config.num_classes()], Distribution::Normal(0.0, 1.0), &device);
+        (model, x, weight)
+    });
+    let mut trainer = CpuTrainer::new(&model, Default::default()).expect("the model lowers for training");
+    let drop_path_seed = drop_path_seed.unwrap_or(0);
+    let logits = crate::nn::drop_path::with_seed(drop_path_seed, || model.logits(x.clone()));
+    let grads = logits.clone().mul(weight.clone()).sum().backward();
+    let options = ForwardOptions { drop_path_seed, advance_counters: true };
+    let ours = trainer.forward_with(&host_f32(x), batch, options).expect("the trainer's forward runs");
+    assert_near(&format!("{config:?}: logits"), &ours, &host_f32(logits), 1e-4, 1e-6);
+    trainer.backward(&host_f32(weight)).expect("the trainer's backward runs");
+    let want = collect_grads(&model, &grads);
+    let ours = trainer.gradients();
+    assert_eq!(ours.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "parameters with a gradient");
+    assert_states_near(&format!("{config:?}: gradient"), &ours, &want, 1e-4, grad_abs);
+    assert_states_near(&format!("{config:?}: state after the forward"), &trainer.state(), &collect_state(&model), 1e-5, 1e-6);
 }

@@ -935,71 +935,25 @@ mod tests {
         ]
     }
 
-    /// A model whose every op shows in the logits; BatchNorm models take smaller weights (their
-    /// fixed statistics do not rescale activations).
-    fn randomized_model(config: &PvtConfig, device: &Device) -> PyramidVisionTransformer {
-        let weight_scale = if config.norm.folds() { 3.0 } else { 6.0 };
-        crate::testing::randomized(config.init(device).unwrap(), weight_scale)
-    }
 
     #[test]
     fn the_cpu_runtime_equals_the_burn_forward_fused_and_unfused() {
-        use crate::runtime::CpuModel;
-        let device = Device::flex();
-        // Three threads split one image's rows unevenly (12·20 = 240 tokens, then 60, 15, 2).
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         for config in fast_path_configs() {
-            let model = randomized_model(&config, &device);
-            let mut runtimes = vec![("trained form", CpuModel::from_plan(model.lower().unwrap()).unwrap())];
-            if config.norm.folds() {
-                runtimes.push(("fused", CpuModel::new(&model).unwrap()));
-            }
-            for batch in [1, 3] {
-                let images = Tensor::<4>::random([batch, 3, 48, 80], Distribution::Normal(0.0, 1.0), &device);
-                let want = crate::state::host_f32(model.forward(images.clone()));
-                for (form, runtime) in &runtimes {
-                    let got = pool.install(|| crate::state::host_f32(runtime.forward_tensor(images.clone()).unwrap()));
-                    crate::testing::assert_near(&format!("{config:?} {form} batch {batch}"), &got, &want, 1e-4, 1e-5);
-                }
-            }
+            crate::testing::check_runtime_against_burn::<PyramidVisionTransformer>(&config, TEST_SEED);
         }
     }
 
-    /// Forward, backward and state of the CPU trainer against burn autodiff.
     const TEST_SEED: u64 = 20261202;
 
+    /// Forward, backward and state of the CPU trainer against burn autodiff.
     fn check_trainer_against_burn(config: PvtConfig, drop_path_seed: Option<u64>) {
-        use crate::runtime::{CpuTrainer, ForwardOptions};
-        use crate::state::{collect_grads, host_f32};
-        use crate::testing::{assert_near, assert_states_near};
-        let device = Device::flex().autodiff();
-        let batch = 3;
-        // Fixed draws: the same model and images every run.
-        let (model, x, weight) = crate::testing::seeded(TEST_SEED, &device, || {
-            let model = randomized_model(&config, &device);
-            let x = Tensor::<4>::random([batch, 3, 48, 80], Distribution::Normal(0.0, 1.0), &device);
-            let weight = Tensor::<2>::random([batch, config.num_classes], Distribution::Normal(0.0, 1.0), &device);
-            (model, x, weight)
-        });
-        let mut trainer = CpuTrainer::new(&model, Default::default()).unwrap();
-        let seed = drop_path_seed.unwrap_or(0);
-        let logits = crate::nn::drop_path::with_seed(seed, || model.forward(x.clone()));
-        let grads = logits.clone().mul(weight.clone()).sum().backward();
-        let options = ForwardOptions { drop_path_seed: seed, advance_counters: true };
-        let ours = trainer.forward_with(&host_f32(x), batch, options).unwrap();
-        assert_near(&format!("{config:?}: logits"), &ours, &host_f32(logits), 1e-4, 1e-6);
-        trainer.backward(&host_f32(weight)).unwrap();
-        let want = collect_grads(&model, &grads);
-        let ours = trainer.gradients();
-        assert_eq!(ours.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "parameters with a gradient");
         // SLA's and FLatten's gradients are differences of terms ∝ 1/normaliser; on these small grids (15 keys
         // of 8 channels in stage 3) a row whose φ(q)·Σφ(k) is small but not 0 comes up about one
         // run in 30 and costs a few 1e-4 of f32 rounding either way (the layer harness avoids
         // such inputs; a whole model cannot pick them): the golden files' gradient tolerance,
         // 1e-3 + 1e-4·max, then.
         let abs = if config.attention.iter().any(AttentionKind::needs_grid) { 1e-3 } else { 1e-5 };
-        assert_states_near(&format!("{config:?}: gradient"), &ours, &want, 1e-4, abs);
-        assert_states_near(&format!("{config:?}: state after the forward"), &trainer.state(), &collect_state(&model), 1e-5, 1e-6);
+        crate::testing::check_trainer_against_burn::<PyramidVisionTransformer>(&config, TEST_SEED, drop_path_seed, abs);
     }
 
     #[test]
