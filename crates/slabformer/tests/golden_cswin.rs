@@ -130,45 +130,15 @@ fn a_golden_config_without_a_constructor_field_is_refused_by_name() {
     }));
 }
 
-/// The images and loss weight of a golden file as flat f32 rows, and its batch.
-fn inputs(g: &slabformer::state::StateDict) -> (Vec<f32>, Vec<f32>, usize) {
-    use slabformer::state::Values;
-    let f32s = |key: &str| match &g.get(key).unwrap().values {
-        Values::F32(v) => v.clone(),
-        Values::I64(_) => panic!("{key} is not f32"),
-    };
-    (f32s("input.x"), f32s("input.loss_weight"), g.get("input.x").unwrap().shape[0])
-}
-
 /// The CPU trainer (the CSWin plan on the fast path) loaded from the official SLAB-CSWin state:
 /// the same train-mode logits, gradients of every parameter (the unused SLA `scale` none, its
 /// golden one zero) and state after the step (statistics and counters) as the official code;
 /// then the CPU runtime's eval logits, unfused and fused.
 #[test]
 fn cpu_trainer_and_runtime_match_the_official_slab_cswin_tiny() {
-    use slabformer::models::{CswinTransformer, ModelFamily};
-    use slabformer::runtime::{CpuModel, CpuTrainer};
     let (g, metadata) = golden_with_config("slab_cswin_tiny");
     let config = slab_cswin_config(&metadata);
     assert_layout(&config, &metadata);
-    let mut trainer = CpuTrainer::from_state::<CswinTransformer>(&config, &g.subset("param"), Default::default()).unwrap();
-    assert_counters("trainer loaded", &trainer.state(), metadata.field("initial_counters"));
-    let (x, loss_weight, batch) = inputs(&g);
-    let logits = trainer.forward(&x, batch).unwrap();
-    let want = g.get("output.train").unwrap();
-    let as_f64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-    assert_close("trainer logits", &[batch, config.num_classes], &as_f64(&logits), &want.shape, &values_of(want), Tol::Output);
-    // loss = Σ logits ⊙ w, so ∂loss/∂logits = w.
-    trainer.backward(&loss_weight).unwrap();
-    let ours = trainer.gradients();
-    assert!(!ours.keys().any(|k| k.ends_with(".scale")), "the SLA scale is unused");
-    assert_grads("cpu trainer", &ours, &g.subset("grad"));
-    assert_state("cpu trainer after train", &trainer.state(), &g.subset("state_after_train"), Tol::Output);
-
-    let model = trainer.apply_to(config.init(&plain()).unwrap()).unwrap();
-    let want = g.get("output.eval").unwrap();
-    for (form, runtime) in [("unfused", CpuModel::from_plan(model.lower().unwrap()).unwrap()), ("fused", CpuModel::new(&model).unwrap())] {
-        let eval = runtime.forward(&x, batch).unwrap();
-        assert_close(&format!("{form} runtime eval logits"), &[batch, config.num_classes], &as_f64(&eval), &want.shape, &values_of(want), Tol::Output);
-    }
+    let gradients = check_fast_path_against_golden::<slabformer::models::CswinTransformer>("slab_cswin_tiny", &g, &config, Some(metadata.field("initial_counters")));
+    assert!(!gradients.keys().any(|k| k.ends_with(".scale")), "the SLA scale is unused");
 }

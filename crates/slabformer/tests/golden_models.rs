@@ -80,25 +80,10 @@ fn a_truncated_official_checkpoint_is_refused() {
     assert!(err.contains("cut.pth"), "{err}");
 }
 
+/// The fast path (CPU trainer and runtime) against the official SLAB-DeiT-T train step and eval.
 #[test]
-fn cpu_trainer_matches_official_train_step() {
-    use slabformer::runtime::CpuTrainer;
-    use slabformer::state::Values;
+fn cpu_trainer_and_runtime_match_the_official_slab_deit_tiny() {
     let (g, metadata) = golden_with_config("slab_deit_tiny");
     let config = slab_deit_config(&metadata);
-    let mut trainer = CpuTrainer::from_state::<slabformer::models::VisionTransformer>(&config, &g.subset("param"), Default::default()).unwrap();
-    assert_counters("trainer loaded", &trainer.state(), metadata.field("initial_counters"));
-    let f32s = |key: &str| match &g.get(key).unwrap().values {
-        Values::F32(v) => v.clone(),
-        Values::I64(_) => panic!("{key} is not f32"),
-    };
-    let batch = g.get("input.x").unwrap().shape[0];
-    let logits = trainer.forward(&f32s("input.x"), batch).unwrap();
-    let want = g.get("output.train").unwrap();
-    let as_f64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-    assert_close("trainer logits", &[batch, config.num_classes], &as_f64(&logits), &want.shape, &values_of(want), Tol::Output);
-    // loss = Σ logits ⊙ w, so ∂loss/∂logits = w.
-    trainer.backward(&f32s("input.loss_weight")).unwrap();
-    assert_grads("cpu trainer", &trainer.gradients(), &g.subset("grad"));
-    assert_state("cpu trainer after train", &trainer.state(), &g.subset("state_after_train"), Tol::Output);
+    check_fast_path_against_golden::<slabformer::models::VisionTransformer>("slab_deit_tiny", &g, &config, Some(metadata.field("initial_counters")));
 }

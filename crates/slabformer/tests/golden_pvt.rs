@@ -144,31 +144,7 @@ fn a_pvt_golden_config_without_its_reductions_is_refused_by_name() {
 /// counters) as the official code; then the CPU runtime's eval logits, unfused and fused.
 #[test]
 fn cpu_trainer_and_runtime_match_the_official_slab_pvt_tiny() {
-    use slabformer::models::{ModelFamily, PyramidVisionTransformer};
-    use slabformer::runtime::{CpuModel, CpuTrainer};
-    use slabformer::state::Values;
     let (g, metadata) = golden_with_config("slab_pvt_tiny");
     let config = slab_pvt_config(&metadata);
-    let mut trainer = CpuTrainer::from_state::<PyramidVisionTransformer>(&config, &g.subset("param"), Default::default()).unwrap();
-    assert_counters("trainer loaded", &trainer.state(), metadata.field("initial_counters"));
-    let f32s = |key: &str| match &g.get(key).unwrap().values {
-        Values::F32(v) => v.clone(),
-        Values::I64(_) => panic!("{key} is not f32"),
-    };
-    let batch = g.get("input.x").unwrap().shape[0];
-    let logits = trainer.forward(&f32s("input.x"), batch).unwrap();
-    let want = g.get("output.train").unwrap();
-    let as_f64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-    assert_close("trainer logits", &[batch, config.num_classes], &as_f64(&logits), &want.shape, &values_of(want), Tol::Output);
-    // loss = Σ logits ⊙ w, so ∂loss/∂logits = w.
-    trainer.backward(&f32s("input.loss_weight")).unwrap();
-    assert_grads("cpu trainer", &trainer.gradients(), &g.subset("grad"));
-    assert_state("cpu trainer after train", &trainer.state(), &g.subset("state_after_train"), Tol::Output);
-
-    let model = trainer.apply_to(config.init(&plain()).unwrap()).unwrap();
-    let want = g.get("output.eval").unwrap();
-    for (form, runtime) in [("unfused", CpuModel::from_plan(model.lower().unwrap()).unwrap()), ("fused", CpuModel::new(&model).unwrap())] {
-        let eval = runtime.forward(&f32s("input.x"), batch).unwrap();
-        assert_close(&format!("{form} runtime eval logits"), &[batch, config.num_classes], &as_f64(&eval), &want.shape, &values_of(want), Tol::Output);
-    }
+    check_fast_path_against_golden::<slabformer::models::PyramidVisionTransformer>("slab_pvt_tiny", &g, &config, Some(metadata.field("initial_counters")));
 }

@@ -251,64 +251,22 @@ fn a_slab_swin_config_without_its_attention_pattern_is_refused_by_name() {
     }));
 }
 
-/// The images and loss weight of a golden file as flat f32 rows, and its batch.
-fn inputs(g: &StateDict) -> (Vec<f32>, Vec<f32>, usize) {
-    use slabformer::state::Values;
-    let f32s = |key: &str| match &g.get(key).unwrap().values {
-        Values::F32(v) => v.clone(),
-        Values::I64(_) => panic!("{key} is not f32"),
-    };
-    (f32s("input.x"), f32s("input.loss_weight"), g.get("input.x").unwrap().shape[0])
-}
-
 /// The CPU trainer (the Swin plan on the fast path) loaded from the official SLAB-Swin state:
 /// the same train-mode logits, gradients of every parameter and state after the step
 /// (statistics and counters) as the official code; then the CPU runtime's eval logits, unfused
 /// and fused.
 #[test]
 fn cpu_trainer_and_runtime_match_the_official_slab_swin_tiny() {
-    use slabformer::models::ModelFamily;
-    use slabformer::runtime::{CpuModel, CpuTrainer};
     let (g, metadata) = golden_with_config("slab_swin_tiny");
     let config = official_swin_config(&metadata);
-    let mut trainer = CpuTrainer::from_state::<SwinTransformer>(&config, &g.subset("param"), Default::default()).unwrap();
-    assert_counters("trainer loaded", &trainer.state(), metadata.field("initial_counters"));
-    let (x, loss_weight, batch) = inputs(&g);
-    let logits = trainer.forward(&x, batch).unwrap();
-    let want = g.get("output.train").unwrap();
-    let as_f64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-    assert_close("trainer logits", &[batch, config.num_classes], &as_f64(&logits), &want.shape, &values_of(want), Tol::Output);
-    // loss = Σ logits ⊙ w, so ∂loss/∂logits = w.
-    trainer.backward(&loss_weight).unwrap();
-    assert_grads("cpu trainer", &trainer.gradients(), &g.subset("grad"));
-    assert_state("cpu trainer after train", &trainer.state(), &g.subset("state_after_train"), Tol::Output);
-
-    let model = trainer.apply_to(config.init(&plain()).unwrap()).unwrap();
-    let want = g.get("output.eval").unwrap();
-    for (form, runtime) in [("unfused", CpuModel::from_plan(model.lower().unwrap()).unwrap()), ("fused", CpuModel::new(&model).unwrap())] {
-        let eval = runtime.forward(&x, batch).unwrap();
-        assert_close(&format!("{form} runtime eval logits"), &[batch, config.num_classes], &as_f64(&eval), &want.shape, &values_of(want), Tol::Output);
-    }
+    check_fast_path_against_golden::<SwinTransformer>("slab_swin_tiny", &g, &config, Some(metadata.field("initial_counters")));
 }
 
 /// The same for timm's key layout (downsample at the start of a stage, `head.fc`, recomputed
 /// buffers) with LayerNorm: train logits and every parameter's gradient, then the eval logits.
 #[test]
 fn cpu_trainer_and_runtime_match_timm_swin() {
-    use slabformer::models::ModelFamily;
-    use slabformer::runtime::{CpuModel, CpuTrainer};
     let g = StateDict::read_safetensors(&golden_dir().join("zoo/swin_tiny_small.safetensors")).unwrap();
     let config = timm_swin_config(&GoldenConfig::of("zoo/swin_tiny_small", &g));
-    let mut trainer = CpuTrainer::from_state::<SwinTransformer>(&config, &g.subset("param"), Default::default()).unwrap();
-    let (x, loss_weight, batch) = inputs(&g);
-    let logits = trainer.forward(&x, batch).unwrap();
-    let as_f64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-    let want = g.get("output.train").unwrap();
-    assert_close("timm trainer logits", &[batch, config.num_classes], &as_f64(&logits), &want.shape, &values_of(want), Tol::Output);
-    trainer.backward(&loss_weight).unwrap();
-    assert_grads("timm cpu trainer", &trainer.gradients(), &g.subset("grad"));
-    let model = trainer.apply_to(config.init(&plain()).unwrap()).unwrap();
-    let eval = CpuModel::from_plan(model.lower().unwrap()).unwrap().forward(&x, batch).unwrap();
-    let want = g.get("output.eval").unwrap();
-    assert_close("timm runtime eval logits", &[batch, config.num_classes], &as_f64(&eval), &want.shape, &values_of(want), Tol::Output);
+    check_fast_path_against_golden::<SwinTransformer>("timm swin", &g, &config, None);
 }

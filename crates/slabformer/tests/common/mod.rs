@@ -278,3 +278,54 @@ pub fn assert_grads(name: &str, ours: &StateDict, want: &StateDict) {
         }
     }
 }
+
+/// A golden file's images and loss weight as flat f32 rows, and its batch.
+pub fn train_inputs(g: &StateDict) -> (Vec<f32>, Vec<f32>, usize) {
+    let f32s = |key: &str| match &g.get(key).unwrap_or_else(|_| panic!("the golden file has no `{key}`")).values {
+        Values::F32(v) => v.clone(),
+        Values::I64(_) => panic!("{key} is not f32"),
+    };
+    (f32s("input.x"), f32s("input.loss_weight"), g.get("input.x").unwrap().shape[0])
+}
+
+/// The fast path against a golden train step: the CPU trainer loaded from the file's `param.*`
+/// (its counters `initial_counters`, where the file states them) gives the official train-mode
+/// logits, the gradient of every parameter and the state after the step (statistics and counters,
+/// where the file holds it); then the CPU runtime's eval logits equal the official ones, from
+/// the trained form's plan and, where the norms fold, the fused model. Returns the trainer's
+/// gradients for the family's own checks.
+pub fn check_fast_path_against_golden<F: slabformer::models::ModelFamily>(name: &str, g: &StateDict, config: &F::Config, initial_counters: Option<&Value>) -> StateDict {
+    use slabformer::models::ImageConfig;
+    use slabformer::runtime::{CpuModel, CpuTrainer};
+    let mut trainer = CpuTrainer::from_state::<F>(config, &g.subset("param"), Default::default()).unwrap();
+    if let Some(counters) = initial_counters {
+        assert_counters(&format!("{name}: trainer loaded"), &trainer.state(), counters);
+    }
+    let (x, loss_weight, batch) = train_inputs(g);
+    let classes = config.num_classes();
+    let as_f64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    let logits = trainer.forward(&x, batch).unwrap();
+    let want = g.get("output.train").unwrap();
+    assert_close(&format!("{name}: trainer logits"), &[batch, classes], &as_f64(&logits), &want.shape, &values_of(want), Tol::Output);
+    // loss = Σ logits ⊙ w, so ∂loss/∂logits = w.
+    trainer.backward(&loss_weight).unwrap();
+    let gradients = trainer.gradients();
+    assert_grads(&format!("{name}: cpu trainer"), &gradients, &g.subset("grad"));
+    // timm's files hold no state after the step: their LayerNorm models change no buffer in it.
+    let after = g.subset("state_after_train");
+    if after.keys().next().is_some() {
+        assert_state(&format!("{name}: cpu trainer after train"), &trainer.state(), &after, Tol::Output);
+    }
+
+    let model: F = trainer.apply_to(F::init(config, &plain()).unwrap()).unwrap();
+    let mut runtimes = vec![("unfused", CpuModel::from_plan(model.lower().unwrap()).unwrap())];
+    if config.folds() {
+        runtimes.push(("fused", CpuModel::new(&model).unwrap()));
+    }
+    let want = g.get("output.eval").unwrap();
+    for (form, runtime) in runtimes {
+        let eval = runtime.forward(&x, batch).unwrap();
+        assert_close(&format!("{name}: {form} runtime eval logits"), &[batch, classes], &as_f64(&eval), &want.shape, &values_of(want), Tol::Output);
+    }
+    gradients
+}
