@@ -353,8 +353,8 @@ impl CswinBlock {
     /// norm1 folded into `qkv` (the only Linear that reads the attention's input), norm2 into
     /// `mlp.fc1`.
     fn fuse(&self) -> Result<DeployBlock> {
-        let (a1, b1) = foldable(&self.norm1)?;
-        let (a2, b2) = foldable(&self.norm2)?;
+        let (a1, b1) = self.norm1.eval_affine()?;
+        let (a2, b2) = self.norm2.eval_affine()?;
         Ok(DeployBlock {
             qkv: fold_into_next_linear(&self.qkv, a1, b1),
             proj: self.proj.clone(),
@@ -362,12 +362,6 @@ impl CswinBlock {
             mlp: Mlp { fc1: fold_into_next_linear(&self.mlp.fc1, a2, b2), fc2: self.mlp.fc2.clone() },
         })
     }
-}
-
-/// A norm's eval-mode affine map, or why it has none.
-fn foldable(norm: &Norm) -> Result<(Tensor<1>, Tensor<1>)> {
-    norm.eval_affine()
-        .ok_or_else(|| Error::Config("LayerNorm models have no foldable norms: only RepBN/PRepBN CSWin models re-parameterize".into()))
 }
 
 #[derive(Module, Debug)]
@@ -418,12 +412,12 @@ impl CswinTransformer {
 
     fn fuse_inference(&self) -> Result<DeployCswin> {
         let conv = |conv: &Conv2d, norm: &Norm| -> Result<Conv2d> {
-            let (a, b) = foldable(norm)?;
+            let (a, b) = norm.eval_affine()?;
             Ok(fold_into_previous_conv(conv, a, b, ConvFold::Exact))
         };
         let merge = |m: &MergeBlock| -> Result<DeployMerge> { Ok(DeployMerge { conv: conv(&m.conv, &m.norm)? }) };
         let [s1, s2, s3, s4] = self.stages().map(|blocks| blocks.iter().map(CswinBlock::fuse).collect::<Result<Vec<_>>>());
-        let (a, b) = foldable(&self.norm)?;
+        let (a, b) = self.norm.eval_affine()?;
         Ok(DeployCswin {
             stage1_conv_embed: DeployConvEmbed { _0: conv(&self.stage1_conv_embed._0, &self.stage1_conv_embed._2)? },
             stage1: s1?,

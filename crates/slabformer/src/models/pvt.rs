@@ -341,9 +341,8 @@ impl Block {
     /// norm1 folded into the attention's input layers (`q`, and `sr` or `kv`), the attention's
     /// own reduction norm into `kv`, norm2 into `mlp.fc1`.
     pub fn fuse(&self) -> Result<DeployBlock> {
-        let not_foldable = || Error::Config("LayerNorm blocks cannot be re-parameterized".into());
-        let (a1, b1) = self.norm1.eval_affine().ok_or_else(not_foldable)?;
-        let (a2, b2) = self.norm2.eval_affine().ok_or_else(not_foldable)?;
+        let (a1, b1) = self.norm1.eval_affine()?;
+        let (a2, b2) = self.norm2.eval_affine()?;
         Ok(DeployBlock {
             attn: self.attn.fuse()?.fold_input(a1, b1)?,
             mlp: Mlp { fc1: fold_into_next_linear(&self.mlp.fc1, a2, b2), fc2: self.mlp.fc2.clone() },

@@ -434,8 +434,8 @@ impl SwinBlock {
     /// norm1 folded into the attention's `qkv`, norm2 into `mlp.fc1`. A padded map is padded with
     /// the token the folded norm1 maps to zero, `−b/a`.
     fn fuse(&self) -> Result<DeploySwinBlock> {
-        let (a1, b1) = self.norm1.eval_affine().ok_or_else(not_foldable)?;
-        let (a2, b2) = self.norm2.eval_affine().ok_or_else(not_foldable)?;
+        let (a1, b1) = self.norm1.eval_affine()?;
+        let (a2, b2) = self.norm2.eval_affine()?;
         let pad = if self.grid.pads() {
             check_invertible(&a1, "a block's norm1 (to pad its windows)")?;
             Some(RunningState::new(b1.clone().neg().div(a1.clone())))
@@ -450,10 +450,6 @@ impl SwinBlock {
             grid: self.grid,
         })
     }
-}
-
-fn not_foldable() -> Error {
-    Error::Config("LayerNorm models have no foldable norms: only RepBN/PRepBN models re-parameterize".into())
 }
 
 /// One stage: its blocks, and the patch merging that the layout places in it, before the blocks
@@ -584,7 +580,7 @@ impl SwinTransformer {
         let model = self.valid();
         let proj = match &model.patch_embed.norm {
             Some(norm) => {
-                let (a, b) = norm.eval_affine().ok_or_else(not_foldable)?;
+                let (a, b) = norm.eval_affine()?;
                 let mode = if how.official_patch_embed { ConvFold::OfficialPatchEmbed { alpha: repbn_alpha(norm) } } else { ConvFold::Exact };
                 fold_into_previous_conv(&model.patch_embed.proj, a, b, mode)
             }
@@ -593,13 +589,13 @@ impl SwinTransformer {
         let mut layers = Vec::with_capacity(model.layers.len());
         for stage in &model.layers {
             let downsample = match &stage.downsample {
-                Some(m) => Some(m.fuse().ok_or_else(not_foldable)?),
+                Some(m) => Some(m.fuse()?),
                 None => None,
             };
             let blocks = stage.blocks.iter().map(SwinBlock::fuse).collect::<Result<Vec<_>>>()?;
             layers.push(DeploySwinStage { blocks, downsample, merge_first: stage.merge_first, merged_resolution: stage.merged_resolution });
         }
-        let (a, b) = model.norm.eval_affine().ok_or_else(not_foldable)?;
+        let (a, b) = model.norm.eval_affine()?;
         let head = match how.final_norm {
             FinalNormFold::Head => model.head.with_linear(fold_into_next_linear(model.head.linear(), a, b)),
             FinalNormFold::LastStage => {

@@ -286,9 +286,8 @@ impl Block {
     /// norm1 folded into the attention's input projections (`qkv`, and the gate if it has one),
     /// norm2 into `mlp.fc1`.
     pub fn fuse(&self) -> Result<DeployBlock> {
-        let not_foldable = || Error::Config("LayerNorm blocks cannot be re-parameterized".into());
-        let (a1, b1) = self.norm1.eval_affine().ok_or_else(not_foldable)?;
-        let (a2, b2) = self.norm2.eval_affine().ok_or_else(not_foldable)?;
+        let (a1, b1) = self.norm1.eval_affine()?;
+        let (a2, b2) = self.norm2.eval_affine()?;
         Ok(DeployBlock {
             attn: self.attn.fold_input(a1, b1),
             mlp: Mlp { fc1: fold_into_next_linear(&self.mlp.fc1, a2, b2), fc2: self.mlp.fc2.clone() },
@@ -462,9 +461,7 @@ impl VisionTransformer {
     }
 
     fn fuse_inference(&self) -> Result<DeployVit> {
-        let final_norm = self.norm.eval_affine().ok_or_else(|| {
-            Error::Config("LayerNorm models have no foldable norms: only RepBN/PRepBN models re-parameterize".into())
-        })?;
+        let final_norm = self.norm.eval_affine()?;
         let blocks = self.blocks.iter().map(Block::fuse).collect::<Result<Vec<_>>>()?;
         let valid = |p: &Param<Tensor<3>>| Param::from_tensor(p.val());
         Ok(DeployVit {

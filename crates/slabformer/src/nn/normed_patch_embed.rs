@@ -9,7 +9,7 @@ use burn::tensor::{Device, Tensor};
 use super::fuse::{ConvFold, fold_into_previous_conv};
 use super::norm::{Norm, NormKind};
 use crate::deploy::onnx::{Graph, ToOnnx};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 #[derive(Module, Debug)]
 pub struct NormedPatchEmbed {
@@ -49,9 +49,7 @@ impl NormedPatchEmbed {
         let Some(norm) = &self.norm else {
             return Ok(self.clone());
         };
-        let (a, b) = norm
-            .eval_affine()
-            .ok_or_else(|| Error::Config("a LayerNorm patch embedding cannot be re-parameterized".into()))?;
+        let (a, b) = norm.eval_affine()?;
         Ok(Self { proj: fold_into_previous_conv(&self.proj, a, b, ConvFold::Exact), norm: None })
     }
 }

@@ -60,10 +60,10 @@ impl PatchMerging {
         Ok(self.forward(x, resolution))
     }
 
-    /// The deploy form: the eval-mode norm folded into `reduction`; `None` for LayerNorm.
-    pub fn fuse(&self) -> Option<DeployPatchMerging> {
+    /// The deploy form: the eval-mode norm folded into `reduction`; an error for LayerNorm.
+    pub fn fuse(&self) -> Result<DeployPatchMerging> {
         let (a, b) = self.norm.eval_affine()?;
-        Some(DeployPatchMerging { reduction: fold_into_next_linear(&self.reduction, a, b) })
+        Ok(DeployPatchMerging { reduction: fold_into_next_linear(&self.reduction, a, b) })
     }
 }
 
@@ -352,7 +352,7 @@ mod tests {
         let scale: f32 = want.clone().abs().max().into_scalar();
         let diff: f32 = got.sub(want).abs().max().into_scalar();
         assert!(diff <= 1e-5 * scale, "{diff} vs {scale}");
-        assert!(PatchMerging::new(6, &NormKind::layer_norm(1e-5), &device).fuse().is_none());
+        assert!(PatchMerging::new(6, &NormKind::layer_norm(1e-5), &device).fuse().is_err());
         assert_eq!(crate::state::trainable_param_count(&merge), PatchMerging::param_count(6, &NormKind::repbn()));
         assert!(merge.try_forward(Tensor::zeros([2, 19, 6], &device), [4, 5]).is_err());
     }

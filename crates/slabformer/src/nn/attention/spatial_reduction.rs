@@ -268,7 +268,7 @@ impl SpatialReductionAttention {
         let Some(norm) = &self.norm else {
             return Ok(self.clone());
         };
-        let (a, b) = norm.eval_affine().ok_or_else(|| Error::Config("a LayerNorm after the reduction conv cannot be re-parameterized".into()))?;
+        let (a, b) = norm.eval_affine()?;
         Ok(Self { kv: fold_into_next_linear(&self.kv, a, b), norm: None, ..self.clone() })
     }
 }

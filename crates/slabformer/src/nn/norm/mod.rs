@@ -390,13 +390,13 @@ impl Norm {
         }
     }
 
-    /// The eval-mode map as `(a, b)` with `y = a ⊙ x + b`, for folding into a neighbour; `None`
-    /// for LayerNorm, whose statistics are computed online and cannot be folded.
-    pub fn eval_affine(&self) -> Option<(Tensor<1>, Tensor<1>)> {
+    /// The eval-mode map as `(a, b)` with `y = a ⊙ x + b`, for folding into a neighbour; an
+    /// error for LayerNorm, whose statistics are computed online and cannot be folded.
+    pub fn eval_affine(&self) -> Result<(Tensor<1>, Tensor<1>)> {
         match self {
-            Norm::LayerNorm(_) => None,
-            Norm::RepBN(n) => Some(n.affine()),
-            Norm::LinearNorm(n) => Some(n.norm2.affine()),
+            Norm::LayerNorm(_) => Err(Error::Config("LayerNorm models have no foldable norms: only RepBN/PRepBN models re-parameterize".into())),
+            Norm::RepBN(n) => Ok(n.affine()),
+            Norm::LinearNorm(n) => Ok(n.norm2.affine()),
         }
     }
 
