@@ -22,6 +22,17 @@ pub struct Position {
     pub epoch: u64,
     /// Optimizer steps of `epoch` already done.
     pub step_in_epoch: u64,
+    /// Steps skipped for a non-finite loss or gradient (`on_nonfinite = "skip"`): counted in
+    /// `step`, not taken by the optimizer.
+    #[serde(default)]
+    pub skipped: u64,
+}
+
+impl Position {
+    /// Optimizer steps actually taken (AdamW's bias-correction count).
+    pub fn optimizer_steps(&self) -> u64 {
+        self.step - self.skipped
+    }
 }
 
 pub fn checkpoint_dir(run: &Path) -> PathBuf {
@@ -52,6 +63,42 @@ pub fn list(run: &Path) -> Vec<PathBuf> {
 
 pub fn latest(run: &Path) -> Option<PathBuf> {
     list(run).pop()
+}
+
+/// The copy of the newest checkpoint known to be healthy (see [`mark_healthy`]).
+pub fn healthy_path(run: &Path) -> PathBuf {
+    checkpoint_dir(run).join("healthy.safetensors")
+}
+
+/// Makes `checkpoint` the run's healthy checkpoint: a hard link (a copy where links fail) under
+/// [`healthy_path`], put in place by a rename. Pruning old `step-*` files leaves it alone.
+pub fn mark_healthy(run: &Path, checkpoint: &Path) -> Result<PathBuf> {
+    let target = healthy_path(run);
+    let tmp = checkpoint_dir(run).join(format!(".healthy.tmp-{}.safetensors", crate::files::unique_suffix()));
+    let io = |source| Error::Io { path: target.clone(), source };
+    if std::fs::hard_link(checkpoint, &tmp).is_err() {
+        std::fs::copy(checkpoint, &tmp).map_err(io)?;
+    }
+    std::fs::rename(&tmp, &target).map_err(io)?;
+    Ok(target)
+}
+
+/// The run position stored in a checkpoint's header, read without its tensors.
+pub fn position_of(path: &Path) -> Result<Position> {
+    use std::io::Read;
+    let bad = |what: String| Error::Format { origin: path.display().to_string(), reason: format!("not a slabformer checkpoint: {what}") };
+    let mut file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| bad(e.to_string()))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100_000_000 {
+        return Err(bad(format!("a header of {len} bytes")));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
+    let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| bad(e.to_string()))?;
+    let position = header["__metadata__"][POSITION_KEY].as_str().ok_or_else(|| bad("no run position".into()))?;
+    serde_json::from_str(position).map_err(|e| bad(e.to_string()))
 }
 
 /// Saves one checkpoint and prunes all but the newest `keep`.
