@@ -388,3 +388,21 @@ fn fuzz_found_inputs_are_errors_naming_the_key_not_panics_or_hangs() {
     let err = slabformer::data::decode_image(&jpeg, Path::new("big.jpg"), 24, 3).unwrap_err().to_string();
     assert!(err.contains("big.jpg") && err.contains("truncated JPEG") && err.contains("14352×2064"), "{err}");
 }
+
+#[test]
+fn truncated_images_are_errors_or_decode_with_a_warning() {
+    let encode = |format| {
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 7]))).write_to(&mut out, format).unwrap();
+        out.into_inner()
+    };
+    let png = encode(image::ImageFormat::Png);
+    let err = slabformer::data::decode_image(&png[..png.len() * 2 / 3], Path::new("cut.png"), 24, 3).unwrap_err().to_string();
+    assert!(err.contains("cut.png"), "{err}");
+    // A JPEG cut short but long enough for its size decodes (its end gray); the loader warns on
+    // stderr that it is truncated.
+    let jpeg = encode(image::ImageFormat::Jpeg);
+    let cut = &jpeg[..jpeg.len() * 2 / 3];
+    assert!(!cut.windows(2).any(|w| w == [0xFF, 0xD9]));
+    assert_eq!(slabformer::data::decode_image(cut, Path::new("cut.jpg"), 24, 3).unwrap().len(), 3 * 24 * 24);
+}

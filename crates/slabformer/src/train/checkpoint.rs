@@ -135,7 +135,7 @@ mod tests {
         let mut dict = StateDict::new("t");
         dict.insert("model.w", StateTensor::f32(vec![2], vec![1.0, 2.0]));
         for step in [10, 20, 30, 40] {
-            let position = Position { step, epoch: step / 20, step_in_epoch: step % 20 };
+            let position = Position { step, epoch: step / 20, step_in_epoch: step % 20, skipped: step / 10 };
             save(run.path(), dict.clone(), position, "x = 1", 2).unwrap();
         }
         let names: Vec<String> = list(run.path()).iter().map(|p| p.file_name().unwrap().to_string_lossy().into()).collect();
@@ -143,7 +143,16 @@ mod tests {
         let leftovers = std::fs::read_dir(checkpoint_dir(run.path())).unwrap().count();
         assert_eq!(leftovers, 2, "no temporary files left behind");
         let (back, position, config) = load(&latest(run.path()).unwrap()).unwrap();
-        assert_eq!(position, Position { step: 40, epoch: 2, step_in_epoch: 0 });
+        assert_eq!(position, Position { step: 40, epoch: 2, step_in_epoch: 0, skipped: 4 });
+        assert_eq!(position_of(&latest(run.path()).unwrap()).unwrap(), position);
+        // A checkpoint marked healthy survives the pruning of its step file.
+        let healthy = mark_healthy(run.path(), &latest(run.path()).unwrap()).unwrap();
+        save(run.path(), dict.clone(), Position { step: 50, ..position }, "x = 1", 1).unwrap();
+        assert_eq!(list(run.path()).len(), 1);
+        assert_eq!(position_of(&healthy).unwrap().step, 40);
+        // Positions written before `skipped` existed read it as 0.
+        let old: Position = serde_json::from_str(r#"{"step":3,"epoch":0,"step_in_epoch":3}"#).unwrap();
+        assert_eq!(old.optimizer_steps(), 3);
         assert_eq!(config, "x = 1");
         assert_eq!(back.get("model.w").unwrap(), dict.get("model.w").unwrap());
         // A foreign safetensors file is refused by name.
