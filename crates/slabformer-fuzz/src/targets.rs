@@ -159,6 +159,8 @@ fn tiny_vit() -> VitConfig {
 
 fn model_file_seeds() -> Vec<Vec<u8>> {
     let device = Device::flex();
+    // Seeded weights: the seeds, hence every input, are the same in every process (--replay).
+    device.seed(0x5EED);
     let config = tiny_vit();
     let model = VisionTransformer::init(&config, &device).expect("tiny config");
     let pre = Preprocess { classes: vec!["a".into(), "b".into(), "c".into()], ..Preprocess::imagenet(3) };
@@ -175,7 +177,22 @@ fn model_file_seeds() -> Vec<Vec<u8>> {
         let bytes = slabformer::with_family!(&any, |Family, c| Family::init(c, &device).and_then(|m| model_bytes(&m, &Preprocess::imagenet(1))));
         seeds.extend(bytes.ok());
     }
-    seeds
+    seeds.iter().map(|s| canonical_header(s)).collect()
+}
+
+/// `file` with its JSON header's keys sorted: safetensors writes the metadata from a HashMap,
+/// whose order differs between processes, and `--replay` needs the same seeds in every process.
+fn canonical_header(file: &[u8]) -> Vec<u8> {
+    let len = u64::from_le_bytes(file[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&file[8..8 + len]).expect("a JSON header");
+    let mut json = serde_json::to_vec(&header).expect("serializes");
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend(json);
+    out.extend_from_slice(&file[8 + len..]);
+    out
 }
 
 fn image_seeds() -> Vec<Vec<u8>> {

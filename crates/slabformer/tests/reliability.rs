@@ -364,6 +364,13 @@ fn fuzz_found_inputs_are_errors_naming_the_key_not_panics_or_hangs() {
     dict.metadata.insert(MODEL_KEY.into(), serde_json::to_string(&huge).unwrap());
     let err = slabformer::deploy::model_file::parse_model_file(&dict.to_safetensors_bytes().unwrap(), Path::new("h.safetensors")).err().expect("refused").to_string();
     assert!(err.contains("h.safetensors") && err.contains("embed_dim = 1099511627776"), "{err}");
+    // Zero sizes: the parameter count divided by zero (found by the long model-file run).
+    for zero in [VitConfig { patch_size: 0, ..tiny.clone() }, VitConfig { num_heads: 0, ..tiny.clone() }] {
+        let mut dict = StateDict::from_safetensors_bytes(&bytes, "m".into()).unwrap();
+        dict.metadata.insert(MODEL_KEY.into(), serde_json::to_string(&AnyConfig::Vit(zero)).unwrap());
+        let err = slabformer::deploy::model_file::parse_model_file(&dict.to_safetensors_bytes().unwrap(), Path::new("z.safetensors")).err().expect("refused").to_string();
+        assert!(err.contains("z.safetensors") && err.contains(MODEL_KEY), "{err}");
+    }
     // An integer buffer (a PRepBN counter) beyond 32 bits: burn's cast panicked on load.
     let mut dict = StateDict::from_safetensors_bytes(&bytes, "m".into()).unwrap();
     let key = dict.iter().find(|(_, t)| matches!(t.values, slabformer::state::Values::I64(_))).map(|(k, _)| k.clone()).expect("the tiny SLAB model has a counter");

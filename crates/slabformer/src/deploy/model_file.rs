@@ -126,6 +126,9 @@ pub fn parse_model_file(bytes: &[u8], path: &Path) -> Result<ModelFile> {
         .or_else(|tagged| serde_json::from_str::<VitConfig>(text).map(AnyConfig::Vit).map_err(|_| tagged))
         .map_err(|e| bad(format!("`{MODEL_KEY}`: {e}")))?;
     config.check_sizes().map_err(|e| bad(format!("`{MODEL_KEY}`: {}", e.to_string().trim_start_matches("invalid config: "))))?;
+    // Validated before anything is computed from it: a fuzzed header with `patch_size = 0` or
+    // `num_heads = 0` divided by zero in the parameter count.
+    config.image().validate().map_err(|e| bad(format!("`{MODEL_KEY}`: {}", e.to_string().trim_start_matches("invalid config: "))))?;
     let preprocess: Preprocess = serde_json::from_str(field(PREPROCESS_KEY)?).map_err(|e| bad(format!("`{PREPROCESS_KEY}`: {e}")))?;
     let kind = field(KIND_KEY)?.clone();
     if kind != "trained" && kind != "deploy" {
