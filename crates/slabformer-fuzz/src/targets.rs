@@ -120,7 +120,9 @@ impl Target {
             Target::Pth => {
                 let path = scratch_file("pth");
                 std::fs::write(&path, input).map_err(|e| e.to_string())?;
-                slabformer::deploy::import::read_pytorch(&path).map(|_| ()).map_err(|e| text(e).replace(&path.display().to_string(), "fuzz.pth"))
+                let result = slabformer::deploy::import::read_pytorch(&path).map(|_| ()).map_err(|e| text(e).replace(&path.display().to_string(), "fuzz.pth"));
+                let _ = std::fs::remove_file(&path);
+                result
             }
             Target::Config => {
                 let source = String::from_utf8_lossy(input);
