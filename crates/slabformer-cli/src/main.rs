@@ -390,6 +390,9 @@ fn train(config: &TrainConfig, out: PathBuf, resume: bool) -> Result<trainer::Su
         out.display()
     );
     let summary = trainer::train(config, &data, &TrainOptions { run_dir: out, resume, progress: true, interrupt_after: None })?;
+    if !summary.skipped.is_empty() {
+        println!("{} step(s) skipped for a non-finite loss or gradient (on_nonfinite = \"skip\"), each named above", summary.skipped.len());
+    }
     let e = &summary.final_eval;
     println!(
         "finished: {} steps ({} trainer) in {:.1} min; test top-1 {:.2} %, top-5 {:.2} %, loss {:.4}; model {}, metrics and plots in {}",

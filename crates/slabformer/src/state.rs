@@ -409,6 +409,14 @@ impl ModuleMapper for Loader<'_> {
             self.errors.push(error);
             return param;
         }
+        // burn's integer tensors hold 32 bits here: a wider value would panic in the cast.
+        if let Some(bad) = values.iter().find(|&&v| i32::try_from(v).is_err()) {
+            self.errors.push(Error::Format {
+                origin: self.dict.origin.clone(),
+                reason: format!("`{key}` holds {bad}, beyond the 32-bit integers of a buffer"),
+            });
+            return param;
+        }
         let device = param.lazy_device();
         let tensor = Tensor::<D, Int>::from_data(TensorData::new(values, ours), &device);
         let id = param.id;
@@ -528,6 +536,29 @@ pub fn collect_grads<M: Module>(module: &M, grads: &Gradients) -> StateDict {
 pub(crate) struct OfficialKey {
     pub key: String,
     pub linear_weight: bool,
+}
+
+/// Every float parameter's and buffer's official key, in the order the module visits them
+/// (input to head).
+pub fn keys_in_order<M: Module>(module: &M) -> Vec<String> {
+    struct Order {
+        path: KeyPath,
+        keys: Vec<String>,
+    }
+    impl ModuleVisitor for Order {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, _param: &Param<Tensor<D>>) {
+            self.keys.push(self.path.key());
+        }
+    }
+    let mut visitor = Order { path: KeyPath::default(), keys: Vec::new() };
+    module.visit(&mut visitor);
+    visitor.keys
 }
 
 /// Every parameter's and buffer's official key, by its id: how the fast path names what it

@@ -9,7 +9,7 @@ use slabformer::data::fetch::fetch_fashion_mnist;
 use slabformer::deploy::model_file::{MODEL_KEY, Preprocess, model_bytes, read_model_file};
 use slabformer::models::{AnyConfig, ModelFamily, VisionTransformer, VitConfig};
 use slabformer::state::StateDict;
-use slabformer::train::config::TrainConfig;
+use slabformer::train::config::{OnNonFinite, TrainConfig, TrainEngine};
 use slabformer::train::metrics::Metrics;
 use slabformer::train::{TrainOptions, load_datasets, train};
 
@@ -73,10 +73,15 @@ fn a_run_folder_held_by_another_training_is_refused_naming_it_and_the_holder() {
 #[test]
 fn configs_that_cannot_fit_in_memory_are_refused_before_allocating() {
     let mut config = tiny_config();
-    config.model.set("embed_dim", 1_000_000);
+    config.model.set("embed_dim", 65536);
+    config.model.set("depth", 1000);
     config.model.set("num_heads", 1);
     let err = config.resolve(200).unwrap_err().to_string();
-    assert!(err.contains("embed_dim = 1000000") && err.contains("bytes"), "{err}");
+    assert!(err.contains("embed_dim = 65536") && err.contains("bytes"), "{err}");
+    // Beyond any model's size: refused by key before anything is computed from it.
+    config.model.set("embed_dim", 1_000_000);
+    let err = config.resolve(200).unwrap_err().to_string();
+    assert!(err.contains("model.embed_dim = 1000000 is beyond"), "{err}");
 
     // A model file of a tiny model whose header claims a huge one.
     let dir = tempfile::tempdir().unwrap();
@@ -84,7 +89,7 @@ fn configs_that_cannot_fit_in_memory_are_refused_before_allocating() {
     let model = VisionTransformer::init(&tiny, &burn::tensor::Device::flex()).unwrap();
     let bytes = model_bytes(&model, &Preprocess::imagenet(3)).unwrap();
     let mut dict = StateDict::from_safetensors_bytes(&bytes, "m".into()).unwrap();
-    let huge = AnyConfig::Vit(VitConfig { embed_dim: 1_000_000, depth: 1000, num_heads: 1, ..tiny });
+    let huge = AnyConfig::Vit(VitConfig { embed_dim: 65536, depth: 1000, num_heads: 1, ..tiny });
     dict.metadata.insert(MODEL_KEY.into(), serde_json::to_string(&huge).unwrap());
     let path = dir.path().join("huge.safetensors");
     std::fs::write(&path, dict.to_safetensors_bytes().unwrap()).unwrap();
@@ -140,13 +145,14 @@ fn a_run_killed_before_its_first_checkpoint_resumes_from_step_zero() {
     }
     let steps: Vec<u64> = metrics(run.path()).steps.iter().map(|r| r.step).collect();
     assert_eq!(steps, (1..=20).collect::<Vec<_>>());
-    // Another config than the stored one is refused as for a checkpoint.
+    // Another config than the stored one is refused as for a checkpoint (beyond the resume
+    // overrides), naming the key.
     let other = tempfile::tempdir().unwrap();
     std::fs::write(other.path().join("config.toml"), config.to_toml()).unwrap();
     let mut changed = config.clone();
-    changed.optim.lr *= 2.0;
+    changed.optim.weight_decay *= 2.0;
     let err = train(&changed, &data, &TrainOptions { resume: true, ..options(other.path()) }).unwrap_err().to_string();
-    assert!(err.contains("another training config"), "{err}");
+    assert!(err.contains("another training config") && err.contains("optim.weight_decay"), "{err}");
 }
 
 #[test]
@@ -218,4 +224,192 @@ fn outputs_and_missing_files_get_plain_messages() {
     std::fs::write(&text, "just some text, not a checkpoint\n").unwrap();
     let err = slabformer::deploy::import::read_pytorch(&text).unwrap_err().to_string();
     assert!(err.contains("notes.pth") && err.contains("expected") && !err.contains("safetensors"), "{err}");
+}
+
+/// The tiny run at a learning rate that makes most steps from step ~8 on non-finite (both
+/// engines see the same steps: they compute the same thing).
+fn diverging(engine: TrainEngine) -> TrainConfig {
+    let mut c = tiny_config();
+    c.optim.lr = 3000.0;
+    c.run.engine = engine;
+    // Re-calibration runs outside the policy (see docs/reliability.md): at these weights it
+    // would fill the BatchNorm statistics with NaN.
+    c.run.recalibrate_epochs = 0;
+    c
+}
+
+/// The step number after `marker` ("at step ", "skipped step ") in `text`.
+fn step_after(text: &str, marker: &str) -> u64 {
+    let at = text.find(marker).unwrap_or_else(|| panic!("no `{marker}` in: {text}")) + marker.len();
+    text[at..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
+}
+
+#[test]
+fn a_diverging_run_stops_naming_the_step_or_skips_restoring_the_state_on_both_engines() {
+    let data = load_datasets(&tiny_config()).unwrap();
+    for engine in [TrainEngine::Cpu, TrainEngine::Burn] {
+        // "stop": the error names the step, where it went non-finite, and a healthy checkpoint
+        // only if one is.
+        let run = tempfile::tempdir().unwrap();
+        let err = train(&diverging(engine), &data, &options(run.path())).unwrap_err().to_string();
+        let nan_step = step_after(&err, "at step ");
+        assert!(err.contains("is NaN") || err.contains("is inf"), "{engine:?}: {err}");
+        assert!(err.contains("first layer with non-finite activations") || err.contains("non-finite weights") || err.contains("non-finite gradients"), "{engine:?}: {err}");
+        if err.contains("Last healthy checkpoint") {
+            let healthy = slabformer::train::checkpoint::healthy_path(run.path());
+            let at = slabformer::train::checkpoint::position_of(&healthy).unwrap().step;
+            assert!(err.contains(&format!("(step {at})")) && at < nan_step, "{engine:?}: {err}");
+        } else {
+            assert!(err.contains("No healthy checkpoint yet"), "{engine:?}: {err}");
+        }
+
+        // "skip" with room for the streak: the run gets through; every skip is logged with its
+        // step, the first no later than where "stop" stopped ("skip" also checks the BatchNorm
+        // statistics after each step, which overflow before the loss does).
+        let mut skip = diverging(engine);
+        skip.run.on_nonfinite = OnNonFinite::Skip;
+        skip.run.max_skips_in_a_row = 20;
+        let run = tempfile::tempdir().unwrap();
+        let summary = train(&skip, &data, &options(run.path())).unwrap();
+        assert_eq!(summary.steps, 20, "{engine:?}");
+        assert!(!summary.skipped.is_empty(), "{engine:?}: the learning rate no longer diverges; the test needs another");
+        let first_skip = step_after(&summary.skipped[0], "skipped step ");
+        assert!(first_skip <= nan_step, "{engine:?}: {:?}", summary.skipped);
+        assert_eq!(step_after(&summary.skipped[1], "skipped step "), first_skip + 1, "{engine:?}: a streak: {:?}", summary.skipped);
+        // Skipped steps train nothing: no metrics row, and the weights stay finite.
+        let rows = metrics(run.path()).steps;
+        assert_eq!(rows.len() + summary.skipped.len(), 20, "{engine:?}");
+        assert!(rows.iter().all(|r| r.loss.is_finite()));
+        let model = StateDict::read_safetensors(&run.path().join("model.safetensors")).unwrap();
+        for (key, t) in model.iter() {
+            if let slabformer::state::Values::F32(v) = &t.values {
+                assert!(v.iter().all(|x| x.is_finite()), "{engine:?}: `{key}` is not finite");
+            }
+        }
+
+        // "skip" with max_skips_in_a_row = 3: stops at the third skip in a row, saying so.
+        skip.run.max_skips_in_a_row = 3;
+        let run = tempfile::tempdir().unwrap();
+        let err = train(&skip, &data, &options(run.path())).unwrap_err().to_string();
+        assert!(err.contains("3 steps in a row were skipped") && step_after(&err, "at step ") == first_skip + 2, "{engine:?}: {err}");
+    }
+}
+
+#[test]
+fn a_run_with_skipped_steps_resumes_bit_for_bit() {
+    let mut config = diverging(TrainEngine::Auto);
+    config.run.on_nonfinite = OnNonFinite::Skip;
+    config.run.max_skips_in_a_row = 20;
+    let data = load_datasets(&config).unwrap();
+    let straight = tempfile::tempdir().unwrap();
+    let summary = train(&config, &data, &options(straight.path())).unwrap();
+    assert!(summary.skipped.len() >= 2, "{:?}", summary.skipped);
+    // Interrupted after step 15: the checkpoint of step 14 already counts skipped steps.
+    let run = tempfile::tempdir().unwrap();
+    train(&config, &data, &TrainOptions { interrupt_after: Some(15), ..options(run.path()) }).unwrap_err();
+    let latest = slabformer::train::checkpoint::latest(run.path()).unwrap();
+    assert!(slabformer::train::checkpoint::position_of(&latest).unwrap().skipped > 0, "the resume must start after a skip");
+    train(&config, &data, &TrainOptions { resume: true, ..options(run.path()) }).unwrap();
+    let read = |dir: &Path| StateDict::read_safetensors(&dir.join("model.safetensors")).unwrap();
+    let (a, b) = (read(straight.path()), read(run.path()));
+    for (key, t) in a.iter() {
+        assert_eq!(b.get(key).unwrap(), t, "`{key}`");
+    }
+    let losses = |dir: &Path| metrics(dir).steps.iter().map(|r| (r.step, r.loss)).collect::<Vec<_>>();
+    assert_eq!(losses(straight.path()), losses(run.path()));
+}
+
+#[test]
+fn resume_accepts_the_documented_overrides_with_a_warning_and_refuses_others_by_key() {
+    let config = tiny_config();
+    let data = load_datasets(&config).unwrap();
+    let run = tempfile::tempdir().unwrap();
+    train(&config, &data, &TrainOptions { interrupt_after: Some(9), ..options(run.path()) }).unwrap_err();
+    let mut refused = config.clone();
+    refused.run.batch_size = 10;
+    let err = train(&refused, &data, &TrainOptions { resume: true, ..options(run.path()) }).unwrap_err().to_string();
+    assert!(err.contains("run.batch_size = 10") && err.contains("optim.lr"), "{err}");
+    let mut changed = config.clone();
+    changed.optim.lr = 0.05;
+    changed.optim.clip_grad = Some(1.0);
+    changed.run.epochs = 3;
+    let summary = train(&changed, &data, &TrainOptions { resume: true, ..options(run.path()) }).unwrap();
+    assert_eq!(summary.steps, 30, "the new epoch count is followed");
+    for key in ["optim.lr = 0.05", "optim.clip_grad = 1.0", "run.epochs = 3"] {
+        assert!(summary.warnings.iter().any(|w| w.contains(key) && w.contains("started with")), "{key}: {:?}", summary.warnings);
+    }
+    // The run now carries the new config: resuming it again with that config changes nothing.
+    let stored = std::fs::read_to_string(run.path().join("config.toml")).unwrap();
+    assert_eq!(TrainConfig::from_toml(&stored, "stored").unwrap(), changed);
+    let again = train(&changed, &data, &TrainOptions { resume: true, ..options(run.path()) }).unwrap();
+    assert!(again.warnings.iter().all(|w| !w.contains("started with")), "{:?}", again.warnings);
+}
+
+#[test]
+fn fuzz_found_inputs_are_errors_naming_the_key_not_panics_or_hangs() {
+    // A header of the Swin family whose first stage has i64::MAX blocks: the parameter count
+    // looped over every block (a hang).
+    let text = TrainConfig::preset("fashion-slab-swin").unwrap().to_toml();
+    let mut config = TrainConfig::from_toml(&text, "x").unwrap();
+    config.model.set("depths", toml::Value::Array(vec![toml::Value::Integer(i64::MAX), toml::Value::Integer(2)]));
+    let started = std::time::Instant::now();
+    let err = config.resolve(60_000).unwrap_err().to_string();
+    assert!(err.contains("model.depths[0] = 9223372036854775807") && started.elapsed().as_secs() < 5, "{err}");
+    // The same in a model file's header.
+    let tiny = VitConfig { img_size: 16, patch_size: 4, embed_dim: 12, depth: 1, num_heads: 2, num_classes: 3, ..VitConfig::slab_deit_tiny() };
+    let model = VisionTransformer::init(&tiny, &burn::tensor::Device::flex()).unwrap();
+    let bytes = model_bytes(&model, &Preprocess::imagenet(3)).unwrap();
+    let mut dict = StateDict::from_safetensors_bytes(&bytes, "m".into()).unwrap();
+    let huge = AnyConfig::Vit(VitConfig { embed_dim: 1 << 40, ..tiny.clone() });
+    dict.metadata.insert(MODEL_KEY.into(), serde_json::to_string(&huge).unwrap());
+    let err = slabformer::deploy::model_file::parse_model_file(&dict.to_safetensors_bytes().unwrap(), Path::new("h.safetensors")).err().expect("refused").to_string();
+    assert!(err.contains("h.safetensors") && err.contains("embed_dim = 1099511627776"), "{err}");
+    // Zero sizes: the parameter count divided by zero (found by the long model-file run).
+    for zero in [VitConfig { patch_size: 0, ..tiny.clone() }, VitConfig { num_heads: 0, ..tiny.clone() }] {
+        let mut dict = StateDict::from_safetensors_bytes(&bytes, "m".into()).unwrap();
+        dict.metadata.insert(MODEL_KEY.into(), serde_json::to_string(&AnyConfig::Vit(zero)).unwrap());
+        let err = slabformer::deploy::model_file::parse_model_file(&dict.to_safetensors_bytes().unwrap(), Path::new("z.safetensors")).err().expect("refused").to_string();
+        assert!(err.contains("z.safetensors") && err.contains(MODEL_KEY), "{err}");
+    }
+    // An integer buffer (a PRepBN counter) beyond 32 bits: burn's cast panicked on load.
+    let mut dict = StateDict::from_safetensors_bytes(&bytes, "m".into()).unwrap();
+    let key = dict.iter().find(|(_, t)| matches!(t.values, slabformer::state::Values::I64(_))).map(|(k, _)| k.clone()).expect("the tiny SLAB model has a counter");
+    let shape = dict.get(&key).unwrap().shape.clone();
+    let n: usize = shape.iter().product();
+    dict.insert(key.clone(), slabformer::state::StateTensor { shape, values: slabformer::state::Values::I64(vec![1 << 40; n.max(1)]) });
+    let file = slabformer::deploy::model_file::parse_model_file(&dict.to_safetensors_bytes().unwrap(), Path::new("c.safetensors")).unwrap();
+    let err = file.load::<VisionTransformer>(&burn::tensor::Device::flex()).err().expect("refused").to_string();
+    assert!(err.contains(&key) && err.contains("1099511627776"), "{err}");
+    // An integer beyond TOML's i64 in a u64 field: read by the typed reader, it could not be
+    // written back (`expect("config serializes")` panicked in resolve).
+    let text = format!("{}\n", tiny_config().to_toml()).replace("seed = 0", "seed = 18446744073709551615");
+    assert!(text.contains("18446744073709551615"));
+    let err = TrainConfig::from_toml(&text, "big.toml").unwrap_err().to_string();
+    assert!(err.contains("big.toml"), "{err}");
+    // A JPEG whose header declares 14352×2064 in 738 bytes: seconds of decoding gray.
+    let mut jpeg = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(16, 16, image::Rgb([9, 99, 199]))).write_to(&mut jpeg, image::ImageFormat::Jpeg).unwrap();
+    let mut jpeg = jpeg.into_inner();
+    let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+    jpeg[sof + 5..sof + 9].copy_from_slice(&[0x08, 0x10, 0x38, 0x10]); // height 2064, width 14352
+    let err = slabformer::data::decode_image(&jpeg, Path::new("big.jpg"), 24, 3).unwrap_err().to_string();
+    assert!(err.contains("big.jpg") && err.contains("truncated JPEG") && err.contains("14352×2064"), "{err}");
+}
+
+#[test]
+fn truncated_images_are_errors_or_decode_with_a_warning() {
+    let encode = |format| {
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 7]))).write_to(&mut out, format).unwrap();
+        out.into_inner()
+    };
+    let png = encode(image::ImageFormat::Png);
+    let err = slabformer::data::decode_image(&png[..png.len() * 2 / 3], Path::new("cut.png"), 24, 3).unwrap_err().to_string();
+    assert!(err.contains("cut.png"), "{err}");
+    // A JPEG cut short but long enough for its size decodes (its end gray); the loader warns on
+    // stderr that it is truncated.
+    let jpeg = encode(image::ImageFormat::Jpeg);
+    let cut = &jpeg[..jpeg.len() * 2 / 3];
+    assert!(!cut.windows(2).any(|w| w == [0xFF, 0xD9]));
+    assert_eq!(slabformer::data::decode_image(cut, Path::new("cut.jpg"), 24, 3).unwrap().len(), 3 * 24 * 24);
 }

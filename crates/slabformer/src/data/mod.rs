@@ -116,26 +116,37 @@ fn be_u32(bytes: &[u8], at: usize) -> u32 {
 
 /// An idx3 image file (magic 0x00000803): `(count, rows, cols, pixels)`.
 pub fn read_idx_images(path: &Path) -> Result<(usize, usize, usize, Vec<u8>)> {
-    let bytes = read(path)?;
-    if bytes.len() < 16 || be_u32(&bytes, 0) != 0x0803 {
+    parse_idx_images(&read(path)?, path)
+}
+
+/// [`read_idx_images`] on the file's bytes (`path` names it in errors). The header's sizes are
+/// multiplied in u64 with overflow checks: a header whose product does not fit is refused, it
+/// cannot wrap around to the file's length.
+pub fn parse_idx_images(bytes: &[u8], path: &Path) -> Result<(usize, usize, usize, Vec<u8>)> {
+    if bytes.len() < 16 || be_u32(bytes, 0) != 0x0803 {
         return Err(data_error(path, "not an idx3 image file (magic 0x00000803)"));
     }
-    let (n, rows, cols) = (be_u32(&bytes, 4) as usize, be_u32(&bytes, 8) as usize, be_u32(&bytes, 12) as usize);
-    let want = 16 + n * rows * cols;
-    if bytes.len() != want {
-        return Err(data_error(path, format!("{} bytes, the header implies {want}", bytes.len())));
+    let (n, rows, cols) = (be_u32(bytes, 4), be_u32(bytes, 8), be_u32(bytes, 12));
+    let want = u64::from(n).checked_mul(u64::from(rows)).and_then(|p| p.checked_mul(u64::from(cols))).and_then(|p| p.checked_add(16));
+    if want != Some(bytes.len() as u64) {
+        let implied = want.map_or("more than 2^64".to_string(), |w| w.to_string());
+        return Err(data_error(path, format!("{} bytes, the header ({n} images of {rows}×{cols}) implies {implied}", bytes.len())));
     }
-    Ok((n, rows, cols, bytes[16..].to_vec()))
+    Ok((n as usize, rows as usize, cols as usize, bytes[16..].to_vec()))
 }
 
 /// An idx1 label file (magic 0x00000801).
 pub fn read_idx_labels(path: &Path) -> Result<Vec<u8>> {
-    let bytes = read(path)?;
-    if bytes.len() < 8 || be_u32(&bytes, 0) != 0x0801 {
+    parse_idx_labels(&read(path)?, path)
+}
+
+/// [`read_idx_labels`] on the file's bytes.
+pub fn parse_idx_labels(bytes: &[u8], path: &Path) -> Result<Vec<u8>> {
+    if bytes.len() < 8 || be_u32(bytes, 0) != 0x0801 {
         return Err(data_error(path, "not an idx1 label file (magic 0x00000801)"));
     }
-    let n = be_u32(&bytes, 4) as usize;
-    if bytes.len() != 8 + n {
+    let n = u64::from(be_u32(bytes, 4));
+    if bytes.len() as u64 != 8 + n {
         return Err(data_error(path, format!("{} bytes, the header implies {}", bytes.len(), 8 + n)));
     }
     Ok(bytes[8..].to_vec())
@@ -228,25 +239,73 @@ pub fn load_image(path: &Path, size: usize) -> Result<Vec<u8>> {
     load_image_channels(path, size, 3)
 }
 
+/// Largest image side the loaders decode, and the most bytes a decoder may allocate: an
+/// 8192×8192 RGB image (192 MiB) fits; a corrupt header claiming 65535×65535 is refused before
+/// its pixels are allocated.
+pub const MAX_IMAGE_SIDE: u32 = 16384;
+pub const MAX_IMAGE_ALLOC: u64 = 256 << 20;
+
+/// Pixels a JPEG file can hold per byte: every 8×8 block's DC coefficient takes at least one
+/// bit in the first scan (baseline or progressive), so 64 × 8 pixels per byte at most.
+const JPEG_MAX_PIXELS_PER_BYTE: u64 = 512;
+
+/// A JPEG cut short decodes without an error, its missing part gray. A file too short for the
+/// size its header declares is refused (a fuzzed 738-byte file declared 14352×2064 and took
+/// seconds to decode); one without its end-of-image marker is decoded with a warning on stderr.
+fn check_jpeg_length(bytes: &[u8], path: &Path) -> Result<()> {
+    let (w, h) = image::ImageReader::with_format(std::io::Cursor::new(bytes), image::ImageFormat::Jpeg)
+        .into_dimensions()
+        .map_err(|e| data_error(path, format!("cannot decode image: {e}")))?;
+    if u64::from(w) * u64::from(h) > JPEG_MAX_PIXELS_PER_BYTE * bytes.len() as u64 {
+        return Err(data_error(path, format!("truncated JPEG: {} bytes cannot hold the {w}×{h} image its header declares", bytes.len())));
+    }
+    // FF D9 ends the image; in the entropy-coded data an FF byte is always followed by 00 or a
+    // restart marker, so the pair is the marker (or a thumbnail's, which a heuristic accepts).
+    if !bytes.windows(2).any(|pair| pair == [0xFF, 0xD9]) {
+        eprintln!("warning: {}: truncated JPEG (no end-of-image marker): its missing part is decoded as gray", path.display());
+    }
+    Ok(())
+}
+
 /// One image file as (channels, size, size) bytes: 3 for RGB, 1 for luma.
 pub fn load_image_channels(path: &Path, size: usize, channels: usize) -> Result<Vec<u8>> {
-    let image = image::open(path).map_err(|e| data_error(path, format!("cannot decode image: {e}")))?;
-    let resized = image.resize_exact(size as u32, size as u32, image::imageops::FilterType::Triangle);
-    let hw = size * size;
-    match channels {
-        1 => Ok(resized.to_luma8().into_raw()),
-        3 => {
-            let raw = resized.to_rgb8().into_raw();
-            let mut chw = vec![0u8; 3 * hw];
-            for (i, px) in raw.chunks_exact(3).enumerate() {
-                for c in 0..3 {
-                    chw[c * hw + i] = px[c];
-                }
-            }
-            Ok(chw)
-        }
-        other => Err(data_error(path, format!("models with {other} input channels take no image files"))),
+    decode_image(&read(path)?, path, size, channels)
+}
+
+/// [`load_image_channels`] on the file's bytes (`path` names it in errors).
+pub fn decode_image(bytes: &[u8], path: &Path, size: usize, channels: usize) -> Result<Vec<u8>> {
+    if !matches!(channels, 1 | 3) {
+        return Err(data_error(path, format!("models with {channels} input channels take no image files")));
     }
+    let side = u32::try_from(size).ok().filter(|&s| s > 0 && s <= MAX_IMAGE_SIDE);
+    let Some(side) = side else {
+        return Err(data_error(path, format!("images are resized to {size}×{size}: the side must lie in 1..={MAX_IMAGE_SIDE}")));
+    };
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_ALLOC);
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| data_error(path, format!("cannot read image: {e}")))?;
+    if reader.format() == Some(image::ImageFormat::Jpeg) {
+        check_jpeg_length(bytes, path)?;
+    }
+    reader.limits(limits);
+    let image = reader.decode().map_err(|e| data_error(path, format!("cannot decode image: {e}")))?;
+    let resized = image.resize_exact(side, side, image::imageops::FilterType::Triangle);
+    let hw = size * size;
+    if channels == 1 {
+        return Ok(resized.to_luma8().into_raw());
+    }
+    let raw = resized.to_rgb8().into_raw();
+    let mut chw = vec![0u8; 3 * hw];
+    for (i, px) in raw.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            chw[c * hw + i] = px[c];
+        }
+    }
+    Ok(chw)
 }
 
 #[cfg(test)]
@@ -266,6 +325,11 @@ mod tests {
         std::fs::write(&images, &bytes[..20]).unwrap();
         let err = read_idx_images(&images).unwrap_err().to_string();
         assert!(err.contains("imgs") && err.contains("implies"), "{err}");
+        // Sizes whose product wraps around to the file's length in 64 bits (2^31 · 2^31 · 4 =
+        // 2^64 ≡ 0): a 16-byte file passed as 2^31 images before the product was checked.
+        let wrapping = [0, 0, 8, 3, 0x80, 0, 0, 0, 0x80, 0, 0, 0, 0, 0, 0, 4];
+        let err = parse_idx_images(&wrapping, Path::new("wrap")).unwrap_err().to_string();
+        assert!(err.contains("wrap") && err.contains("more than 2^64"), "{err}");
         let labels = dir.path().join("labels");
         std::fs::write(&labels, [0, 0, 8, 1, 0, 0, 0, 2, 7, 9]).unwrap();
         assert_eq!(read_idx_labels(&labels).unwrap(), vec![7, 9]);

@@ -106,7 +106,13 @@ pub struct ModelFile {
 /// Reads a model file written by [`save_model`] / [`save_deploy`]; files without the header are
 /// refused by name. [`ModelFile::load`] rebuilds the model.
 pub fn read_model_file(path: &Path) -> Result<ModelFile> {
-    let dict = StateDict::read_safetensors(path)?;
+    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    parse_model_file(&bytes, path)
+}
+
+/// [`read_model_file`] on the file's bytes (`path` names it in errors).
+pub fn parse_model_file(bytes: &[u8], path: &Path) -> Result<ModelFile> {
+    let dict = StateDict::from_safetensors_bytes(bytes, path.display().to_string())?;
     let bad = |reason: String| Error::Data { path: path.to_path_buf(), reason };
     if dict.metadata.get(FORMAT_KEY).map(String::as_str) != Some(FORMAT) {
         return Err(bad(format!(
@@ -119,6 +125,10 @@ pub fn read_model_file(path: &Path) -> Result<ModelFile> {
     let config = serde_json::from_str::<AnyConfig>(text)
         .or_else(|tagged| serde_json::from_str::<VitConfig>(text).map(AnyConfig::Vit).map_err(|_| tagged))
         .map_err(|e| bad(format!("`{MODEL_KEY}`: {e}")))?;
+    config.check_sizes().map_err(|e| bad(format!("`{MODEL_KEY}`: {}", e.to_string().trim_start_matches("invalid config: "))))?;
+    // Validated before anything is computed from it: a fuzzed header with `patch_size = 0` or
+    // `num_heads = 0` divided by zero in the parameter count.
+    config.image().validate().map_err(|e| bad(format!("`{MODEL_KEY}`: {}", e.to_string().trim_start_matches("invalid config: "))))?;
     let preprocess: Preprocess = serde_json::from_str(field(PREPROCESS_KEY)?).map_err(|e| bad(format!("`{PREPROCESS_KEY}`: {e}")))?;
     let kind = field(KIND_KEY)?.clone();
     if kind != "trained" && kind != "deploy" {

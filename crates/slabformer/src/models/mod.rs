@@ -97,6 +97,47 @@ pub trait ModelFamily: ImageClassifier + ToOnnx + Clone + Sized {
     fn lower_deploy(deploy: &Self::Deploy) -> Result<Plan>;
 }
 
+/// Largest size (width, image side, patch, window, heads, …) a model config may hold.
+pub const MAX_CONFIG_SIZE: u64 = 1 << 16;
+/// Largest class count.
+pub const MAX_CLASSES: u64 = 1 << 20;
+/// Most blocks a model may have over all its stages.
+pub const MAX_BLOCKS: u64 = 4096;
+/// Largest ratio (MLP width per channel and the like).
+pub const MAX_RATIO: f64 = 64.0;
+
+fn check_sizes_under(value: &serde_json::Value, key: &str, blocks: &mut u64) -> Result<()> {
+    use serde_json::Value;
+    let leaf = key.rsplit('.').next().unwrap_or(key);
+    let leaf = leaf.split('[').next().unwrap_or(leaf);
+    match value {
+        // PRepBN schedules count steps, not sizes.
+        Value::Object(_) if leaf == "prepbn" || leaf == "schedule" => Ok(()),
+        Value::Object(fields) => fields
+            .iter()
+            .try_for_each(|(k, v)| check_sizes_under(v, &if key.is_empty() { k.clone() } else { format!("{key}.{k}") }, blocks)),
+        Value::Array(items) => items.iter().enumerate().try_for_each(|(i, v)| check_sizes_under(v, &format!("{key}[{i}]"), blocks)),
+        Value::Number(n) => {
+            if let Some(v) = n.as_u64() {
+                let bound = if leaf == "num_classes" { MAX_CLASSES } else { MAX_CONFIG_SIZE };
+                if v > bound {
+                    return Err(Error::Config(format!("{key} = {v} is beyond any model's size (at most {bound})")));
+                }
+                if leaf == "depth" || leaf == "depths" {
+                    *blocks += v;
+                }
+            } else if let Some(f) = n.as_f64()
+                && leaf.contains("ratio")
+                && !(f.abs() <= MAX_RATIO)
+            {
+                return Err(Error::Config(format!("{key} = {f} is beyond any model's ratio (at most {MAX_RATIO})")));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A config of any family, tagged with its family (`family = "vit"`) in files.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "family", rename_all = "snake_case")]
@@ -153,6 +194,22 @@ impl AnyConfig {
 
     pub fn param_count(&self) -> usize {
         with_family!(self, |F, c| F::param_count(c))
+    }
+
+    /// Refuses sizes no model has, by key, before anything is computed from them: a fuzzed
+    /// header with `depths = [9223372036854775807, 2]` made the parameter count loop for ever,
+    /// and products of huge sizes wrap around in `param_count`'s usize arithmetic. With every
+    /// size ≤ [`MAX_CONFIG_SIZE`] (classes ≤ [`MAX_CLASSES`]), ≤ [`MAX_BLOCKS`] blocks in all and
+    /// ratios ≤ [`MAX_RATIO`], every family's count stays far below 2^63. The PRepBN step
+    /// counters are not sizes and are not bounded.
+    pub fn check_sizes(&self) -> Result<()> {
+        let tree = serde_json::to_value(self).map_err(|e| Error::Config(e.to_string()))?;
+        let mut blocks = 0u64;
+        check_sizes_under(&tree, "", &mut blocks)?;
+        if blocks > MAX_BLOCKS {
+            return Err(Error::Config(format!("the model has {blocks} blocks in all (depth/depths); at most {MAX_BLOCKS} are supported")));
+        }
+        Ok(())
     }
 
     pub fn macs(&self) -> u64 {

@@ -245,6 +245,11 @@ impl CpuTrainer {
         Ok(())
     }
 
+    /// Optimizer steps taken (AdamW's bias-correction count).
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
     /// What the next training-mode call of the first block's norm computes (PRepBN models only),
     /// as [`VisionTransformer::prepbn_phase`] tells for the burn model.
     pub fn prepbn_phase(&self) -> Option<Phase> {

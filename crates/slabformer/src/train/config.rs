@@ -71,7 +71,9 @@ impl ModelSpec {
             .iter()
             .map(|(k, v)| Ok((k.clone(), serde_json::to_value(v).map_err(|e| Error::Config(format!("model.{k}: {e}")))?)))
             .collect::<Result<serde_json::Map<_, _>>>()?;
-        preset.with_overrides(&overrides).map_err(|e| Error::Config(format!("[model] of preset `{}`: {e}", self.preset)))
+        let config = preset.with_overrides(&overrides).map_err(|e| Error::Config(format!("[model] of preset `{}`: {e}", self.preset)))?;
+        config.check_sizes().map_err(|e| Error::Config(format!("[model] of preset `{}`: model.{}", self.preset, e.to_string().trim_start_matches("invalid config: "))))?;
+        Ok(config)
     }
 }
 
@@ -132,6 +134,24 @@ pub struct RunConfig {
     pub max_steps: Option<u64>,
     /// What runs the training steps (default `auto`).
     pub engine: TrainEngine,
+    /// What a non-finite loss or gradient norm does (default `stop`).
+    pub on_nonfinite: OnNonFinite,
+    /// With `on_nonfinite = "skip"`: the run stops after this many skipped steps in a row
+    /// (default 5).
+    pub max_skips_in_a_row: u64,
+}
+
+/// What a step whose loss or gradient norm is NaN or ∞ does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNonFinite {
+    /// The run stops with an error naming the step and the last healthy checkpoint.
+    #[default]
+    Stop,
+    /// The step is not taken: its batches are dropped and the state before it (weights,
+    /// statistics, counters, optimizer moments, EMA) is restored; the run goes on with the next
+    /// batches and stops after `max_skips_in_a_row` skips in a row.
+    Skip,
 }
 
 /// What runs the training steps.
@@ -161,6 +181,8 @@ impl Default for RunConfig {
             seed: 0,
             max_steps: None,
             engine: TrainEngine::Auto,
+            on_nonfinite: OnNonFinite::Stop,
+            max_skips_in_a_row: 5,
         }
     }
 }
@@ -227,6 +249,21 @@ pub struct Validated {
     pub warnings: Vec<String>,
 }
 
+/// Every leaf of `config` by dotted key (arrays are leaves), as TOML writes it.
+fn flat_keys(config: &TrainConfig) -> BTreeMap<String, String> {
+    fn walk(value: &toml::Value, key: &str, out: &mut BTreeMap<String, String>) {
+        match value {
+            toml::Value::Table(table) => table.iter().for_each(|(k, v)| walk(v, &if key.is_empty() { k.clone() } else { format!("{key}.{k}") }, out)),
+            leaf => {
+                out.insert(key.to_string(), leaf.to_string());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(&toml::Value::try_from(config).expect("config serializes"), "", &mut out);
+    out
+}
+
 /// The first non-finite float under `value`, with its dotted key (`optim.betas[1]`).
 fn non_finite(value: &toml::Value, key: &str) -> Option<(String, f64)> {
     match value {
@@ -239,6 +276,10 @@ fn non_finite(value: &toml::Value, key: &str) -> Option<(String, f64)> {
 
 impl TrainConfig {
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        // Read as a TOML table first: it refuses integers beyond TOML's i64 range (with their
+        // line), which the typed reader would take into u64 fields that cannot be written back
+        // (checkpoints store the config as TOML).
+        text.parse::<toml::Table>().map_err(|e| Error::Config(format!("{origin}: {e}")))?;
         toml::from_str(text).map_err(|e| Error::Config(format!("{origin}: {e}")))
     }
 
@@ -281,6 +322,9 @@ impl TrainConfig {
         let r = &self.run;
         if r.batch_size == 0 || r.accum_steps == 0 || !r.batch_size.is_multiple_of(r.accum_steps) {
             return err(format!("run.batch_size ({}) must be a positive multiple of run.accum_steps ({})", r.batch_size, r.accum_steps));
+        }
+        if r.max_skips_in_a_row == 0 {
+            return err("run.max_skips_in_a_row must be ≥ 1".into());
         }
         if r.epochs == 0 || r.eval_batch_size == 0 {
             return err("run.epochs and run.eval_batch_size must be > 0".into());
@@ -351,6 +395,33 @@ impl TrainConfig {
             return err(format!("[model] preset `{}` with {}: {why}", self.model.preset, overrides.join(", ")));
         }
         Ok(Validated { model: Some(model), warnings })
+    }
+
+    /// The keys a resumed run may change, with a warning: they steer the steps to come and
+    /// leave the steps already taken valid. Any other change is refused.
+    pub const RESUME_OVERRIDES: &[&str] = &["optim.lr", "optim.clip_grad", "run.epochs", "run.on_nonfinite", "run.max_skips_in_a_row"];
+
+    /// How `self` (the config a resume was started with) differs from `stored` (the run's):
+    /// `Ok` with one warning per changed key of [`RESUME_OVERRIDES`](Self::RESUME_OVERRIDES), or
+    /// `Err` with the other keys that differ.
+    pub fn resume_changes(&self, stored: &TrainConfig) -> std::result::Result<Vec<String>, Vec<String>> {
+        let (ours, theirs) = (flat_keys(self), flat_keys(stored));
+        let keys: std::collections::BTreeSet<&String> = ours.keys().chain(theirs.keys()).collect();
+        let unset = "(unset)".to_string();
+        let (mut allowed, mut refused) = (Vec::new(), Vec::new());
+        for key in keys {
+            let (now, before) = (ours.get(key).unwrap_or(&unset), theirs.get(key).unwrap_or(&unset));
+            if now == before {
+                continue;
+            }
+            let line = format!("{key} = {now} (the run was started with {before})");
+            if Self::RESUME_OVERRIDES.contains(&key.as_str()) {
+                allowed.push(format!("resuming with {line}"));
+            } else {
+                refused.push(line);
+            }
+        }
+        if refused.is_empty() { Ok(allowed) } else { Err(refused) }
     }
 
     /// The names [`preset`](Self::preset) knows.

@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
 
 use self::checkpoint::Position;
-use self::config::{Dataset, TrainConfig, TrainEngine};
+use self::config::{Dataset, OnNonFinite, TrainConfig, TrainEngine};
 use self::metrics::{EvalRow, Metrics, StepRow};
 use self::optim::{AdamW, Ema, LrSchedule, param_ranks};
 use crate::data::augment::AugmentConfig;
@@ -28,7 +28,7 @@ use crate::models::{ImageClassifier, ImageConfig, ModelFamily};
 use crate::nn::{drop_path, recalibration_mode, set_counter_advance};
 use crate::nn::loss::cross_entropy;
 use crate::runtime::{CpuModel, CpuTrainer, ForwardOptions};
-use crate::state::{StateDict, collect_state, float_tensors, host_f32, load_state};
+use crate::state::{StateDict, Values, collect_state, float_tensors, host_f32, keys_in_order, load_state};
 
 pub struct Datasets {
     pub train: Arc<ImageSet>,
@@ -86,6 +86,8 @@ pub struct Summary {
     /// Why a fast path was not taken: the burn engine instead of the CPU trainer, or the fused
     /// model evaluated with burn or not at all.
     pub notes: Vec<String>,
+    /// One line per step skipped for a non-finite loss or gradient (`on_nonfinite = "skip"`).
+    pub skipped: Vec<String>,
 }
 
 /// Top-1 / top-5 accuracy (%) and mean cross-entropy of `model` on `set` (evaluation view).
@@ -164,6 +166,42 @@ struct Run<'a, F: ModelFamily> {
     last_eval: Option<(EvalRow, Option<EvalRow>)>,
     /// How the fused deploy model is evaluated.
     fused_eval: FusedEval,
+    /// The newest checkpoint known to be healthy and its step (see [`is_healthy`](Run::is_healthy)).
+    healthy: Option<(PathBuf, u64)>,
+    /// `position.skipped` at the last checkpoint: a skip since then makes the next one unhealthy.
+    skipped_at_checkpoint: u64,
+    skips_in_a_row: u64,
+    skip_log: Vec<String>,
+    /// Parameter and buffer keys in model order (input to head), for naming the first tensor
+    /// that became non-finite.
+    key_order: Vec<String>,
+}
+
+/// What one optimizer step came to.
+enum StepOutcome {
+    /// Loss and gradient norm (before clipping).
+    Done(f64, f64),
+    /// `what` ("the loss", "the gradient norm") was `value`; `detail` says where, as far as
+    /// known.
+    NonFinite { what: &'static str, value: f64, detail: String },
+}
+
+/// The training state before a step, restored when `on_nonfinite = "skip"` drops the step.
+struct Snapshot {
+    model: StateDict,
+    optimizer: StateDict,
+    optimizer_steps: u64,
+    ema: Option<StateDict>,
+}
+
+/// A checkpoint is healthy when no step since the previous one was skipped and the last step's
+/// loss is finite and at most this many times the mean loss of the last [`HEALTHY_WINDOW`] steps.
+const HEALTHY_FACTOR: f64 = 2.0;
+const HEALTHY_WINDOW: usize = 100;
+
+fn first_non_finite<'a, 'b>(order: &'a [String], values: impl Fn(&str) -> Option<&'b [f32]>) -> (Option<&'a String>, usize) {
+    let bad: Vec<&String> = order.iter().filter(|k| values(k).is_some_and(|v| v.iter().any(|x| !x.is_finite()))).collect();
+    (bad.first().copied(), bad.len())
 }
 
 /// How the deploy model (norms folded away) is evaluated after each epoch: an independent check
@@ -194,7 +232,7 @@ impl<F: ModelFamily> Run<'_, F> {
     /// forward (seeded drop-path, counters advancing on the first only), soft-target
     /// cross-entropy / accum, backward; then clipping, AdamW, the EMA. Returns the loss and the
     /// gradient norm before clipping.
-    fn cpu_step(&mut self, micro_batches: &[Batch], classes: usize, lr: f64, lambda: Option<f64>) -> Result<(f64, f64)> {
+    fn cpu_step(&mut self, micro_batches: &[Batch], classes: usize, lr: f64) -> Result<StepOutcome> {
         let accum = micro_batches.len();
         let step = self.position.step;
         let seed = self.config.run.seed;
@@ -207,7 +245,7 @@ impl<F: ModelFamily> Run<'_, F> {
             let (loss, mut dlogits) = cross_entropy(&logits, &batch.targets, classes);
             let loss = loss / accum as f64;
             if !loss.is_finite() {
-                return Err(self.nan_error("the loss", loss, lr, lambda));
+                return Ok(StepOutcome::NonFinite { what: "the loss", value: loss, detail: self.locate_non_finite(None, false) });
             }
             if accum > 1 {
                 dlogits.iter_mut().for_each(|g| *g /= accum as f32);
@@ -217,14 +255,113 @@ impl<F: ModelFamily> Run<'_, F> {
         }
         let grad_norm = cpu.clip_grads();
         if !grad_norm.is_finite() {
-            return Err(self.nan_error("the gradient norm", grad_norm, lr, lambda));
+            return Ok(StepOutcome::NonFinite { what: "the gradient norm", value: grad_norm, detail: self.locate_non_finite(None, true) });
         }
         cpu.adamw(lr);
         if self.ema.is_some() {
             self.sync_model()?;
             self.ema.as_mut().expect("checked").update(&self.model);
         }
-        Ok((loss_sum, grad_norm))
+        Ok(StepOutcome::Done(loss_sum, grad_norm))
+    }
+
+    /// Where the state went non-finite, as far as it can be told after the fact: the first
+    /// weight tensor (model order) holding NaN/∞, and with `gradients` the first gradient
+    /// (`burn_grads` on the burn engine; the CPU trainer's own otherwise).
+    fn locate_non_finite(&self, burn_grads: Option<&BTreeMap<String, Vec<f32>>>, gradients: bool) -> String {
+        let weights = match &self.cpu {
+            Some(cpu) => cpu.state(),
+            None => collect_state(&self.model),
+        };
+        fn floats<'d>(dict: &'d StateDict, key: &str) -> Option<&'d [f32]> {
+            match dict.get(key).ok().map(|t| &t.values) {
+                Some(Values::F32(v)) => Some(v.as_slice()),
+                _ => None,
+            }
+        }
+        // Parameters first; then the BatchNorm statistics, which this step's forward updated: the
+        // first non-finite one (model order) names the first norm whose input activations were
+        // non-finite.
+        let (params, buffers): (Vec<String>, Vec<String>) = self.key_order.iter().cloned().partition(|k| !crate::state::is_buffer_key(k));
+        let (first, count) = first_non_finite(&params, |k| floats(&weights, k));
+        let mut parts = vec![match first {
+            Some(key) => format!("non-finite weights in {count} tensor(s), first `{key}`"),
+            None => "the weights are finite".into(),
+        }];
+        if let (Some(key), _) = first_non_finite(&buffers, |k| floats(&weights, k)) {
+            parts.push(format!("the first layer with non-finite activations: the norm of `{key}`"));
+        } else if !gradients && first.is_none() {
+            parts.push("an activation overflowed in the forward pass".into());
+        }
+        if gradients {
+            let cpu_grads = match (&self.cpu, burn_grads) {
+                (Some(cpu), None) => Some(cpu.gradients()),
+                _ => None,
+            };
+            let (first, count) = match (burn_grads, &cpu_grads) {
+                (Some(g), _) => first_non_finite(&self.key_order, |k| g.get(k).map(Vec::as_slice)),
+                (None, Some(d)) => first_non_finite(&self.key_order, |k| floats(d, k)),
+                (None, None) => (None, 0),
+            };
+            parts.push(match first {
+                Some(key) => format!("non-finite gradients in {count} tensor(s), first (from the input) `{key}`"),
+                None => "the gradients are finite (their norm overflowed)".into(),
+            });
+        }
+        parts.join("; ")
+    }
+
+    /// The first BatchNorm statistic (model order) that is NaN or ∞, with its value: a step
+    /// can end with a finite loss and overflowed statistics (a variance of squares past f32).
+    fn non_finite_statistics(&self) -> Option<(String, f64)> {
+        let state = match &self.cpu {
+            Some(cpu) => cpu.state(),
+            None => collect_state(&self.model),
+        };
+        self.key_order.iter().filter(|k| crate::state::is_buffer_key(k)).find_map(|k| match state.get(k).ok().map(|t| &t.values) {
+            Some(Values::F32(v)) => v.iter().find(|x| !x.is_finite()).map(|&x| (k.clone(), f64::from(x))),
+            _ => None,
+        })
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let (model, optimizer, optimizer_steps) = match &self.cpu {
+            Some(cpu) => (cpu.state(), cpu.optimizer_state(), cpu.steps()),
+            None => (collect_state(&self.model), self.optimizer.state(), self.optimizer.steps),
+        };
+        Snapshot { model, optimizer, optimizer_steps, ema: self.ema.as_ref().map(Ema::state) }
+    }
+
+    /// Puts the state of `snapshot` back, on whichever engine runs the steps: as a resume from a
+    /// checkpoint does, so it is exact.
+    fn restore_snapshot(&mut self, snapshot: &Snapshot) -> Result<()> {
+        self.model = load_state(self.model.clone(), &snapshot.model, false)?.0;
+        match &mut self.cpu {
+            Some(cpu) => {
+                **cpu = CpuTrainer::new(&self.model, self.config.optim.clone())?;
+                cpu.load_optimizer_state(&snapshot.optimizer, snapshot.optimizer_steps)?;
+            }
+            None => self.optimizer.load_state(&snapshot.optimizer, snapshot.optimizer_steps)?,
+        }
+        if let (Some(ema), Some(state)) = (&mut self.ema, &snapshot.ema) {
+            ema.load_state(state, &self.device.clone().without_autodiff())?;
+        }
+        Ok(())
+    }
+
+    /// See [`HEALTHY_FACTOR`].
+    fn is_healthy(&self) -> bool {
+        if self.position.skipped != self.skipped_at_checkpoint {
+            return false;
+        }
+        let rows = &self.metrics.steps;
+        if self.non_finite_statistics().is_some() {
+            return false;
+        }
+        let Some(last) = rows.last() else { return true };
+        let window = &rows[rows.len().saturating_sub(HEALTHY_WINDOW)..];
+        let mean = window.iter().map(|r| r.loss).sum::<f64>() / window.len() as f64;
+        last.loss.is_finite() && last.grad_norm.is_finite() && last.loss <= HEALTHY_FACTOR * mean
     }
 
     /// `model` := the CPU trainer's state, when it runs the steps.
@@ -249,22 +386,29 @@ impl<F: ModelFamily> Run<'_, F> {
         }
         // The rows up to this step reach the disk before the checkpoint that covers them.
         self.metrics.sync()?;
-        self.last_checkpoint = Some(checkpoint::save(&self.dir, dict, self.position, &self.config_toml, self.config.checkpoint.keep)?);
+        let path = checkpoint::save(&self.dir, dict, self.position, &self.config_toml, self.config.checkpoint.keep)?;
+        if self.is_healthy() {
+            self.healthy = Some((checkpoint::mark_healthy(&self.dir, &path)?, self.position.step));
+        }
+        self.skipped_at_checkpoint = self.position.skipped;
+        self.last_checkpoint = Some(path);
         self.metrics.plot(&self.dir.join("training.png"))
     }
 
-    /// Refuses to continue a run stored with another config (`stored`, read from `origin`).
-    fn check_stored_config(&self, stored: &str, origin: &Path) -> Result<()> {
+    /// Refuses to continue a run stored with another config (`stored`, read from `origin`),
+    /// except for the keys of [`TrainConfig::RESUME_OVERRIDES`]: a warning per changed one.
+    fn check_stored_config(&self, stored: &str, origin: &Path) -> Result<Vec<String>> {
         // Compared as configs, not as text: a run written before a field existed reads it as its
         // default.
         let stored = TrainConfig::from_toml(stored, &origin.display().to_string())?;
-        if stored != *self.config {
-            return Err(Error::Config(format!(
-                "{} was written with another training config; resume with that config (it is stored in the run folder)",
-                origin.display()
-            )));
-        }
-        Ok(())
+        self.config.resume_changes(&stored).map_err(|refused| {
+            Error::Config(format!(
+                "{} was written with another training config ({}); resume with that config (it is stored in the run folder); a resume may change only {}",
+                origin.display(),
+                refused.join(", "),
+                TrainConfig::RESUME_OVERRIDES.join(", ")
+            ))
+        })
     }
 
     /// Continues the run's `metrics.csv` from `position`: rows after it (written after the
@@ -279,27 +423,32 @@ impl<F: ModelFamily> Run<'_, F> {
         self.metrics.open_log(&self.dir)
     }
 
-    fn restore(&mut self, path: &Path) -> Result<()> {
+    fn restore(&mut self, path: &Path) -> Result<Vec<String>> {
         let (dict, position, stored_config) = checkpoint::load(path)?;
-        self.check_stored_config(&stored_config, path)?;
+        let warnings = self.check_stored_config(&stored_config, path)?;
         let model = self.model.clone();
         self.model = load_state(model, &dict.subset("model"), false)?.0;
         let inner = self.device.clone().without_autodiff();
-        self.optimizer.load_state(&dict, position.step)?;
+        self.optimizer.load_state(&dict, position.optimizer_steps())?;
         if let Some(cpu) = &mut self.cpu {
             **cpu = CpuTrainer::new(&self.model, self.config.optim.clone())?;
-            cpu.load_optimizer_state(&dict, position.step)?;
+            cpu.load_optimizer_state(&dict, position.optimizer_steps())?;
         }
         if let Some(ema) = &mut self.ema {
             ema.load_state(&dict, &inner)?;
         }
         self.continue_metrics(position)?;
         self.position = position;
+        self.skipped_at_checkpoint = position.skipped;
         self.last_checkpoint = Some(path.to_path_buf());
-        Ok(())
+        let healthy = checkpoint::healthy_path(&self.dir);
+        self.healthy = checkpoint::position_of(&healthy).ok().map(|p| (healthy, p.step));
+        Ok(warnings)
     }
 
-    fn nan_error(&self, what: &str, value: f64, lr: f64, lambda: Option<f64>) -> Error {
+    /// The error of a non-finite step `step` (1-based); `skips`: the run stopped after that many
+    /// skipped steps in a row.
+    fn nan_error(&self, step: u64, what: &str, value: f64, detail: &str, lr: f64, lambda: Option<f64>, skips: Option<u64>) -> Error {
         let mut config = self.model.config().clone();
         let t = match F::prepbn_schedule(&mut config) {
             Some(schedule) => format!(
@@ -309,11 +458,21 @@ impl<F: ModelFamily> Run<'_, F> {
             ),
             None => String::new(),
         };
+        let healthy = match &self.healthy {
+            Some((path, at)) => {
+                let newer = self.last_checkpoint.as_ref().filter(|_| *at != self.position.step);
+                format!(
+                    "Last healthy checkpoint: {} (step {at}){}",
+                    path.display(),
+                    newer.map_or(String::new(), |p| format!("; the newer {} may already hold diverging weights", p.display()))
+                )
+            }
+            None => "No healthy checkpoint yet".into(),
+        };
+        let stopped = skips.map_or(String::new(), |k| format!("{k} steps in a row were skipped (run.max_skips_in_a_row = {k}); "));
         Error::Training(format!(
-            "{what} is {value} at step {} (epoch {}). Last good checkpoint: {}. Likely cause: the learning rate is too high (lr {lr:.3e} at this step, optim.lr = {}){t}",
-            self.position.step + 1,
-            self.position.epoch,
-            self.last_checkpoint.as_ref().map_or("none yet".into(), |p| p.display().to_string()),
+            "{stopped}{what} is {value} at step {step} (epoch {}): {detail}. {healthy}. Likely cause: the learning rate is too high (lr {lr:.3e} at this step, optim.lr = {}){t}",
+            self.position.epoch + 1,
             self.config.optim.lr,
         ))
     }
@@ -401,7 +560,7 @@ fn remove_leftovers(dir: &Path) {
 }
 
 /// [`train`] for one family's model.
-fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: &TrainOptions, model_config: &F::Config, warnings: Vec<String>, started: Instant) -> Result<Summary> {
+fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: &TrainOptions, model_config: &F::Config, mut warnings: Vec<String>, started: Instant) -> Result<Summary> {
     let train_len = data.train.len();
     let dir = options.run_dir.clone();
     // Held until this function returns (or the process ends, killed or not): a second training on
@@ -420,6 +579,7 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
     let cpu = cpu.map(Box::new);
     let engine = if cpu.is_some() { "cpu" } else { "burn" };
     let (fused_eval, fused_note) = fused_eval_for(&model)?;
+    let key_order = keys_in_order(&model);
     let notes: Vec<String> = engine_note.into_iter().chain(fused_note).collect();
     let mut run = Run {
         config,
@@ -436,14 +596,20 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
         last_checkpoint: None,
         last_eval: None,
         fused_eval,
+        healthy: None,
+        skipped_at_checkpoint: 0,
+        skips_in_a_row: 0,
+        skip_log: Vec::new(),
+        key_order,
     };
     let stored_config = dir.join("config.toml");
+    let resolve_warnings = warnings.len();
     match (options.resume, checkpoint::latest(&dir)) {
-        (true, Some(latest)) => run.restore(&latest)?,
+        (true, Some(latest)) => warnings.extend(run.restore(&latest)?),
         // Stopped before its first checkpoint: it starts over, with the config it was started with.
         (true, None) if stored_config.exists() => {
             let text = std::fs::read_to_string(&stored_config).map_err(|source| Error::Io { path: stored_config.clone(), source })?;
-            run.check_stored_config(&text, &stored_config)?;
+            warnings.extend(run.check_stored_config(&text, &stored_config)?);
             run.continue_metrics(Position::default())?;
         }
         (true, None) => {
@@ -458,6 +624,11 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
             run.metrics.open_log(&dir)?;
         }
     }
+    // A resume with overrides goes on with the new config: the stored one says so from here.
+    if options.resume && !warnings.is_empty() && stored_config.exists() {
+        crate::files::write_atomic(&stored_config, run.config_toml.as_bytes())?;
+    }
+    let skip_policy = config.run.on_nonfinite == OnNonFinite::Skip;
 
     let steps_per_epoch = config.steps_per_epoch(train_len);
     let train_epochs = config.run.epochs + config.schedule.cooldown_epochs;
@@ -483,6 +654,7 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
         (true, false) => bar.println(line),
     };
     notes.iter().for_each(|n| say(format!("note: {n}")));
+    warnings[resolve_warnings..].iter().for_each(|w| say(format!("warning: {w}")));
     let mut last_plain = Instant::now();
 
     while run.position.epoch < train_epochs && run.position.step < total_steps {
@@ -505,14 +677,16 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
                 None => run.model.prepbn_phase(),
             }
             .map(|p| p.lambda() as f64);
-            let (loss_sum, grad_norm) = if run.cpu.is_some() {
-                let micro_batches: Vec<Batch> = (0..accum).map(|_| loader.next().expect("the loader yields every batch of the epoch")).collect();
-                run.cpu_step(&micro_batches, classes, lr, lambda)?
+            // The step's batches are taken before it runs: a skipped step drops all of them.
+            let micro_batches: Vec<Batch> = (0..accum).map(|_| loader.next().expect("the loader yields every batch of the epoch")).collect();
+            let snapshot = skip_policy.then(|| run.snapshot());
+            let outcome = if run.cpu.is_some() {
+                run.cpu_step(&micro_batches, classes, lr)?
             } else {
+                'step: {
                 let mut grads: BTreeMap<String, Vec<f32>> = BTreeMap::new();
                 let mut loss_sum = 0.0;
-                for m in 0..accum {
-                    let batch = loader.next().expect("the loader yields every batch of the epoch");
+                for (m, batch) in micro_batches.into_iter().enumerate() {
                     if accum > 1 {
                         run.model = set_counter_advance(run.model.clone(), m == 0);
                     }
@@ -524,7 +698,7 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
                     let (loss, mut dlogits) = cross_entropy(&host_f32(logits.clone()), &batch.targets, classes);
                     let loss = loss / accum as f64;
                     if !loss.is_finite() {
-                        return Err(run.nan_error("the loss", loss, lr, lambda));
+                        break 'step StepOutcome::NonFinite { what: "the loss", value: loss, detail: run.locate_non_finite(None, false) };
                     }
                     if accum > 1 {
                         dlogits.iter_mut().for_each(|g| *g /= accum as f32);
@@ -544,26 +718,68 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
                 }
                 let grad_norm = run.optimizer.clip(&mut grads);
                 if !grad_norm.is_finite() {
-                    return Err(run.nan_error("the gradient norm", grad_norm, lr, lambda));
+                    break 'step StepOutcome::NonFinite { what: "the gradient norm", value: grad_norm, detail: run.locate_non_finite(Some(&grads), true) };
                 }
                 run.model = run.optimizer.step(run.model.clone(), &grads, &ranks, lr);
                 if let Some(ema) = &mut run.ema {
                     ema.update(&run.model);
                 }
-                (loss_sum, grad_norm)
+                StepOutcome::Done(loss_sum, grad_norm)
+                }
             };
-            run.position.step += 1;
-            run.position.step_in_epoch += 1;
-            let images_per_s = config.run.batch_size as f64 / step_started.elapsed().as_secs_f64();
-            run.metrics.record_step(StepRow { step: run.position.step, epoch, loss: loss_sum, lr, lambda, grad_norm, images_per_s })?;
-            bar.set_position(run.position.step);
-            let status = format!("epoch {} loss {loss_sum:.4} lr {lr:.2e} λ {} {images_per_s:.0} img/s", epoch + 1, lambda.map_or("-".into(), |l| format!("{l:.3}")));
-            // Where the bar is hidden (a log file, CI), a plain line now and then instead.
-            if options.progress && bar.is_hidden() && (run.position.step.is_multiple_of(PLAIN_EVERY_STEPS) || last_plain.elapsed().as_secs_f64() >= PLAIN_EVERY_SECONDS) {
-                println!("step {}/{total_steps}: {status}", run.position.step);
-                last_plain = Instant::now();
+            let step = run.position.step + 1;
+            // Under "skip", a step that left non-finite statistics behind is dropped as well.
+            let outcome = match outcome {
+                StepOutcome::Done(..) if skip_policy => match run.non_finite_statistics() {
+                    Some((key, value)) => StepOutcome::NonFinite {
+                        what: "a BatchNorm statistic",
+                        value,
+                        detail: format!("the first layer with non-finite activations: the norm of `{key}`"),
+                    },
+                    None => outcome,
+                },
+                _ => outcome,
+            };
+            match outcome {
+                StepOutcome::Done(loss_sum, grad_norm) => {
+                    run.skips_in_a_row = 0;
+                    run.position.step += 1;
+                    run.position.step_in_epoch += 1;
+                    let images_per_s = config.run.batch_size as f64 / step_started.elapsed().as_secs_f64();
+                    run.metrics.record_step(StepRow { step, epoch, loss: loss_sum, lr, lambda, grad_norm, images_per_s })?;
+                    let status = format!("epoch {} loss {loss_sum:.4} lr {lr:.2e} λ {} {images_per_s:.0} img/s", epoch + 1, lambda.map_or("-".into(), |l| format!("{l:.3}")));
+                    // Where the bar is hidden (a log file, CI), a plain line now and then instead.
+                    if options.progress && bar.is_hidden() && (step.is_multiple_of(PLAIN_EVERY_STEPS) || last_plain.elapsed().as_secs_f64() >= PLAIN_EVERY_SECONDS) {
+                        println!("step {step}/{total_steps}: {status}");
+                        last_plain = Instant::now();
+                    }
+                    bar.set_message(status);
+                }
+                StepOutcome::NonFinite { what, value, detail } => {
+                    let Some(snapshot) = snapshot else {
+                        return Err(run.nan_error(step, what, value, &detail, lr, lambda, None));
+                    };
+                    run.restore_snapshot(&snapshot)?;
+                    run.skips_in_a_row += 1;
+                    if run.skips_in_a_row >= config.run.max_skips_in_a_row {
+                        return Err(run.nan_error(step, what, value, &detail, lr, lambda, Some(run.skips_in_a_row)));
+                    }
+                    // The step counts (its batches are consumed, the schedule moves on); no
+                    // metrics row: nothing was trained.
+                    run.position.step += 1;
+                    run.position.step_in_epoch += 1;
+                    run.position.skipped += 1;
+                    let line = format!(
+                        "skipped step {step} (epoch {}): {what} is {value}: {detail}; the state before it is restored ({} in a row, at most {})",
+                        epoch + 1,
+                        run.skips_in_a_row,
+                        config.run.max_skips_in_a_row
+                    );
+                    say(format!("warning: {line}"));
+                    run.skip_log.push(line);
+                }
             }
-            bar.set_message(status);
+            bar.set_position(run.position.step);
             if config.checkpoint.every_steps.is_some_and(|n| run.position.step.is_multiple_of(n)) && run.position.step_in_epoch < steps_per_epoch {
                 run.checkpoint()?;
             }
@@ -643,5 +859,5 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
     run.metrics.sync()?;
     run.metrics.plot(&dir.join("training.png"))?;
     remove_leftovers(&dir);
-    Ok(Summary { run_dir: dir, steps: run.position.step, seconds: started.elapsed().as_secs_f64(), warnings, final_eval, fused_eval, model_path, engine, notes })
+    Ok(Summary { run_dir: dir, steps: run.position.step, seconds: started.elapsed().as_secs_f64(), warnings, final_eval, fused_eval, model_path, engine, notes, skipped: run.skip_log })
 }
