@@ -441,7 +441,7 @@ pub fn run(options: &Options) -> Result<String> {
         "0.22.1 flex",
         peers.as_ref().map_or_else(|| "No Python peers (give --python)".to_string(), Peers::describe),
     ));
-    out.push_str("## Inference (deploy form, 224², random weights)\n\n");
+    out.push_str("## Inference (deploy form, random weights, each preset's input size: 224² for the default models)\n\n");
     out.push_str(
         "| model | batch | slabformer | PyTorch eager | ONNX Runtime | OpenVINO f32 | OpenVINO default | / fastest f32 peer | / OpenVINO default | slabformer GFLOP/s (% of peak) | burn forward |\n\
          |---|---:|---|---|---|---|---|---:|---:|---:|---|\n",
@@ -493,17 +493,17 @@ pub fn run(options: &Options) -> Result<String> {
                 mib(ov_default.as_ref().map(|(m, _)| m)),
             ));
         }
-        configs.push((name, macs));
+        configs.push((name, macs, config.image().img_size()));
     }
     out.push_str("\nPeak memory (MiB):\n\n");
     out.push_str(&memory);
-    out.push_str("\n## Training step (batch 32, 224²: forward, cross-entropy, backward, AdamW)\n\n");
+    out.push_str("\n## Training step (batch 32, each preset's input size: forward, cross-entropy, backward, AdamW)\n\n");
     out.push_str("| model | slabformer | PyTorch eager | / PyTorch | slabformer GFLOP/s (3 × forward) | peak MiB slabformer / PyTorch | burn autodiff |\n|---|---|---|---:|---:|---|---|\n");
-    for (name, macs) in configs {
+    for (name, macs, side) in configs {
         eprintln!("bench: {name} training step");
         let step = notes.attempt(Some(ours(Engine::Train, name, &[], 32, 1, repeats.min(5))));
         let burn = if options.burn { notes.attempt(Some(ours(Engine::BurnTrain, name, &[], 32, 1, repeats.min(3)))) } else { None };
-        let torch = notes.attempt(peers.as_ref().and_then(|p| p.torch(name, 224, 32, "train", 1, repeats.min(5))));
+        let torch = notes.attempt(peers.as_ref().and_then(|p| p.torch(name, side, 32, "train", 1, repeats.min(5))));
         let efficiency = step.as_ref().map_or("–".into(), |s| {
             let gflops = 3.0 * 2.0 * macs as f64 * 32.0 / (s.median_ms * 1e-3) / 1e9;
             format!("{gflops:.0} ({:.0} %)", 100.0 * gflops / peak)
