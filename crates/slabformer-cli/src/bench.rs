@@ -101,6 +101,8 @@ fn model_config(name: &str, overrides: &[String]) -> Result<AnyConfig> {
         }
     };
     let config = config.with_overrides(&parse_overrides(overrides)?)?;
+    // Sizes first: a huge depth would make the counts below loop for ever.
+    config.check_sizes()?;
     config.image().validate()?;
     Ok(config)
 }
@@ -689,7 +691,7 @@ mod tests {
         let base = model_config("slab_swin_tiny", &[]).unwrap().macs();
         let big = model_config("slab_swin_tiny", &["img_size=[1344,1344]".into()]).unwrap().macs();
         assert!(big > 30 * base, "{big} vs {base}");
-        for (set, named) in [("img_size", "field=value"), ("img_size=[448,", "not JSON"), ("no_such_field=1", "no_such_field"), ("window_size=0", "window")] {
+        for (set, named) in [("img_size", "field=value"), ("img_size=[448,", "not JSON"), ("no_such_field=1", "no_such_field"), ("window_size=0", "window"), ("depths=[9223372036854775807,2,2,2]", "depths")] {
             let err = format!("{:#}", model_config("slab_swin_tiny", &[set.into()]).unwrap_err());
             assert!(err.contains(named), "{set}: {err}");
         }
