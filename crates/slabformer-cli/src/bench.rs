@@ -647,9 +647,10 @@ fn draw_sweep_panels(path: &Path, x_desc: &str, series: &[(String, Vec<(f64, Mea
                 .configure_mesh()
                 .x_desc(x_desc)
                 .y_desc(unit)
-                .x_labels(4)
+                .disable_x_mesh()
                 .y_labels(6)
-                .x_label_formatter(&|v| format!("{v:.0}"))
+                // The measured points are labelled below, at their own x.
+                .x_label_formatter(&|_| String::new())
                 .y_label_formatter(&|v| format!("{v:.0}"))
                 .light_line_style(WHITE)
                 .draw()?;
