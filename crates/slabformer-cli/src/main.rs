@@ -63,6 +63,15 @@ enum Command {
         /// Continue the run in --out from its newest checkpoint, with the config stored there.
         #[arg(long)]
         resume: bool,
+        /// Peak learning rate (`optim.lr`); with --resume, for the rest of the run (a warning).
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Gradient-norm clip (`optim.clip_grad`); with --resume, for the rest of the run.
+        #[arg(long)]
+        clip_grad: Option<f64>,
+        /// Epochs in all (`run.epochs`); with --resume, e.g. to train a finished run longer.
+        #[arg(long)]
+        epochs: Option<u64>,
         /// Print the resolved config and exit.
         #[arg(long)]
         print_config: bool,
@@ -222,12 +231,23 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info { model: Some(name) } => describe(&name)?,
         Command::Smoke { model, batch } => smoke(&model, batch)?,
         Command::Data { command: DataCommand::Fetch { name, dest } } => fetch(&name, &dest)?,
-        Command::Train { config, preset, out, resume, print_config } => {
-            let config = if resume && config.is_none() && preset.is_none() {
+        Command::Train { config, preset, out, resume, lr, clip_grad, epochs, print_config } => {
+            let mut config = if resume && config.is_none() && preset.is_none() {
                 resume_config(&out)?
             } else {
                 load_config(config.as_deref(), preset.as_deref())?
             };
+            // The resume overrides (`TrainConfig::RESUME_OVERRIDES`) as flags; the trainer
+            // validates them and warns about each one a resume changes.
+            if let Some(lr) = lr {
+                config.optim.lr = lr;
+            }
+            if let Some(clip) = clip_grad {
+                config.optim.clip_grad = Some(clip);
+            }
+            if let Some(epochs) = epochs {
+                config.run.epochs = epochs;
+            }
             if print_config {
                 print!("{}", config.to_toml());
                 return Ok(());
@@ -374,6 +394,9 @@ fn resume_config(run: &Path) -> Result<TrainConfig> {
 }
 
 fn train(config: &TrainConfig, out: PathBuf, resume: bool) -> Result<trainer::Summary> {
+    // A bad field is reported before the data set is read (with a one-batch set standing in
+    // for its size; the real resolve below checks the size-dependent rest).
+    config.resolve(config.run.batch_size.max(1))?;
     let data = trainer::load_datasets(config)?;
     let resolved = config.resolve(data.train.len())?;
     for warning in &resolved.warnings {
