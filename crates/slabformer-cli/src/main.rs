@@ -394,9 +394,9 @@ fn resume_config(run: &Path) -> Result<TrainConfig> {
 }
 
 fn train(config: &TrainConfig, out: PathBuf, resume: bool) -> Result<trainer::Summary> {
-    // A bad field is reported before the data set is read (with a one-batch set standing in
-    // for its size; the real resolve below checks the size-dependent rest).
-    config.resolve(config.run.batch_size.max(1))?;
+    // A bad field is reported before the data set is read (ImageNet's size standing in for the
+    // set's; the resolve below checks what depends on the real size).
+    config.resolve(1_281_167)?;
     let data = trainer::load_datasets(config)?;
     let resolved = config.resolve(data.train.len())?;
     for warning in &resolved.warnings {
