@@ -78,6 +78,15 @@ pub fn randomized_model<F: ModelFamily>(config: &F::Config, device: &Device) -> 
     randomized(F::init(config, device).expect("a valid test config"), weight_scale)
 }
 
+/// `config` with its PRepBN norms (if any) past warm-up and part-way through a 4-call decay, as
+/// the trainer tests take them: both branches run (λ between 0 and 1) and the counters advance.
+pub fn mid_prepbn_decay<F: ModelFamily>(mut config: F::Config) -> F::Config {
+    if let Some(schedule) = F::prepbn_schedule(&mut config) {
+        (schedule.warm, schedule.total) = (0, 4);
+    }
+    config
+}
+
 /// `batch` random images of `config`'s input size.
 fn images(config: &dyn ImageConfig, batch: usize, device: &Device) -> Tensor<4> {
     let [h, w] = config.input_size();

@@ -957,12 +957,8 @@ mod tests {
 
     #[test]
     fn the_cpu_trainer_equals_burn_autodiff_for_every_kind() {
-        for mut config in fast_path_configs() {
-            if let NormKind::Prepbn { schedule, .. } = &mut config.norm {
-                // λ = 0.5: both branches, and the counters advance.
-                (schedule.warm, schedule.total) = (0, 4);
-            }
-            check_trainer_against_burn(config, None);
+        for config in fast_path_configs() {
+            check_trainer_against_burn(crate::testing::mid_prepbn_decay::<PyramidVisionTransformer>(config), None);
         }
     }
 

@@ -950,35 +950,31 @@ impl ToOnnx for DeploySwinBlock {
     }
 }
 
+/// A stage as ONNX, trained or deploy form: `merge` (the stage's patch merging; none leaves
+/// the tokens as they are) before the blocks in timm's layout, after them in the official one.
+fn stage_to_onnx<B: ToOnnx>(g: &mut Graph, x: &str, blocks: &[B], merge_first: bool, merge: impl Fn(&mut Graph, &str) -> Result<String>) -> Result<String> {
+    let mut x = if merge_first { merge(g, x)? } else { x.to_string() };
+    for block in blocks {
+        x = block.to_onnx(g, &x)?;
+    }
+    if merge_first { Ok(x) } else { merge(g, &x) }
+}
+
 impl ToOnnx for SwinStage {
     fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
-        let mut x = x.to_string();
-        if let (true, Some(m)) = (self.merge_first, &self.downsample) {
-            x = m.to_onnx(g, &x, self.merged_resolution)?;
-        }
-        for block in &self.blocks {
-            x = block.to_onnx(g, &x)?;
-        }
-        match (self.merge_first, &self.downsample) {
-            (false, Some(m)) => m.to_onnx(g, &x, self.merged_resolution),
-            _ => Ok(x),
-        }
+        stage_to_onnx(g, x, &self.blocks, self.merge_first, |g, x| match &self.downsample {
+            Some(m) => m.to_onnx(g, x, self.merged_resolution),
+            None => Ok(x.to_string()),
+        })
     }
 }
 
 impl ToOnnx for DeploySwinStage {
     fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
-        let mut x = x.to_string();
-        if let (true, Some(m)) = (self.merge_first, &self.downsample) {
-            x = m.to_onnx(g, &x, self.merged_resolution)?;
-        }
-        for block in &self.blocks {
-            x = block.to_onnx(g, &x)?;
-        }
-        match (self.merge_first, &self.downsample) {
-            (false, Some(m)) => m.to_onnx(g, &x, self.merged_resolution),
-            _ => Ok(x),
-        }
+        stage_to_onnx(g, x, &self.blocks, self.merge_first, |g, x| match &self.downsample {
+            Some(m) => m.to_onnx(g, x, self.merged_resolution),
+            None => Ok(x.to_string()),
+        })
     }
 }
 
@@ -1315,11 +1311,7 @@ mod tests {
 
     #[test]
     fn slab_swin_over_several_linear_windows_trains_like_burn() {
-        let mut config = multi_window_slab_swin();
-        if let NormKind::Prepbn { schedule, .. } = &mut config.norm {
-            (schedule.warm, schedule.total) = (0, 4);
-        }
-        check_trainer_against_burn(config, None);
+        check_trainer_against_burn(crate::testing::mid_prepbn_decay::<SwinTransformer>(multi_window_slab_swin()), None);
     }
 
     const TEST_SEED: u64 = 20261202;
@@ -1344,12 +1336,8 @@ mod tests {
 
     #[test]
     fn the_cpu_trainer_equals_burn_autodiff_for_every_kind() {
-        for mut config in fast_path_configs() {
-            if let NormKind::Prepbn { schedule, .. } = &mut config.norm {
-                // λ = 0.5: both branches, and the counters advance.
-                (schedule.warm, schedule.total) = (0, 4);
-            }
-            check_trainer_against_burn(config, None);
+        for config in fast_path_configs() {
+            check_trainer_against_burn(crate::testing::mid_prepbn_decay::<SwinTransformer>(config), None);
         }
     }
 

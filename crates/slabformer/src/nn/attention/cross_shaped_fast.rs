@@ -25,6 +25,7 @@ use super::cross_shaped::CrossShapedBranch;
 use super::fast::{Feature, LinearImage, focus_backward, linear_core_backward, linear_core_forward, sigmoid, softplus};
 use super::kernels::{self as attention_kernels, DepthwiseConv, tile_over_heads};
 use super::{FeatureMap, linear_attention_eps};
+use super::window_fast::window_order_of;
 use crate::error::{Error, Result};
 use crate::kernels::{self, MatMut, MatRef, matmul};
 use crate::nn::linear::FastLinear;
@@ -381,24 +382,6 @@ impl Branch {
     }
 }
 
-/// Window order of an R×R map cut into (rows × cols) windows: each window-order position's
-/// raster token and each raster token's window-order position.
-fn window_order(resolution: usize, [rows, cols]: [usize; 2]) -> (Vec<u32>, Vec<u32>) {
-    let mut source = Vec::with_capacity(resolution * resolution);
-    let mut position = vec![0; resolution * resolution];
-    for wr in 0..resolution / rows {
-        for wc in 0..resolution / cols {
-            for i in 0..rows {
-                for j in 0..cols {
-                    let token = (wr * rows + i) * resolution + wc * cols + j;
-                    position[token] = source.len() as u32;
-                    source.push(token as u32);
-                }
-            }
-        }
-    }
-    (source, position)
-}
 
 /// The cross-shaped attention of one CSWin block on the fast path: `qkv`, the branches, `proj`.
 pub struct FastCrossShapedAttention {
@@ -451,7 +434,7 @@ impl FastCrossShapedAttention {
                     Mixer::Linear { feature, eps: linear_attention_eps(a.feature_map, n) as f32, positional_encoding, dwc }
                 }
             };
-            let (source, position) = window_order(r, window);
+            let (source, position) = window_order_of([r, r], [r, r], window, 0); // the stripes tile the map: no padding
             branches.push(Branch { offset, dim, heads, window, lepe, mixer, source, position });
             offset += dim;
         }

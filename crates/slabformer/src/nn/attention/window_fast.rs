@@ -438,18 +438,24 @@ impl FastWindowAttention {
 }
 
 /// For a grid's padded, shifted map: each window-order position's raster token (or [`PAD`])
-/// and each raster token's window-order position. Window-order position (w, t) of window w =
-/// (wr, wc), token t = (i, j) sits at (wr·M + i, wc·M + j) of the map rolled by −s, i.e. at
-/// ((wr·M + i + s) mod Hp, (wc·M + j + s) mod Wp) of the padded map.
+/// and each raster token's window-order position ([`window_order_of`]).
 fn window_order(grid: &WindowGrid) -> (Vec<u32>, Vec<u32>) {
-    let ([h, w], [hp, wp], m, s) = (grid.resolution, grid.padded(), grid.window, grid.shift);
+    window_order_of(grid.resolution, grid.padded(), [grid.window; 2], grid.shift)
+}
+
+/// The window order of an H×W map padded to Hp×Wp, rolled by −`shift` and cut into windows of
+/// `rows × cols` tokens: each window-order position's raster token (or [`PAD`]) and each raster
+/// token's window-order position. Position (w, t) of window w = (wr, wc), token t = (i, j) sits
+/// at (wr·rows + i, wc·cols + j) of the rolled map, i.e. at ((wr·rows + i + s) mod Hp,
+/// (wc·cols + j + s) mod Wp) of the padded one.
+pub(super) fn window_order_of([h, w]: [usize; 2], [hp, wp]: [usize; 2], [rows, cols]: [usize; 2], shift: usize) -> (Vec<u32>, Vec<u32>) {
     let mut source = Vec::with_capacity(hp * wp);
     let mut position = vec![0; h * w];
-    for wr in 0..hp / m {
-        for wc in 0..wp / m {
-            for i in 0..m {
-                for j in 0..m {
-                    let (y, x) = ((wr * m + i + s) % hp, (wc * m + j + s) % wp);
+    for wr in 0..hp / rows {
+        for wc in 0..wp / cols {
+            for i in 0..rows {
+                for j in 0..cols {
+                    let (y, x) = ((wr * rows + i + shift) % hp, (wc * cols + j + shift) % wp);
                     if y < h && x < w {
                         position[y * w + x] = source.len() as u32;
                         source.push((y * w + x) as u32);
