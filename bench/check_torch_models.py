@@ -163,25 +163,17 @@ def case_prepbn_swin(golden):
     return rep
 
 
-def case_slab_swin(golden):
-    rep = Report()
-    model = load_strict(torch_swin.SlabSwinTransformer(norm=golden.norm_factory(), **golden.config["ctor"]), golden)
-    whole_model(rep, model, golden)
-    return rep
+def official_slab_model(model_class):
+    """The check of a whole official SLAB model: `model_class` built from the file's ctor with its
+    norm layer, loaded strictly, compared on every whole-model output."""
 
+    def case(golden):
+        rep = Report()
+        model = load_strict(model_class(norm=golden.norm_factory(), **golden.config["ctor"]), golden)
+        whole_model(rep, model, golden)
+        return rep
 
-def case_slab_pvt(golden):
-    rep = Report()
-    model = load_strict(torch_pvt.PyramidVisionTransformer(norm=golden.norm_factory(), **golden.config["ctor"]), golden)
-    whole_model(rep, model, golden)
-    return rep
-
-
-def case_slab_cswin(golden):
-    rep = Report()
-    model = load_strict(torch_cswin.CSWinTransformer(norm=golden.norm_factory(), **golden.config["ctor"]), golden)
-    whole_model(rep, model, golden)
-    return rep
+    return case
 
 
 def case_timm_swin(golden):
@@ -196,10 +188,10 @@ def case_timm_swin(golden):
 CASES = [
     ("sla_pvt.safetensors", "layer", case_sla_pvt),
     ("sla_swin.safetensors", "layer", case_sla_swin),
-    ("slab_pvt_tiny.safetensors", "model", case_slab_pvt),
+    ("slab_pvt_tiny.safetensors", "model", official_slab_model(torch_pvt.PyramidVisionTransformer)),
     ("prepbn_swin_tiny.safetensors", "model", case_prepbn_swin),
-    ("slab_swin_tiny.safetensors", "model", case_slab_swin),
-    ("slab_cswin_tiny.safetensors", "model", case_slab_cswin),
+    ("slab_swin_tiny.safetensors", "model", official_slab_model(torch_swin.SlabSwinTransformer)),
+    ("slab_cswin_tiny.safetensors", "model", official_slab_model(torch_cswin.CSWinTransformer)),
     ("zoo/swin_tiny_small.safetensors", "model", case_timm_swin),
 ]
 
