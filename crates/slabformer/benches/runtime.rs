@@ -2,7 +2,7 @@
 //! regressions show:
 //! `cargo bench -p slabformer` (criterion; reports land in target/criterion).
 
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::Device;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use slabformer::models::{self, ModelFamily, VitConfig};
 use slabformer::nn::attention::{AttentionConfig, AttentionKind};
@@ -84,7 +84,7 @@ fn models(c: &mut Criterion) {
         let config = models::preset(name).unwrap();
         let runtime = slabformer::with_family!(&config, |F, c| CpuModel::new::<F>(&F::init(c, &device).unwrap()).unwrap());
         for &batch in batches {
-            let images: Vec<f32> = Tensor::<4>::random([batch, 3, 224, 224], Distribution::Normal(0.0, 1.0), &device).into_data().try_to_vec().unwrap();
+            let images: Vec<f32> = slabformer::testing::standard_normal([batch, 3, 224, 224], 38, &device).into_data().try_to_vec().unwrap();
             group.throughput(Throughput::Elements(batch as u64));
             group.bench_function(BenchmarkId::new(name, batch), |b| b.iter(|| runtime.forward(&images, batch).unwrap()));
         }
@@ -132,7 +132,7 @@ fn training(c: &mut Criterion) {
     let batch = 8;
     for (name, config) in [("deit_tiny", VitConfig::deit_tiny()), ("slab_deit_tiny", VitConfig::slab_deit_tiny())] {
         let mut trainer = CpuTrainer::new(&config.init(&device).unwrap(), OptimConfig::default()).unwrap();
-        let images: Vec<f32> = Tensor::<4>::random([batch, 3, 224, 224], Distribution::Normal(0.0, 1.0), &device).into_data().try_to_vec().unwrap();
+        let images: Vec<f32> = slabformer::testing::standard_normal([batch, 3, 224, 224], 39, &device).into_data().try_to_vec().unwrap();
         let targets: Vec<f32> = (0..batch * 1000).map(|i| if i % 1000 == i / 1000 { 1.0 } else { 0.0 }).collect();
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_function(BenchmarkId::new(format!("step {name}"), batch), |b| b.iter(|| trainer.train_step(&images, &targets, batch, 1e-4).unwrap()));

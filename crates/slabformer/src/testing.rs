@@ -2,45 +2,67 @@
 //! models whose every term shows in the outputs and gradients.
 
 use burn::module::Module;
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::Rng;
+use rand_distr::{Distribution, Normal};
 
 use crate::models::{ImageConfig, ModelFamily};
 use crate::state::{StateDict, Values, host_f32, map_float_tensors};
 
-/// `module` with every parameter and buffer moved off its initial value: BatchNorm statistics,
-/// RepBN α, norm affines, biases, positional encodings and class tokens random, and the other
-/// weights (timm's 0.02-std init gives tiny activations) scaled by `weight_scale`, so that
-/// activations are O(1) and a small error in any op shows in the logits. Draws come from burn's
-/// generator; seed the device first for a reproducible model.
-pub fn randomized<M: Module>(module: M, weight_scale: f64) -> M {
+/// `module` with every parameter and buffer redrawn, so that activations are O(1) and a small
+/// error in any op shows in the logits: BatchNorm variances in [0.5, 2], norm scales (the 1-D
+/// weights) in [0.5, 1.5], matrices from their init's distribution scaled by `weight_scale` (linear
+/// N(0, 0.02), conv N(0, 1/(3·fan_in)) — timm's small init alone gives tiny activations), and
+/// biases, BatchNorm means, α, positional encodings, class tokens and bias tables in [−0.5, 0.5].
+/// Each tensor comes from its own generator keyed by `seed` and its key, so a model is the same
+/// in every run whatever other threads draw meanwhile (burn's generator is process-wide).
+pub fn randomized<M: Module>(module: M, weight_scale: f64, seed: u64) -> M {
+    let shapes = crate::state::collect_state(&module);
     map_float_tensors(module, |key, t| {
-        let n = t.dims()[0];
-        let uniform = |lo, hi| Tensor::<1>::random([n], Distribution::Uniform(lo, hi), &t.device());
-        let is_norm_weight = key.ends_with("weight") && (key.contains("norm") || key.contains(".bn."));
         if key.ends_with("attn_mask") {
             return None; // a constant of the architecture (Swin's shifted windows)
         }
-        Some(if key.ends_with("running_var") {
-            uniform(0.5, 2.0)
-        } else if is_norm_weight {
-            uniform(0.5, 1.5)
+        let shape = &shapes.get(key).expect("a key of the module").shape;
+        let n = t.dims()[0];
+        let mut rng = crate::data::derived_rng(&[seed, key_hash(key)]);
+        let values: Vec<f32> = if key.ends_with("running_var") {
+            uniform(&mut rng, n, 0.5, 2.0)
+        } else if key.ends_with("weight") && shape.len() == 1 {
+            uniform(&mut rng, n, 0.5, 1.5)
         } else if key.ends_with("weight") {
-            t.mul_scalar(weight_scale)
+            let init_std = match shape.len() {
+                2 => 0.02,
+                // burn's conv init: Kaiming uniform with gain 1/√3 over fan_in = n / out.
+                4 => (3.0 * (n / shape[0]) as f64).powf(-0.5),
+                _ => panic!("randomized: no init rule for `{key}` of shape {shape:?}"),
+            };
+            normal(&mut rng, n, (weight_scale * init_std) as f32)
         } else {
-            // Biases, BatchNorm means, α, positional encodings, class tokens, FLatten's scale.
-            uniform(-0.5, 0.5)
-        })
+            uniform(&mut rng, n, -0.5, 0.5)
+        };
+        Some(Tensor::from_data(TensorData::new(values, [n]), &t.device()))
     })
 }
 
-/// `f` with burn's generator seeded with `seed` on `device`, under a lock: the generator is
-/// process-wide, so tests drawing in parallel threads would otherwise interleave their draws and
-/// be different every run.
-pub fn seeded<R>(seed: u64, device: &Device, f: impl FnOnce() -> R) -> R {
-    static DRAWS: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = DRAWS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    device.seed(seed);
-    f()
+/// A tensor of N(0, 1) draws from a generator keyed by `seed` alone (see [`randomized`]).
+pub fn standard_normal<const D: usize>(shape: [usize; D], seed: u64, device: &Device) -> Tensor<D> {
+    let n = shape.iter().product();
+    let values = normal(&mut crate::data::derived_rng(&[seed, 0x5EED_1A7A]), n, 1.0);
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+fn key_hash(key: &str) -> u64 {
+    // FNV-1a: stable across runs and platforms, unlike std's hasher.
+    key.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01B3))
+}
+
+fn uniform(rng: &mut impl Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(lo..hi)).collect()
+}
+
+fn normal(rng: &mut impl Rng, n: usize, std: f32) -> Vec<f32> {
+    let dist = Normal::new(0.0, std).expect("a finite std");
+    (0..n).map(|_| dist.sample(rng)).collect()
 }
 
 /// `max|ours − want| ≤ abs + rel·max|want|`, naming the worst element otherwise (NaN fails).
@@ -73,9 +95,9 @@ pub fn assert_states_near(what: &str, ours: &StateDict, want: &StateDict, rel: f
 
 /// A model of `config` whose every op shows in the logits ([`randomized`]); BatchNorm models take
 /// smaller weights (their fixed statistics do not rescale activations).
-pub fn randomized_model<F: ModelFamily>(config: &F::Config, device: &Device) -> F {
+pub fn randomized_model<F: ModelFamily>(config: &F::Config, seed: u64, device: &Device) -> F {
     let weight_scale = if config.folds() { 3.0 } else { 6.0 };
-    randomized(F::init(config, device).expect("a valid test config"), weight_scale)
+    randomized(F::init(config, device).expect("a valid test config"), weight_scale, seed)
 }
 
 /// `config` with its PRepBN norms (if any) past warm-up and part-way through a 4-call decay, as
@@ -87,10 +109,10 @@ pub fn mid_prepbn_decay<F: ModelFamily>(mut config: F::Config) -> F::Config {
     config
 }
 
-/// `batch` random images of `config`'s input size.
-fn images(config: &dyn ImageConfig, batch: usize, device: &Device) -> Tensor<4> {
+/// `batch` random images of `config`'s input size, drawn from `seed`.
+fn images(config: &dyn ImageConfig, batch: usize, seed: u64, device: &Device) -> Tensor<4> {
     let [h, w] = config.input_size();
-    Tensor::random([batch, config.in_chans(), h, w], Distribution::Normal(0.0, 1.0), device)
+    standard_normal([batch, config.in_chans(), h, w], seed, device)
 }
 
 /// The CPU runtime of a [`randomized_model`] drawn with `seed` — its trained form's plan and,
@@ -100,10 +122,8 @@ pub fn check_runtime_against_burn<F: ModelFamily>(config: &F::Config, seed: u64)
     use crate::runtime::CpuModel;
     let device = Device::flex();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("a thread pool");
-    let (model, batches) = seeded(seed, &device, || {
-        let model: F = randomized_model(config, &device);
-        (model, [images(config, 1, &device), images(config, 3, &device)])
-    });
+    let model: F = randomized_model(config, seed, &device);
+    let batches = [images(config, 1, seed + 1, &device), images(config, 3, seed + 2, &device)];
     let mut runtimes = vec![("trained form", CpuModel::from_plan(model.lower().expect("the model lowers")).expect("a classifier plan"))];
     if config.folds() {
         runtimes.push(("fused", CpuModel::new(&model).expect("the fused model lowers")));
@@ -128,12 +148,9 @@ pub fn check_trainer_against_burn<F: ModelFamily>(config: &F::Config, seed: u64,
     use crate::state::{collect_grads, collect_state};
     let device = Device::flex().autodiff();
     let batch = 3;
-    let (model, x, weight) = seeded(seed, &device, || {
-        let model: F = randomized_model(config, &device);
-        let x = images(config, batch, &device);
-        let weight = Tensor::<2>::random([batch, config.num_classes()], Distribution::Normal(0.0, 1.0), &device);
-        (model, x, weight)
-    });
+    let model: F = randomized_model(config, seed, &device);
+    let x = images(config, batch, seed + 1, &device);
+    let weight = standard_normal([batch, config.num_classes()], seed + 2, &device);
     let mut trainer = CpuTrainer::new(&model, Default::default()).expect("the model lowers for training");
     let drop_path_seed = drop_path_seed.unwrap_or(0);
     let logits = crate::nn::drop_path::with_seed(drop_path_seed, || model.logits(x.clone()));

@@ -3,9 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Tensor};
 use slabformer::deploy::onnx::{export, export_classifier, export_model};
 use slabformer::models::swin::{FinalNormFold, SwinFuse, SwinLayout};
 use slabformer::models::{CswinConfig, Pool, PvtConfig, SwinConfig, VitConfig};
@@ -40,24 +39,12 @@ fn deploy(config: VitConfig) -> DeployVit {
     randomized(config).fuse().unwrap()
 }
 
-/// burn draws from one process-wide generator and the tests run in parallel threads: each draw is
-/// made under one lock right after seeding, so every run gets the same weights and images (as
-/// `slabformer::train` does for its initial model).
-fn seeded<R>(seed: u64, draw: impl FnOnce(&Device) -> R) -> R {
-    static RANDOM: Mutex<()> = Mutex::new(());
-    let _guard = RANDOM.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let device = Device::flex();
-    device.seed(seed);
-    draw(&device)
-}
-
 const WEIGHTS_SEED: u64 = 17;
 const IMAGES_SEED: u64 = 18;
 
-/// The model before fusing, randomized as for [`deploy`] (LayerNorm affines too). Mapping every
-/// tensor also materializes the lazily initialized ones while the seeded generator is held.
+/// The model before fusing, randomized as for [`deploy`] (LayerNorm affines too).
 fn randomized(config: VitConfig) -> VisionTransformer {
-    seeded(WEIGHTS_SEED, |device| slabformer::testing::randomized(config.init(device).unwrap(), 6.0))
+    slabformer::testing::randomized(config.init(&Device::flex()).unwrap(), 6.0, WEIGHTS_SEED)
 }
 
 fn run_onnx_runtime(model: &Path, input: &[f32], shape: [usize; 4]) -> Vec<f32> {
@@ -95,7 +82,7 @@ fn images(config: &VitConfig) -> [usize; 4] {
 /// slabformer's logits against ONNX Runtime's on the exported file, for seeded random images of
 /// `shape`.
 fn compare(name: &str, path: &Path, shape: [usize; 4], forward: impl Fn(Tensor<4>) -> Tensor<2>) {
-    let images = seeded(IMAGES_SEED, |device| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), device));
+    let images = slabformer::testing::standard_normal(shape, IMAGES_SEED, &Device::flex());
     let input: Vec<f32> = images.clone().into_data().try_to_vec().unwrap();
     let ours: Vec<f32> = forward(images).into_data().try_to_vec().unwrap();
     let theirs = run_onnx_runtime(path, &input, shape);
@@ -189,7 +176,7 @@ fn pvt_onnx_matches_slabformer() {
         ("flatten_pvt", PvtConfig { sr_ratios: [2, 1, 1, 1], ..small(PvtConfig::flatten_pvt_tiny()) }),
     ];
     for (name, config) in cases {
-        let model = seeded(WEIGHTS_SEED, |device| slabformer::testing::randomized(config.init(device).unwrap(), 6.0));
+        let model = slabformer::testing::randomized(config.init(&Device::flex()).unwrap(), 6.0, WEIGHTS_SEED);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(format!("{name}.onnx"));
         export_classifier(&model, &path, false).unwrap();
@@ -218,7 +205,7 @@ fn cswin_family_onnx_matches_slabformer() {
         ("flatten_cswin", small(CswinConfig::flatten_cswin_tiny())),
     ];
     for (name, config) in cases {
-        let model = seeded(WEIGHTS_SEED, |device| slabformer::testing::randomized(config.init(device).unwrap(), 3.0));
+        let model = slabformer::testing::randomized(config.init(&Device::flex()).unwrap(), 3.0, WEIGHTS_SEED);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(format!("{name}.onnx"));
         export_classifier(&model, &path, false).unwrap();
@@ -246,7 +233,7 @@ fn small_swin(base: SwinConfig, layout: SwinLayout) -> SwinConfig {
 }
 
 fn check_swin(name: &str, export_form: impl Fn(&slabformer::models::SwinTransformer, &Path), config: SwinConfig, forward_fused: Option<SwinFuse>) {
-    let model = seeded(WEIGHTS_SEED, |device| slabformer::testing::randomized(config.init(device).unwrap(), 3.0));
+    let model = slabformer::testing::randomized(config.init(&Device::flex()).unwrap(), 3.0, WEIGHTS_SEED);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(format!("{name}.onnx"));
     export_form(&model, &path);
@@ -292,7 +279,7 @@ fn swin_family_onnx_matches_slabformer() {
 #[test]
 fn swin_tiny_and_slab_swin_tiny_at_224_onnx_match_slabformer() {
     for (name, config) in [("swin_tiny", SwinConfig::swin_tiny()), ("slab_swin_tiny", SwinConfig::slab_swin_tiny())] {
-        let model = seeded(WEIGHTS_SEED, |device| slabformer::testing::randomized(config.init(device).unwrap(), 1.0));
+        let model = slabformer::testing::randomized(config.init(&Device::flex()).unwrap(), 1.0, WEIGHTS_SEED);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(format!("{name}.onnx"));
         export_classifier(&model, &path, false).unwrap();

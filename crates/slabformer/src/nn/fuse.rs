@@ -88,7 +88,7 @@ mod tests {
         let rep = randomized_repbn(8, &device);
         let mut conv = Conv2dConfig::new([3, 8], [2, 2]).with_stride([2, 2]).init(&device);
         conv.bias = Some(Param::from_tensor(Tensor::random([8], Distribution::Uniform(-1.0, 1.0), &device)));
-        let x = Tensor::<4>::random([2, 3, 8, 8], Distribution::Normal(0.0, 1.0), &device);
+        let x = crate::testing::standard_normal([2, 3, 8, 8], 27, &device);
         let tokens = |y: Tensor<4>| {
             let [b, c, h, w] = y.dims();
             y.reshape([b, c, h * w]).swap_dims(1, 2) // (B, N, C) for RepBN
@@ -111,7 +111,7 @@ mod tests {
         let device = Device::flex();
         let rep = randomized_repbn(6, &device);
         let conv = Conv2dConfig::new([6, 5], [2, 2]).with_stride([2, 2]).init(&device);
-        let x = Tensor::<4>::random([2, 6, 8, 8], Distribution::Normal(0.0, 1.0), &device);
+        let x = crate::testing::standard_normal([2, 6, 8, 8], 28, &device);
         let tokens = x.clone().reshape([2, 6, 64]).swap_dims(1, 2); // (B, N, C)
         let normed = rep.forward(tokens).swap_dims(1, 2).reshape([2, 6, 8, 8]);
         let want = conv.forward(normed);

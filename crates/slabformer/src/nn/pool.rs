@@ -68,14 +68,14 @@ impl Pool {
 mod tests {
     use super::*;
     use crate::state::host_f32;
-    use burn::tensor::{Device, Distribution};
+    use burn::tensor::Device;
 
     #[test]
     fn fast_pooling_and_its_backward_equal_burn() {
         let device = Device::flex().autodiff();
         for pool in [Pool::ClassToken, Pool::Mean] {
-            let x = Tensor::<3>::random([2, 5, 3], Distribution::Normal(0.0, 1.0), &device).require_grad();
-            let weight = Tensor::<2>::random([2, 3], Distribution::Normal(0.0, 1.0), &device);
+            let x = crate::testing::standard_normal([2, 5, 3], 23, &device).require_grad();
+            let weight = crate::testing::standard_normal([2, 3], 24, &device);
             let pooled = pool.forward(x.clone());
             let grads = pooled.clone().mul(weight.clone()).sum().backward();
             let (xs, want, want_dx) = (host_f32(x.clone()), host_f32(pooled), host_f32(x.grad(&grads).unwrap()));

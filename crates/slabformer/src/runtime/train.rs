@@ -265,7 +265,7 @@ impl CpuTrainer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Device, Distribution, Int, Tensor};
+    use burn::tensor::{Device, Int, Tensor};
     use crate::state::{collect_grads, float_tensors};
     use crate::models::vit::Pool;
     use crate::models::{VisionTransformer, VitConfig};
@@ -295,11 +295,11 @@ mod tests {
     }
 
     fn randomized(config: &VitConfig, device: &Device) -> VisionTransformer {
-        crate::testing::randomized(config.init(device).unwrap(), 5.0)
+        crate::testing::randomized(config.init(device).unwrap(), 5.0, 1)
     }
 
-    fn images(config: &VitConfig, batch: usize, device: &Device) -> Tensor<4> {
-        Tensor::random([batch, config.in_chans, config.img_size, config.img_size], Distribution::Normal(0.0, 1.0), device)
+    fn images(config: &VitConfig, batch: usize, seed: u64, device: &Device) -> Tensor<4> {
+        crate::testing::standard_normal([batch, config.in_chans, config.img_size, config.img_size], seed, device)
     }
 
     /// Forward, backward and state against burn autodiff on the same model and images.
@@ -308,9 +308,9 @@ mod tests {
         let model = randomized(&config, &device);
         let mut trainer = CpuTrainer::new(&model, OptimConfig::default()).unwrap();
         let batch = 3;
-        let x = images(&config, batch, &device);
+        let x = images(&config, batch, 10, &device);
         let logits = model.forward(x.clone());
-        let weight = Tensor::<2>::random([batch, config.num_classes], Distribution::Normal(0.0, 1.0), &device);
+        let weight = crate::testing::standard_normal([batch, config.num_classes], 2, &device);
         let grads = logits.clone().mul(weight.clone()).sum().backward();
 
         let ours = trainer.forward(&crate::state::host_f32(x), batch).unwrap();
@@ -380,7 +380,7 @@ mod tests {
         let ranks = param_ranks(&model);
         let batch = 4;
         for step in 0..3 {
-            let x = images(&config, batch, &device);
+            let x = images(&config, batch, 20 + step as u64, &device);
             let labels: Vec<i64> = (0..batch as i64).map(|i| (i * 3 + step) % 10).collect();
             let targets = Tensor::<1, Int>::from_data(labels.as_slice(), &device).one_hot::<2>(config.num_classes).float();
             let loss = soft_cross_entropy(model.forward(x.clone()), targets.clone());
@@ -410,8 +410,8 @@ mod tests {
         let batch = 4;
         let mut want = StateDict::new("burn");
         for m in 0..2u64 {
-            let x = images(&config, batch, &device);
-            let weight = Tensor::<2>::random([batch, config.num_classes], Distribution::Normal(0.0, 1.0), &device);
+            let x = images(&config, batch, 30 + m, &device);
+            let weight = crate::testing::standard_normal([batch, config.num_classes], 40 + m, &device);
             model = crate::nn::set_counter_advance(model, m == 0);
             let logits = crate::nn::drop_path::with_seed(100 + m, || model.forward(x.clone()));
             let grads = collect_grads(&model, &logits.clone().mul(weight.clone()).sum().backward());

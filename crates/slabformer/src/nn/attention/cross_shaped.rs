@@ -493,7 +493,7 @@ mod tests {
         // reach across a stripe border.
         let device = Device::flex();
         let conv = depthwise(2, 3, &device);
-        let v = Tensor::<3>::random([1, 16, 2], Distribution::Normal(0.0, 1.0), &device);
+        let v = crate::testing::standard_normal([1, 16, 2], 7, &device);
         let whole = lepe(&conv, v.clone(), [4, 4]);
         let image = v.clone().swap_dims(1, 2).reshape([1, 2, 4, 4]);
         let want = conv.forward(image).reshape([1, 2, 16]).swap_dims(1, 2);
@@ -514,7 +514,7 @@ mod tests {
                 let branches = config.init(&device);
                 let counted: usize = branches.iter().map(crate::state::trainable_param_count).sum();
                 assert_eq!(counted, config.param_count(), "{config:?}");
-                let qkv = Tensor::<3>::random([2, resolution * resolution, 48], Distribution::Normal(0.0, 1.0), &device);
+                let qkv = crate::testing::standard_normal([2, resolution * resolution, 48], 8, &device);
                 assert_eq!(cross_shaped_attention(qkv, &branches).dims(), [2, resolution * resolution, 16]);
             }
         }

@@ -466,7 +466,7 @@ pub fn linear_attention_core_ordered(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::Distribution;
+    
 
     fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
         t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
@@ -476,8 +476,8 @@ mod tests {
         values(t.abs().max())[0]
     }
 
-    fn positive(shape: [usize; 4], device: &Device) -> Tensor<4> {
-        relu(Tensor::random(shape, Distribution::Normal(0.0, 1.0), device))
+    fn positive(shape: [usize; 4], seed: u64, device: &Device) -> Tensor<4> {
+        relu(crate::testing::standard_normal(shape, seed, device))
     }
 
     #[test]
@@ -494,7 +494,7 @@ mod tests {
         let device = Device::flex();
         for n in [16, 49, 64, 65, 196, 3136] {
             for d in [32, 64] {
-                let [q, k, v] = [0; 3].map(|_| positive([1, 2, n, d], &device));
+                let [q, k, v] = [0, 1, 2].map(|i| positive([1, 2, n, d], 50 + i, &device));
                 let kv_first = linear_attention_core_ordered(q.clone(), k.clone(), v.clone(), 1e-6, true);
                 let qk_first = linear_attention_core_ordered(q, k, v, 1e-6, false);
                 let scale = max_abs(qk_first.clone());
@@ -524,9 +524,9 @@ mod tests {
     #[test]
     fn zero_query_rows_give_only_the_conv_term_without_nan() {
         let device = Device::flex();
-        let mut q = positive([1, 1, 16, 8], &device);
+        let mut q = positive([1, 1, 16, 8], 53, &device);
         q = q.slice_assign([0..1, 0..1, 0..1, 0..8], Tensor::zeros([1, 1, 1, 8], &device));
-        let out = linear_attention_core(q, positive([1, 1, 16, 8], &device), positive([1, 1, 16, 8], &device), 1e-6);
+        let out = linear_attention_core(q, positive([1, 1, 16, 8], 54, &device), positive([1, 1, 16, 8], 55, &device), 1e-6);
         let row0 = values(out.clone().narrow(2, 0, 1));
         assert!(row0.iter().all(|v| *v == 0.0));
         assert!(values(out).iter().all(|v| v.is_finite()));
@@ -541,7 +541,7 @@ mod tests {
             let d = 64 / heads;
             assert_eq!(attn.dwc.weight.dims(), [d, 1, 5, 5]);
             // Permuting heads permutes the DWC outputs the same way.
-            let v = Tensor::<4>::random([1, heads, 16, d], Distribution::Normal(0.0, 1.0), &device);
+            let v = crate::testing::standard_normal([1, heads, 16, d], 16, &device);
             let out = attn.depthwise_branch(v.clone());
             let flipped = attn.depthwise_branch(v.flip([1]));
             assert!(max_abs(out.flip([1]).sub(flipped)) < 1e-6);
@@ -551,7 +551,7 @@ mod tests {
     #[test]
     fn focusing_keeps_the_norm_and_softplus_zero_is_ln2() {
         let device = Device::flex();
-        let x = relu(Tensor::<3>::random([2, 5, 16], Distribution::Normal(0.0, 1.0), &device)).add_scalar(1e-6);
+        let x = relu(crate::testing::standard_normal([2, 5, 16], 17, &device)).add_scalar(1e-6);
         for p in [3.0, 8.0] {
             let f = focus_power(x.clone(), p);
             let norm_x = x.clone().powf_scalar(2.0).sum_dim(2).sqrt();
@@ -567,7 +567,7 @@ mod tests {
         let device = Device::flex();
         let config = AttentionConfig { dim: 32, num_heads: 2, qkv_bias: true, kind: AttentionKind::focused(), grid: Some([4, 4]) };
         let Attention::Linear(attn) = config.init(&device) else { panic!("FLatten is linear") };
-        let x = Tensor::<3>::random([2, 16, 32], Distribution::Normal(0.0, 1.0), &device);
+        let x = crate::testing::standard_normal([2, 16, 32], 18, &device);
         let qkv = attn.qkv.forward(x).reshape([2, 16, 3, 32]);
         let theta = attn.scale.as_ref().unwrap().val();
         let scale = softplus(theta, 1.0);
@@ -585,7 +585,7 @@ mod tests {
         let row_sums = linear_attention_core(q.clone(), k.clone(), ones, 0.0);
         assert!(max_abs(row_sums.sub_scalar(1.0)) < 1e-5);
         // The linear form equals the quadratic one.
-        let v = Tensor::<4>::random([2, 2, 16, 16], Distribution::Normal(0.0, 1.0), &device);
+        let v = crate::testing::standard_normal([2, 2, 16, 16], 19, &device);
         let linear_form = linear_attention_core_ordered(q, k, v.clone(), 0.0, true);
         assert!(max_abs(linear_form.sub(weights.matmul(v))) < 1e-4);
     }
@@ -595,8 +595,8 @@ mod tests {
         // SPEC §7.3 item 21: q, k ~ N(0, 1), s = q·k/√d → mean_i Σ_j ReLU(s_ij)/L → 1/√(2π).
         let device = Device::flex();
         let (l, d) = (4096, 64);
-        let q = Tensor::<4>::random([1, 1, l, d], Distribution::Normal(0.0, 1.0), &device);
-        let k = Tensor::<4>::random([1, 1, l, d], Distribution::Normal(0.0, 1.0), &device);
+        let q = crate::testing::standard_normal([1, 1, l, d], 20, &device);
+        let k = crate::testing::standard_normal([1, 1, l, d], 21, &device);
         let s = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f64).sqrt());
         let row_sums = relu(s.clone()).div_scalar(l as f64).sum_dim(3);
         let mean = values(row_sums.mean())[0];
@@ -611,7 +611,7 @@ mod tests {
         let config = AttentionConfig { dim: 48, num_heads: 3, qkv_bias: true, kind: AttentionKind::ReluL { qk_norm: true, gated: true }, grid: None };
         let attn = config.init(&device);
         assert_eq!(crate::state::trainable_param_count(&attn), config.param_count());
-        let x = Tensor::<3>::random([2, 10, 48], Distribution::Normal(0.0, 1.0), &device);
+        let x = crate::testing::standard_normal([2, 10, 48], 22, &device);
         assert_eq!(attn.try_forward(x).unwrap().dims(), [2, 10, 48]);
         let keys: Vec<String> = crate::state::collect_state(&attn).keys().cloned().collect();
         for key in ["q_norm.weight", "k_norm.bias", "gate.weight", "qkv.weight", "proj.bias"] {

@@ -373,7 +373,7 @@ mod tests {
     use super::*;
     use crate::nn::attention::{Attention, LinearAttention};
     use crate::state::trainable_param_count;
-    use burn::tensor::Distribution;
+    
 
     fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
         t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
@@ -406,7 +406,7 @@ mod tests {
     fn without_reduction_it_is_the_attention_of_the_same_kind_with_split_projections() {
         let device = Device::flex();
         for kind in [AttentionKind::Softmax, AttentionKind::sla(), AttentionKind::focused()] {
-            let sr = crate::testing::randomized(config(kind, 1, [4, 5]).init(&device), 20.0);
+            let sr = crate::testing::randomized(config(kind, 1, [4, 5]).init(&device), 20.0, 5);
             let mut reference = AttentionConfig { dim: 24, num_heads: 2, qkv_bias: true, kind, grid: Some([4, 5]) }.init(&device);
             let weight = Tensor::cat(vec![sr.q.weight.val(), sr.kv.weight.val()], 1); // (in, 3C)
             let bias = Tensor::cat(vec![sr.q.bias.as_ref().unwrap().val(), sr.kv.bias.as_ref().unwrap().val()], 0);
@@ -427,7 +427,7 @@ mod tests {
                     }
                 }
             }
-            let x = Tensor::<3>::random([2, 20, 24], Distribution::Normal(0.0, 1.0), &device);
+            let x = crate::testing::standard_normal([2, 20, 24], 13, &device);
             let want = reference.forward(x.clone());
             let diff = max_abs(sr.forward(x).sub(want.clone()));
             assert!(diff <= 1e-5 * max_abs(want).max(1.0), "{kind:?}: {diff}");
@@ -440,7 +440,7 @@ mod tests {
         let attn = config(AttentionKind::sla(), 2, [6, 4]).init(&device);
         assert_eq!(attn.positional_encoding.as_ref().unwrap().dims(), [1, 6, 24]);
         assert_eq!(attn.sr.as_ref().unwrap().weight.dims(), [24, 24, 2, 2]);
-        let x = Tensor::<3>::random([2, 24, 24], Distribution::Normal(0.0, 1.0), &device);
+        let x = crate::testing::standard_normal([2, 24, 24], 14, &device);
         let (k, v) = attn.keys_values(x.clone());
         assert_eq!(k.dims(), [2, 6, 24]);
         assert_eq!(v.dims(), [2, 6, 24]);
@@ -477,9 +477,9 @@ mod tests {
         for kind in [AttentionKind::Softmax, AttentionKind::sla(), AttentionKind::focused()] {
             for r in [1, 2] {
                 let cfg = SrAttentionConfig { norm: NormKind::prepbn(1e-6, 100), ..config(kind, r, [6, 4]) };
-                let attn = crate::testing::randomized(cfg.init(&device), 10.0);
+                let attn = crate::testing::randomized(cfg.init(&device), 10.0, 5);
                 let input_norm = randomized_repbn(24, &device);
-                let x = Tensor::<3>::random([3, 24, 24], Distribution::Normal(0.0, 1.0), &device);
+                let x = crate::testing::standard_normal([3, 24, 24], 15, &device);
                 let want = attn.forward(input_norm.forward(x.clone()));
                 let (a, b) = input_norm.affine();
                 let fused = attn.fuse().unwrap().fold_input(a, b).unwrap();

@@ -423,7 +423,7 @@ impl WindowAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::Distribution;
+    
 
     fn floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
         t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
@@ -472,7 +472,7 @@ mod tests {
     #[test]
     fn partition_and_reverse_are_inverse_and_shift_round_trips() {
         let device = Device::flex();
-        let x = Tensor::<4>::random([2, 8, 12, 3], Distribution::Normal(0.0, 1.0), &device);
+        let x = crate::testing::standard_normal([2, 8, 12, 3], 9, &device);
         let windows = window_partition(x.clone(), 4);
         assert_eq!(windows.dims(), [2 * 6, 16, 3]);
         // Window 1 of image 0 is rows 0..4, cols 4..8; its token 5 is (1, 1) → map (1, 5).
@@ -481,7 +481,7 @@ mod tests {
         assert_eq!(floats(window_reverse(windows, 4, [8, 12])), floats(x.clone()));
         // The identity mixer through pad + shift + partition gives the input back, padded or not.
         for (res, m) in [([8, 12], 4), ([7, 10], 3), ([5, 5], 7)] {
-            let tokens = Tensor::<3>::random([2, res[0] * res[1], 3], Distribution::Normal(0.0, 1.0), &device);
+            let tokens = crate::testing::standard_normal([2, res[0] * res[1], 3], 41, &device);
             let grid = WindowGrid::new(res, m, true).unwrap();
             let back = grid.apply(tokens.clone(), None, |w| w);
             assert_eq!(floats(back), floats(tokens), "{res:?} window {m}");
@@ -499,11 +499,11 @@ mod tests {
         plain.qkv = attn.qkv.clone();
         plain.proj = attn.proj.clone();
         attn.relative_position_bias_table = Param::from_tensor(Tensor::zeros([49, 3], &device));
-        let x = Tensor::<3>::random([2, 16, 12], Distribution::Normal(0.0, 1.0), &device);
+        let x = crate::testing::standard_normal([2, 16, 12], 10, &device);
         let diff: f32 = attn.forward(x.clone(), None).sub(plain.forward(x.clone())).abs().max().into_scalar();
         assert!(diff < 1e-5, "{diff}");
         // A non-zero table shifts the scores by table[index] per head.
-        attn.relative_position_bias_table = Param::from_tensor(Tensor::random([49, 3], Distribution::Normal(0.0, 1.0), &device));
+        attn.relative_position_bias_table = Param::from_tensor(crate::testing::standard_normal([49, 3], 11, &device));
         let bias = attn.relative_position_bias();
         assert_eq!(bias.dims(), [3, 16, 16]);
         let table = floats(attn.relative_position_bias_table.val());
@@ -516,7 +516,7 @@ mod tests {
     fn masked_pairs_get_no_weight_and_bad_shapes_are_errors() {
         let device = Device::flex();
         let attn = WindowAttention::new(8, 2, 2, true, false, &device);
-        let x = Tensor::<3>::random([4, 4, 8], Distribution::Normal(0.0, 1.0), &device);
+        let x = crate::testing::standard_normal([4, 4, 8], 12, &device);
         // Masking everything but the diagonal makes each token attend to itself only: out = proj(v).
         let eye: Vec<f32> = (0..16).map(|k| if k / 4 == k % 4 { 0.0 } else { -1e4 }).collect();
         let mask = Tensor::<3>::from_data(TensorData::new([eye.clone(), eye].concat(), [2, 4, 4]), &device);
