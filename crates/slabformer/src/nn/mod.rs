@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod conv;
+pub mod conv_norm;
 pub mod counter;
 pub mod drop_path;
 pub mod fuse;

@@ -98,6 +98,19 @@ impl BatchNorm {
         y.reshape([b, n, c])
     }
 
+    /// BatchNorm2d: (B, C, H, W) planes, statistics per channel over B·H·W.
+    pub fn forward_planes(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let tokens = x.reshape([b, c, h * w]).swap_dims(1, 2); // (B, H·W, C)
+        self.forward(tokens).swap_dims(1, 2).reshape([b, c, h, w])
+    }
+
+    /// The eval-mode map as `(a, b)` with `y = a ⊙ x + b`, for folding into a neighbour.
+    pub fn eval_affine(&self) -> (Tensor<1>, Tensor<1>) {
+        let (scale, mean) = self.eval_scale_and_mean();
+        (scale.clone(), self.bias.val().sub(scale.mul(mean)))
+    }
+
     fn forward_eval(&self, tokens: Tensor<2>) -> Tensor<2> {
         let device = tokens.device();
         batch_norm(
