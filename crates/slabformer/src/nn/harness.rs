@@ -27,6 +27,8 @@ use super::attention::window::{MaskBuffer, WindowAttention, WindowGrid};
 use super::attention::window_fast::{FastWindowAttention, FastWindowedLinear, WindowAttentionActivations, WindowAttentionScratch, WindowInferScratch, WindowedLinearActivations, WindowedLinearInferScratch, WindowedLinearScratch};
 use super::attention::{Attention, AttentionActivations, AttentionConfig, AttentionKind, AttentionScratch, FastAttention, FeatureMap, LinearAttention};
 use super::conv::{FastConv, Source};
+use super::conv_norm::{Activation, ConvAct, ConvNormAct, ConvShape};
+use super::conv_norm_fast::{ConvNormActCache, FastConvNormAct};
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use super::fuse::fold_into_next_linear;
@@ -133,7 +135,7 @@ fn assert_close(what: &str, ours: &[f32], want: &[f32]) {
 }
 
 /// [`SHAPES`] cases from `draw`, each checked against burn.
-fn check<C: LayerCase>(draw: impl Fn(&mut Pcg64) -> C) {
+fn check<C: LayerCase>(mut draw: impl FnMut(&mut Pcg64) -> C) {
     let mut rng = Pcg64::seed_from_u64(SEED);
     for _ in 0..SHAPES {
         let case = draw(&mut rng);
@@ -746,6 +748,143 @@ impl LayerCase for StageConvCase {
         let mut out = vec![0.0; self.out_len()];
         fast.proj.apply(p, &self.patches(fast, x), &mut out);
         Some(out)
+    }
+}
+
+/// The conv blocks of the mobile families on raster rows: conv (dense k×k, 1×1, depthwise with a
+/// channel multiplier; strided) → BatchNorm2d (training statistics) → activation, and the
+/// deploy form (the conv with a bias, no norm).
+#[derive(Debug)]
+struct ConvBlockCase {
+    batch: usize,
+    grid: [usize; 2],
+    shape: ConvShape,
+    act: Activation,
+}
+
+impl ConvBlockCase {
+    /// A block of each conv kind in turn. Deploy blocks have a conv bias (the folded
+    /// BatchNorm's); trained ones none: a bias before a training-mode BatchNorm has a gradient
+    /// that is 0 up to rounding (the BN removes per-channel constants), noise against noise.
+    fn draw(rng: &mut Pcg64, index: usize, deploy: bool) -> Self {
+        let (in_chans, out_chans) = (pick(rng, &[1, 3, 5, 8]), pick(rng, &[2, 7, 12]));
+        let shape = match index % 5 {
+            0 => ConvShape::new(in_chans, out_chans, pick(rng, &[3, 5]), pick(rng, &[1, 2])),
+            1 => ConvShape::new(in_chans, out_chans, 1, 1),
+            // SLA's stride-1 depthwise kernel (AVX-512 for 16-channel blocks), then the general
+            // one: strided, and with a channel multiplier.
+            2 => ConvShape::depthwise(pick(rng, &[3, 16, 32]), 1, 3, 1),
+            3 => ConvShape::depthwise(in_chans, 1, pick(rng, &[3, 5]), 2),
+            _ => ConvShape::depthwise(in_chans, pick(rng, &[2, 4]), pick(rng, &[3, 5]), pick(rng, &[1, 2])),
+        };
+        let act = pick(rng, &[Activation::Identity, Activation::Relu, Activation::Relu6, Activation::Silu, Activation::Gelu, Activation::Hardsigmoid, Activation::Hardswish]);
+        // BatchNorm needs two values per channel; odd grids exercise the padding at the edges.
+        Self { batch: pick(rng, &[1, 2, 3]), grid: pick(rng, &[[5, 6], [7, 7], [4, 9]]), shape: shape.with_bias(deploy), act }
+    }
+
+    fn out_len(&self) -> usize {
+        let [h, w] = self.shape.out_grid(self.grid);
+        self.batch * h * w * self.shape.out_chans
+    }
+
+    /// Rows (B, H·W, C) → planes (B, C, H, W).
+    fn planes(&self, x: Tensor<1>) -> Tensor<4> {
+        let ([h, w], c) = (self.grid, self.shape.in_chans);
+        x.reshape([self.batch, h * w, c]).swap_dims(1, 2).reshape([self.batch, c, h, w])
+    }
+
+    /// Planes (B, C, H', W') → rows, flat.
+    fn rows(&self, y: Tensor<4>) -> Tensor<1> {
+        let [b, c, h, w] = y.dims();
+        y.reshape([b, c, h * w]).swap_dims(1, 2).reshape([self.out_len()])
+    }
+
+    fn train(&self, fast: &mut FastConvNormAct, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        let mut out = vec![0.0; self.out_len()];
+        let mut cache = ConvNormActCache::default();
+        fast.forward(p, x, self.grid, self.batch, &mut out, &mut cache).expect("enough values per channel");
+        let mut dx = vec![0.0; x.len()];
+        fast.backward(p, g, x, dy, &mut dx, &cache);
+        (out, Some(dx))
+    }
+
+    fn infer(&self, fast: &FastConvNormAct, p: &[f32], x: &[f32]) -> Option<Vec<f32>> {
+        let mut out = vec![0.0; self.out_len()];
+        let per_out = out.len() / self.batch;
+        for (o, x) in out.chunks_mut(per_out).zip(x.chunks(x.len() / self.batch)) {
+            fast.infer(p, x, self.grid, o);
+        }
+        Some(out)
+    }
+}
+
+/// [`ConvBlockCase`] with a BatchNorm: the trained form.
+#[derive(Debug)]
+struct ConvNormActCase(ConvBlockCase);
+
+impl LayerCase for ConvNormActCase {
+    type Layer = ConvNormAct;
+    type Fast = FastConvNormAct;
+
+    fn build(&self, device: &Device, _rng: &mut Pcg64) -> ConvNormAct {
+        ConvNormAct::new(self.0.shape, self.0.act, device)
+    }
+
+    fn input(&self, _layer: &ConvNormAct, rng: &mut Pcg64) -> Vec<f32> {
+        normal(rng, self.0.batch * self.0.grid[0] * self.0.grid[1] * self.0.shape.in_chans, 0.0, 1.0)
+    }
+
+    fn reference(&self, layer: &ConvNormAct, x: Tensor<1>) -> Tensor<1> {
+        self.0.rows(layer.forward(self.0.planes(x)))
+    }
+
+    fn lower(&self, layer: &ConvNormAct, table: &mut ParamTable) -> FastConvNormAct {
+        FastConvNormAct::lower(layer, table).expect("the block lowers")
+    }
+
+    fn train(&self, fast: &mut FastConvNormAct, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        self.0.train(fast, p, x, dy, g)
+    }
+
+    fn write_buffers(&self, fast: &FastConvNormAct, state: &mut StateDict) {
+        fast.write_buffers(state);
+    }
+
+    fn infer(&self, fast: &FastConvNormAct, p: &[f32], x: &[f32]) -> Option<Vec<f32>> {
+        self.0.infer(fast, p, x)
+    }
+}
+
+/// [`ConvBlockCase`] without a norm: the deploy form.
+#[derive(Debug)]
+struct ConvActCase(ConvBlockCase);
+
+impl LayerCase for ConvActCase {
+    type Layer = ConvAct;
+    type Fast = FastConvNormAct;
+
+    fn build(&self, device: &Device, _rng: &mut Pcg64) -> ConvAct {
+        ConvAct { conv: self.0.shape.init(device), act: self.0.act }
+    }
+
+    fn input(&self, _layer: &ConvAct, rng: &mut Pcg64) -> Vec<f32> {
+        normal(rng, self.0.batch * self.0.grid[0] * self.0.grid[1] * self.0.shape.in_chans, 0.0, 1.0)
+    }
+
+    fn reference(&self, layer: &ConvAct, x: Tensor<1>) -> Tensor<1> {
+        self.0.rows(layer.forward(self.0.planes(x)))
+    }
+
+    fn lower(&self, layer: &ConvAct, table: &mut ParamTable) -> FastConvNormAct {
+        FastConvNormAct::lower_deploy(layer, table).expect("the block lowers")
+    }
+
+    fn train(&self, fast: &mut FastConvNormAct, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        self.0.train(fast, p, x, dy, g)
+    }
+
+    fn infer(&self, fast: &FastConvNormAct, p: &[f32], x: &[f32]) -> Option<Vec<f32>> {
+        self.0.infer(fast, p, x)
     }
 }
 
@@ -1459,6 +1598,24 @@ fn flatten_spatial_reduction_attention_matches_burn() {
 #[test]
 fn stage_conv_over_a_token_grid_matches_burn() {
     check(StageConvCase::draw);
+}
+
+#[test]
+fn conv_norm_activation_blocks_match_burn() {
+    let mut index = 0;
+    check(|rng| {
+        index += 1;
+        ConvNormActCase(ConvBlockCase::draw(rng, index, false))
+    });
+}
+
+#[test]
+fn deploy_conv_activation_blocks_match_burn() {
+    let mut index = 0;
+    check(|rng| {
+        index += 1;
+        ConvActCase(ConvBlockCase::draw(rng, index, true))
+    });
 }
 
 #[test]

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod conv;
 pub mod conv_norm;
+pub mod conv_norm_fast;
 pub mod counter;
 pub mod drop_path;
 pub mod fuse;

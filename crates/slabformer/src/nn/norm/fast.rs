@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::{LayerNorm, Norm, RepBN};
+use super::{BatchNorm, LayerNorm, Norm, RepBN};
 use crate::error::{Error, Result};
 use super::kernels::{self as norm_kernels, BnTerms, NormTerms};
 use crate::kernels;
@@ -26,7 +26,8 @@ impl LnParams {
 }
 
 struct BnParams {
-    alpha: Slot,
+    /// RepBN's α; None for a plain BatchNorm (α = 0).
+    alpha: Option<Slot>,
     gamma: Slot,
     beta: Slot,
     eps: f32,
@@ -40,10 +41,14 @@ struct BnParams {
 
 impl BnParams {
     fn lower(rep: &RepBN, table: &mut ParamTable) -> Result<Self> {
-        let bn = &rep.bn;
+        let alpha = table.add(&rep.alpha, Layout::Official)?;
+        Ok(Self { alpha: Some(alpha), ..Self::lower_batch_norm(&rep.bn, table)? })
+    }
+
+    fn lower_batch_norm(bn: &BatchNorm, table: &mut ParamTable) -> Result<Self> {
         let prefix = table.prefix_of(&bn.weight)?;
         Ok(Self {
-            alpha: table.add(&rep.alpha, Layout::Official)?,
+            alpha: None,
             gamma: table.add(&bn.weight, Layout::Official)?,
             beta: table.add(&bn.bias, Layout::Official)?,
             eps: bn.eps as f32,
@@ -53,6 +58,10 @@ impl BnParams {
             tracked: bn.num_batches_tracked.get(),
             prefix,
         })
+    }
+
+    fn alpha(&self, p: &[f32]) -> f32 {
+        self.alpha.map_or(0.0, |slot| p[slot.offset])
     }
 }
 
@@ -109,6 +118,12 @@ impl FastNorm {
         })
     }
 
+    /// A plain BatchNorm over (rows, C): BatchNorm1d over tokens, or BatchNorm2d over the
+    /// (H·W, C) raster rows of conv feature maps.
+    pub fn lower_batch_norm(norm: &BatchNorm, table: &mut ParamTable) -> Result<Self> {
+        Ok(Self { ln: None, bn: Some(BnParams::lower_batch_norm(norm, table)?), counters: None })
+    }
+
     /// A LayerNorm on its own (qk-norm of attention heads).
     pub fn lower_layer_norm(norm: &LayerNorm, table: &mut ParamTable) -> Result<Self> {
         Ok(Self { ln: Some(LnParams::lower(norm, table)?), bn: None, counters: None })
@@ -120,7 +135,7 @@ impl FastNorm {
         match (&self.bn, &self.ln) {
             (Some(bn), _) => {
                 let inv_std: Vec<f32> = bn.running_var.iter().map(|v| 1.0 / (v + bn.eps).sqrt()).collect();
-                let terms = BnTerms { mean: &bn.running_mean, inv_std: &inv_std, gamma: &p[bn.gamma.range()], beta: &p[bn.beta.range()], alpha: p[bn.alpha.offset], weight: 1.0 };
+                let terms = BnTerms { mean: &bn.running_mean, inv_std: &inv_std, gamma: &p[bn.gamma.range()], beta: &p[bn.beta.range()], alpha: bn.alpha(p), weight: 1.0 };
                 norm_kernels::norm_apply(x, out, inv_std.len(), NormTerms { ln: None, bn: Some(terms) });
             }
             (None, Some(ln)) => norm_kernels::layer_norm(x, out, &p[ln.weight.range()], &p[ln.bias.range()], ln.eps),
@@ -209,7 +224,7 @@ impl FastNorm {
             bn.tracked += 1;
             cache.bn_inv_std = var.iter().map(|v| 1.0 / (v + bn.eps).sqrt()).collect();
             cache.bn_mean = mean;
-            cache.alpha = p[bn.alpha.offset];
+            cache.alpha = bn.alpha(p);
         }
         let this = &*self;
         out.par_chunks_mut(per * c).zip(x.par_chunks(per * c)).enumerate().for_each(|(i, (o, x))| {
@@ -237,7 +252,9 @@ impl FastNorm {
         if let (Some(bn), Some(weight)) = (&self.bn, cache.bn_weight) {
             g[bn.gamma.range()].iter_mut().zip(dy_bn).for_each(|(g, s)| *g += weight * s);
             g[bn.beta.range()].iter_mut().zip(dy_sum).for_each(|(g, s)| *g += weight * s);
-            g[bn.alpha.offset] += weight * dy_x;
+            if let Some(alpha) = bn.alpha {
+                g[alpha.offset] += weight * dy_x;
+            }
         }
         dx.par_chunks_mut(per * c).zip(x.par_chunks(per * c)).zip(dy.par_chunks(per * c)).enumerate().for_each(|(i, ((dx, x), dy))| {
             norm_kernels::norm_backward_apply(x, dy, dx, c, self.terms(p, cache, i * per, x.len() / c), (dy_sum, dy_bn), rows);

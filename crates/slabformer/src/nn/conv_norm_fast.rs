@@ -1,0 +1,455 @@
+//! The fast form of the conv blocks of [`conv_norm`](super::conv_norm): conv → BatchNorm2d →
+//! activation on (H·W, C) raster rows, the layout every plan step works in. Dense convs are a
+//! GEMM over im2col rows (none for 1×1 stride-1 convs: the rows are the GEMM's input as they
+//! are); depthwise convs (with a channel multiplier) run directly over the rows, each kernel tap
+//! one multiply-add across the channels. Training uses the batch statistics and updates the
+//! running ones ([`FastNorm`]); inference uses the running statistics, or the BatchNorm folded
+//! into the conv for a deploy block.
+
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::Conv2d;
+use rayon::prelude::*;
+
+use super::attention::kernels::DepthwiseConv;
+use super::conv::{FastConv, Source};
+use super::conv_norm::{Activation, ConvAct, ConvNormAct};
+use super::lower::{Layout, ParamTable, Slot};
+use super::mlp::gelu_backward;
+use super::norm::fast::{FastNorm, NormCache};
+use crate::error::{Error, Result};
+use crate::kernels::{self, exp, gelu, multiversion};
+use crate::state::StateDict;
+
+fn unsupported(what: String) -> Error {
+    Error::Unsupported { what, path: "the fast CPU path" }
+}
+
+/// A depthwise conv (groups = C_in, C_out = multiplier·C_in) over raster rows; weight kept as
+/// (k·k, C_out): each kernel tap is one row across the output channels.
+pub struct FastDepthwise {
+    weight: Slot,
+    bias: Option<Slot>,
+    in_chans: usize,
+    multiplier: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+multiversion! {
+    /// `out[c] += w[c]·x[c / multiplier]` across the output channels.
+    fn tap_forward(out: &mut [f32], w: &[f32], x: &[f32], multiplier: usize) {
+        if multiplier == 1 {
+            for ((o, w), x) in out.iter_mut().zip(w).zip(x) {
+                *o += w * x;
+            }
+        } else {
+            for ((o, w), c) in out.iter_mut().zip(w).zip(0..) {
+                *o += w * x[c / multiplier];
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// One tap's backward: `dw[c] += dy[c]·x[c / m]`, `dx[c / m] += dy[c]·w[c]`.
+    fn tap_backward(dy: &[f32], w: &[f32], x: &[f32], dw: &mut [f32], dx: &mut [f32], multiplier: usize) {
+        if multiplier == 1 {
+            for ((((g, w), x), dw), dx) in dy.iter().zip(w).zip(x).zip(dw.iter_mut()).zip(dx.iter_mut()) {
+                *dw += g * x;
+                *dx += g * w;
+            }
+        } else {
+            for (c, ((g, w), dw)) in dy.iter().zip(w).zip(dw.iter_mut()).enumerate() {
+                *dw += g * x[c / multiplier];
+                dx[c / multiplier] += g * w;
+            }
+        }
+    }
+}
+
+impl FastDepthwise {
+    fn lower(conv: &Conv2d, padding: usize, table: &mut ParamTable) -> Result<Self> {
+        let [out_chans, per_group, kh, kw] = conv.weight.dims();
+        let in_chans = conv.groups;
+        if per_group != 1 || kh != kw || conv.stride[0] != conv.stride[1] || out_chans % in_chans != 0 {
+            return Err(unsupported(format!("a depthwise conv with weight {:?} and stride {:?}", conv.weight.dims(), conv.stride)));
+        }
+        Ok(Self {
+            weight: table.add(&conv.weight, Layout::Transposed)?,
+            bias: conv.bias.as_ref().map(|b| table.add(b, Layout::Official)).transpose()?,
+            in_chans,
+            multiplier: out_chans / in_chans,
+            kernel: kh,
+            stride: conv.stride[0],
+            padding,
+        })
+    }
+
+    fn out_chans(&self) -> usize {
+        self.in_chans * self.multiplier
+    }
+
+    fn out_grid(&self, grid: [usize; 2]) -> [usize; 2] {
+        grid.map(|n| (n + 2 * self.padding).saturating_sub(self.kernel) / self.stride + 1)
+    }
+
+    /// The input rows and kernel taps output pixel (r, q) reads: (tap index, input pixel).
+    fn taps(&self, [h, w]: [usize; 2], r: usize, q: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let k = self.kernel;
+        (0..k * k).filter_map(move |t| {
+            let y = (r * self.stride + t / k).checked_sub(self.padding).filter(|y| *y < h)?;
+            let x = (q * self.stride + t % k).checked_sub(self.padding).filter(|x| *x < w)?;
+            Some((t, y * w + x))
+        })
+    }
+
+    /// SLA's depthwise-conv kernel (AVX-512 where the CPU has it) covers the stride-1 "same"
+    /// convs without a channel multiplier.
+    fn as_same_conv<'a>(&self, p: &'a [f32], zeros: &'a [f32], grid: [usize; 2]) -> Option<DepthwiseConv<'a>> {
+        let same = self.stride == 1 && self.multiplier == 1 && self.padding == self.kernel / 2 && self.kernel % 2 == 1;
+        let bias = self.bias.map_or(zeros, |b| &p[b.range()]);
+        same.then(|| DepthwiseConv { taps: &p[self.weight.range()], bias, grid, kernel: self.kernel })
+    }
+
+    /// Output rows `first..` (as many as `out` holds) of one image's input rows `x`.
+    fn forward_rows(&self, p: &[f32], x: &[f32], grid: [usize; 2], first: usize, out: &mut [f32]) {
+        let (ci, co) = (self.in_chans, self.out_chans());
+        let zeros = vec![0.0; co];
+        if let Some(conv) = self.as_same_conv(p, &zeros, grid) {
+            out.fill(0.0);
+            conv.add_to(x, ci, 0, out, first);
+            return;
+        }
+        let ow = self.out_grid(grid)[1];
+        let weight = &p[self.weight.range()];
+        for (index, o) in out.chunks_exact_mut(co).enumerate() {
+            match self.bias {
+                Some(b) => o.copy_from_slice(&p[b.range()]),
+                None => o.fill(0.0),
+            }
+            let (r, q) = ((first + index) / ow, (first + index) % ow);
+            for (t, pixel) in self.taps(grid, r, q) {
+                tap_forward(o, &weight[t * co..(t + 1) * co], &x[pixel * ci..(pixel + 1) * ci], self.multiplier);
+            }
+        }
+    }
+
+    /// One image's backward: `dx +=`, and the weight and bias gradients into `dw` (k·k, C_out)
+    /// and `db`.
+    fn backward_image(&self, p: &[f32], x: &[f32], grid: [usize; 2], dy: &[f32], dx: &mut [f32], dw: &mut [f32], db: &mut [f32]) {
+        let (ci, co) = (self.in_chans, self.out_chans());
+        let zeros = vec![0.0; co];
+        if let Some(conv) = self.as_same_conv(p, &zeros, grid) {
+            dy.chunks_exact(co).for_each(|g| kernels::add_assign(db, g));
+            conv.backward(dy, x, ci, 0, dx, ci, 0, dw);
+            return;
+        }
+        let ow = self.out_grid(grid)[1];
+        let weight = &p[self.weight.range()];
+        for (index, g) in dy.chunks_exact(co).enumerate() {
+            kernels::add_assign(db, g);
+            for (t, pixel) in self.taps(grid, index / ow, index % ow) {
+                let taps = t * co..(t + 1) * co;
+                tap_backward(g, &weight[taps.clone()], &x[pixel * ci..(pixel + 1) * ci], &mut dw[taps], &mut dx[pixel * ci..(pixel + 1) * ci], self.multiplier);
+            }
+        }
+    }
+}
+
+/// A conv on the fast path: dense (groups 1) or depthwise.
+pub enum FastConv2d {
+    Dense(FastConv),
+    Depthwise(FastDepthwise),
+}
+
+impl FastConv2d {
+    pub fn lower(conv: &Conv2d, table: &mut ParamTable) -> Result<Self> {
+        let padding = match conv.padding {
+            PaddingConfig2d::Valid => 0,
+            PaddingConfig2d::Explicit(top, left, bottom, right) if [left, bottom, right] == [top; 3] => top,
+            ref other => return Err(unsupported(format!("conv padding {other:?}"))),
+        };
+        let [_, per_group, ..] = conv.weight.dims();
+        match conv.groups {
+            1 => Ok(Self::Dense(FastConv::lower(conv, table)?)),
+            groups if per_group == 1 && groups > 1 => Ok(Self::Depthwise(FastDepthwise::lower(conv, padding, table)?)),
+            groups => Err(unsupported(format!("a grouped conv with {groups} groups of {per_group} input channels"))),
+        }
+    }
+
+    pub fn in_chans(&self) -> usize {
+        match self {
+            Self::Dense(c) => c.in_chans,
+            Self::Depthwise(d) => d.in_chans,
+        }
+    }
+
+    pub fn out_chans(&self) -> usize {
+        match self {
+            Self::Dense(c) => c.outputs(),
+            Self::Depthwise(d) => d.out_chans(),
+        }
+    }
+
+    pub fn out_grid(&self, grid: [usize; 2]) -> [usize; 2] {
+        match self {
+            Self::Dense(c) => c.out_grid(grid),
+            Self::Depthwise(d) => d.out_grid(grid),
+        }
+    }
+
+    /// Whether a dense conv's im2col rows are its input rows as they are (1×1, stride 1).
+    fn is_pointwise(&self) -> bool {
+        matches!(self, Self::Dense(c) if c.kernel == [1, 1] && c.stride == [1, 1] && c.padding == [0, 0])
+    }
+
+    /// One image, on this thread: input rows (H·W, C_in) → output rows (H'·W', C_out).
+    pub fn infer(&self, p: &[f32], x: &[f32], grid: [usize; 2], out: &mut [f32]) {
+        match self {
+            Self::Dense(c) if self.is_pointwise() => c.proj.apply(p, x, out),
+            Self::Dense(c) => {
+                let [oh, ow] = c.out_grid(grid);
+                let mut patches = vec![0.0; oh * ow * c.patch_len()];
+                c.im2col(x, Source::Rows, grid, 0, &mut patches);
+                c.proj.apply(p, &patches, out);
+            }
+            Self::Depthwise(d) => d.forward_rows(p, x, grid, 0, out),
+        }
+    }
+
+    /// A batch of `batch` images, keeping the im2col rows a dense conv's backward needs.
+    fn forward(&self, p: &[f32], x: &[f32], grid: [usize; 2], batch: usize, out: &mut [f32], patches: &mut Vec<f32>) {
+        match self {
+            Self::Dense(c) if self.is_pointwise() => c.proj.forward(p, x, out, false),
+            Self::Dense(c) => {
+                let [oh, ow] = c.out_grid(grid);
+                patches.resize(batch * oh * ow * c.patch_len(), 0.0);
+                c.im2col_batch(x, Source::Rows, grid, batch, patches);
+                c.proj.forward(p, patches, out, false);
+            }
+            Self::Depthwise(d) => {
+                let per_out = out.len() / batch;
+                out.par_chunks_mut(per_out).zip(x.par_chunks(x.len() / batch)).for_each(|(o, x)| d.forward_rows(p, x, grid, 0, o));
+            }
+        }
+    }
+
+    /// `dx +=` the input gradient and the parameter gradients into `g`.
+    fn backward(&self, p: &[f32], g: &mut [f32], x: &[f32], grid: [usize; 2], batch: usize, patches: &[f32], dy: &[f32], dx: &mut [f32]) {
+        match self {
+            Self::Dense(c) if self.is_pointwise() => {
+                c.proj.backward_params(g, x, dy, &mut Vec::new());
+                let mut dxi = vec![0.0; x.len()];
+                c.proj.backward_input(p, dy, &mut dxi, |_, _| {});
+                kernels::add_assign(dx, &dxi);
+            }
+            Self::Dense(c) => {
+                c.proj.backward_params(g, patches, dy, &mut Vec::new());
+                let mut dpatches = vec![0.0; patches.len()];
+                c.proj.backward_input(p, dy, &mut dpatches, |_, _| {});
+                let per_image = dpatches.len() / batch;
+                dx.par_chunks_mut(x.len() / batch).zip(dpatches.par_chunks(per_image)).for_each(|(dx, dp)| c.col2im_add(dp, Source::Rows, grid, dx));
+            }
+            Self::Depthwise(d) => {
+                let (taps, co) = (d.kernel * d.kernel * d.out_chans(), d.out_chans());
+                let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+                    .par_chunks_mut(x.len() / batch)
+                    .zip(x.par_chunks(x.len() / batch))
+                    .zip(dy.par_chunks(dy.len() / batch))
+                    .map(|((dx, x), dy)| {
+                        let (mut dw, mut db) = (vec![0.0; taps], vec![0.0; co]);
+                        d.backward_image(p, x, grid, dy, dx, &mut dw, &mut db);
+                        (dw, db)
+                    })
+                    .collect();
+                for (dw, db) in partials {
+                    kernels::add_assign(&mut g[d.weight.range()], &dw);
+                    if let Some(b) = d.bias {
+                        kernels::add_assign(&mut g[b.range()], &db);
+                    }
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `out = act(pre)` element-wise (any activation but GELU, which has its own kernel).
+    fn activate_simple(pre: &[f32], out: &mut [f32], act: Activation) {
+        let hard_sigmoid = |v: f32| (v + 3.0).clamp(0.0, 6.0) * (1.0 / 6.0);
+        for (o, &v) in out.iter_mut().zip(pre) {
+            *o = match act {
+                Activation::Identity | Activation::Gelu => v,
+                Activation::Relu => v.max(0.0),
+                Activation::Relu6 => v.clamp(0.0, 6.0),
+                Activation::Silu => v / (1.0 + exp(-v)),
+                Activation::Hardsigmoid => hard_sigmoid(v),
+                Activation::Hardswish => v * hard_sigmoid(v),
+            };
+        }
+    }
+}
+
+multiversion! {
+    /// `grad *= act'(pre)` element-wise (any activation but GELU).
+    fn activation_backward_simple(pre: &[f32], grad: &mut [f32], act: Activation) {
+        for (g, &v) in grad.iter_mut().zip(pre) {
+            *g *= match act {
+                Activation::Identity | Activation::Gelu => 1.0,
+                Activation::Relu => f32::from(v > 0.0),
+                Activation::Relu6 => f32::from(v > 0.0 && v < 6.0),
+                Activation::Silu => {
+                    let s = 1.0 / (1.0 + exp(-v));
+                    s * (1.0 + v * (1.0 - s))
+                }
+                Activation::Hardsigmoid => f32::from(v > -3.0 && v < 3.0) * (1.0 / 6.0),
+                Activation::Hardswish if v <= -3.0 => 0.0,
+                Activation::Hardswish if v >= 3.0 => 1.0,
+                Activation::Hardswish => (2.0 * v + 3.0) * (1.0 / 6.0),
+            };
+        }
+    }
+}
+
+impl Activation {
+    /// `out = act(pre)` on the fast path.
+    pub fn apply(self, pre: &[f32], out: &mut [f32]) {
+        if self == Activation::Gelu {
+            out.iter_mut().zip(pre).for_each(|(o, &v)| *o = gelu(v));
+        } else {
+            activate_simple(pre, out, self);
+        }
+    }
+
+    /// `grad *= act'(pre)`.
+    pub fn backward(self, pre: &[f32], grad: &mut [f32]) {
+        match self {
+            Activation::Identity => {}
+            Activation::Gelu => gelu_backward(pre, grad),
+            _ => activation_backward_simple(pre, grad, self),
+        }
+    }
+}
+
+/// Conv → BatchNorm2d (absent in a deploy block, folded into the conv) → activation.
+pub struct FastConvNormAct {
+    pub conv: FastConv2d,
+    pub bn: Option<FastNorm>,
+    pub act: Activation,
+}
+
+/// What a training forward keeps for the backward.
+#[derive(Default)]
+pub struct ConvNormActCache {
+    grid: [usize; 2],
+    batch: usize,
+    /// A dense conv's im2col rows.
+    patches: Vec<f32>,
+    /// The conv's output (the BatchNorm's input).
+    conv_out: Vec<f32>,
+    norm: NormCache,
+    /// The activation's input.
+    pre: Vec<f32>,
+}
+
+impl FastConvNormAct {
+    pub fn lower(block: &ConvNormAct, table: &mut ParamTable) -> Result<Self> {
+        Ok(Self { conv: FastConv2d::lower(&block.conv, table)?, bn: Some(FastNorm::lower_batch_norm(&block.bn, table)?), act: block.act })
+    }
+
+    pub fn lower_deploy(block: &ConvAct, table: &mut ParamTable) -> Result<Self> {
+        Ok(Self { conv: FastConv2d::lower(&block.conv, table)?, bn: None, act: block.act })
+    }
+
+    pub fn out_grid(&self, grid: [usize; 2]) -> [usize; 2] {
+        self.conv.out_grid(grid)
+    }
+
+    pub fn out_chans(&self) -> usize {
+        self.conv.out_chans()
+    }
+
+    /// One image in eval mode, on this thread: (H·W, C_in) rows → (H'·W', C_out) rows.
+    pub fn infer(&self, p: &[f32], x: &[f32], grid: [usize; 2], out: &mut [f32]) {
+        let mut conv_out = vec![0.0; out.len()];
+        self.conv.infer(p, x, grid, &mut conv_out);
+        match &self.bn {
+            Some(bn) => {
+                bn.infer(p, &conv_out, out);
+                conv_out.copy_from_slice(out);
+                self.act.apply(&conv_out, out);
+            }
+            None => self.act.apply(&conv_out, out),
+        }
+    }
+
+    /// A training forward of `batch` images (B, H·W, C_in) → (B, H'·W', C_out): batch
+    /// statistics, the running ones updated.
+    pub fn forward(&mut self, p: &[f32], x: &[f32], grid: [usize; 2], batch: usize, out: &mut [f32], cache: &mut ConvNormActCache) -> Result<()> {
+        let c = self.out_chans();
+        (cache.grid, cache.batch) = (grid, batch);
+        cache.conv_out.resize(out.len(), 0.0);
+        self.conv.forward(p, x, grid, batch, &mut cache.conv_out, &mut cache.patches);
+        cache.pre.resize(out.len(), 0.0);
+        match &mut self.bn {
+            Some(bn) => bn.forward(p, &cache.conv_out, &mut cache.pre, &mut cache.norm, c, true)?,
+            None => cache.pre.copy_from_slice(&cache.conv_out),
+        }
+        let per = out.len().div_ceil(rayon::current_num_threads()).max(1);
+        let act = self.act;
+        out.par_chunks_mut(per).zip(cache.pre.par_chunks(per)).for_each(|(o, pre)| act.apply(pre, o));
+        Ok(())
+    }
+
+    /// `dx +=` the input gradient of `dy`, the parameter gradients into `g`.
+    pub fn backward(&self, p: &[f32], g: &mut [f32], x: &[f32], dy: &[f32], dx: &mut [f32], cache: &ConvNormActCache) {
+        let mut grad = dy.to_vec();
+        let per = grad.len().div_ceil(rayon::current_num_threads()).max(1);
+        let act = self.act;
+        grad.par_chunks_mut(per).zip(cache.pre.par_chunks(per)).for_each(|(g, pre)| act.backward(pre, g));
+        let dconv = match &self.bn {
+            Some(bn) => {
+                let mut dconv = vec![0.0; grad.len()];
+                bn.backward(p, g, &cache.conv_out, &grad, &mut dconv, &cache.norm, self.out_chans());
+                dconv
+            }
+            None => grad,
+        };
+        self.conv.backward(p, g, x, cache.grid, cache.batch, &cache.patches, &dconv, dx);
+    }
+
+    /// The BatchNorm's running statistics, into a state dict under their official keys.
+    pub fn write_buffers(&self, state: &mut StateDict) {
+        if let Some(bn) = &self.bn {
+            bn.write_buffers(state);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, Tensor};
+
+    /// Every activation's fast forward and derivative against burn's forward and autodiff, on
+    /// values past each kink (ReLU6's 0 and 6, the hard ones' ±3), which the layer harness'
+    /// normalized activations rarely reach.
+    #[test]
+    fn activations_and_their_derivatives_equal_burn() {
+        let values: Vec<f32> = (-90..=90).map(|i| i as f32 * 0.1 + 0.05).collect();
+        let device = Device::flex().autodiff();
+        for act in [Activation::Identity, Activation::Relu, Activation::Relu6, Activation::Silu, Activation::Gelu, Activation::Hardsigmoid, Activation::Hardswish] {
+            let x = Tensor::<1>::from_floats(values.as_slice(), &device).require_grad();
+            let y = act.forward(x.clone());
+            let grads = y.clone().sum().backward();
+            let (want, want_grad) = (crate::state::host_f32(y), crate::state::host_f32(x.grad(&grads).expect("x is a leaf")));
+            let mut ours = vec![0.0; values.len()];
+            act.apply(&values, &mut ours);
+            let mut grad = vec![1.0; values.len()];
+            act.backward(&values, &mut grad);
+            crate::testing::assert_near(&format!("{act:?}"), &ours, &want, 1e-6, 1e-6);
+            crate::testing::assert_near(&format!("{act:?}'"), &grad, &want_grad, 1e-5, 1e-6);
+        }
+    }
+}
