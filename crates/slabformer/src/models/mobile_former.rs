@@ -514,9 +514,10 @@ fn shuffle_onnx(g: &mut Graph, x: &str, channels: usize, groups: usize) -> Strin
     if groups <= 1 {
         return x.to_string();
     }
-    let r = g.reshape(x, &[0, groups as i64, (channels / groups) as i64, 0, 0]);
-    let t = g.transpose(&r, &[0, 2, 1, 3, 4]);
-    g.reshape(&t, &[0, channels as i64, 0, 0])
+    let shape = g.op("Shape", &[x], vec![]);
+    let r = g.reshape(x, &[0, groups as i64, (channels / groups) as i64, -1]); // (B, g, C/g, HW)
+    let t = g.transpose(&r, &[0, 2, 1, 3]);
+    g.op("Reshape", &[&t, &shape], vec![])
 }
 
 /// The conv and its BatchNorm folded: the conv with a bias, the norm gone.
