@@ -971,7 +971,9 @@ impl DnaBlock {
     }
 }
 
-/// One of `features` (an enum adds no key segment).
+/// One of `features` (an enum adds no key segment). A model holds a dozen, built once: boxing
+/// the large variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum DnaLayer {
     ConvOnly(ConvOnlyBlock),
@@ -1132,9 +1134,16 @@ impl MobileFormer {
         self.classifier.forward(x, z)
     }
 
-    /// [`forward`](Self::forward) after checking the input is (B > 0, in_chans, img, img).
+    /// [`forward`](Self::forward) after checking the input is (B > 0, in_chans, img, img), and
+    /// B ≥ 2 in training (the head's BatchNorm1d normalizes over the batch, as in PyTorch).
     pub fn try_forward(&self, images: Tensor<4>) -> Result<Tensor<2>> {
-        check_images("Mobile-Former", &self.config, images.dims())?;
+        let dims = images.dims();
+        check_images("Mobile-Former", &self.config, dims)?;
+        let batch_norm_1d = self.classifier.fc._1.as_ref().is_some_and(|bn| crate::nn::is_training(&bn.training, &images));
+        if batch_norm_1d && dims[0] < 2 {
+            let [h, w] = self.config.input_size();
+            return Err(Error::InputShape { layer: "Mobile-Former in training", expected: format!("(B ≥ 2, {}, {h}, {w}) images: the head's BatchNorm1d needs two samples", self.config.in_chans), found: dims.to_vec() });
+        }
         Ok(self.forward(images))
     }
 
@@ -1392,6 +1401,9 @@ mod tests {
             let err = model.try_forward(Tensor::zeros(dims, &device)).unwrap_err();
             assert!(err.to_string().contains(&format!("{dims:?}")), "{err}");
         }
+        let training = Device::flex().autodiff();
+        let err = ok.init(&training).unwrap().try_forward(Tensor::zeros([1, 3, 28, 28], &training)).unwrap_err();
+        assert!(err.to_string().contains("B ≥ 2"), "{err}");
         let mut no_rows = ok.clone();
         no_rows.block_args.clear();
         let mut zero_n = ok.clone();
