@@ -1385,6 +1385,39 @@ mod tests {
         assert_eq!(model.forward(Tensor::zeros([2, 3, 33, 41], &device)).dims(), [2, 5]);
     }
 
+    /// The zoo README's description of the hidden golden set (56², 4 tokens × 24, stem 12,
+    /// num_features 48, 10 classes): a conv-only block with stride 2 and no identity, n = 2, odd
+    /// 7×7 maps, c 22 → 24 and 26 → 28 by make_divisible, and the authors' 64,786 parameters.
+    #[test]
+    fn the_hidden_golden_set_as_described_derives_the_authors_way() {
+        let config = MobileFormerConfig {
+            img_size: 56,
+            num_classes: 10,
+            block_args: vec![row(Dna3, 3, 12, 1, 2, 0), row(Dna, 3, 12, 2, 1, 3), row(Dna3, 6, 22, 1, 2, 4), row(Dna, 4, 26, 1, 1, 4)],
+            stem_chs: 12,
+            token_num: 4,
+            token_dim: 24,
+            num_features: 48,
+            ..MobileFormerConfig::mobile_former_52m()
+        };
+        let layout = config.layout();
+        let summary: Vec<_> = layout.iter().map(|b| (b.kind, b.oup, b.stride, b.identity, b.out_grid)).collect();
+        assert_eq!(
+            summary,
+            [
+                (BlockKind::ConvOnly, 12, 2, false, [14, 14]),
+                (BlockKind::Dna, 12, 1, true, [14, 14]),
+                (BlockKind::Dna, 12, 1, true, [14, 14]),
+                (BlockKind::Dna3, 24, 2, false, [7, 7]),
+                (BlockKind::Dna, 28, 1, false, [7, 7]),
+            ]
+        );
+        assert_eq!(config.param_count(), 64_786);
+        let model = config.init(&Device::flex()).unwrap();
+        assert_eq!(trainable_param_count(&model), 64_786);
+        assert_eq!(model.forward(Tensor::zeros([3, 3, 56, 56], &Device::flex())).dims(), [3, 10]);
+    }
+
     #[test]
     fn channel_shuffle_interleaves_the_groups() {
         let device = Device::flex();
