@@ -286,3 +286,36 @@ fn swin_tiny_and_slab_swin_tiny_at_224_onnx_match_slabformer() {
         compare(name, &path, [1, 3, 224, 224], |images| model.forward(images));
     }
 }
+
+#[test]
+fn mobile_former_onnx_matches_slabformer() {
+    // Every block kind (conv-only, DnaBlock3, DnaBlock with n = 2), odd 7×7 and 4×4 maps, a width
+    // rounded by make_divisible, with and without grouped 1×1 convs and channel shuffles; the
+    // trained form (BatchNorms emitted folded) and the fused one.
+    use slabformer::models::mobile_former::{BlockArgs, DnaKind, MobileFormerConfig};
+    let row = |block, e1, c, n, s, e2| BlockArgs { block, e1, c, n, s, e2 };
+    let (dna, dna3) = (DnaKind::DnaBlock, DnaKind::DnaBlock3);
+    for group_num in [1, 2] {
+        let config = MobileFormerConfig {
+            img_size: 28,
+            num_classes: 10,
+            block_args: vec![row(dna3, 2, 8, 1, 1, 0), row(dna3, 6, 12, 1, 2, 4), row(dna, 3, 12, 2, 1, 3), row(dna3, 6, 22, 1, 2, 4), row(dna, 4, 26, 1, 1, 4)],
+            stem_chs: 8,
+            token_num: 3,
+            token_dim: 16,
+            num_features: 24,
+            group_num,
+            ..MobileFormerConfig::mobile_former_52m()
+        };
+        let model = slabformer::testing::randomized(config.init(&Device::flex()).unwrap(), 3.0, WEIGHTS_SEED);
+        let dir = tempfile::tempdir().unwrap();
+        let shape = [3, config.in_chans, config.img_size, config.img_size];
+        let path = dir.path().join("mobile_former.onnx");
+        export_classifier(&model, &path, false).unwrap();
+        compare(&format!("mobile_former groups {group_num}"), &path, shape, |images| model.forward(images));
+        let deploy = model.fuse().unwrap();
+        let path = dir.path().join("mobile_former_fused.onnx");
+        export_classifier(&deploy, &path, false).unwrap();
+        compare(&format!("fused mobile_former groups {group_num}"), &path, shape, |images| deploy.forward(images));
+    }
+}

@@ -4,11 +4,13 @@
 //! loaders. A preset is data: `presets()` lists every name the CLI and the loaders accept.
 
 pub mod cswin;
+pub mod mobile_former;
 pub mod pvt;
 pub mod swin;
 pub mod vit;
 
 pub use cswin::{CswinConfig, CswinTransformer};
+pub use mobile_former::{MobileFormer, MobileFormerConfig};
 pub use pvt::{PvtConfig, PyramidVisionTransformer};
 pub use swin::{SwinConfig, SwinTransformer};
 pub use vit::{Pool, VisionTransformer, VitConfig};
@@ -146,6 +148,7 @@ pub enum AnyConfig {
     Swin(SwinConfig),
     Pvt(PvtConfig),
     Cswin(CswinConfig),
+    MobileFormer(MobileFormerConfig),
 }
 
 /// Runs `$body` with `$family` naming the family type of `$config` (an [`AnyConfig`], by value
@@ -174,6 +177,11 @@ macro_rules! with_family {
                 type $family = $crate::models::CswinTransformer;
                 $body
             }
+            $crate::models::AnyConfig::MobileFormer($c) => {
+                #[allow(dead_code)]
+                type $family = $crate::models::MobileFormer;
+                $body
+            }
         }
     };
 }
@@ -185,6 +193,7 @@ impl AnyConfig {
             AnyConfig::Swin(_) => "swin",
             AnyConfig::Pvt(_) => "pvt",
             AnyConfig::Cswin(_) => "cswin",
+            AnyConfig::MobileFormer(_) => "mobile_former",
         }
     }
 
@@ -254,6 +263,7 @@ pub fn presets() -> Vec<AnyPreset> {
         .chain(family_presets::<SwinTransformer>())
         .chain(family_presets::<PyramidVisionTransformer>())
         .chain(family_presets::<CswinTransformer>())
+        .chain(family_presets::<MobileFormer>())
         .collect()
 }
 
