@@ -4,11 +4,13 @@
 //! loaders. A preset is data: `presets()` lists every name the CLI and the loaders accept.
 
 pub mod cswin;
+pub mod mobilevit;
 pub mod pvt;
 pub mod swin;
 pub mod vit;
 
 pub use cswin::{CswinConfig, CswinTransformer};
+pub use mobilevit::{MobileVit, MobileVitConfig};
 pub use pvt::{PvtConfig, PyramidVisionTransformer};
 pub use swin::{SwinConfig, SwinTransformer};
 pub use vit::{Pool, VisionTransformer, VitConfig};
@@ -146,6 +148,7 @@ pub enum AnyConfig {
     Swin(SwinConfig),
     Pvt(PvtConfig),
     Cswin(CswinConfig),
+    Mobilevit(MobileVitConfig),
 }
 
 /// Runs `$body` with `$family` naming the family type of `$config` (an [`AnyConfig`], by value
@@ -174,6 +177,11 @@ macro_rules! with_family {
                 type $family = $crate::models::CswinTransformer;
                 $body
             }
+            $crate::models::AnyConfig::Mobilevit($c) => {
+                #[allow(dead_code)]
+                type $family = $crate::models::MobileVit;
+                $body
+            }
         }
     };
 }
@@ -185,6 +193,7 @@ impl AnyConfig {
             AnyConfig::Swin(_) => "swin",
             AnyConfig::Pvt(_) => "pvt",
             AnyConfig::Cswin(_) => "cswin",
+            AnyConfig::Mobilevit(_) => "mobilevit",
         }
     }
 
@@ -254,6 +263,7 @@ pub fn presets() -> Vec<AnyPreset> {
         .chain(family_presets::<SwinTransformer>())
         .chain(family_presets::<PyramidVisionTransformer>())
         .chain(family_presets::<CswinTransformer>())
+        .chain(family_presets::<MobileVit>())
         .collect()
 }
 

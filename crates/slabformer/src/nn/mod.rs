@@ -7,6 +7,7 @@ pub mod conv_norm;
 pub mod counter;
 pub mod drop_path;
 pub mod fuse;
+pub mod group_norm;
 #[cfg(test)]
 mod harness;
 pub mod linear;
