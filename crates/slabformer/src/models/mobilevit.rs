@@ -941,7 +941,11 @@ impl MobileVit {
     pub fn try_forward(&self, images: Tensor<4>) -> Result<Tensor<2>> {
         let dims = images.dims();
         check_images("mobilevit", &self.config, dims)?;
-        if images.device().is_autodiff() {
+        let batch_statistics = match &self.stem {
+            ConvBn::Normed(c) => c.bn.training.is_enabled() && images.device().is_autodiff(),
+            ConvBn::Folded(_) => false,
+        };
+        if batch_statistics {
             let [h, w] = self.config.final_grid();
             if dims[0] * h * w < 2 {
                 return Err(Error::InputShape { layer: "mobilevit", expected: format!("a batch of at least 2 images in training (the last BatchNorm sees a {h}×{w} map)"), found: dims.to_vec() });
@@ -1297,6 +1301,26 @@ mod tests {
         let text = serde_json::to_string(&any).unwrap();
         assert_eq!(serde_json::from_str::<AnyConfig>(&text).unwrap(), any);
         any.check_sizes().unwrap();
+    }
+
+    #[test]
+    fn training_with_drop_path_gives_finite_gradients_everywhere() {
+        let device = Device::flex().autodiff();
+        for config in [small_v1(), small_v2()] {
+            let config = MobileVitConfig { drop_path_rate: 0.2, ..config };
+            assert_eq!(drop_path_rates(0.2, 3), [0.0, 0.1, 0.2]);
+            let model = randomized(config.init(&device).unwrap(), 1.0, 9);
+            let images = standard_normal([4, 3, 64, 64], 10, &device).require_grad();
+            let logits = crate::nn::drop_path::with_seed(11, || model.try_forward(images.clone()).unwrap());
+            let grads = logits.sum().backward();
+            let all = crate::state::collect_grads(&model, &grads);
+            let params = collect_state(&model).keys().filter(|k| !crate::state::is_buffer_key(k) && !k.ends_with("num_batches_tracked")).count();
+            assert_eq!(all.len(), params, "a gradient for every parameter");
+            for (key, g) in all.iter() {
+                assert!(crate::testing::floats(key, &g.values).iter().all(|v| v.is_finite()), "{key}");
+            }
+            assert!(host_f32(images.grad(&grads).unwrap()).iter().all(|v| v.is_finite()));
+        }
     }
 
     #[test]
