@@ -417,6 +417,8 @@ fn drop_path_planes(drop_path: &DropPath, x: Tensor<4>) -> Tensor<4> {
 
 /// A conv with its BatchNorm and activation as trained (timm's `ConvNormAct`), or with the
 /// BatchNorm folded into the conv for deploy; adds no key segment.
+// burn's Module derive has no Box<M>; the size gap only costs a few hundred bytes per conv.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum ConvBn {
     Normed(ConvNormAct),
@@ -854,6 +856,8 @@ impl MobileVitV2Block {
 }
 
 /// A block of any kind; adds no key segment.
+// burn's Module derive has no Box<M>; the size gap is small against the blocks themselves.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Block {
     InvertedResidual(InvertedResidual),
