@@ -319,3 +319,30 @@ fn mobile_former_onnx_matches_slabformer() {
         compare(&format!("fused mobile_former groups {group_num}"), &path, shape, |images| deploy.forward(images));
     }
 }
+
+#[test]
+fn mobilevit_family_onnx_matches_slabformer() {
+    // MobileViT v1 (softmax transformer over unfolded 2×2 patches, fusion conv) and v2 (separable
+    // attention, GroupNorm(1)), exported as trained (each BatchNorm emitted folded) and fused.
+    use slabformer::models::MobileVitConfig;
+    let small = |base: MobileVitConfig| MobileVitConfig { img_size: 64, num_classes: 10, ..base };
+    let cases = [("mobilevit_xxs", small(MobileVitConfig::mobilevit_xxs())), ("mobilevitv2", small(MobileVitConfig::mobilevitv2(0.25)))];
+    for (name, config) in cases {
+        let model = slabformer::testing::randomized(config.init(&Device::flex()).unwrap(), 2.0, WEIGHTS_SEED);
+        let dir = tempfile::tempdir().unwrap();
+        let shape = [3, config.in_chans, config.img_size, config.img_size];
+        let path = dir.path().join(format!("{name}.onnx"));
+        export_classifier(&model, &path, false).unwrap();
+        compare(name, &path, shape, |images| model.forward(images));
+        let deploy = model.fuse();
+        let path = dir.path().join(format!("{name}_fused.onnx"));
+        export_classifier(&deploy, &path, false).unwrap();
+        compare(&format!("{name} fused"), &path, shape, |images| deploy.forward(images));
+    }
+    // Maps that are not whole patches (80² → 5×5 in stage 4) are resized, which the walk does not
+    // emit: a clear error, no file.
+    let model = MobileVitConfig { img_size: 80, ..small(MobileVitConfig::mobilevit_xxs()) }.init(&Device::flex()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let err = export_classifier(&model, &dir.path().join("odd.onnx"), false).unwrap_err().to_string();
+    assert!(err.contains("5×5") && err.contains("ONNX export"), "{err}");
+}

@@ -5,12 +5,14 @@
 
 pub mod cswin;
 pub mod mobile_former;
+pub mod mobilevit;
 pub mod pvt;
 pub mod swin;
 pub mod vit;
 
 pub use cswin::{CswinConfig, CswinTransformer};
 pub use mobile_former::{MobileFormer, MobileFormerConfig};
+pub use mobilevit::{MobileVit, MobileVitConfig};
 pub use pvt::{PvtConfig, PyramidVisionTransformer};
 pub use swin::{SwinConfig, SwinTransformer};
 pub use vit::{Pool, VisionTransformer, VitConfig};
@@ -149,6 +151,7 @@ pub enum AnyConfig {
     Pvt(PvtConfig),
     Cswin(CswinConfig),
     MobileFormer(MobileFormerConfig),
+    Mobilevit(MobileVitConfig),
 }
 
 /// Runs `$body` with `$family` naming the family type of `$config` (an [`AnyConfig`], by value
@@ -182,6 +185,11 @@ macro_rules! with_family {
                 type $family = $crate::models::MobileFormer;
                 $body
             }
+            $crate::models::AnyConfig::Mobilevit($c) => {
+                #[allow(dead_code)]
+                type $family = $crate::models::MobileVit;
+                $body
+            }
         }
     };
 }
@@ -194,6 +202,7 @@ impl AnyConfig {
             AnyConfig::Pvt(_) => "pvt",
             AnyConfig::Cswin(_) => "cswin",
             AnyConfig::MobileFormer(_) => "mobile_former",
+            AnyConfig::Mobilevit(_) => "mobilevit",
         }
     }
 
@@ -264,6 +273,7 @@ pub fn presets() -> Vec<AnyPreset> {
         .chain(family_presets::<PyramidVisionTransformer>())
         .chain(family_presets::<CswinTransformer>())
         .chain(family_presets::<MobileFormer>())
+        .chain(family_presets::<MobileVit>())
         .collect()
 }
 

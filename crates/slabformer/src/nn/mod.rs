@@ -8,6 +8,7 @@ pub mod conv_norm_fast;
 pub mod counter;
 pub mod drop_path;
 pub mod fuse;
+pub mod group_norm;
 #[cfg(test)]
 mod harness;
 pub mod linear;
