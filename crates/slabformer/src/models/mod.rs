@@ -4,11 +4,15 @@
 //! loaders. A preset is data: `presets()` lists every name the CLI and the loaders accept.
 
 pub mod cswin;
+pub mod efficientformer;
+pub mod efficientformer_v2;
 pub mod pvt;
 pub mod swin;
 pub mod vit;
 
 pub use cswin::{CswinConfig, CswinTransformer};
+pub use efficientformer::{EfficientFormer, EfficientFormerConfig};
+pub use efficientformer_v2::{EfficientFormerV2, EfficientFormerV2Config};
 pub use pvt::{PvtConfig, PyramidVisionTransformer};
 pub use swin::{SwinConfig, SwinTransformer};
 pub use vit::{Pool, VisionTransformer, VitConfig};
@@ -146,6 +150,10 @@ pub enum AnyConfig {
     Swin(SwinConfig),
     Pvt(PvtConfig),
     Cswin(CswinConfig),
+    #[serde(rename = "efficientformer")]
+    EfficientFormer(EfficientFormerConfig),
+    #[serde(rename = "efficientformer_v2")]
+    EfficientFormerV2(EfficientFormerV2Config),
 }
 
 /// Runs `$body` with `$family` naming the family type of `$config` (an [`AnyConfig`], by value
@@ -174,6 +182,16 @@ macro_rules! with_family {
                 type $family = $crate::models::CswinTransformer;
                 $body
             }
+            $crate::models::AnyConfig::EfficientFormer($c) => {
+                #[allow(dead_code)]
+                type $family = $crate::models::EfficientFormer;
+                $body
+            }
+            $crate::models::AnyConfig::EfficientFormerV2($c) => {
+                #[allow(dead_code)]
+                type $family = $crate::models::EfficientFormerV2;
+                $body
+            }
         }
     };
 }
@@ -185,6 +203,8 @@ impl AnyConfig {
             AnyConfig::Swin(_) => "swin",
             AnyConfig::Pvt(_) => "pvt",
             AnyConfig::Cswin(_) => "cswin",
+            AnyConfig::EfficientFormer(_) => "efficientformer",
+            AnyConfig::EfficientFormerV2(_) => "efficientformer_v2",
         }
     }
 
@@ -254,6 +274,8 @@ pub fn presets() -> Vec<AnyPreset> {
         .chain(family_presets::<SwinTransformer>())
         .chain(family_presets::<PyramidVisionTransformer>())
         .chain(family_presets::<CswinTransformer>())
+        .chain(family_presets::<EfficientFormer>())
+        .chain(family_presets::<EfficientFormerV2>())
         .collect()
 }
 

@@ -2,6 +2,7 @@
 //! parameter names, built from a small config by `init(device)`.
 
 pub mod attention;
+pub mod attention_bias;
 pub mod conv;
 pub mod conv_norm;
 pub mod counter;
@@ -9,6 +10,7 @@ pub mod drop_path;
 pub mod fuse;
 #[cfg(test)]
 mod harness;
+pub mod layer_scale;
 pub mod linear;
 pub mod loss;
 pub mod lower;
