@@ -852,9 +852,11 @@ mod tests {
     fn presets_match_the_published_params_and_macs() {
         // SPEC §4.8 (EfficientFormer paper / timm cards): L1 12.3M / 1.3 GMACs, L3 31.3M / 3.9,
         // L7 82.1M / 10.2 at 224², 1000 classes. timm counts 12.29M / 31.41M / 82.23M.
-        for (config, params, gmacs) in [(EfficientFormerConfig::l1(), 12.3e6, 1.3), (EfficientFormerConfig::l3(), 31.3e6, 3.9), (EfficientFormerConfig::l7(), 82.1e6, 10.2)] {
+        let cases = [(EfficientFormerConfig::l1(), 12.3e6, 12.29e6, 1.3), (EfficientFormerConfig::l3(), 31.3e6, 31.41e6, 3.9), (EfficientFormerConfig::l7(), 82.1e6, 82.23e6, 10.2)];
+        for (config, params, timm, gmacs) in cases {
             let (p, m) = (config.param_count() as f64, config.macs() as f64 / 1e9);
             assert!((p / params - 1.0).abs() <= 0.03, "{config:?}: {p} params vs {params}");
+            assert!((p - timm).abs() <= 0.005e6, "{config:?}: {p} params vs timm's {timm}");
             assert!((m / gmacs - 1.0).abs() <= 0.03, "{config:?}: {m:.3} GMACs vs {gmacs}");
         }
     }

@@ -955,10 +955,16 @@ mod tests {
     fn presets_match_the_published_params_and_macs() {
         // SPEC §4.8 (Snap README): S0 3.5M / 0.40 GMACs, S1 6.1M / 0.65, S2 12.6M / 1.25,
         // L 26.1M / 2.56 at 224², 1000 classes. timm counts 3.60M / 6.19M / 12.71M / 26.32M.
-        let cases = [(EfficientFormerV2Config::s0(), 3.5e6, 0.40), (EfficientFormerV2Config::s1(), 6.1e6, 0.65), (EfficientFormerV2Config::s2(), 12.6e6, 1.25), (EfficientFormerV2Config::l(), 26.1e6, 2.56)];
-        for (config, params, gmacs) in cases {
+        let cases = [
+            (EfficientFormerV2Config::s0(), 3.5e6, 3.60e6, 0.40),
+            (EfficientFormerV2Config::s1(), 6.1e6, 6.19e6, 0.65),
+            (EfficientFormerV2Config::s2(), 12.6e6, 12.71e6, 1.25),
+            (EfficientFormerV2Config::l(), 26.1e6, 26.32e6, 2.56),
+        ];
+        for (config, params, timm, gmacs) in cases {
             let (p, m) = (config.param_count() as f64, config.macs() as f64 / 1e9);
             assert!((p / params - 1.0).abs() <= 0.03, "{config:?}: {p} params vs {params}");
+            assert!((p - timm).abs() <= 0.005e6, "{config:?}: {p} params vs timm's {timm}");
             assert!((m / gmacs - 1.0).abs() <= 0.03, "{config:?}: {m:.3} GMACs vs {gmacs}");
         }
     }
