@@ -174,14 +174,14 @@ impl EfficientFormerV2Config {
                 return err(format!("mlp_ratios[{s}][{i}] = {} must give ≥ 1 hidden channel", ratios[i]));
             }
         }
-        if !self.layer_scale_init_value.is_finite() || !(self.norm_eps > 0.0 && self.norm_eps.is_finite()) {
+        if !(self.layer_scale_init_value.is_finite() && self.norm_eps > 0.0 && self.norm_eps.is_finite()) {
             return err(format!("layer_scale_init_value = {} must be finite and norm_eps = {} positive", self.layer_scale_init_value, self.norm_eps));
         }
         if !(0.0..1.0).contains(&self.drop_path_rate) {
             return err(format!("drop_path_rate must lie in [0, 1), got {}", self.drop_path_rate));
         }
         let grid = self.stage_grids()[2].blocks;
-        if (0..self.depths[2]).any(|i| self.has_attention(2, i)) && (grid[0] % 2 != 0 || grid[1] % 2 != 0) {
+        if (0..self.depths[2]).any(|i| self.has_attention(2, i)) && !(grid[0].is_multiple_of(2) && grid[1].is_multiple_of(2)) {
             return err(format!("img_size = {} gives stage 2 a {grid:?} grid: its stride-2 attention upsamples ×2, so the grid must be even", self.img_size));
         }
         Ok(())
@@ -192,11 +192,11 @@ impl EfficientFormerV2Config {
         let conv_bn = |s: ConvShape| ConvNormAct::param_count(s);
         let grids = self.stage_grids();
         let mut total: usize = self.stem_shapes().into_iter().map(conv_bn).sum();
-        for s in 0..4 {
+        for (s, g) in grids.iter().enumerate() {
             let c = self.embed_dims[s];
             total += self.downsample_shape(s).map_or(0, conv_bn);
             if s == 3 {
-                let [h, w] = grids[s].input;
+                let [h, w] = g.input;
                 total += Attention2dDownsample::<ConvNormAct>::param_count(self.embed_dims[2], c, h * w);
             }
             for i in 0..self.depths[s] {
@@ -206,7 +206,7 @@ impl EfficientFormerV2Config {
                     + conv_bn(ConvShape::new(hidden, c, 1, 1).with_bias(true))
                     + c;
                 if self.has_attention(s, i) {
-                    total += c + Attention2d::<ConvNormAct>::param_count(c, Self::attention_stride(s), Self::attention_tokens(grids[s].blocks, s));
+                    total += c + Attention2d::<ConvNormAct>::param_count(c, Self::attention_stride(s), Self::attention_tokens(g.blocks, s));
                 }
             }
         }
@@ -378,9 +378,7 @@ impl Attention2d<ConvNormAct> {
             attention_bias_idxs: self.attention_bias_idxs.clone(),
         }
     }
-}
 
-impl Attention2d<ConvNormAct> {
     fn param_count(dim: usize, stride: usize, tokens: usize) -> usize {
         let unit = |s: ConvShape| ConvNormAct::param_count(s.with_bias(true));
         let (kh, dh) = (HEADS * KEY_DIM, HEADS * VAL_DIM);
