@@ -127,7 +127,7 @@ fn timm_efficientformer_matches_train_gradients_state_eval_and_fused() {
     let (model, report) = load_state(model, &params, false).unwrap();
     assert_eq!(report.loaded, params.len());
     let images = g.tensor("input.x", &plain()).unwrap();
-    check_against_golden("timm efficientformer", model, &g, |m: &EfficientFormer| m.valid().fuse().forward(images.clone()));
+    check_against_golden("timm efficientformer", model, &g, |m: &EfficientFormer| m.valid().fuse().unwrap().forward(images.clone()));
 }
 
 #[test]
@@ -160,7 +160,7 @@ fn timm_efficientformer_v2_matches_train_gradients_state_eval_and_fused() {
     }
     assert_eq!(checked, file_buffers.len(), "every timm buffer checked");
     let images = g.tensor("input.x", &plain()).unwrap();
-    check_against_golden("timm efficientformer_v2", model, &g, |m: &EfficientFormerV2| m.valid().fuse().forward(images.clone()));
+    check_against_golden("timm efficientformer_v2", model, &g, |m: &EfficientFormerV2| m.valid().fuse().unwrap().forward(images.clone()));
 }
 
 #[test]

@@ -296,7 +296,7 @@ fn efficientformer_families_onnx_match_slabformer() {
     let device = Device::flex();
     let v1 = EfficientFormerConfig { depths: vec![1, 1, 1, 3], embed_dims: vec![8, 12, 16, 24], num_vit: 2, num_classes: 10, ..EfficientFormerConfig::l1() };
     let model = slabformer::testing::randomized(v1.init(&device).unwrap(), 6.0, WEIGHTS_SEED);
-    let deploy = model.fuse();
+    let deploy = model.fuse().unwrap();
     let v2 = EfficientFormerV2Config {
         img_size: 64,
         depths: vec![1, 1, 2, 2],
@@ -307,7 +307,7 @@ fn efficientformer_families_onnx_match_slabformer() {
         ..EfficientFormerV2Config::s0()
     };
     let model2 = slabformer::testing::randomized(v2.init(&device).unwrap(), 6.0, WEIGHTS_SEED);
-    let deploy2 = model2.fuse();
+    let deploy2 = model2.fuse().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let paths = ["efficientformer", "efficientformer_deploy", "efficientformer_v2", "efficientformer_v2_deploy"].map(|n| dir.path().join(format!("{n}.onnx")));
     export_classifier(&model, &paths[0], false).unwrap();

@@ -540,8 +540,9 @@ impl EfficientFormer {
         Ok(self.forward(images))
     }
 
-    /// The deploy form: every BatchNorm folded into the conv before it (eval statistics).
-    pub fn fuse(&self) -> DeployEfficientFormer {
+    /// The deploy form: every BatchNorm folded into the conv before it (eval statistics). Every
+    /// EfficientFormer folds; the `Result` is the families' common signature.
+    pub fn fuse(&self) -> Result<DeployEfficientFormer> {
         let s = &self.stem;
         let stem = [
             ConvAct { conv: fold_batch_norm(&s.conv1, &s.norm1), act: Activation::Relu },
@@ -564,7 +565,7 @@ impl EfficientFormer {
             })
             .collect();
         let [conv1, conv2] = stem;
-        DeployEfficientFormer { stem: DeployStem { conv1, conv2 }, stages, norm: self.norm.clone(), head: self.head.clone(), head_dist: self.head_dist.clone(), config: self.config.clone() }
+        Ok(DeployEfficientFormer { stem: DeployStem { conv1, conv2 }, stages, norm: self.norm.clone(), head: self.head.clone(), head_dist: self.head_dist.clone(), config: self.config.clone() })
     }
 }
 
@@ -709,7 +710,7 @@ impl ModelFamily for EfficientFormer {
         config.macs()
     }
     fn fuse(&self) -> Result<DeployEfficientFormer> {
-        Ok(EfficientFormer::fuse(self))
+        EfficientFormer::fuse(self)
     }
     fn prepbn_phase(&self) -> Option<Phase> {
         None
@@ -814,7 +815,7 @@ impl ToOnnx for DeployEfficientFormer {
 
 impl ToOnnx for EfficientFormer {
     fn to_onnx(&self, g: &mut Graph, images: &str) -> Result<String> {
-        self.fuse().to_onnx(g, images)
+        self.fuse()?.to_onnx(g, images)
     }
 }
 
@@ -869,7 +870,7 @@ mod tests {
         let device = Device::flex();
         for config in [small(2, 1), small(2, 2)] {
             let model = set_training(randomized(config.init(&device).unwrap(), 1.0, 11), false);
-            let deploy = model.fuse();
+            let deploy = model.fuse().unwrap();
             let keys = collect_state(&deploy);
             assert!(!keys.keys().any(|k| k.contains("running_") || k.contains("norm1.running") || k.contains("num_batches")), "{:?}", keys.keys().collect::<Vec<_>>());
             let images = standard_normal([2, 3, 224, 224], 12, &device);

@@ -632,8 +632,9 @@ impl EfficientFormerV2 {
     }
 
     /// The deploy form: every BatchNorm folded into the conv before it, the final one into both
-    /// heads (the token mean between them is linear).
-    pub fn fuse(&self) -> DeployEfficientFormerV2 {
+    /// heads (the token mean between them is linear). Every EfficientFormer-V2 folds; the
+    /// `Result` is the families' common signature.
+    pub fn fuse(&self) -> Result<DeployEfficientFormerV2> {
         let unit = |u: &ConvNormAct| u.fuse();
         let stages = self
             .stages
@@ -654,13 +655,13 @@ impl EfficientFormerV2 {
             })
             .collect();
         let (a, b) = self.norm.eval_affine();
-        DeployEfficientFormerV2 {
+        Ok(DeployEfficientFormerV2 {
             stem: Stem { conv1: unit(&self.stem.conv1), conv2: unit(&self.stem.conv2) },
             stages,
             head: fold_into_next_linear(&self.head, a.clone(), b.clone()),
             head_dist: fold_into_next_linear(&self.head_dist, a, b),
             config: self.config.clone(),
-        }
+        })
     }
 }
 
@@ -747,7 +748,7 @@ impl ModelFamily for EfficientFormerV2 {
         config.macs()
     }
     fn fuse(&self) -> Result<DeployEfficientFormerV2> {
-        Ok(EfficientFormerV2::fuse(self))
+        EfficientFormerV2::fuse(self)
     }
     fn prepbn_phase(&self) -> Option<Phase> {
         None
@@ -910,7 +911,7 @@ impl ToOnnx for DeployEfficientFormerV2 {
 
 impl ToOnnx for EfficientFormerV2 {
     fn to_onnx(&self, g: &mut Graph, images: &str) -> Result<String> {
-        self.fuse().to_onnx(g, images)
+        self.fuse()?.to_onnx(g, images)
     }
 }
 
@@ -972,7 +973,7 @@ mod tests {
         let device = Device::flex();
         for config in [small(1), small(2)] {
             let model = set_training(randomized(config.init(&device).unwrap(), 1.0, 21), false);
-            let deploy = model.fuse();
+            let deploy = model.fuse().unwrap();
             let keys = collect_state(&deploy);
             assert!(!keys.keys().any(|k| k.contains("bn.") || k.contains("running_") || k.starts_with("norm.")), "{:?}", keys.keys().collect::<Vec<_>>());
             let images = standard_normal([2, 3, 64, 64], 22, &device);
