@@ -346,3 +346,38 @@ fn mobilevit_family_onnx_matches_slabformer() {
     let err = export_classifier(&model, &dir.path().join("odd.onnx"), false).unwrap_err().to_string();
     assert!(err.contains("5×5") && err.contains("ONNX export"), "{err}");
 }
+
+/// EfficientFormer v1 (224², its Meta3D attention's fixed grid) and EfficientFormer-V2 (64²,
+/// stride-2 attention with its bilinear upsample, the downsampling attention): the trained form
+/// (exported through its fold) and the deploy form, both against the unfused eval forward.
+#[test]
+fn efficientformer_families_onnx_match_slabformer() {
+    use slabformer::models::{EfficientFormerConfig, EfficientFormerV2Config};
+    let device = Device::flex();
+    let v1 = EfficientFormerConfig { depths: vec![1, 1, 1, 3], embed_dims: vec![8, 12, 16, 24], num_vit: 2, num_classes: 10, ..EfficientFormerConfig::l1() };
+    let model = slabformer::testing::randomized(v1.init(&device).unwrap(), 6.0, WEIGHTS_SEED);
+    let deploy = model.fuse().unwrap();
+    let v2 = EfficientFormerV2Config {
+        img_size: 64,
+        depths: vec![1, 1, 2, 2],
+        embed_dims: vec![8, 12, 16, 24],
+        mlp_ratios: vec![vec![4.0], vec![4.0], vec![4.0, 3.0], vec![4.0, 3.0]],
+        num_vit: 1,
+        num_classes: 10,
+        ..EfficientFormerV2Config::s0()
+    };
+    let model2 = slabformer::testing::randomized(v2.init(&device).unwrap(), 6.0, WEIGHTS_SEED);
+    let deploy2 = model2.fuse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let paths = ["efficientformer", "efficientformer_deploy", "efficientformer_v2", "efficientformer_v2_deploy"].map(|n| dir.path().join(format!("{n}.onnx")));
+    export_classifier(&model, &paths[0], false).unwrap();
+    export_classifier(&deploy, &paths[1], false).unwrap();
+    export_classifier(&model2, &paths[2], false).unwrap();
+    export_classifier(&deploy2, &paths[3], false).unwrap();
+    for path in &paths[..2] {
+        compare(&path.display().to_string(), path, [3, 3, 224, 224], |images| model.forward(images));
+    }
+    for path in &paths[2..] {
+        compare(&path.display().to_string(), path, [3, 3, 64, 64], |images| model2.forward(images));
+    }
+}

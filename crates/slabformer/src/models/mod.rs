@@ -4,6 +4,8 @@
 //! loaders. A preset is data: `presets()` lists every name the CLI and the loaders accept.
 
 pub mod cswin;
+pub mod efficientformer;
+pub mod efficientformer_v2;
 pub mod mobile_former;
 pub mod mobilevit;
 pub mod pvt;
@@ -11,6 +13,8 @@ pub mod swin;
 pub mod vit;
 
 pub use cswin::{CswinConfig, CswinTransformer};
+pub use efficientformer::{EfficientFormer, EfficientFormerConfig};
+pub use efficientformer_v2::{EfficientFormerV2, EfficientFormerV2Config};
 pub use mobile_former::{MobileFormer, MobileFormerConfig};
 pub use mobilevit::{MobileVit, MobileVitConfig};
 pub use pvt::{PvtConfig, PyramidVisionTransformer};
@@ -152,6 +156,10 @@ pub enum AnyConfig {
     Cswin(CswinConfig),
     MobileFormer(MobileFormerConfig),
     Mobilevit(MobileVitConfig),
+    #[serde(rename = "efficientformer")]
+    EfficientFormer(EfficientFormerConfig),
+    #[serde(rename = "efficientformer_v2")]
+    EfficientFormerV2(EfficientFormerV2Config),
 }
 
 /// Runs `$body` with `$family` naming the family type of `$config` (an [`AnyConfig`], by value
@@ -190,6 +198,16 @@ macro_rules! with_family {
                 type $family = $crate::models::MobileVit;
                 $body
             }
+            $crate::models::AnyConfig::EfficientFormer($c) => {
+                #[allow(dead_code)]
+                type $family = $crate::models::EfficientFormer;
+                $body
+            }
+            $crate::models::AnyConfig::EfficientFormerV2($c) => {
+                #[allow(dead_code)]
+                type $family = $crate::models::EfficientFormerV2;
+                $body
+            }
         }
     };
 }
@@ -203,6 +221,8 @@ impl AnyConfig {
             AnyConfig::Cswin(_) => "cswin",
             AnyConfig::MobileFormer(_) => "mobile_former",
             AnyConfig::Mobilevit(_) => "mobilevit",
+            AnyConfig::EfficientFormer(_) => "efficientformer",
+            AnyConfig::EfficientFormerV2(_) => "efficientformer_v2",
         }
     }
 
@@ -274,6 +294,8 @@ pub fn presets() -> Vec<AnyPreset> {
         .chain(family_presets::<CswinTransformer>())
         .chain(family_presets::<MobileFormer>())
         .chain(family_presets::<MobileVit>())
+        .chain(family_presets::<EfficientFormer>())
+        .chain(family_presets::<EfficientFormerV2>())
         .collect()
 }
 

@@ -2,6 +2,7 @@
 //! parameter names, built from a small config by `init(device)`.
 
 pub mod attention;
+pub mod attention_bias;
 pub mod conv;
 pub mod conv_norm;
 pub mod conv_norm_fast;
@@ -11,6 +12,7 @@ pub mod fuse;
 pub mod group_norm;
 #[cfg(test)]
 mod harness;
+pub mod layer_scale;
 pub mod linear;
 pub mod loss;
 pub mod lower;
