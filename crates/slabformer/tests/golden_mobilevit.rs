@@ -76,7 +76,7 @@ fn check_against_timm(case: &str) {
     // Eval with the updated statistics, trained and BN-folded forms.
     let model = set_training(model, false);
     assert_tensor(&format!("{case} eval"), model.forward(g.tensor("input.x", &device).unwrap()), &g, "output.eval", Tol::Output);
-    let deploy = model.fuse();
+    let deploy = model.fuse().unwrap();
     assert!(!collect_state(&deploy).keys().any(|k| k.contains(".bn.")), "{case}: a BatchNorm is left in the deploy model");
     assert_tensor(&format!("{case} fused eval"), deploy.try_forward(g.tensor("input.x", &plain()).unwrap()).unwrap(), &g, "output.eval", Tol::Output);
 }

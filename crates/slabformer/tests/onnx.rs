@@ -334,7 +334,7 @@ fn mobilevit_family_onnx_matches_slabformer() {
         let path = dir.path().join(format!("{name}.onnx"));
         export_classifier(&model, &path, false).unwrap();
         compare(name, &path, shape, |images| model.forward(images));
-        let deploy = model.fuse();
+        let deploy = model.fuse().unwrap();
         let path = dir.path().join(format!("{name}_fused.onnx"));
         export_classifier(&deploy, &path, false).unwrap();
         compare(&format!("{name} fused"), &path, shape, |images| deploy.forward(images));

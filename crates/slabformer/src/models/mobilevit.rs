@@ -960,16 +960,16 @@ impl MobileVit {
 
     /// The deploy form: every BatchNorm folded into the conv before it (eval statistics); the
     /// transformers' LayerNorm / GroupNorm stay, as they compute statistics online. It lives on
-    /// the device without autodiff.
-    pub fn fuse(&self) -> MobileVit {
+    /// the device without autodiff. Never an error (a `Result` like every family's `fuse`).
+    pub fn fuse(&self) -> Result<MobileVit> {
         let model = self.valid();
-        MobileVit {
+        Ok(MobileVit {
             stem: model.stem.fuse(),
             stages: model.stages.iter().map(|stage| stage.iter().map(Block::fuse).collect()).collect(),
             final_conv: model.final_conv.as_ref().map(ConvBn::fuse),
             head: model.head.clone(),
             config: model.config.clone(),
-        }
+        })
     }
 }
 
@@ -1034,7 +1034,7 @@ impl ModelFamily for MobileVit {
         config.macs()
     }
     fn fuse(&self) -> Result<MobileVit> {
-        Ok(MobileVit::fuse(self))
+        MobileVit::fuse(self)
     }
     fn prepbn_phase(&self) -> Option<Phase> {
         None
@@ -1253,7 +1253,7 @@ mod tests {
         let device = Device::flex();
         for config in [small_v1(), small_v2()] {
             let model = randomized(config.init(&device).unwrap(), 1.0, 7);
-            let deploy = model.fuse();
+            let deploy = model.fuse().unwrap();
             let keys = collect_state(&deploy);
             assert!(!keys.keys().any(|k| k.contains(".bn.")), "{:?}", keys.keys().collect::<Vec<_>>());
             assert!(keys.contains("stages.0.0.conv1_1x1.conv.bias"));
@@ -1262,7 +1262,7 @@ mod tests {
             let got = host_f32(deploy.forward(images));
             assert_near(&format!("{config:?}"), &got, &want, 1e-4, 1e-5);
             // Fusing again changes nothing.
-            assert_eq!(collect_state(&deploy.fuse()).len(), keys.len());
+            assert_eq!(collect_state(&deploy.fuse().unwrap()).len(), keys.len());
         }
     }
 
