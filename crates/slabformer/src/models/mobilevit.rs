@@ -1305,6 +1305,12 @@ mod tests {
         let text = serde_json::to_string(&any).unwrap();
         assert_eq!(serde_json::from_str::<AnyConfig>(&text).unwrap(), any);
         any.check_sizes().unwrap();
+        let mut deep = MobileVitConfig::mobilevit_s();
+        if let StageConfig::Mobilevit { transformer_depth, .. } = &mut deep.stages[2] {
+            *transformer_depth = 5000;
+        }
+        let err = AnyConfig::Mobilevit(deep).check_sizes().unwrap_err().to_string();
+        assert!(err.contains("blocks in all"), "{err}");
     }
 
     #[test]

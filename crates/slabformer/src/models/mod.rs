@@ -131,7 +131,9 @@ fn check_sizes_under(value: &serde_json::Value, key: &str, blocks: &mut u64) -> 
                 if v > bound {
                     return Err(Error::Config(format!("{key} = {v} is beyond any model's size (at most {bound})")));
                 }
-                if leaf == "depth" || leaf == "depths" {
+                // Block counts: stage depths, MobileViT's transformer depths, Mobile-Former's
+                // repeats of a block row (`n`).
+                if matches!(leaf, "depth" | "depths" | "transformer_depth" | "n") {
                     *blocks += v;
                 }
             } else if let Some(f) = n.as_f64()
@@ -245,7 +247,7 @@ impl AnyConfig {
         let mut blocks = 0u64;
         check_sizes_under(&tree, "", &mut blocks)?;
         if blocks > MAX_BLOCKS {
-            return Err(Error::Config(format!("the model has {blocks} blocks in all (depth/depths); at most {MAX_BLOCKS} are supported")));
+            return Err(Error::Config(format!("the model has {blocks} blocks in all (depths, transformer depths, repeats); at most {MAX_BLOCKS} are supported")));
         }
         Ok(())
     }
