@@ -33,7 +33,7 @@ impl Default for OptimConfig {
             betas: [0.9, 0.999],
             eps: 1e-8,
             clip_grad: Some(5.0),
-            no_decay: vec!["pos_embed".into(), "cls_token".into(), "positional_encoding".into(), "relative_position_bias_table".into()],
+            no_decay: vec!["pos_embed".into(), "cls_token".into(), "positional_encoding".into(), "relative_position_bias_table".into(), "attention_biases".into()],
         }
     }
 }

@@ -27,7 +27,6 @@ use crate::nn::layer_scale::LayerScale;
 use crate::nn::linear::linear;
 use crate::nn::mlp::Mlp;
 use crate::nn::norm::{BatchNorm, LayerNorm};
-use crate::nn::schedule::{Phase, PrepbnSchedule};
 use crate::plan::Plan;
 
 /// The Meta3D attention's constants (timm builds it as `Attention(dim)`).
@@ -711,12 +710,6 @@ impl ModelFamily for EfficientFormer {
     }
     fn fuse(&self) -> Result<DeployEfficientFormer> {
         EfficientFormer::fuse(self)
-    }
-    fn prepbn_phase(&self) -> Option<Phase> {
-        None
-    }
-    fn prepbn_schedule(_config: &mut EfficientFormerConfig) -> Option<&mut PrepbnSchedule> {
-        None
     }
     fn lower(&self) -> Result<Plan> {
         Err(Error::Unsupported { what: "EfficientFormer models".into(), path: "the fast CPU path" })

@@ -30,7 +30,6 @@ use crate::nn::fuse::fold_into_next_linear;
 use crate::nn::layer_scale::LayerScale;
 use crate::nn::linear::linear;
 use crate::nn::norm::BatchNorm;
-use crate::nn::schedule::{Phase, PrepbnSchedule};
 use crate::plan::Plan;
 
 /// Attention2d's constants (timm builds it with its defaults whatever the width).
@@ -749,12 +748,6 @@ impl ModelFamily for EfficientFormerV2 {
     }
     fn fuse(&self) -> Result<DeployEfficientFormerV2> {
         EfficientFormerV2::fuse(self)
-    }
-    fn prepbn_phase(&self) -> Option<Phase> {
-        None
-    }
-    fn prepbn_schedule(_config: &mut EfficientFormerV2Config) -> Option<&mut PrepbnSchedule> {
-        None
     }
     fn lower(&self) -> Result<Plan> {
         Err(Error::Unsupported { what: "EfficientFormer-V2 models".into(), path: "the fast CPU path" })

@@ -28,7 +28,6 @@ use crate::error::{Error, Result};
 use crate::nn::conv_norm::{Activation, ConvShape, batch_norm_2d, batch_norm_2d_param_count, fold_batch_norm};
 use crate::nn::drop_path::DropPath;
 use crate::nn::norm::{BatchNorm, LayerNorm};
-use crate::nn::schedule::{Phase, PrepbnSchedule};
 use crate::plan::Plan;
 
 /// Heads of the Former (`GlobalBlock`): the blocks build it without `attn_num_heads`, so the
@@ -1192,12 +1191,6 @@ impl ModelFamily for MobileFormer {
     }
     fn fuse(&self) -> Result<DeployMobileFormer> {
         MobileFormer::fuse(self)
-    }
-    fn prepbn_phase(&self) -> Option<Phase> {
-        None
-    }
-    fn prepbn_schedule(_config: &mut MobileFormerConfig) -> Option<&mut PrepbnSchedule> {
-        None
     }
     fn lower(&self) -> Result<Plan> {
         Err(Error::Unsupported { what: "Mobile-Former models".into(), path: "the fast CPU path" })

@@ -28,7 +28,6 @@ use crate::nn::drop_path::DropPath;
 use crate::nn::group_norm::GroupNorm1;
 use crate::nn::linear::linear;
 use crate::nn::norm::LayerNorm;
-use crate::nn::schedule::{Phase, PrepbnSchedule};
 use crate::plan::Plan;
 
 /// The transformers' fixed choices in both versions (timm's MobileViT blocks).
@@ -1035,12 +1034,6 @@ impl ModelFamily for MobileVit {
     }
     fn fuse(&self) -> Result<MobileVit> {
         MobileVit::fuse(self)
-    }
-    fn prepbn_phase(&self) -> Option<Phase> {
-        None
-    }
-    fn prepbn_schedule(_: &mut MobileVitConfig) -> Option<&mut PrepbnSchedule> {
-        None
     }
     fn lower(&self) -> Result<Plan> {
         Err(Error::Unsupported { what: "MobileViT models".into(), path: "the fast CPU path" })

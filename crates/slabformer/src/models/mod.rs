@@ -93,11 +93,16 @@ pub trait ModelFamily: ImageClassifier + ToOnnx + Clone + Sized {
     fn macs(config: &Self::Config) -> u64;
     /// The deploy form: every foldable norm folded away; an error names what does not fold.
     fn fuse(&self) -> Result<Self::Deploy>;
-    /// What the model's PRepBN norms compute at the next training-mode call (None without them).
-    fn prepbn_phase(&self) -> Option<Phase>;
+    /// What the model's PRepBN norms compute at the next training-mode call (None without them:
+    /// the default, for families without PRepBN).
+    fn prepbn_phase(&self) -> Option<Phase> {
+        None
+    }
     /// The PRepBN schedule (T, warm-up, r0, decay) of `config`'s norms, for the trainer to set;
-    /// None when the family's norms are not PRepBN.
-    fn prepbn_schedule(config: &mut Self::Config) -> Option<&mut PrepbnSchedule>;
+    /// None when the family's norms are not PRepBN (the default).
+    fn prepbn_schedule(_config: &mut Self::Config) -> Option<&mut PrepbnSchedule> {
+        None
+    }
     /// The model as trained (norms included) lowered onto the fast path, for the CPU trainer;
     /// `Error::Unsupported` names what the fast path lacks.
     fn lower(&self) -> Result<Plan>;

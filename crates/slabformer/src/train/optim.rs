@@ -258,6 +258,8 @@ mod tests {
         assert!(opt.decays("pos_embed1", 3)); // PVT's stage embeddings, as the official list
         assert!(!opt.decays("cls_token", 3));
         assert!(!opt.decays("blocks.3.attn.positional_encoding", 3));
+        // EfficientFormer's attention biases, as timm's `no_weight_decay`.
+        assert!(!opt.decays("stages.3.blocks.4.token_mixer.attention_biases", 2));
     }
 
     #[test]
