@@ -303,11 +303,6 @@ fn flatten(x: Tensor<4>) -> Tensor<3> {
     x.reshape([b, c, h * w]).swap_dims(1, 2)
 }
 
-/// Drop-path on planes: one draw per image, as on tokens.
-pub(crate) fn drop_path_planes(drop_path: &DropPath, x: Tensor<4>) -> Tensor<4> {
-    let [b, c, h, w] = x.dims();
-    drop_path.forward(x.reshape([b, c, h * w])).reshape([b, c, h, w])
-}
 
 /// The Meta4D token mixer: AvgPool(pool, stride 1, pad pool/2, count_include_pad=False)(x) − x.
 fn pool_mixer(x: Tensor<4>, pool_size: usize) -> Tensor<4> {
@@ -396,11 +391,11 @@ impl MetaBlock2d {
     /// (B, C, H, W) → (B, C, H, W).
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let mixed = self.ls1.forward_planes(pool_mixer(x.clone(), self.pool_size));
-        let x = x.add(drop_path_planes(&self.drop_path, mixed));
+        let x = x.add(self.drop_path.forward_planes(mixed));
         let m = &self.mlp;
         let hidden = gelu(m.norm1.forward_planes(m.fc1.forward(x.clone())));
         let branch = self.ls2.forward_planes(m.norm2.forward_planes(m.fc2.forward(hidden)));
-        x.add(drop_path_planes(&self.drop_path, branch))
+        x.add(self.drop_path.forward_planes(branch))
     }
 
     /// Both BatchNorms folded into their convs.
@@ -722,11 +717,6 @@ impl ModelFamily for EfficientFormer {
 // ---- ONNX: the deploy form op for op (the trained form is exported through it, as BatchNorm in
 // eval mode folds exactly).
 
-fn layer_scale_onnx(g: &mut Graph, x: &str, ls: &LayerScale, planes: bool) -> String {
-    let c = ls.gamma.dims()[0];
-    let gamma = if planes { g.tensor("gamma", ls.gamma.val().reshape([c, 1, 1])) } else { g.param("gamma", &ls.gamma) };
-    g.op("Mul", &[x, &gamma], vec![])
-}
 
 impl ToOnnx for DeployMetaBlock2d {
     fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
@@ -734,11 +724,11 @@ impl ToOnnx for DeployMetaBlock2d {
         let attrs = vec![attr_ints("kernel_shape", &[k, k]), attr_ints("strides", &[1, 1]), attr_ints("pads", &[p, p, p, p]), attr_int("count_include_pad", 0)];
         let pooled = g.op("AveragePool", &[x], attrs);
         let mixed = g.op("Sub", &[&pooled, x], vec![]);
-        let mixed = layer_scale_onnx(g, &mixed, &self.ls1, true);
+        let mixed = self.ls1.planes_to_onnx(g, &mixed);
         let x = g.op("Add", &[x, &mixed], vec![]);
         let h = self.mlp.fc1.to_onnx(g, &x)?;
         let m = self.mlp.fc2.to_onnx(g, &h)?;
-        let m = layer_scale_onnx(g, &m, &self.ls2, true);
+        let m = self.ls2.planes_to_onnx(g, &m);
         Ok(g.op("Add", &[&x, &m], vec![]))
     }
 }
@@ -768,11 +758,11 @@ impl ToOnnx for MetaBlock1d {
     fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
         let normed = self.norm1.to_onnx(g, x)?;
         let a = self.token_mixer.to_onnx(g, &normed)?;
-        let a = layer_scale_onnx(g, &a, &self.ls1, false);
+        let a = self.ls1.tokens_to_onnx(g, &a);
         let x = g.op("Add", &[x, &a], vec![]);
         let normed = self.norm2.to_onnx(g, &x)?;
         let m = self.mlp.to_onnx(g, &normed)?;
-        let m = layer_scale_onnx(g, &m, &self.ls2, false);
+        let m = self.ls2.tokens_to_onnx(g, &m);
         Ok(g.op("Add", &[&x, &m], vec![]))
     }
 }

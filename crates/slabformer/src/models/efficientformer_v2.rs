@@ -19,7 +19,6 @@ use burn::tensor::ops::{AvgPoolOptions, InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use super::efficientformer::drop_path_planes;
 use super::{AnyConfig, ImageClassifier, ImageConfig, ModelFamily, Preset, check_images};
 use crate::deploy::onnx::{Graph, ToOnnx, attr_int, attr_ints};
 use crate::error::{Error, Result};
@@ -573,12 +572,12 @@ impl<U: ConvUnit> Block<U> {
     /// (B, C, H, W) → (B, C, H, W).
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let x = match (&self.token_mixer, &self.ls1) {
-            (Some(mixer), Some(ls1)) => x.clone().add(drop_path_planes(&self.drop_path, ls1.forward_planes(mixer.forward(x)))),
+            (Some(mixer), Some(ls1)) => x.clone().add(self.drop_path.forward_planes(ls1.forward_planes(mixer.forward(x)))),
             _ => x,
         };
         let m = &self.mlp;
         let branch = self.ls2.forward_planes(m.fc2.apply(m.mid.apply(m.fc1.apply(x.clone()))));
-        x.add(drop_path_planes(&self.drop_path, branch))
+        x.add(self.drop_path.forward_planes(branch))
     }
 }
 
@@ -803,11 +802,6 @@ fn bilinear_matrix(n_in: usize, n_out: usize) -> Vec<f32> {
     m
 }
 
-fn layer_scale_onnx(g: &mut Graph, x: &str, ls: &LayerScale) -> String {
-    let c = ls.gamma.dims()[0];
-    let gamma = g.tensor("gamma", ls.gamma.val().reshape([c, 1, 1]));
-    g.op("Mul", &[x, &gamma], vec![])
-}
 
 impl Attention2d<ConvAct> {
     fn to_onnx_on(&self, g: &mut Graph, x: &str, grid: [usize; 2]) -> Result<String> {
@@ -884,13 +878,13 @@ impl ToOnnx for DeployEfficientFormerV2 {
             for block in &stage.blocks {
                 if let (Some(mixer), Some(ls1)) = (&block.token_mixer, &block.ls1) {
                     let a = mixer.to_onnx_on(g, &x, grids.blocks)?;
-                    let a = layer_scale_onnx(g, &a, ls1);
+                    let a = ls1.planes_to_onnx(g, &a);
                     x = g.op("Add", &[&x, &a], vec![]);
                 }
                 let h = block.mlp.fc1.to_onnx(g, &x)?;
                 let h = block.mlp.mid.to_onnx(g, &h)?;
                 let m = block.mlp.fc2.to_onnx(g, &h)?;
-                let m = layer_scale_onnx(g, &m, &block.ls2);
+                let m = block.ls2.planes_to_onnx(g, &m);
                 x = g.op("Add", &[&x, &m], vec![]);
             }
         }

@@ -646,11 +646,6 @@ fn drop_tokens(drop: &DropPath, z: Tensor<3>) -> Tensor<3> {
     drop.forward(z)
 }
 
-/// Drop-path on feature maps, per sample.
-fn drop_maps(drop: &DropPath, x: Tensor<4>) -> Tensor<4> {
-    let [b, c, h, w] = x.dims();
-    drop.forward(x.reshape([b, c, h * w])).reshape([b, c, h, w])
-}
 
 /// Mobile→Former (`Local2Global`, 'attn', gate on, no k/v projections): the tokens' queries
 /// attend to the raw feature map; z ← LN(z + proj(o · 2·hsig(alpha(z)))).
@@ -809,7 +804,7 @@ impl Global2Local {
         let q = y.clone().reshape([b, heads, c / heads, h * w]).swap_dims(2, 3); // (B, h, HW, C/h)
         let attn = softmax(q.matmul(k).mul_scalar(((c / heads) as f64).powf(-0.5)), 3); // (B, h, HW, T)
         let o = attn.matmul(v.swap_dims(2, 3)).swap_dims(2, 3).reshape([b, c, h, w]); // (B, C, H, W)
-        y.add(drop_maps(&self.drop_path, o))
+        y.add(self.drop_path.forward_planes(o))
     }
 
     fn to_onnx(&self, g: &mut Graph, y: &str, z: &str, channels: usize, tokens: usize) -> Result<String> {
@@ -904,7 +899,7 @@ impl DnaBlock3 {
         let y = self.hyper1.dy_relu(self.conv1.forward(x.clone()), z.clone()); // (B, inp·e1, H/s, W/s)
         let r = self.conv2.forward(y); // (B, oup, H/s, W/s)
         let y = self.hyper3.dy_relu(self.conv3.forward(r.clone()), z.clone()); // (B, oup·e2, H/s, W/s)
-        let y = drop_maps(&self.drop_path, self.conv4.forward(y)).add(r);
+        let y = self.drop_path.forward_planes(self.conv4.forward(y)).add(r);
         let y = self.global_local.forward(y, z.clone());
         (if self.identity { y.add(x) } else { y }, z)
     }
@@ -950,7 +945,7 @@ impl DnaBlock {
         let y = self.hyper1.dy_relu(self.conv1.forward(x.clone()), z.clone()); // (B, inp·e1, H, W)
         let y = self.hyper2.dy_relu(self.conv2.forward(y), z.clone()); // (B, inp·e1, H/s, W/s)
         let y = self.conv3.forward(y); // (B, oup, H/s, W/s)
-        let y = if self.identity { drop_maps(&self.drop_path, y).add(x) } else { y };
+        let y = if self.identity { self.drop_path.forward_planes(y).add(x) } else { y };
         (self.global_local.forward(y, z.clone()), z)
     }
 

@@ -408,11 +408,6 @@ fn resize(x: Tensor<4>, size: [usize; 2], align_corners: bool) -> Tensor<4> {
     interpolate(x, InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(align_corners).with_output_size(size))
 }
 
-/// Drop-path on a (B, C, H, W) branch: one draw per image.
-fn drop_path_planes(drop_path: &DropPath, x: Tensor<4>) -> Tensor<4> {
-    let [b, c, h, w] = x.dims();
-    drop_path.forward(x.reshape([b, c, h * w])).reshape([b, c, h, w])
-}
 
 /// A conv with its BatchNorm and activation as trained (timm's `ConvNormAct`), or with the
 /// BatchNorm folded into the conv for deploy; adds no key segment.
@@ -488,7 +483,7 @@ impl InvertedResidual {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let y = self.conv3_1x1.forward(self.conv2_kxk.forward(self.conv1_1x1.forward(x.clone())));
         // timm drops the branch even when there is no shortcut to add it to.
-        let y = drop_path_planes(&self.drop_path, y);
+        let y = self.drop_path.forward_planes(y);
         if self.residual { y.add(x) } else { y }
     }
 
@@ -754,8 +749,8 @@ impl LinearTransformerBlock {
 
     /// (B, D, P, N) → (B, D, P, N).
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = x.clone().add(drop_path_planes(&self.drop_path, self.attn.forward(self.norm1.forward(x))));
-        x.clone().add(drop_path_planes(&self.drop_path, self.mlp.forward(self.norm2.forward(x))))
+        let x = x.clone().add(self.drop_path.forward_planes(self.attn.forward(self.norm1.forward(x))));
+        x.clone().add(self.drop_path.forward_planes(self.mlp.forward(self.norm2.forward(x))))
     }
 }
 

@@ -66,6 +66,12 @@ impl DropPath {
         };
         x.mul(mask)
     }
+
+    /// [`forward`](Self::forward) on a (B, C, H, W) branch: one draw per image.
+    pub fn forward_planes(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        self.forward(x.reshape([b, c, h * w])).reshape([b, c, h, w])
+    }
 }
 
 /// The fast path's drop-path residual: `out[image rows] = residual + mask[image]·out` (`out`

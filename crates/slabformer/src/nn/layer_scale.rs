@@ -5,6 +5,8 @@ use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::tensor::{Device, Tensor};
 
+use crate::deploy::onnx::Graph;
+
 #[derive(Module, Debug)]
 pub struct LayerScale {
     pub gamma: Param<Tensor<1>>,
@@ -20,6 +22,19 @@ impl LayerScale {
     pub fn forward_planes(&self, x: Tensor<4>) -> Tensor<4> {
         let c = self.gamma.dims()[0];
         x.mul(self.gamma.val().reshape([1, c, 1, 1]))
+    }
+
+    /// [`forward_planes`](Self::forward_planes) in `g`.
+    pub fn planes_to_onnx(&self, g: &mut Graph, x: &str) -> String {
+        let c = self.gamma.dims()[0];
+        let gamma = g.tensor("gamma", self.gamma.val().reshape([c, 1, 1]));
+        g.op("Mul", &[x, &gamma], vec![])
+    }
+
+    /// [`forward_tokens`](Self::forward_tokens) in `g`.
+    pub fn tokens_to_onnx(&self, g: &mut Graph, x: &str) -> String {
+        let gamma = g.param("gamma", &self.gamma);
+        g.op("Mul", &[x, &gamma], vec![])
     }
 
     /// (B, N, C) tokens, γ per channel C.
