@@ -87,6 +87,12 @@ fn mobilevit_v1_matches_timm_train_step_state_and_eval() {
 }
 
 #[test]
+fn cpu_trainer_and_runtime_match_timm_mobilevit_v1() {
+    let (g, metadata) = zoo("mobilevit_xxs");
+    check_fast_path_against_golden::<slabformer::models::MobileVit>("mobilevit_xxs", &g, &timm_mobilevit_config(&metadata), None);
+}
+
+#[test]
 fn mobilevit_v2_matches_timm_train_step_state_and_eval() {
     check_against_timm("mobilevitv2_050");
 }

@@ -28,7 +28,19 @@ use crate::nn::drop_path::DropPath;
 use crate::nn::group_norm::GroupNorm1;
 use crate::nn::linear::linear;
 use crate::nn::norm::LayerNorm;
-use crate::plan::Plan;
+use crate::kernels;
+use crate::nn::attention::FastAttention;
+use crate::nn::conv_norm_fast::{ConvNormActCache, ConvStep, FastConvNormAct};
+use crate::nn::drop_path::{add_masked_branch, draw_mask};
+use crate::nn::linear::FastLinear;
+use crate::nn::lower::{ParamTable, sized};
+use crate::nn::mlp::FastMlp;
+use crate::nn::norm::FastNorm;
+use crate::nn::pool::Pool;
+use crate::plan::{FastBlock, Layer, Plan, RasterInput, Residual, Step, TokenSteps};
+use crate::state::StateDict;
+use rand_pcg::Pcg64;
+use rayon::prelude::*;
 
 /// The transformers' fixed choices in both versions (timm's MobileViT blocks).
 const NUM_HEADS: usize = 4;
@@ -1031,10 +1043,10 @@ impl ModelFamily for MobileVit {
         MobileVit::fuse(self)
     }
     fn lower(&self) -> Result<Plan> {
-        Err(Error::Unsupported { what: "MobileViT models".into(), path: "the fast CPU path" })
+        self.plan()
     }
-    fn lower_deploy(_: &MobileVit) -> Result<Plan> {
-        Err(Error::Unsupported { what: "MobileViT models".into(), path: "the fast CPU path" })
+    fn lower_deploy(deploy: &MobileVit) -> Result<Plan> {
+        deploy.plan()
     }
 }
 
@@ -1066,6 +1078,296 @@ impl ImageClassifier for MobileVit {
     }
 }
 
+// ---- The fast path (v1): the stem and the final conv as conv steps, an inverted residual and
+// a MobileViT block each one step over (H·W, C) raster rows; the transformer inside the block
+// runs as nested token steps over the unfolded patches.
+
+fn lower_conv_bn(conv: &ConvBn, table: &mut ParamTable) -> Result<FastConvNormAct> {
+    match conv {
+        ConvBn::Normed(c) => FastConvNormAct::lower(c, table),
+        ConvBn::Folded(c) => FastConvNormAct::lower_deploy(c, table),
+    }
+}
+
+impl MobileVit {
+    /// The model (trained or fused) as a plan: every v1 preset at its configured size; v2's
+    /// separable attention and maps that are not whole patches (the bilinear resize) are refused
+    /// by name.
+    fn plan(&self) -> Result<Plan> {
+        let mut table = ParamTable::for_module(self);
+        let c = &self.config;
+        let mut steps = vec![Step::Rows(RasterInput { chans: c.in_chans, grid: [c.img_size; 2] })];
+        let stem = ConvStep::new(lower_conv_bn(&self.stem, &mut table)?, [c.img_size; 2]);
+        let mut grid = stem.output().0;
+        steps.push(Step::Block(Box::new(stem)));
+        for block in self.stages.iter().flatten() {
+            let fast: Box<dyn FastBlock> = match block {
+                Block::InvertedResidual(b) => Box::new(FastInvertedResidual::lower(b, grid, &mut table)?),
+                Block::MobileVit(b) => Box::new(FastMobileVitBlock::lower(b, grid, &mut table)?),
+                Block::MobileVitV2(_) => return Err(Error::Unsupported { what: "MobileViT-v2's separable self-attention blocks".into(), path: "the fast CPU path" }),
+            };
+            grid = fast.output().0;
+            steps.push(Step::Block(fast));
+        }
+        if let Some(conv) = &self.final_conv {
+            steps.push(Step::Block(Box::new(ConvStep::new(lower_conv_bn(conv, &mut table)?, grid))));
+        }
+        steps.push(Step::Pool(Pool::Mean));
+        steps.push(Step::Head(FastLinear::lower(&self.head.fc, &mut table)?));
+        Ok(Plan { table, steps })
+    }
+}
+
+/// [`InvertedResidual`] on the fast path.
+struct FastInvertedResidual {
+    convs: [FastConvNormAct; 3],
+    /// The grids the three convs read.
+    grids: [[usize; 2]; 3],
+    residual: bool,
+    drop_path: f64,
+    /// The last training forward's: the expand and depthwise outputs, the convs' caches and the
+    /// per-image drop-path factors (empty: all kept).
+    hidden: [Vec<f32>; 2],
+    caches: [ConvNormActCache; 3],
+    mask: Vec<f32>,
+}
+
+impl FastInvertedResidual {
+    fn lower(block: &InvertedResidual, grid: [usize; 2], table: &mut ParamTable) -> Result<Self> {
+        let convs = [lower_conv_bn(&block.conv1_1x1, table)?, lower_conv_bn(&block.conv2_kxk, table)?, lower_conv_bn(&block.conv3_1x1, table)?];
+        let grids = [grid, grid, convs[1].out_grid(grid)];
+        Ok(Self { convs, grids, residual: block.residual, drop_path: block.drop_path.rate, hidden: Default::default(), caches: Default::default(), mask: Vec::new() })
+    }
+}
+
+impl FastBlock for FastInvertedResidual {
+    fn input(&self) -> ([usize; 2], usize) {
+        (self.grids[0], self.convs[0].conv.in_chans())
+    }
+    fn output(&self) -> ([usize; 2], usize) {
+        (self.grids[2], self.convs[2].out_chans())
+    }
+    fn infer(&self, p: &[f32], x: &[f32], out: &mut [f32], _parts: usize) {
+        let [g0, _, g2] = self.grids;
+        let mut expanded = vec![0.0; g0[0] * g0[1] * self.convs[0].out_chans()];
+        self.convs[0].infer(p, x, g0, &mut expanded);
+        let mut depthwise = vec![0.0; g2[0] * g2[1] * self.convs[1].out_chans()];
+        self.convs[1].infer(p, &expanded, g0, &mut depthwise);
+        self.convs[2].infer(p, &depthwise, g2, out);
+        if self.residual {
+            kernels::add_assign(out, x);
+        }
+    }
+    fn forward(&mut self, p: &[f32], x: &[f32], batch: usize, out: &mut [f32], _advance: bool, rng: &mut Pcg64) -> Result<()> {
+        let [g0, _, g2] = self.grids;
+        let [expanded, depthwise] = &mut self.hidden;
+        let [c0, c1, c2] = &mut self.caches;
+        let [conv0, conv1, conv2] = &mut self.convs;
+        conv0.forward(p, x, g0, batch, sized(expanded, batch * g0[0] * g0[1] * conv0.out_chans()), c0)?;
+        conv1.forward(p, expanded, g0, batch, sized(depthwise, batch * g2[0] * g2[1] * conv1.out_chans()), c1)?;
+        conv2.forward(p, depthwise, g2, batch, out, c2)?;
+        // timm drops the branch even when there is no shortcut to add it to.
+        self.mask = if self.drop_path > 0.0 { draw_mask(rng, batch, self.drop_path) } else { Vec::new() };
+        match (self.mask.is_empty(), self.residual) {
+            (true, true) => kernels::add_assign(out, x),
+            (true, false) => {}
+            (false, true) => add_masked_branch(x, out, &self.mask),
+            (false, false) => scale_images(out, &self.mask),
+        }
+        Ok(())
+    }
+    fn backward(&self, p: &[f32], g: &mut [f32], x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        let [expanded, depthwise] = &self.hidden;
+        let mut dbranch = dy.to_vec();
+        if !self.mask.is_empty() {
+            scale_images(&mut dbranch, &self.mask);
+        }
+        let mut ddepthwise = vec![0.0; depthwise.len()];
+        self.convs[2].backward(p, g, depthwise, &dbranch, &mut ddepthwise, &self.caches[2]);
+        let mut dexpanded = vec![0.0; expanded.len()];
+        self.convs[1].backward(p, g, expanded, &ddepthwise, &mut dexpanded, &self.caches[1]);
+        if self.residual {
+            dx.copy_from_slice(dy);
+        } else {
+            dx.fill(0.0);
+        }
+        self.convs[0].backward(p, g, x, &dexpanded, dx, &self.caches[0]);
+    }
+    fn write_buffers(&self, state: &mut StateDict) {
+        self.convs.iter().for_each(|c| c.write_buffers(state));
+    }
+}
+
+/// `x[image] *= mask[image]`.
+fn scale_images(x: &mut [f32], mask: &[f32]) {
+    let per_image = x.len() / mask.len();
+    x.par_chunks_mut(per_image).zip(mask.par_iter()).for_each(|(x, &m)| x.iter_mut().for_each(|v| *v *= m));
+}
+
+/// How a map of whole patches unfolds into patch sequences ([`unfold_v1`]).
+struct PatchLayout {
+    grid: [usize; 2],
+    patch: usize,
+    dim: usize,
+}
+
+impl PatchLayout {
+    /// (sequences per image, tokens per sequence).
+    fn sequences(&self) -> (usize, usize) {
+        (self.patch * self.patch, self.grid[0] * self.grid[1] / (self.patch * self.patch))
+    }
+
+    /// Sequence py·p + px holds the pixels (ny·p + py, nx·p + px) in row-major (ny, nx) order.
+    fn pixel_of(&self, sequence: usize, token: usize) -> usize {
+        let (p, nw) = (self.patch, self.grid[1] / self.patch);
+        let (py, px, ny, nx) = (sequence / p, sequence % p, token / nw, token % nw);
+        (ny * p + py) * self.grid[1] + nx * p + px
+    }
+
+    /// Every image's (H·W, D) rows → its (P, N, D) sequences (`unfold`), or back.
+    fn permute(&self, from: &[f32], to: &mut [f32], unfold: bool) {
+        let (d, (sequences, tokens)) = (self.dim, self.sequences());
+        let per_image = sequences * tokens * d;
+        to.par_chunks_mut(per_image).zip(from.par_chunks(per_image)).for_each(|(to, from)| {
+            for s in 0..sequences {
+                for t in 0..tokens {
+                    let (row, pixel) = ((s * tokens + t) * d, self.pixel_of(s, t) * d);
+                    let (dst, src) = if unfold { (row, pixel) } else { (pixel, row) };
+                    to[dst..dst + d].copy_from_slice(&from[src..src + d]);
+                }
+            }
+        });
+    }
+}
+
+/// [`MobileVitBlock`] on the fast path, on a map of whole patches.
+struct FastMobileVitBlock {
+    conv_kxk: FastConvNormAct,
+    conv_1x1: FastConvNormAct,
+    /// The transformer layers and the final LayerNorm, over the (B·P, N, D) patch sequences.
+    transformer: TokenSteps,
+    conv_proj: FastConvNormAct,
+    conv_fusion: FastConvNormAct,
+    layout: PatchLayout,
+    /// The last training forward's: conv_kxk's output, the folded transformer output, the
+    /// fusion's (H·W, 2C) input and the four convs' caches.
+    local: Vec<f32>,
+    folded: Vec<f32>,
+    fused_input: Vec<f32>,
+    caches: [ConvNormActCache; 4],
+}
+
+impl FastMobileVitBlock {
+    fn lower(block: &MobileVitBlock, grid: [usize; 2], table: &mut ParamTable) -> Result<Self> {
+        let patch = block.patch_size;
+        if patched(grid, patch) != grid {
+            return Err(Error::Unsupported { what: format!("a MobileViT block on a {}×{} map (not whole {patch}×{patch} patches: bilinear resize)", grid[0], grid[1]), path: "the fast CPU path" });
+        }
+        let conv_kxk = lower_conv_bn(&block.conv_kxk, table)?;
+        let conv_1x1 = FastConvNormAct::lower_plain(&block.conv_1x1, table)?;
+        let mut steps = Vec::with_capacity(2 * block.transformer.len() + 1);
+        for layer in &block.transformer {
+            let rate = layer.drop_path.rate;
+            let (norm1, norm2) = (FastNorm::lower_layer_norm(&layer.norm1, table)?, FastNorm::lower_layer_norm(&layer.norm2, table)?);
+            let attn = Layer::attention(FastAttention::lower(&layer.attn, table)?, table);
+            steps.push(Step::Residual(Residual { norm: Some(norm1), layer: attn, drop_path: rate }));
+            let mlp = FastMlp::lower_with(&layer.mlp.fc1, &layer.mlp.fc2, Activation::Silu, table)?;
+            steps.push(Step::Residual(Residual { norm: Some(norm2), layer: Layer::Mlp(mlp), drop_path: rate }));
+        }
+        steps.push(Step::Norm(FastNorm::lower_layer_norm(&block.norm, table)?));
+        let (conv_proj, conv_fusion) = (lower_conv_bn(&block.conv_proj, table)?, lower_conv_bn(&block.conv_fusion, table)?);
+        let layout = PatchLayout { grid, patch, dim: conv_1x1.out_chans() };
+        Ok(Self { conv_kxk, conv_1x1, transformer: TokenSteps::new(steps), conv_proj, conv_fusion, layout, local: Vec::new(), folded: Vec::new(), fused_input: Vec::new(), caches: Default::default() })
+    }
+
+    fn chans(&self) -> usize {
+        self.conv_kxk.out_chans()
+    }
+
+    fn pixels(&self) -> usize {
+        self.layout.grid[0] * self.layout.grid[1]
+    }
+
+}
+
+/// (H·W, C) shortcut and (H·W, C) projection rows → the fusion's (H·W, 2C) input rows.
+fn concat_rows(shortcut: &[f32], proj: &[f32], c: usize, out: &mut [f32]) {
+    out.par_chunks_mut(2 * c).zip(shortcut.par_chunks(c)).zip(proj.par_chunks(c)).for_each(|((o, a), b)| {
+        o[..c].copy_from_slice(a);
+        o[c..].copy_from_slice(b);
+    });
+}
+
+impl FastBlock for FastMobileVitBlock {
+    fn input(&self) -> ([usize; 2], usize) {
+        (self.layout.grid, self.chans())
+    }
+    fn output(&self) -> ([usize; 2], usize) {
+        (self.layout.grid, self.chans())
+    }
+    fn infer(&self, p: &[f32], x: &[f32], out: &mut [f32], parts: usize) {
+        let (n, c, d, grid) = (self.pixels(), self.chans(), self.layout.dim, self.layout.grid);
+        let mut local = vec![0.0; n * c];
+        self.conv_kxk.infer(p, x, grid, &mut local);
+        let mut rows = vec![0.0; n * d];
+        self.conv_1x1.infer(p, &local, grid, &mut rows);
+        let mut sequences = vec![0.0; n * d];
+        self.layout.permute(&rows, &mut sequences, true); // (P, N, D)
+        let (count, tokens) = self.layout.sequences();
+        self.transformer.infer(p, &mut sequences, count, tokens, parts);
+        self.layout.permute(&sequences, &mut rows, false); // (H·W, D)
+        self.conv_proj.infer(p, &rows, grid, &mut local);
+        let mut fused_input = vec![0.0; n * 2 * c];
+        concat_rows(x, &local, c, &mut fused_input); // (H·W, 2C)
+        self.conv_fusion.infer(p, &fused_input, grid, out);
+    }
+    fn forward(&mut self, p: &[f32], x: &[f32], batch: usize, out: &mut [f32], advance: bool, rng: &mut Pcg64) -> Result<()> {
+        let (n, c, d, grid) = (self.pixels(), self.chans(), self.layout.dim, self.layout.grid);
+        let [c_kxk, c_1x1, c_proj, c_fusion] = &mut self.caches;
+        self.conv_kxk.forward(p, x, grid, batch, sized(&mut self.local, batch * n * c), c_kxk)?;
+        let mut rows = vec![0.0; batch * n * d];
+        self.conv_1x1.forward(p, &self.local, grid, batch, &mut rows, c_1x1)?;
+        let mut sequences = vec![0.0; batch * n * d];
+        self.layout.permute(&rows, &mut sequences, true); // (B·P, N, D)
+        let (count, tokens) = self.layout.sequences();
+        let transformed = self.transformer.forward(p, &sequences, batch * count, tokens, rng, advance)?;
+        self.layout.permute(transformed, sized(&mut self.folded, batch * n * d), false); // (B, H·W, D)
+        let mut proj = vec![0.0; batch * n * c];
+        self.conv_proj.forward(p, &self.folded, grid, batch, &mut proj, c_proj)?;
+        concat_rows(x, &proj, c, sized(&mut self.fused_input, batch * n * 2 * c)); // (B, H·W, 2C)
+        self.conv_fusion.forward(p, &self.fused_input, grid, batch, out, c_fusion)
+    }
+    fn backward(&self, p: &[f32], g: &mut [f32], x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        let (c, d) = (self.chans(), self.layout.dim);
+        let [c_kxk, c_1x1, c_proj, c_fusion] = &self.caches;
+        let mut dfused = vec![0.0; self.fused_input.len()];
+        self.conv_fusion.backward(p, g, &self.fused_input, dy, &mut dfused, c_fusion);
+        let rows = dfused.len() / (2 * c);
+        let (mut dshortcut, mut dproj) = (vec![0.0; rows * c], vec![0.0; rows * c]);
+        dfused.chunks_exact(2 * c).zip(dshortcut.chunks_exact_mut(c).zip(dproj.chunks_exact_mut(c))).for_each(|(f, (s, q))| {
+            s.copy_from_slice(&f[..c]);
+            q.copy_from_slice(&f[c..]);
+        });
+        let mut dfolded = vec![0.0; rows * d];
+        self.conv_proj.backward(p, g, &self.folded, &dproj, &mut dfolded, c_proj);
+        let mut dsequences = vec![0.0; rows * d];
+        self.layout.permute(&dfolded, &mut dsequences, true);
+        let dunfolded = self.transformer.backward(p, g, dsequences);
+        let mut drows = vec![0.0; rows * d];
+        self.layout.permute(&dunfolded, &mut drows, false);
+        let mut dlocal = vec![0.0; rows * c];
+        self.conv_1x1.backward(p, g, &self.local, &drows, &mut dlocal, c_1x1);
+        dx.copy_from_slice(&dshortcut);
+        self.conv_kxk.backward(p, g, x, &dlocal, dx, c_kxk);
+    }
+    fn write_buffers(&self, state: &mut StateDict) {
+        for conv in [&self.conv_kxk, &self.conv_1x1, &self.conv_proj, &self.conv_fusion] {
+            conv.write_buffers(state);
+        }
+        self.transformer.write_buffers(state);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1084,6 +1386,38 @@ mod tests {
 
     fn small_v2() -> MobileVitConfig {
         MobileVitConfig { img_size: 64, num_classes: 10, ..MobileVitConfig::mobilevitv2(0.1875) }
+    }
+
+    const TEST_SEED: u64 = 20261202;
+
+    #[test]
+    fn the_cpu_runtime_equals_the_burn_forward_fused_and_unfused() {
+        crate::testing::check_runtime_against_burn::<MobileVit>(&small_v1(), TEST_SEED);
+    }
+
+    #[test]
+    fn the_cpu_trainer_equals_burn_autodiff() {
+        crate::testing::check_trainer_against_burn::<MobileVit>(&small_v1(), TEST_SEED, None, 1e-5);
+    }
+
+    #[test]
+    fn the_cpu_trainer_draws_drop_path_masks_like_burn() {
+        // Rate 0.5 at the last block: the inverted residuals' per-image draws and the
+        // transformers' per-sequence ones, in burn's order.
+        let config = MobileVitConfig { drop_path_rate: 0.5, ..small_v1() };
+        crate::testing::check_trainer_against_burn::<MobileVit>(&config, TEST_SEED, Some(7), 1e-5);
+    }
+
+    #[test]
+    fn what_the_fast_path_does_not_cover_is_refused_by_name() {
+        let device = Device::flex();
+        let v2 = small_v2().init(&device).unwrap();
+        let err = v2.lower().err().expect("v2 is refused").to_string();
+        assert!(err.contains("separable self-attention"), "{err}");
+        // 72² leaves a 9×9 map before the first MobileViT block: resized, so refused.
+        let odd = MobileVitConfig { img_size: 72, ..small_v1() }.init(&device).unwrap();
+        let err = odd.lower().err().expect("resized maps are refused").to_string();
+        assert!(err.contains("not whole 2×2 patches"), "{err}");
     }
 
     #[test]

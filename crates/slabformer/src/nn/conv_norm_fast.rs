@@ -18,6 +18,8 @@ use super::mlp::gelu_backward;
 use super::norm::fast::{FastNorm, NormCache};
 use crate::error::{Error, Result};
 use crate::kernels::{self, exp, gelu, multiversion};
+use crate::plan::FastBlock;
+use rand_pcg::Pcg64;
 use crate::state::StateDict;
 
 fn unsupported(what: String) -> Error {
@@ -362,6 +364,11 @@ impl FastConvNormAct {
         Ok(Self { conv: FastConv2d::lower(&block.conv, table)?, bn: None, act: block.act })
     }
 
+    /// A conv on its own (no norm, no activation).
+    pub fn lower_plain(conv: &Conv2d, table: &mut ParamTable) -> Result<Self> {
+        Ok(Self { conv: FastConv2d::lower(conv, table)?, bn: None, act: Activation::Identity })
+    }
+
     pub fn out_grid(&self, grid: [usize; 2]) -> [usize; 2] {
         self.conv.out_grid(grid)
     }
@@ -424,6 +431,42 @@ impl FastConvNormAct {
         if let Some(bn) = &self.bn {
             bn.write_buffers(state);
         }
+    }
+}
+
+/// A conv block as a plan step of its own (a conv family's stem, its last 1×1 conv), on a map of
+/// a fixed grid.
+pub struct ConvStep {
+    pub block: FastConvNormAct,
+    pub grid: [usize; 2],
+    cache: ConvNormActCache,
+}
+
+impl ConvStep {
+    pub fn new(block: FastConvNormAct, grid: [usize; 2]) -> Self {
+        Self { block, grid, cache: ConvNormActCache::default() }
+    }
+}
+
+impl FastBlock for ConvStep {
+    fn input(&self) -> ([usize; 2], usize) {
+        (self.grid, self.block.conv.in_chans())
+    }
+    fn output(&self) -> ([usize; 2], usize) {
+        (self.block.out_grid(self.grid), self.block.out_chans())
+    }
+    fn infer(&self, p: &[f32], x: &[f32], out: &mut [f32], _parts: usize) {
+        self.block.infer(p, x, self.grid, out);
+    }
+    fn forward(&mut self, p: &[f32], x: &[f32], batch: usize, out: &mut [f32], _advance: bool, _rng: &mut Pcg64) -> Result<()> {
+        self.block.forward(p, x, self.grid, batch, out, &mut self.cache)
+    }
+    fn backward(&self, p: &[f32], g: &mut [f32], x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        dx.fill(0.0);
+        self.block.backward(p, g, x, dy, dx, &self.cache);
+    }
+    fn write_buffers(&self, state: &mut StateDict) {
+        self.block.write_buffers(state);
     }
 }
 

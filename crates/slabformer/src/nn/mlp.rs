@@ -10,7 +10,8 @@ use burn::tensor::{Device, Tensor};
 use super::linear::{FastLinear, linear};
 use super::lower::{ParamTable, sized};
 use crate::deploy::onnx::{Graph, ToOnnx};
-use crate::error::Result;
+use super::conv_norm::Activation;
+use crate::error::{Error, Result};
 use crate::kernels::{erf, exp, gelu, multiversion};
 
 #[derive(Module, Debug)]
@@ -49,33 +50,56 @@ impl ToOnnx for Mlp {
     }
 }
 
-/// The MLP on the fast path.
+/// The MLP on the fast path: fc1 → activation (GELU, or SiLU for MobileViT's) → fc2.
 pub struct FastMlp {
     pub fc1: FastLinear,
     pub fc2: FastLinear,
+    pub act: Activation,
 }
 
 /// What the MLP's training forward keeps for its backward.
 #[derive(Default)]
 pub struct MlpActivations {
-    /// (R, hidden) fc1 output before and after GELU.
+    /// (R, hidden) fc1 output before and after the activation.
     pre: Vec<f32>,
     act: Vec<f32>,
 }
 
 impl FastMlp {
     pub fn lower(mlp: &Mlp, table: &mut ParamTable) -> Result<Self> {
-        Ok(Self { fc1: FastLinear::lower(&mlp.fc1, table)?, fc2: FastLinear::lower(&mlp.fc2, table)? })
+        Self::lower_with(&mlp.fc1, &mlp.fc2, Activation::Gelu, table)
+    }
+
+    /// fc1 → `act` → fc2 of a family's own MLP module; GELU and SiLU have fused epilogues.
+    pub fn lower_with(fc1: &Linear, fc2: &Linear, act: Activation, table: &mut ParamTable) -> Result<Self> {
+        if !matches!(act, Activation::Gelu | Activation::Silu) {
+            return Err(Error::Unsupported { what: format!("an MLP with a {act:?} activation"), path: "the fast CPU path" });
+        }
+        Ok(Self { fc1: FastLinear::lower(fc1, table)?, fc2: FastLinear::lower(fc2, table)?, act })
+    }
+
+    fn epilogue(&self) -> fn(&mut [f32], &[f32]) {
+        match self.act {
+            Activation::Silu => bias_silu,
+            _ => bias_gelu,
+        }
+    }
+
+    fn epilogue_keep(&self) -> fn(&mut [f32], &mut [f32], &[f32]) {
+        match self.act {
+            Activation::Silu => bias_silu_keep,
+            _ => bias_gelu_keep,
+        }
     }
 
     pub fn hidden(&self) -> usize {
         self.fc1.outputs
     }
 
-    /// Inference on this thread, first half: `hidden = gelu(fc1(input))` for the rows `hidden`
+    /// Inference on this thread, first half: `hidden = act(fc1(input))` for the rows `hidden`
     /// holds.
     pub fn infer_hidden(&self, p: &[f32], input: &[f32], hidden: &mut [f32]) {
-        self.fc1.apply_with(p, input, hidden, bias_gelu);
+        self.fc1.apply_with(p, input, hidden, self.epilogue());
     }
 
     /// Second half: `x += fc2(hidden)` (the residual).
@@ -88,7 +112,7 @@ impl FastMlp {
     pub fn forward(&self, p: &[f32], x: &[f32], out: &mut [f32], a: &mut MlpActivations, accumulate: bool) {
         let rows = x.len() / self.fc1.inputs;
         let hidden = self.hidden();
-        self.fc1.forward_keep(p, x, sized(&mut a.pre, rows * hidden), sized(&mut a.act, rows * hidden), bias_gelu_keep);
+        self.fc1.forward_keep(p, x, sized(&mut a.pre, rows * hidden), sized(&mut a.act, rows * hidden), self.epilogue_keep());
         self.fc2.forward(p, &a.act, out, accumulate);
     }
 
@@ -98,9 +122,10 @@ impl FastMlp {
         let rows = x.len() / self.fc1.inputs;
         let hidden = self.hidden();
         let pre = &a.pre;
-        // dh = (dy·W2ᵀ) ⊙ gelu'(pre), then fc1.
+        // dh = (dy·W2ᵀ) ⊙ act'(pre), then fc1.
+        let act = self.act;
         self.fc2.backward_input(p, dy, sized(dhidden, rows * hidden), |dh, first| {
-            gelu_backward(&pre[first * hidden..first * hidden + dh.len()], dh);
+            act.backward(&pre[first * hidden..first * hidden + dh.len()], dh);
         });
         self.fc2.backward_params(g, &a.act, dy, partials);
         self.fc1.backward_input(p, dhidden, dx, |_, _| {});
@@ -130,6 +155,30 @@ multiversion! {
             for ((v, o), b) in row.iter_mut().zip(out.iter_mut()).zip(bias) {
                 *v += b;
                 *o = gelu(*v);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `x = silu(x + bias)` row by row.
+    pub fn bias_silu(x: &mut [f32], bias: &[f32]) {
+        for row in x.chunks_exact_mut(bias.len()) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                let u = *v + b;
+                *v = u / (1.0 + exp(-u));
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `pre += bias` and `act = silu(pre)` row by row.
+    pub fn bias_silu_keep(pre: &mut [f32], act: &mut [f32], bias: &[f32]) {
+        for (row, out) in pre.chunks_exact_mut(bias.len()).zip(act.chunks_exact_mut(bias.len())) {
+            for ((v, o), b) in row.iter_mut().zip(out.iter_mut()).zip(bias) {
+                *v += b;
+                *o = *v / (1.0 + exp(-*v));
             }
         }
     }

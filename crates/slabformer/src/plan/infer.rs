@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use super::{Embed, Layer, Plan, Residual, StageEmbed, Step};
+use super::{Embed, Layer, Plan, Residual, StageEmbed, Step, TokenSteps};
 use crate::kernels;
 use crate::nn::attention::FastAttention;
 use crate::nn::attention::cross_shaped_fast::{CrossShapedInferScratch, FastCrossShapedAttention};
@@ -61,12 +61,22 @@ impl InferWorkspace {
     /// Sized for `plan` on sequences that start with `tokens` tokens (the embedding steps set
     /// their own): every buffer as large as the step that needs most of it.
     pub fn new(plan: &Plan, tokens: usize, parts: usize) -> Self {
+        Self::for_steps(&plan.steps, tokens, parts)
+    }
+
+    /// Sized for `steps` on sequences that start with `tokens` tokens.
+    fn for_steps(steps: &[Step], tokens: usize, parts: usize) -> Self {
         let parts = parts.max(1);
         let (mut t, mut c) = (tokens, 0);
         let (mut x, mut patches, mut qkv, mut mixed, mut scores, mut k_sum, mut kv, mut hidden, mut gate, mut pooled, mut classes) = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
         let (mut sr_q, mut sr_kv, mut sr_patches, mut sr_reduced, mut v_full) = (0, 0, 0, 0, 0);
-        for step in &plan.steps {
+        for step in steps {
             match step {
+                Step::Rows(r) => (t, c) = (r.grid[0] * r.grid[1], r.chans),
+                Step::Block(b) => {
+                    let ([h, w], chans) = b.output();
+                    (t, c) = (h * w, chans);
+                }
                 Step::Embed(e) => {
                     (t, c) = (e.tokens(), e.dim());
                     patches = patches.max(e.num_patches() * e.patch.patch_len());
@@ -193,42 +203,62 @@ impl Plan {
 
     /// One (C, H, W) image → its logits, its token rows split over `parts` threads.
     pub fn infer_image(&self, image: &[f32], logits: &mut [f32], ws: &mut InferWorkspace, parts: usize) {
-        self.walk(Some(image), ws, parts);
+        walk(&self.steps, &self.table.values, Some(image), ws, parts);
         logits.copy_from_slice(&ws.out);
     }
 
     /// The plan's steps on the `ws.tokens_mut()` sequence of a plan that starts from tokens
     /// (no embedding), in place.
     pub fn infer_tokens(&self, ws: &mut InferWorkspace, parts: usize) {
-        self.walk(None, ws, parts);
+        walk(&self.steps, &self.table.values, None, ws, parts);
     }
+}
 
-    fn walk(&self, image: Option<&[f32]>, ws: &mut InferWorkspace, parts: usize) {
-        let p = &self.table.values;
+impl TokenSteps {
+    /// Eval mode on one image's `sequences` (S, T, C) sequences of `tokens` tokens, in place,
+    /// the sequences split over up to `parts` threads.
+    pub fn infer(&self, p: &[f32], x: &mut [f32], sequences: usize, tokens: usize, parts: usize) {
+        let per_sequence = x.len() / sequences;
+        let per_thread = sequences.div_ceil(parts.clamp(1, sequences)) * per_sequence;
+        let jobs: Vec<_> = x.chunks_mut(per_thread).collect();
+        for_each_part(jobs, |block| {
+            let mut ws = InferWorkspace::for_steps(&self.steps, tokens, 1);
+            for sequence in block.chunks_mut(per_sequence) {
+                (ws.tokens, ws.width) = (tokens, per_sequence / tokens);
+                ws.x[..per_sequence].copy_from_slice(sequence);
+                walk(&self.steps, p, None, &mut ws, 1);
+                sequence.copy_from_slice(&ws.x[..per_sequence]);
+            }
+        });
+    }
+}
+
+/// The inference walk of `steps` over the sequence `ws` holds (or that `image` embeds).
+fn walk(steps: &[Step], p: &[f32], image: Option<&[f32]>, ws: &mut InferWorkspace, parts: usize) {
         // Steps whose row-local work waits to run in one pass over the row blocks.
         let mut pending = 0..0;
-        for (i, step) in self.steps.iter().enumerate() {
+        for (i, step) in steps.iter().enumerate() {
             match step {
                 Step::Residual(r @ Residual { layer: Layer::Attention { attn, .. }, .. }) => {
-                    row_pass(&self.steps[pending], p, ws, parts);
+                    row_pass(&steps[pending], p, ws, parts);
                     key_pass(r, attn, p, ws, parts);
                     pending = i..i + 1; // its query rows
                     continue;
                 }
                 Step::Residual(r @ Residual { layer: Layer::SpatialReduction { attn, .. }, .. }) => {
-                    row_pass(&self.steps[pending], p, ws, parts);
+                    row_pass(&steps[pending], p, ws, parts);
                     reduced_key_pass(r, attn, p, ws, parts);
                     pending = i..i + 1; // its query rows
                     continue;
                 }
                 Step::Residual(r @ Residual { layer: Layer::WindowAttention(_) | Layer::WindowedLinear(_), .. }) => {
-                    row_pass(&self.steps[pending], p, ws, parts);
+                    row_pass(&steps[pending], p, ws, parts);
                     windowed(r, p, ws, parts);
                     pending = i + 1..i + 1;
                     continue;
                 }
                 Step::Residual(r @ Residual { layer: Layer::CrossShaped(attn), .. }) => {
-                    row_pass(&self.steps[pending], p, ws, parts);
+                    row_pass(&steps[pending], p, ws, parts);
                     cross_shaped(r, attn, p, ws, parts);
                     pending = i + 1..i + 1;
                     continue;
@@ -242,7 +272,7 @@ impl Plan {
                 }
                 _ => {}
             }
-            row_pass(&self.steps[pending], p, ws, parts);
+            row_pass(&steps[pending], p, ws, parts);
             pending = i + 1..i + 1;
             match step {
                 Step::Embed(e) => embed(e, p, image.expect("an image for a plan that embeds one"), ws, parts),
@@ -253,11 +283,21 @@ impl Plan {
                     pool.apply(&ws.x[..ws.tokens * c], c, &mut ws.pooled[..c]);
                 }
                 Step::Head(head) => head.apply(p, &ws.pooled[..head.inputs], &mut ws.out),
+                Step::Rows(r) => {
+                    let (n, c) = (r.grid[0] * r.grid[1], r.chans);
+                    r.rows_of(image.expect("an image for a plan that reads one"), &mut ws.x[..n * c]);
+                    (ws.tokens, ws.width) = (n, c);
+                }
+                Step::Block(b) => {
+                    let ([h, w], c) = b.output();
+                    b.infer(p, &ws.x[..ws.tokens * ws.width], &mut ws.normed[..h * w * c], parts);
+                    std::mem::swap(&mut ws.x, &mut ws.normed);
+                    (ws.tokens, ws.width) = (h * w, c);
+                }
                 Step::Residual(_) | Step::Norm(_) => unreachable!("row-local steps are pending above"),
             }
         }
-        row_pass(&self.steps[pending], p, ws, parts);
-    }
+        row_pass(&steps[pending], p, ws, parts);
 }
 
 /// Patch conv rows split over the threads, then the class token and the position embedding.
@@ -524,7 +564,7 @@ fn row_pass(steps: &[Step], p: &[f32], ws: &mut InferWorkspace, parts: usize) {
                     n.infer(p, x, normed);
                     x.copy_from_slice(normed);
                 }
-                Step::Embed(_) | Step::Stage(_) | Step::Merge(_) | Step::Pool(_) | Step::Head(_) => unreachable!("only row-local steps wait for a row pass"),
+                Step::Embed(_) | Step::Stage(_) | Step::Merge(_) | Step::Pool(_) | Step::Head(_) | Step::Rows(_) | Step::Block(_) => unreachable!("only row-local steps wait for a row pass"),
             }
         }
     });

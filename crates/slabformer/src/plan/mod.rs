@@ -16,16 +16,22 @@
 //! keeps the ones its [`Embed`] set; a hierarchical one (PVT, and the Swin / CSwin families'
 //! stem and merges) changes grid and width at each [`StageEmbed`], and every step after it reads
 //! the new ones.
+//!
+//! A conv family (MobileViT, …) starts with [`Step::Rows`], which lays the images out as the
+//! (H·W, C) raster rows every step works in, and runs its own kinds as [`Step::Block`]s: a
+//! [`FastBlock`] computes the whole block (its convs, BatchNorms and any token steps nested in
+//! it, [`TokenSteps`]) and tells the walks the grid and width it leaves.
 
 mod infer;
 mod train;
 
 pub use infer::InferWorkspace;
-pub use train::{Scratch, TrainActivations};
+pub use train::{Scratch, TokenSteps, TrainActivations};
 
 use burn::module::Param;
 use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
+use rand_pcg::Pcg64;
 
 use crate::error::Result;
 use crate::nn::attention::FastAttention;
@@ -66,6 +72,55 @@ pub enum Step {
     Pool(Pool),
     /// (C) → (classes).
     Head(FastLinear),
+    /// (C, H, W) images → their (H·W, C) raster rows (conv families' first step).
+    Rows(RasterInput),
+    /// A family's own block on (H·W, C) raster rows.
+    Block(Box<dyn FastBlock>),
+}
+
+/// The images a conv family's plan reads, before they are laid out as raster rows.
+#[derive(Clone, Copy, Debug)]
+pub struct RasterInput {
+    pub chans: usize,
+    pub grid: [usize; 2],
+}
+
+impl RasterInput {
+    /// One (C, H, W) image → its (H·W, C) rows.
+    pub fn rows_of(&self, image: &[f32], rows: &mut [f32]) {
+        let (c, n) = (self.chans, self.grid[0] * self.grid[1]);
+        for (channel, plane) in image.chunks_exact(n).enumerate() {
+            for (pixel, &v) in plane.iter().enumerate() {
+                rows[pixel * c + channel] = v;
+            }
+        }
+    }
+}
+
+/// A family's block as one step of the fast path, over (H·W, C) raster rows. It keeps what its
+/// backward needs between [`forward`](Self::forward) and [`backward`](Self::backward) itself;
+/// the walks keep its input.
+pub trait FastBlock: Send + Sync {
+    /// The grid and channels it reads.
+    fn input(&self) -> ([usize; 2], usize);
+    /// The grid and channels it leaves.
+    fn output(&self) -> ([usize; 2], usize);
+    /// One image in eval mode: (H·W, C_in) rows → (H'·W', C_out) rows, on up to `parts` threads.
+    fn infer(&self, p: &[f32], x: &[f32], out: &mut [f32], parts: usize);
+    /// A training forward of `batch` images (batch statistics, running ones updated; PRepBN
+    /// counters only with `advance`); drop-path masks are drawn from `rng` in the order the burn
+    /// module draws them.
+    fn forward(&mut self, p: &[f32], x: &[f32], batch: usize, out: &mut [f32], advance: bool, rng: &mut Pcg64) -> Result<()>;
+    /// `dx = ∂L/∂x` (overwritten) of the last forward, whose input was `x`; parameter gradients
+    /// are added into `g`.
+    fn backward(&self, p: &[f32], g: &mut [f32], x: &[f32], dy: &[f32], dx: &mut [f32]);
+    /// Its norms' running statistics and counters, under their official keys.
+    fn write_buffers(&self, state: &mut StateDict);
+    /// Values of one image's output.
+    fn output_len(&self) -> usize {
+        let ([h, w], c) = self.output();
+        h * w * c
+    }
 }
 
 /// The patch embedding with what is added to its tokens.
@@ -203,6 +258,40 @@ impl Layer {
     }
 }
 
+/// Every norm of `steps` (outside blocks), in execution order.
+fn norms_of(steps: &[Step]) -> impl Iterator<Item = &FastNorm> {
+    steps.iter().flat_map(|step| {
+        let (first, second) = match step {
+            Step::Residual(r) => (r.norm.as_ref(), match &r.layer {
+                Layer::SpatialReduction { attn, .. } => attn.norm(),
+                _ => None,
+            }),
+            Step::Stage(s) => (s.norm.as_ref(), None),
+            Step::Merge(m) => (m.norm.as_ref(), None),
+            Step::Norm(n) => (Some(n), None),
+            _ => (None, None),
+        };
+        first.into_iter().chain(second)
+    })
+}
+
+/// The running statistics and counters of every norm of `steps`, blocks' included.
+fn write_buffers_of(steps: &[Step], dict: &mut StateDict) {
+    norms_of(steps).for_each(|n| n.write_buffers(dict));
+    steps.iter().for_each(|step| {
+        if let Step::Block(b) = step {
+            b.write_buffers(dict);
+        }
+    });
+}
+
+impl TokenSteps {
+    /// Its norms' running statistics and counters, under their official keys.
+    pub fn write_buffers(&self, dict: &mut StateDict) {
+        write_buffers_of(&self.steps, dict);
+    }
+}
+
 impl Plan {
     /// The image embedding, when the plan starts from images.
     pub fn embed(&self) -> Option<&Embed> {
@@ -217,6 +306,7 @@ impl Plan {
         match self.steps.first()? {
             Step::Embed(e) => Some((e.patch.in_chans(), [e.img_size; 2])),
             Step::Stage(s) if s.source == Source::Planes => Some((s.conv.in_chans, s.in_grid)),
+            Step::Rows(r) => Some((r.chans, r.grid)),
             _ => None,
         }
     }
@@ -226,21 +316,9 @@ impl Plan {
         self.input().map(|(chans, [h, w])| chans * h * w)
     }
 
-    /// Every norm of the plan, in execution order.
+    /// Every norm of the plan (outside blocks), in execution order.
     pub fn norms(&self) -> impl Iterator<Item = &FastNorm> {
-        self.steps.iter().flat_map(|step| {
-            let (first, second) = match step {
-                Step::Residual(r) => (r.norm.as_ref(), match &r.layer {
-                    Layer::SpatialReduction { attn, .. } => attn.norm(),
-                    _ => None,
-                }),
-                Step::Stage(s) => (s.norm.as_ref(), None),
-                Step::Merge(m) => (m.norm.as_ref(), None),
-                Step::Norm(n) => (Some(n), None),
-                _ => (None, None),
-            };
-            first.into_iter().chain(second)
-        })
+        norms_of(&self.steps)
     }
 
     /// What the next training-mode call of the first PRepBN norm computes (PRepBN models only).
@@ -252,6 +330,6 @@ impl Plan {
     /// `collect_state`) with the parameters in `values` and the norms' current statistics and
     /// counters.
     pub fn state_with(&self, values: &[f32], template: &StateDict, origin: &str) -> StateDict {
-        self.table.state_with(values, template, origin, |dict| self.norms().for_each(|n| n.write_buffers(dict)))
+        self.table.state_with(values, template, origin, |dict| write_buffers_of(&self.steps, dict))
     }
 }

@@ -78,82 +78,141 @@ impl Plan {
             return Err(Error::InputShape { layer: "model input", expected: format!("{batch} × ({chans}, {h}, {w}) = {} values", batch * per_image), found: vec![images.len()] });
         }
         let Plan { table, steps } = self;
-        let p = &table.values;
-        acts.batch = batch;
-        acts.steps.resize_with(steps.len(), StepActivations::default);
         let mut rng = step_rng(drop_path_seed);
-        let mut tokens = 0;
-        for (i, step) in steps.iter_mut().enumerate() {
-            let (done, rest) = acts.steps.split_at_mut(i + 1);
-            let a = &mut done[i];
-            a.tokens = tokens;
-            let out = match rest.first_mut() {
-                Some(next) => &mut next.x,
-                None => &mut acts.output,
-            };
-            match step {
-                Step::Embed(e) => tokens = embed_forward(e, p, images, batch, a, out),
-                Step::Stage(s) => {
-                    stage_forward(s, p, images, batch, a, out, advance)?;
-                    tokens = s.tokens();
-                }
-                Step::Merge(m) => {
-                    m.forward(p, &a.x, sized(out, batch * m.out_tokens() * m.out_dim()), &mut a.merge, batch, advance)?;
-                    tokens = m.out_tokens();
-                }
-                Step::Residual(r) => residual_forward(r, p, a, out, batch, advance, &mut rng)?,
-                Step::Norm(n) => {
-                    let c = a.x.len() / (batch * tokens);
-                    n.forward(p, &a.x, sized(out, a.x.len()), &mut a.norm, c, advance)?;
-                }
-                Step::Pool(pool) => {
-                    let c = a.x.len() / (batch * tokens);
-                    let out = sized(out, batch * c);
-                    out.chunks_exact_mut(c).zip(a.x.chunks_exact(tokens * c)).for_each(|(o, image)| pool.apply(image, c, o));
-                    tokens = 1;
-                }
-                Step::Head(h) => h.forward(p, &a.x, sized(out, batch * h.outputs), false),
-            }
-        }
+        forward_steps(steps, &table.values, images, batch, 0, acts, &mut rng, advance)?;
         Ok(acts.output.clone())
     }
 
     /// Back-propagates `dlogits` = ∂L/∂logits (B, classes) through the forward that filled
     /// `acts`, adding every parameter's gradient into `g`.
     pub fn train_backward(&self, dlogits: &[f32], acts: &TrainActivations, g: &mut [f32], s: &mut Scratch) {
-        let p = &self.table.values;
-        let batch = acts.batch;
-        // ∂L/∂(the current step's output), then of its input.
-        let mut dy = dlogits.to_vec();
-        for (step, a) in self.steps.iter().zip(&acts.steps).rev() {
-            match step {
-                Step::Head(h) => {
-                    let mut dx = vec![0.0; a.x.len()];
-                    h.backward_input(p, &dy, &mut dx, |_, _| {});
-                    h.backward_params(g, &a.x, &dy, &mut s.partials);
-                    dy = dx;
-                }
-                Step::Pool(pool) => {
-                    let c = dy.len() / batch;
-                    let mut dx = vec![0.0; a.x.len()];
-                    dx.par_chunks_exact_mut(a.tokens * c).zip(dy.par_chunks_exact(c)).for_each(|(dx, dp)| pool.backward(dp, dx));
-                    dy = dx;
-                }
-                Step::Norm(n) => {
-                    let mut dx = vec![0.0; a.x.len()];
-                    n.backward(p, g, &a.x, &dy, &mut dx, &a.norm, a.x.len() / (batch * a.tokens));
-                    dy = dx;
-                }
-                Step::Merge(m) => {
-                    let mut dx = vec![0.0; a.x.len()];
-                    m.backward(p, g, &a.merge, &dy, &mut dx, &mut s.merge, batch);
-                    dy = dx;
-                }
-                Step::Residual(r) => residual_backward(r, p, g, a, &mut dy, s, batch),
-                Step::Embed(e) => embed_backward(e, g, a, &dy, batch, &mut s.partials),
-                Step::Stage(stage) => dy = stage_backward(stage, p, g, a, &dy, batch, &mut s.partials),
+        backward_steps(&self.steps, &self.table.values, dlogits.to_vec(), acts, g, s);
+    }
+}
+
+/// The training forward of `steps` over `batch` images (or sequences) of `tokens` tokens: the
+/// first step reads `images` if it embeds them, else `acts.steps[0].x`; the last one's output
+/// lands in `acts.output`.
+#[allow(clippy::too_many_arguments)]
+fn forward_steps(steps: &mut [Step], p: &[f32], images: &[f32], batch: usize, mut tokens: usize, acts: &mut TrainActivations, rng: &mut Pcg64, advance: bool) -> Result<()> {
+    acts.batch = batch;
+    acts.steps.resize_with(steps.len(), StepActivations::default);
+    for (i, step) in steps.iter_mut().enumerate() {
+        let (done, rest) = acts.steps.split_at_mut(i + 1);
+        let a = &mut done[i];
+        a.tokens = tokens;
+        let out = match rest.first_mut() {
+            Some(next) => &mut next.x,
+            None => &mut acts.output,
+        };
+        match step {
+            Step::Embed(e) => tokens = embed_forward(e, p, images, batch, a, out),
+            Step::Stage(s) => {
+                stage_forward(s, p, images, batch, a, out, advance)?;
+                tokens = s.tokens();
             }
+            Step::Rows(r) => {
+                let per_image = r.chans * r.grid[0] * r.grid[1];
+                sized(out, batch * per_image).par_chunks_mut(per_image).zip(images.par_chunks(per_image)).for_each(|(rows, image)| r.rows_of(image, rows));
+                tokens = r.grid[0] * r.grid[1];
+            }
+            Step::Block(b) => {
+                b.forward(p, &a.x, batch, sized(out, batch * b.output_len()), advance, rng)?;
+                let ([h, w], _) = b.output();
+                tokens = h * w;
+            }
+            Step::Merge(m) => {
+                m.forward(p, &a.x, sized(out, batch * m.out_tokens() * m.out_dim()), &mut a.merge, batch, advance)?;
+                tokens = m.out_tokens();
+            }
+            Step::Residual(r) => residual_forward(r, p, a, out, batch, advance, rng)?,
+            Step::Norm(n) => {
+                let c = a.x.len() / (batch * tokens);
+                n.forward(p, &a.x, sized(out, a.x.len()), &mut a.norm, c, advance)?;
+            }
+            Step::Pool(pool) => {
+                let c = a.x.len() / (batch * tokens);
+                let out = sized(out, batch * c);
+                out.chunks_exact_mut(c).zip(a.x.chunks_exact(tokens * c)).for_each(|(o, image)| pool.apply(image, c, o));
+                tokens = 1;
+            }
+            Step::Head(h) => h.forward(p, &a.x, sized(out, batch * h.outputs), false),
         }
+    }
+    Ok(())
+}
+
+/// Back-propagates `dy` = ∂L/∂(the last step's output) through the forward that filled `acts`,
+/// adding every parameter's gradient into `g`; returns ∂L/∂(the first step's input) (empty when
+/// the first step reads images).
+fn backward_steps(steps: &[Step], p: &[f32], mut dy: Vec<f32>, acts: &TrainActivations, g: &mut [f32], s: &mut Scratch) -> Vec<f32> {
+    let batch = acts.batch;
+    for (step, a) in steps.iter().zip(&acts.steps).rev() {
+        match step {
+            Step::Head(h) => {
+                let mut dx = vec![0.0; a.x.len()];
+                h.backward_input(p, &dy, &mut dx, |_, _| {});
+                h.backward_params(g, &a.x, &dy, &mut s.partials);
+                dy = dx;
+            }
+            Step::Pool(pool) => {
+                let c = dy.len() / batch;
+                let mut dx = vec![0.0; a.x.len()];
+                dx.par_chunks_exact_mut(a.tokens * c).zip(dy.par_chunks_exact(c)).for_each(|(dx, dp)| pool.backward(dp, dx));
+                dy = dx;
+            }
+            Step::Norm(n) => {
+                let mut dx = vec![0.0; a.x.len()];
+                n.backward(p, g, &a.x, &dy, &mut dx, &a.norm, a.x.len() / (batch * a.tokens));
+                dy = dx;
+            }
+            Step::Merge(m) => {
+                let mut dx = vec![0.0; a.x.len()];
+                m.backward(p, g, &a.merge, &dy, &mut dx, &mut s.merge, batch);
+                dy = dx;
+            }
+            Step::Block(b) => {
+                let mut dx = vec![0.0; a.x.len()];
+                b.backward(p, g, &a.x, &dy, &mut dx);
+                dy = dx;
+            }
+            Step::Rows(_) => dy = Vec::new(),
+            Step::Residual(r) => residual_backward(r, p, g, a, &mut dy, s, batch),
+            Step::Embed(e) => {
+                embed_backward(e, g, a, &dy, batch, &mut s.partials);
+                dy = Vec::new();
+            }
+            Step::Stage(stage) => dy = stage_backward(stage, p, g, a, &dy, batch, &mut s.partials),
+        }
+    }
+    dy
+}
+
+/// Token steps nested in a block (MobileViT's transformer over its unfolded patches): residual
+/// and norm steps over a batch of token sequences, with their own activations.
+pub struct TokenSteps {
+    pub steps: Vec<Step>,
+    acts: TrainActivations,
+}
+
+impl TokenSteps {
+    pub fn new(steps: Vec<Step>) -> Self {
+        Self { steps, acts: TrainActivations::default() }
+    }
+
+    /// The training forward of `sequences` (S, T, C) sequences of `tokens` tokens → their
+    /// output, kept until the next forward.
+    pub fn forward(&mut self, p: &[f32], x: &[f32], sequences: usize, tokens: usize, rng: &mut Pcg64, advance: bool) -> Result<&[f32]> {
+        self.acts.steps.resize_with(self.steps.len().max(1), StepActivations::default);
+        self.acts.steps[0].x.clear();
+        self.acts.steps[0].x.extend_from_slice(x);
+        forward_steps(&mut self.steps, p, &[], sequences, tokens, &mut self.acts, rng, advance)?;
+        Ok(&self.acts.output)
+    }
+
+    /// ∂L/∂x of the last forward from `dy` = ∂L/∂output, the parameter gradients into `g`.
+    pub fn backward(&self, p: &[f32], g: &mut [f32], dy: Vec<f32>) -> Vec<f32> {
+        backward_steps(&self.steps, p, dy, &self.acts, g, &mut Scratch::default())
     }
 }
 
