@@ -10,7 +10,7 @@ use common::*;
 use slabformer::models::MobileVitConfig;
 use slabformer::models::mobilevit::StageConfig;
 use slabformer::nn::set_training;
-use slabformer::state::{StateDict, collect_grads, collect_state, is_buffer_key, load_state};
+use slabformer::state::{StateDict, collect_grads, collect_state, load_state};
 
 fn zoo(case: &str) -> (StateDict, GoldenConfig) {
     let name = format!("zoo/{case}");
@@ -66,10 +66,7 @@ fn check_against_timm(case: &str) {
 
     // The BatchNorm buffers after it (running statistics, num_batches_tracked exactly).
     let after = g.subset("state_after_train");
-    let mut buffers = StateDict::new("ours");
-    for (key, t) in collect_state(&model).iter().filter(|(k, _)| is_buffer_key(k) || k.ends_with("num_batches_tracked")) {
-        buffers.insert(key.clone(), t.clone());
-    }
+    let buffers = buffers_of(&collect_state(&model));
     assert_eq!(buffers.len(), after.len(), "{case}: buffers in our state vs the file's");
     assert_state(&format!("{case} after train"), &buffers, &after, Tol::Output);
 

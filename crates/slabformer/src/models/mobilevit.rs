@@ -31,7 +31,7 @@ use crate::nn::norm::LayerNorm;
 use crate::kernels;
 use crate::nn::attention::FastAttention;
 use crate::nn::conv_norm_fast::{ConvNormActCache, ConvStep, FastConvNormAct};
-use crate::nn::drop_path::{add_masked_branch, draw_mask};
+use crate::nn::drop_path::{add_masked_branch, draw_mask, masked_gradient};
 use crate::nn::linear::FastLinear;
 use crate::nn::lower::{ParamTable, sized};
 use crate::nn::mlp::FastMlp;
@@ -1141,9 +1141,6 @@ impl FastInvertedResidual {
 }
 
 impl FastBlock for FastInvertedResidual {
-    fn input(&self) -> ([usize; 2], usize) {
-        (self.grids[0], self.convs[0].conv.in_chans())
-    }
     fn output(&self) -> ([usize; 2], usize) {
         (self.grids[2], self.convs[2].out_chans())
     }
@@ -1178,12 +1175,10 @@ impl FastBlock for FastInvertedResidual {
     }
     fn backward(&self, p: &[f32], g: &mut [f32], x: &[f32], dy: &[f32], dx: &mut [f32]) {
         let [expanded, depthwise] = &self.hidden;
-        let mut dbranch = dy.to_vec();
-        if !self.mask.is_empty() {
-            scale_images(&mut dbranch, &self.mask);
-        }
+        let mut masked = Vec::new();
+        let dbranch = if self.mask.is_empty() { dy } else { masked_gradient(dy, &self.mask, &mut masked) };
         let mut ddepthwise = vec![0.0; depthwise.len()];
-        self.convs[2].backward(p, g, depthwise, &dbranch, &mut ddepthwise, &self.caches[2]);
+        self.convs[2].backward(p, g, depthwise, dbranch, &mut ddepthwise, &self.caches[2]);
         let mut dexpanded = vec![0.0; expanded.len()];
         self.convs[1].backward(p, g, expanded, &ddepthwise, &mut dexpanded, &self.caches[1]);
         if self.residual {
@@ -1299,9 +1294,6 @@ fn concat_rows(shortcut: &[f32], proj: &[f32], c: usize, out: &mut [f32]) {
 }
 
 impl FastBlock for FastMobileVitBlock {
-    fn input(&self) -> ([usize; 2], usize) {
-        (self.layout.grid, self.chans())
-    }
     fn output(&self) -> ([usize; 2], usize) {
         (self.layout.grid, self.chans())
     }
@@ -1343,8 +1335,9 @@ impl FastBlock for FastMobileVitBlock {
         let mut dfused = vec![0.0; self.fused_input.len()];
         self.conv_fusion.backward(p, g, &self.fused_input, dy, &mut dfused, c_fusion);
         let rows = dfused.len() / (2 * c);
-        let (mut dshortcut, mut dproj) = (vec![0.0; rows * c], vec![0.0; rows * c]);
-        dfused.chunks_exact(2 * c).zip(dshortcut.chunks_exact_mut(c).zip(dproj.chunks_exact_mut(c))).for_each(|(f, (s, q))| {
+        // The shortcut's half of the fusion's input gradient goes to dx; conv_kxk adds its own below.
+        let mut dproj = vec![0.0; rows * c];
+        dfused.chunks_exact(2 * c).zip(dx.chunks_exact_mut(c).zip(dproj.chunks_exact_mut(c))).for_each(|(f, (s, q))| {
             s.copy_from_slice(&f[..c]);
             q.copy_from_slice(&f[c..]);
         });
@@ -1357,7 +1350,6 @@ impl FastBlock for FastMobileVitBlock {
         self.layout.permute(&dunfolded, &mut drows, false);
         let mut dlocal = vec![0.0; rows * c];
         self.conv_1x1.backward(p, g, &self.local, &drows, &mut dlocal, c_1x1);
-        dx.copy_from_slice(&dshortcut);
         self.conv_kxk.backward(p, g, x, &dlocal, dx, c_kxk);
     }
     fn write_buffers(&self, state: &mut StateDict) {

@@ -449,9 +449,6 @@ impl ConvStep {
 }
 
 impl FastBlock for ConvStep {
-    fn input(&self) -> ([usize; 2], usize) {
-        (self.grid, self.block.conv.in_chans())
-    }
     fn output(&self) -> ([usize; 2], usize) {
         (self.block.out_grid(self.grid), self.block.out_chans())
     }

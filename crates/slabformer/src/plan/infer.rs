@@ -235,69 +235,69 @@ impl TokenSteps {
 
 /// The inference walk of `steps` over the sequence `ws` holds (or that `image` embeds).
 fn walk(steps: &[Step], p: &[f32], image: Option<&[f32]>, ws: &mut InferWorkspace, parts: usize) {
-        // Steps whose row-local work waits to run in one pass over the row blocks.
-        let mut pending = 0..0;
-        for (i, step) in steps.iter().enumerate() {
-            match step {
-                Step::Residual(r @ Residual { layer: Layer::Attention { attn, .. }, .. }) => {
-                    row_pass(&steps[pending], p, ws, parts);
-                    key_pass(r, attn, p, ws, parts);
-                    pending = i..i + 1; // its query rows
-                    continue;
-                }
-                Step::Residual(r @ Residual { layer: Layer::SpatialReduction { attn, .. }, .. }) => {
-                    row_pass(&steps[pending], p, ws, parts);
-                    reduced_key_pass(r, attn, p, ws, parts);
-                    pending = i..i + 1; // its query rows
-                    continue;
-                }
-                Step::Residual(r @ Residual { layer: Layer::WindowAttention(_) | Layer::WindowedLinear(_), .. }) => {
-                    row_pass(&steps[pending], p, ws, parts);
-                    windowed(r, p, ws, parts);
-                    pending = i + 1..i + 1;
-                    continue;
-                }
-                Step::Residual(r @ Residual { layer: Layer::CrossShaped(attn), .. }) => {
-                    row_pass(&steps[pending], p, ws, parts);
-                    cross_shaped(r, attn, p, ws, parts);
-                    pending = i + 1..i + 1;
-                    continue;
-                }
-                Step::Residual(_) | Step::Norm(_) => {
-                    if pending.is_empty() {
-                        pending.start = i;
-                    }
-                    pending.end = i + 1;
-                    continue;
-                }
-                _ => {}
+    // Steps whose row-local work waits to run in one pass over the row blocks.
+    let mut pending = 0..0;
+    for (i, step) in steps.iter().enumerate() {
+        match step {
+            Step::Residual(r @ Residual { layer: Layer::Attention { attn, .. }, .. }) => {
+                row_pass(&steps[pending], p, ws, parts);
+                key_pass(r, attn, p, ws, parts);
+                pending = i..i + 1; // its query rows
+                continue;
             }
-            row_pass(&steps[pending], p, ws, parts);
-            pending = i + 1..i + 1;
-            match step {
-                Step::Embed(e) => embed(e, p, image.expect("an image for a plan that embeds one"), ws, parts),
-                Step::Stage(s) => stage(s, p, image, ws, parts),
-                Step::Merge(m) => merge(m, p, ws, parts),
-                Step::Pool(pool) => {
-                    let c = ws.width;
-                    pool.apply(&ws.x[..ws.tokens * c], c, &mut ws.pooled[..c]);
-                }
-                Step::Head(head) => head.apply(p, &ws.pooled[..head.inputs], &mut ws.out),
-                Step::Rows(r) => {
-                    let (n, c) = (r.grid[0] * r.grid[1], r.chans);
-                    r.rows_of(image.expect("an image for a plan that reads one"), &mut ws.x[..n * c]);
-                    (ws.tokens, ws.width) = (n, c);
-                }
-                Step::Block(b) => {
-                    let ([h, w], c) = b.output();
-                    b.infer(p, &ws.x[..ws.tokens * ws.width], &mut ws.normed[..h * w * c], parts);
-                    std::mem::swap(&mut ws.x, &mut ws.normed);
-                    (ws.tokens, ws.width) = (h * w, c);
-                }
-                Step::Residual(_) | Step::Norm(_) => unreachable!("row-local steps are pending above"),
+            Step::Residual(r @ Residual { layer: Layer::SpatialReduction { attn, .. }, .. }) => {
+                row_pass(&steps[pending], p, ws, parts);
+                reduced_key_pass(r, attn, p, ws, parts);
+                pending = i..i + 1; // its query rows
+                continue;
             }
+            Step::Residual(r @ Residual { layer: Layer::WindowAttention(_) | Layer::WindowedLinear(_), .. }) => {
+                row_pass(&steps[pending], p, ws, parts);
+                windowed(r, p, ws, parts);
+                pending = i + 1..i + 1;
+                continue;
+            }
+            Step::Residual(r @ Residual { layer: Layer::CrossShaped(attn), .. }) => {
+                row_pass(&steps[pending], p, ws, parts);
+                cross_shaped(r, attn, p, ws, parts);
+                pending = i + 1..i + 1;
+                continue;
+            }
+            Step::Residual(_) | Step::Norm(_) => {
+                if pending.is_empty() {
+                    pending.start = i;
+                }
+                pending.end = i + 1;
+                continue;
+            }
+            _ => {}
         }
         row_pass(&steps[pending], p, ws, parts);
+        pending = i + 1..i + 1;
+        match step {
+            Step::Embed(e) => embed(e, p, image.expect("an image for a plan that embeds one"), ws, parts),
+            Step::Stage(s) => stage(s, p, image, ws, parts),
+            Step::Merge(m) => merge(m, p, ws, parts),
+            Step::Pool(pool) => {
+                let c = ws.width;
+                pool.apply(&ws.x[..ws.tokens * c], c, &mut ws.pooled[..c]);
+            }
+            Step::Head(head) => head.apply(p, &ws.pooled[..head.inputs], &mut ws.out),
+            Step::Rows(r) => {
+                let (n, c) = (r.grid[0] * r.grid[1], r.chans);
+                r.rows_of(image.expect("an image for a plan that reads one"), &mut ws.x[..n * c]);
+                (ws.tokens, ws.width) = (n, c);
+            }
+            Step::Block(b) => {
+                let ([h, w], c) = b.output();
+                b.infer(p, &ws.x[..ws.tokens * ws.width], &mut ws.normed[..h * w * c], parts);
+                std::mem::swap(&mut ws.x, &mut ws.normed);
+                (ws.tokens, ws.width) = (h * w, c);
+            }
+            Step::Residual(_) | Step::Norm(_) => unreachable!("row-local steps are pending above"),
+        }
+    }
+    row_pass(&steps[pending], p, ws, parts);
 }
 
 /// Patch conv rows split over the threads, then the class token and the position embedding.

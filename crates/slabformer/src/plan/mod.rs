@@ -101,8 +101,6 @@ impl RasterInput {
 /// backward needs between [`forward`](Self::forward) and [`backward`](Self::backward) itself;
 /// the walks keep its input.
 pub trait FastBlock: Send + Sync {
-    /// The grid and channels it reads.
-    fn input(&self) -> ([usize; 2], usize);
     /// The grid and channels it leaves.
     fn output(&self) -> ([usize; 2], usize);
     /// One image in eval mode: (H·W, C_in) rows → (H'·W', C_out) rows, on up to `parts` threads.

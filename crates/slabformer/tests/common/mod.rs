@@ -279,6 +279,16 @@ pub fn assert_grads(name: &str, ours: &StateDict, want: &StateDict) {
     }
 }
 
+/// The buffers of a state (running statistics, counters, num_batches_tracked), as timm's BatchNorm
+/// models' files hold them after a train step.
+pub fn buffers_of(state: &StateDict) -> StateDict {
+    let mut buffers = StateDict::new("ours");
+    for (key, t) in state.iter().filter(|(k, _)| slabformer::state::is_buffer_key(k) || k.ends_with("num_batches_tracked")) {
+        buffers.insert(key.clone(), t.clone());
+    }
+    buffers
+}
+
 /// A golden file's images and loss weight as flat f32 rows, and its batch.
 pub fn train_inputs(g: &StateDict) -> (Vec<f32>, Vec<f32>, usize) {
     let f32s = |key: &str| match &g.get(key).unwrap_or_else(|_| panic!("the golden file has no `{key}`")).values {
@@ -315,14 +325,7 @@ pub fn check_fast_path_against_golden<F: slabformer::models::ModelFamily>(name: 
     // BatchNorm models' hold the buffers only.
     let after = g.subset("state_after_train");
     if after.keys().next().is_some() {
-        let mut state = trainer.state();
-        if !after.keys().any(|k| k.ends_with(".weight")) {
-            let mut buffers = StateDict::new("ours");
-            for (key, t) in state.iter().filter(|(k, _)| slabformer::state::is_buffer_key(k) || k.ends_with("num_batches_tracked")) {
-                buffers.insert(key.clone(), t.clone());
-            }
-            state = buffers;
-        }
+        let state = if after.keys().any(|k| k.ends_with(".weight")) { trainer.state() } else { buffers_of(&trainer.state()) };
         assert_state(&format!("{name}: cpu trainer after train"), &state, &after, Tol::Output);
     }
 
