@@ -268,6 +268,25 @@ pub fn erf(x: f32) -> f32 {
 pub fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
+thread_local! {
+    /// Each thread's intermediate buffers, kept between calls so a hot loop allocates (and
+    /// zeroes) nothing; see [`with_scratch`].
+    static SCRATCH: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` floats of this thread's scratch. The contents are whatever an earlier
+/// call left: `f` writes before it reads. Nested calls (and other tasks rayon runs on this
+/// thread meanwhile) get buffers of their own.
+pub fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buffer = SCRATCH.with(|s| s.borrow_mut().pop()).unwrap_or_default();
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    let result = f(&mut buffer[..len]);
+    SCRATCH.with(|s| s.borrow_mut().push(buffer));
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1144,13 +1144,15 @@ impl FastBlock for FastInvertedResidual {
     fn output(&self) -> ([usize; 2], usize) {
         (self.grids[2], self.convs[2].out_chans())
     }
-    fn infer(&self, p: &[f32], x: &[f32], out: &mut [f32], _parts: usize) {
+    fn infer(&self, p: &[f32], x: &[f32], out: &mut [f32], parts: usize) {
         let [g0, _, g2] = self.grids;
-        let mut expanded = vec![0.0; g0[0] * g0[1] * self.convs[0].out_chans()];
-        self.convs[0].infer(p, x, g0, &mut expanded);
-        let mut depthwise = vec![0.0; g2[0] * g2[1] * self.convs[1].out_chans()];
-        self.convs[1].infer(p, &expanded, g0, &mut depthwise);
-        self.convs[2].infer(p, &depthwise, g2, out);
+        kernels::with_scratch(g0[0] * g0[1] * self.convs[0].out_chans(), |expanded| {
+            kernels::with_scratch(g2[0] * g2[1] * self.convs[1].out_chans(), |depthwise| {
+                self.convs[0].infer(p, x, g0, expanded, parts);
+                self.convs[1].infer(p, expanded, g0, depthwise, parts);
+                self.convs[2].infer(p, depthwise, g2, out, parts);
+            })
+        });
         if self.residual {
             kernels::add_assign(out, x);
         }
@@ -1299,19 +1301,24 @@ impl FastBlock for FastMobileVitBlock {
     }
     fn infer(&self, p: &[f32], x: &[f32], out: &mut [f32], parts: usize) {
         let (n, c, d, grid) = (self.pixels(), self.chans(), self.layout.dim, self.layout.grid);
-        let mut local = vec![0.0; n * c];
-        self.conv_kxk.infer(p, x, grid, &mut local);
-        let mut rows = vec![0.0; n * d];
-        self.conv_1x1.infer(p, &local, grid, &mut rows);
-        let mut sequences = vec![0.0; n * d];
-        self.layout.permute(&rows, &mut sequences, true); // (P, N, D)
-        let (count, tokens) = self.layout.sequences();
-        self.transformer.infer(p, &mut sequences, count, tokens, parts);
-        self.layout.permute(&sequences, &mut rows, false); // (H·W, D)
-        self.conv_proj.infer(p, &rows, grid, &mut local);
-        let mut fused_input = vec![0.0; n * 2 * c];
-        concat_rows(x, &local, c, &mut fused_input); // (H·W, 2C)
-        self.conv_fusion.infer(p, &fused_input, grid, out);
+        use kernels::with_scratch;
+        with_scratch(n * c, |local| {
+            with_scratch(n * d, |rows| {
+                with_scratch(n * d, |sequences| {
+                    with_scratch(n * 2 * c, |fused_input| {
+                        self.conv_kxk.infer(p, x, grid, local, parts);
+                        self.conv_1x1.infer(p, local, grid, rows, parts);
+                        self.layout.permute(rows, sequences, true); // (P, N, D)
+                        let (count, tokens) = self.layout.sequences();
+                        self.transformer.infer(p, sequences, count, tokens, parts);
+                        self.layout.permute(sequences, rows, false); // (H·W, D)
+                        self.conv_proj.infer(p, rows, grid, local, parts);
+                        concat_rows(x, local, c, fused_input); // (H·W, 2C)
+                        self.conv_fusion.infer(p, fused_input, grid, out, parts);
+                    })
+                })
+            })
+        });
     }
     fn forward(&mut self, p: &[f32], x: &[f32], batch: usize, out: &mut [f32], advance: bool, rng: &mut Pcg64) -> Result<()> {
         let (n, c, d, grid) = (self.pixels(), self.chans(), self.layout.dim, self.layout.grid);

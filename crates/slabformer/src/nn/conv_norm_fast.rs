@@ -14,7 +14,7 @@ use super::attention::kernels::DepthwiseConv;
 use super::conv::{FastConv, Source};
 use super::conv_norm::{Activation, ConvAct, ConvNormAct};
 use super::lower::{Layout, ParamTable, Slot};
-use super::mlp::gelu_backward;
+use super::mlp::{bias_gelu, bias_silu, gelu_backward};
 use super::norm::fast::{FastNorm, NormCache};
 use crate::error::{Error, Result};
 use crate::kernels::{self, exp, gelu, multiversion};
@@ -174,7 +174,7 @@ impl FastConv2d {
         };
         let [_, per_group, ..] = conv.weight.dims();
         match conv.groups {
-            1 => Ok(Self::Dense(FastConv::lower(conv, table)?)),
+            1 => Ok(Self::Dense(FastConv::lower(conv, Source::Rows, table)?)),
             groups if per_group == 1 && groups > 1 => Ok(Self::Depthwise(FastDepthwise::lower(conv, padding, table)?)),
             groups => Err(unsupported(format!("a grouped conv with {groups} groups of {per_group} input channels"))),
         }
@@ -206,17 +206,29 @@ impl FastConv2d {
         matches!(self, Self::Dense(c) if c.kernel == [1, 1] && c.stride == [1, 1] && c.padding == [0, 0])
     }
 
-    /// One image, on this thread: input rows (H·W, C_in) → output rows (H'·W', C_out).
-    pub fn infer(&self, p: &[f32], x: &[f32], grid: [usize; 2], out: &mut [f32]) {
-        match self {
-            Self::Dense(c) if self.is_pointwise() => c.proj.apply(p, x, out),
-            Self::Dense(c) => {
-                let [oh, ow] = c.out_grid(grid);
-                let mut patches = vec![0.0; oh * ow * c.patch_len()];
-                c.im2col(x, Source::Rows, grid, 0, &mut patches);
-                c.proj.apply(p, &patches, out);
+    /// One image's output rows `first..` (as many as `out` holds), on this thread: input rows
+    /// (H·W, C_in) → `act` of the output rows of (H'·W', C_out). A dense conv applies the
+    /// activation with its bias as the GEMM's epilogue, where the kind has one: one pass over
+    /// the output, not two.
+    pub fn infer_rows(&self, p: &[f32], x: &[f32], grid: [usize; 2], first: usize, out: &mut [f32], act: Activation) {
+        let rows = out.len() / self.out_chans();
+        let dense = |c: &FastConv, input: &[f32], out: &mut [f32]| match act.bias_epilogue() {
+            Some(epilogue) => c.proj.apply_with(p, input, out, epilogue),
+            None => {
+                c.proj.apply(p, input, out);
+                act.apply_in_place(out);
             }
-            Self::Depthwise(d) => d.forward_rows(p, x, grid, 0, out),
+        };
+        match self {
+            Self::Dense(c) if self.is_pointwise() => dense(c, &x[first * c.in_chans..(first + rows) * c.in_chans], out),
+            Self::Dense(c) => kernels::with_scratch(rows * c.patch_len(), |patches| {
+                c.im2col(x, grid, first, patches);
+                dense(c, patches, out);
+            }),
+            Self::Depthwise(d) => {
+                d.forward_rows(p, x, grid, first, out);
+                act.apply_in_place(out);
+            }
         }
     }
 
@@ -227,7 +239,7 @@ impl FastConv2d {
             Self::Dense(c) => {
                 let [oh, ow] = c.out_grid(grid);
                 patches.resize(batch * oh * ow * c.patch_len(), 0.0);
-                c.im2col_batch(x, Source::Rows, grid, batch, patches);
+                c.im2col_batch(x, grid, batch, patches);
                 c.proj.forward(p, patches, out, false);
             }
             Self::Depthwise(d) => {
@@ -251,7 +263,7 @@ impl FastConv2d {
                 let mut dpatches = vec![0.0; patches.len()];
                 c.proj.backward_input(p, dy, &mut dpatches, |_, _| {});
                 let per_image = dpatches.len() / batch;
-                dx.par_chunks_mut(x.len() / batch).zip(dpatches.par_chunks(per_image)).for_each(|(dx, dp)| c.col2im_add(dp, Source::Rows, grid, dx));
+                dx.par_chunks_mut(x.len() / batch).zip(dpatches.par_chunks(per_image)).for_each(|(dx, dp)| c.col2im_add(dp, grid, dx));
             }
             Self::Depthwise(d) => {
                 let (taps, co) = (d.kernel * d.kernel * d.out_chans(), d.out_chans());
@@ -277,18 +289,18 @@ impl FastConv2d {
 }
 
 multiversion! {
-    /// `out = act(pre)` element-wise (any activation but GELU, which has its own kernel).
-    fn activate_simple(pre: &[f32], out: &mut [f32], act: Activation) {
+    /// `x = act(x)` element-wise (any activation but GELU, which has its own kernel).
+    fn activate_simple(x: &mut [f32], act: Activation) {
         let hard_sigmoid = |v: f32| (v + 3.0).clamp(0.0, 6.0) * (1.0 / 6.0);
-        for (o, &v) in out.iter_mut().zip(pre) {
-            *o = match act {
-                Activation::Identity | Activation::Gelu => v,
-                Activation::Relu => v.max(0.0),
-                Activation::Relu6 => v.clamp(0.0, 6.0),
-                Activation::Silu => v / (1.0 + exp(-v)),
-                Activation::Hardsigmoid => hard_sigmoid(v),
-                Activation::Hardswish => v * hard_sigmoid(v),
-            };
+        // One loop per kind, so each vectorizes on its own.
+        let values = x.iter_mut();
+        match act {
+            Activation::Identity | Activation::Gelu => {}
+            Activation::Relu => values.for_each(|v| *v = v.max(0.0)),
+            Activation::Relu6 => values.for_each(|v| *v = v.clamp(0.0, 6.0)),
+            Activation::Silu => values.for_each(|v| *v /= 1.0 + exp(-*v)),
+            Activation::Hardsigmoid => values.for_each(|v| *v = hard_sigmoid(*v)),
+            Activation::Hardswish => values.for_each(|v| *v *= hard_sigmoid(*v)),
         }
     }
 }
@@ -296,20 +308,17 @@ multiversion! {
 multiversion! {
     /// `grad *= act'(pre)` element-wise (any activation but GELU).
     fn activation_backward_simple(pre: &[f32], grad: &mut [f32], act: Activation) {
-        for (g, &v) in grad.iter_mut().zip(pre) {
-            *g *= match act {
-                Activation::Identity | Activation::Gelu => 1.0,
-                Activation::Relu => f32::from(v > 0.0),
-                Activation::Relu6 => f32::from(v > 0.0 && v < 6.0),
-                Activation::Silu => {
-                    let s = 1.0 / (1.0 + exp(-v));
-                    s * (1.0 + v * (1.0 - s))
-                }
-                Activation::Hardsigmoid => f32::from(v > -3.0 && v < 3.0) * (1.0 / 6.0),
-                Activation::Hardswish if v <= -3.0 => 0.0,
-                Activation::Hardswish if v >= 3.0 => 1.0,
-                Activation::Hardswish => (2.0 * v + 3.0) * (1.0 / 6.0),
-            };
+        let pairs = grad.iter_mut().zip(pre);
+        match act {
+            Activation::Identity | Activation::Gelu => {}
+            Activation::Relu => pairs.for_each(|(g, &v)| *g *= f32::from(v > 0.0)),
+            Activation::Relu6 => pairs.for_each(|(g, &v)| *g *= f32::from(v > 0.0 && v < 6.0)),
+            Activation::Silu => pairs.for_each(|(g, &v)| {
+                let s = 1.0 / (1.0 + exp(-v));
+                *g *= s * (1.0 + v * (1.0 - s));
+            }),
+            Activation::Hardsigmoid => pairs.for_each(|(g, &v)| *g *= f32::from(v > -3.0 && v < 3.0) * (1.0 / 6.0)),
+            Activation::Hardswish => pairs.for_each(|(g, &v)| *g *= if v >= 3.0 { 1.0 } else if v > -3.0 { (2.0 * v + 3.0) * (1.0 / 6.0) } else { 0.0 }),
         }
     }
 }
@@ -317,10 +326,26 @@ multiversion! {
 impl Activation {
     /// `out = act(pre)` on the fast path.
     pub fn apply(self, pre: &[f32], out: &mut [f32]) {
-        if self == Activation::Gelu {
-            out.iter_mut().zip(pre).for_each(|(o, &v)| *o = gelu(v));
-        } else {
-            activate_simple(pre, out, self);
+        out.copy_from_slice(pre);
+        self.apply_in_place(out);
+    }
+
+    /// `x = act(x + bias)` row by row, as a GEMM epilogue, for the kinds that have one.
+    fn bias_epilogue(self) -> Option<fn(&mut [f32], &[f32])> {
+        match self {
+            Activation::Identity => Some(kernels::add_bias),
+            Activation::Silu => Some(bias_silu),
+            Activation::Gelu => Some(bias_gelu),
+            _ => None,
+        }
+    }
+
+    /// `x = act(x)` on the fast path.
+    pub fn apply_in_place(self, x: &mut [f32]) {
+        match self {
+            Activation::Identity => {}
+            Activation::Gelu => x.iter_mut().for_each(|v| *v = gelu(*v)),
+            _ => activate_simple(x, self),
         }
     }
 
@@ -377,17 +402,26 @@ impl FastConvNormAct {
         self.conv.out_chans()
     }
 
-    /// One image in eval mode, on this thread: (H·W, C_in) rows → (H'·W', C_out) rows.
-    pub fn infer(&self, p: &[f32], x: &[f32], grid: [usize; 2], out: &mut [f32]) {
-        let mut conv_out = vec![0.0; out.len()];
-        self.conv.infer(p, x, grid, &mut conv_out);
-        match &self.bn {
+    /// One image in eval mode: (H·W, C_in) rows → (H'·W', C_out) rows, the output rows split
+    /// over `parts` threads.
+    pub fn infer(&self, p: &[f32], x: &[f32], grid: [usize; 2], out: &mut [f32], parts: usize) {
+        let c = self.out_chans();
+        let per = (out.len() / c).div_ceil(parts.max(1)).max(1);
+        let part = |(i, out): (usize, &mut [f32])| match &self.bn {
             Some(bn) => {
-                bn.infer(p, &conv_out, out);
-                conv_out.copy_from_slice(out);
-                self.act.apply(&conv_out, out);
+                self.conv.infer_rows(p, x, grid, i * per, out, Activation::Identity);
+                kernels::with_scratch(out.len(), |conv_out| {
+                    conv_out.copy_from_slice(out);
+                    bn.infer(p, conv_out, out);
+                });
+                self.act.apply_in_place(out);
             }
-            None => self.act.apply(&conv_out, out),
+            None => self.conv.infer_rows(p, x, grid, i * per, out, self.act),
+        };
+        if parts > 1 {
+            out.par_chunks_mut(per * c).enumerate().for_each(part);
+        } else {
+            part((0, out));
         }
     }
 
@@ -452,8 +486,8 @@ impl FastBlock for ConvStep {
     fn output(&self) -> ([usize; 2], usize) {
         (self.block.out_grid(self.grid), self.block.out_chans())
     }
-    fn infer(&self, p: &[f32], x: &[f32], out: &mut [f32], _parts: usize) {
-        self.block.infer(p, x, self.grid, out);
+    fn infer(&self, p: &[f32], x: &[f32], out: &mut [f32], parts: usize) {
+        self.block.infer(p, x, self.grid, out, parts);
     }
     fn forward(&mut self, p: &[f32], x: &[f32], batch: usize, out: &mut [f32], _advance: bool, _rng: &mut Pcg64) -> Result<()> {
         self.block.forward(p, x, self.grid, batch, out, &mut self.cache)

@@ -62,10 +62,10 @@ impl FastLinear {
         Ok(Self { weight, bias, has_bias, inputs, outputs })
     }
 
-    /// A stride-p, p×p conv as a matrix over its im2col rows: weight (C_in·p·p, C_out).
-    pub fn lower_patch_conv(conv: &Conv2d, table: &mut ParamTable) -> Result<Self> {
+    /// A conv as a matrix over its im2col rows: weight (C_in·kh·kw, C_out), rows in `layout`.
+    pub fn lower_conv(conv: &Conv2d, layout: Layout, table: &mut ParamTable) -> Result<Self> {
         let [outputs, in_chans, p, q] = conv.weight.dims();
-        let weight = table.add(&conv.weight, Layout::Transposed)?;
+        let weight = table.add(&conv.weight, layout)?;
         let (bias, has_bias) = match &conv.bias {
             Some(b) => (table.add(b, Layout::Official)?, true),
             None => (table.zeros(outputs), false),

@@ -36,6 +36,36 @@ pub enum Layout {
     /// As the transpose of the official (rows, rest) matrix: Linear weights (out, in) and patch
     /// convs (C, C_in·p·p) are kept (in, out) for the GEMM.
     Transposed,
+    /// A conv weight (C_out, C_in, kh, kw) kept as the (kh·kw·C_in, C_out) matrix whose rows run
+    /// tap by tap, channels inside: the im2col rows of (H·W, C) raster rows are then whole
+    /// pixels copied side by side.
+    TapsMajor,
+}
+
+/// Our layout as the official tensor viewed as (a, b, c), kept as (c, b, a): a transpose is
+/// (rows, 1, cols), a tap-major conv weight (C_out, C_in, kh·kw).
+fn reversed_dims(layout: Layout, shape: &[usize]) -> Option<[usize; 3]> {
+    match layout {
+        Layout::Official => None,
+        Layout::Transposed => Some([shape[0], 1, shape[1..].iter().product()]),
+        Layout::TapsMajor => Some([shape[0], shape[1], shape[2..].iter().product()]),
+    }
+}
+
+/// `values` of shape (a, b, c) as their (c, b, a) permutation.
+fn reverse_3d(values: &[f32], [a, b, c]: [usize; 3]) -> Vec<f32> {
+    if b == 1 {
+        return transpose_2d(values, a, c);
+    }
+    let mut out = vec![0.0; values.len()];
+    for i in 0..a {
+        for j in 0..b {
+            for k in 0..c {
+                out[(k * b + j) * a + i] = values[(i * b + j) * c + k];
+            }
+        }
+    }
+    out
 }
 
 pub struct ParamInfo {
@@ -43,8 +73,9 @@ pub struct ParamInfo {
     /// The official shape.
     pub shape: Vec<usize>,
     pub slot: Slot,
-    /// The official (rows, cols) matrix this slot holds transposed, if it does.
-    transposed: Option<(usize, usize)>,
+    /// The official tensor viewed as (a, b, c) that this slot holds as (c, b, a), if it does
+    /// ([`Layout::Transposed`], [`Layout::TapsMajor`]).
+    reversed: Option<[usize; 3]>,
     /// Whether burn keeps the tensor as we do (Linear weights are (in, out) in burn too).
     burn_layout_is_ours: bool,
     /// False for parameters the forward never reads (the class token of mean-pooled models):
@@ -95,16 +126,19 @@ impl ParamTable {
         let slot = Slot { offset: self.values.len(), len: values.len() };
         // The official tensor: burn keeps Linear weights as its transpose.
         let shape = if linear_weight { vec![burn_dims[1], burn_dims[0]] } else { burn_dims };
-        let transposed = (layout == Layout::Transposed).then(|| (shape[0], shape[1..].iter().product::<usize>()));
-        let burn_layout_is_ours = linear_weight == transposed.is_some();
-        match (linear_weight, transposed) {
+        if layout == Layout::TapsMajor && shape.len() != 4 {
+            return Err(Error::Unsupported { what: format!("`{key}` of shape {shape:?} kept as a conv weight"), path: "the fast CPU path" });
+        }
+        let reversed = reversed_dims(layout, &shape);
+        let burn_layout_is_ours = linear_weight == reversed.is_some();
+        match (linear_weight, reversed) {
             // burn's [in, out] is already the transpose of the official matrix.
             (true, Some(_)) => self.values.extend(values),
             (true, None) => self.values.extend(transpose_2d(&values, shape[1], shape[0])),
-            (false, Some((rows, cols))) => self.values.extend(transpose_2d(&values, rows, cols)),
+            (false, Some(dims)) => self.values.extend(reverse_3d(&values, dims)),
             (false, None) => self.values.extend(values),
         }
-        self.infos.push(ParamInfo { key, shape, slot, transposed, burn_layout_is_ours, trained: true });
+        self.infos.push(ParamInfo { key, shape, slot, reversed, burn_layout_is_ours, trained: true });
         Ok(slot)
     }
 
@@ -131,8 +165,8 @@ impl ParamTable {
     /// The inverse of [`burn_flat`](Self::burn_flat), into `buffer`.
     pub fn set_from_burn_flat(&self, info: &ParamInfo, values: &[f32], buffer: &mut [f32]) {
         let dst = &mut buffer[info.slot.range()];
-        match (info.burn_layout_is_ours, info.transposed) {
-            (false, Some((rows, cols))) => dst.copy_from_slice(&transpose_2d(values, rows, cols)),
+        match (info.burn_layout_is_ours, info.reversed) {
+            (false, Some(dims)) => dst.copy_from_slice(&reverse_3d(values, dims)),
             _ => dst.copy_from_slice(values),
         }
     }
@@ -140,8 +174,8 @@ impl ParamTable {
     /// The parameter's values in `buffer` (the parameters or their gradients), official layout.
     pub fn official(&self, info: &ParamInfo, buffer: &[f32]) -> Vec<f32> {
         let values = &buffer[info.slot.range()];
-        match info.transposed {
-            Some((rows, cols)) => transpose_2d(values, cols, rows),
+        match info.reversed {
+            Some([a, b, c]) => reverse_3d(values, [c, b, a]),
             None => values.to_vec(),
         }
     }

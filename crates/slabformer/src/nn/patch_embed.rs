@@ -6,7 +6,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::tensor::{Device, Tensor};
 
 use super::linear::FastLinear;
-use super::lower::ParamTable;
+use super::lower::{Layout, ParamTable};
 use crate::deploy::onnx::{Graph, ToOnnx};
 use crate::error::Result;
 
@@ -56,7 +56,7 @@ pub struct FastPatchEmbed {
 impl FastPatchEmbed {
     pub fn lower(embed: &PatchEmbed, table: &mut ParamTable) -> Result<Self> {
         let [_, in_chans, patch, _] = embed.proj.weight.dims();
-        Ok(Self { proj: FastLinear::lower_patch_conv(&embed.proj, table)?, in_chans, patch })
+        Ok(Self { proj: FastLinear::lower_conv(&embed.proj, Layout::Transposed, table)?, in_chans, patch })
     }
 
     pub fn in_chans(&self) -> usize {

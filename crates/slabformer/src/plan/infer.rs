@@ -222,13 +222,19 @@ impl TokenSteps {
         let per_thread = sequences.div_ceil(parts.clamp(1, sequences)) * per_sequence;
         let jobs: Vec<_> = x.chunks_mut(per_thread).collect();
         for_each_part(jobs, |block| {
-            let mut ws = InferWorkspace::for_steps(&self.steps, tokens, 1);
+            let pool = || self.infer_workspaces.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let reused = {
+                let mut pool = pool();
+                pool.iter().position(|(t, _)| *t == tokens).map(|i| pool.swap_remove(i).1)
+            };
+            let mut ws = reused.unwrap_or_else(|| InferWorkspace::for_steps(&self.steps, tokens, 1));
             for sequence in block.chunks_mut(per_sequence) {
                 (ws.tokens, ws.width) = (tokens, per_sequence / tokens);
                 ws.x[..per_sequence].copy_from_slice(sequence);
                 walk(&self.steps, p, None, &mut ws, 1);
                 sequence.copy_from_slice(&ws.x[..per_sequence]);
             }
+            pool().push((tokens, ws));
         });
     }
 }
@@ -324,12 +330,12 @@ fn stage(s: &StageEmbed, p: &[f32], image: Option<&[f32]>, ws: &mut InferWorkspa
     let per = n.div_ceil(parts.max(1)).max(1);
     let InferWorkspace { x, normed, patches, tokens, width, .. } = ws;
     {
-        let src: &[f32] = match s.source {
+        let src: &[f32] = match s.conv.source {
             Source::Planes => image.expect("an image for a plan that embeds one"),
             Source::Rows => &x[..*tokens * *width],
         };
         let jobs: Vec<_> = patches[..n * len].chunks_mut(per * len).enumerate().collect();
-        for_each_part(jobs, |(i, patches)| s.conv.im2col(src, s.source, s.in_grid, i * per, patches));
+        for_each_part(jobs, |(i, patches)| s.conv.im2col(src, s.in_grid, i * per, patches));
     }
     (*tokens, *width) = (n, c);
     let jobs: Vec<_> = patches[..n * len].chunks(per * len).zip(x[..n * c].chunks_mut(per * c)).zip(normed.chunks_mut(per * c)).enumerate().collect();

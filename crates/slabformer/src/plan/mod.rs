@@ -165,8 +165,8 @@ impl Embed {
 /// tokens of the conv's output grid, `pos + norm(conv(x))`; the norm is absent where it was
 /// folded into the conv, the position embedding where the family has none.
 pub struct StageEmbed {
+    /// The conv, with what it reads (`conv.source`).
     pub conv: FastConv,
-    pub source: Source,
     /// The input's grid (the image's (H, W) for the first stage).
     pub in_grid: [usize; 2],
     pub norm: Option<FastNorm>,
@@ -178,10 +178,10 @@ impl StageEmbed {
     /// From a family's conv, the norm after it and the position embedding added last; `source`
     /// and `in_grid` say what the conv reads.
     pub fn lower(conv: &Conv2d, norm: Option<&Norm>, pos_embed: Option<&Param<Tensor<3>>>, source: Source, in_grid: [usize; 2], table: &mut ParamTable) -> Result<Self> {
-        let conv = FastConv::lower(conv, table)?;
+        let conv = FastConv::lower(conv, source, table)?;
         let norm = norm.map(|n| FastNorm::lower(n, table)).transpose()?;
         let pos_embed = pos_embed.map(|p| table.add(p, Layout::Official)).transpose()?;
-        Ok(Self { conv, source, in_grid, norm, pos_embed })
+        Ok(Self { conv, in_grid, norm, pos_embed })
     }
 
     /// The conv's output grid.
@@ -303,7 +303,7 @@ impl Plan {
     pub fn input(&self) -> Option<(usize, [usize; 2])> {
         match self.steps.first()? {
             Step::Embed(e) => Some((e.patch.in_chans(), [e.img_size; 2])),
-            Step::Stage(s) if s.source == Source::Planes => Some((s.conv.in_chans, s.in_grid)),
+            Step::Stage(s) if s.conv.source == Source::Planes => Some((s.conv.in_chans, s.in_grid)),
             Step::Rows(r) => Some((r.chans, r.grid)),
             _ => None,
         }

@@ -193,11 +193,14 @@ fn backward_steps(steps: &[Step], p: &[f32], mut dy: Vec<f32>, acts: &TrainActiv
 pub struct TokenSteps {
     pub steps: Vec<Step>,
     acts: TrainActivations,
+    /// Inference workspaces of earlier calls, with the token count each is sized for: taken
+    /// by a thread for one call and put back, so inference allocates none after the first.
+    pub(super) infer_workspaces: std::sync::Mutex<Vec<(usize, super::InferWorkspace)>>,
 }
 
 impl TokenSteps {
     pub fn new(steps: Vec<Step>) -> Self {
-        Self { steps, acts: TrainActivations::default() }
+        Self { steps, acts: TrainActivations::default(), infer_workspaces: Default::default() }
     }
 
     /// The training forward of `sequences` (S, T, C) sequences of `tokens` tokens → their
@@ -259,11 +262,11 @@ fn embed_backward(e: &Embed, g: &mut [f32], a: &StepActivations, dy: &[f32], bat
 #[allow(clippy::too_many_arguments)]
 fn stage_forward(s: &mut StageEmbed, p: &[f32], images: &[f32], batch: usize, a: &mut StepActivations, out: &mut Vec<f32>, advance: bool) -> Result<()> {
     let (n, c, len) = (s.tokens(), s.dim(), s.conv.patch_len());
-    let src: &[f32] = match s.source {
+    let src: &[f32] = match s.conv.source {
         Source::Planes => images,
         Source::Rows => &a.x,
     };
-    s.conv.im2col_batch(src, s.source, s.in_grid, batch, sized(&mut a.patches, batch * n * len));
+    s.conv.im2col_batch(src, s.in_grid, batch, sized(&mut a.patches, batch * n * len));
     let out = sized(out, batch * n * c);
     match &mut s.norm {
         Some(norm) => {
@@ -298,13 +301,13 @@ fn stage_backward(s: &StageEmbed, p: &[f32], g: &mut [f32], a: &StepActivations,
         None => dy.to_vec(),
     };
     s.conv.proj.backward_params(g, &a.patches, &dembedded, partials);
-    match s.source {
+    match s.conv.source {
         Source::Planes => Vec::new(),
         Source::Rows => {
             let mut dpatches = vec![0.0; a.patches.len()];
             s.conv.proj.backward_input(p, &dembedded, &mut dpatches, |_, _| {});
             let mut dx = vec![0.0; a.x.len()];
-            dx.par_chunks_mut(a.x.len() / batch).zip(dpatches.par_chunks(n * len)).for_each(|(dx, dp)| s.conv.col2im_add(dp, Source::Rows, s.in_grid, dx));
+            dx.par_chunks_mut(a.x.len() / batch).zip(dpatches.par_chunks(n * len)).for_each(|(dx, dp)| s.conv.col2im_add(dp, s.in_grid, dx));
             dx
         }
     }

@@ -146,7 +146,7 @@ impl FastSrAttention {
         let grid = attn.grid;
         let n = grid[0] * grid[1];
         let reduction = match &attn.sr {
-            Some(sr) => Some(Reduction { sr: FastConv::lower(sr, table)?, norm: attn.norm.as_ref().map(|n| FastNorm::lower(n, table)).transpose()? }),
+            Some(sr) => Some(Reduction { sr: FastConv::lower(sr, Source::Rows, table)?, norm: attn.norm.as_ref().map(|n| FastNorm::lower(n, table)).transpose()? }),
             None => None,
         };
         let keys = reduction.as_ref().map_or(n, |r| {
@@ -254,7 +254,7 @@ impl FastSrAttention {
     #[allow(clippy::too_many_arguments)]
     pub fn infer_reduce(&self, p: &[f32], first: usize, input: &[f32], patches: &mut [f32], reduced: &mut [f32], normed: &mut [f32], kv_rows: &mut [f32], k_sum: &mut [f32], state: &mut [f32]) {
         let red = self.reduction.as_ref().expect("a reducing layer");
-        red.sr.im2col(input, Source::Rows, self.grid, first, patches);
+        red.sr.im2col(input, self.grid, first, patches);
         red.sr.proj.apply(p, patches, reduced);
         let source: &[f32] = match &red.norm {
             Some(norm) => {
@@ -358,7 +358,7 @@ impl FastSrAttention {
         let rows = batch * t;
         self.q.forward(p, x, sized(&mut a.q, rows * c), false);
         if let Some(red) = &mut self.reduction {
-            red.sr.im2col_batch(x, Source::Rows, grid, batch, sized(&mut a.patches, batch * n_r * red.sr.patch_len()));
+            red.sr.im2col_batch(x, grid, batch, sized(&mut a.patches, batch * n_r * red.sr.patch_len()));
             red.sr.proj.forward(p, &a.patches, sized(&mut a.reduced, batch * n_r * c), false); // (B·N_r, C)
             if let Some(norm) = &mut red.norm {
                 norm.forward(p, &a.reduced, sized(&mut a.normed, batch * n_r * c), &mut a.norm, c, advance)?;
@@ -607,7 +607,7 @@ impl FastSrAttention {
                 let dpatches = sized(&mut s.dpatches, a.patches.len());
                 red.sr.proj.backward_input(p, dreduced, dpatches, |_, _| {});
                 let len = n_r * red.sr.patch_len();
-                dx.par_chunks_mut(t * c).zip(dpatches.par_chunks(len)).for_each(|(dx, dp)| red.sr.col2im_add(dp, Source::Rows, self.grid, dx));
+                dx.par_chunks_mut(t * c).zip(dpatches.par_chunks(len)).for_each(|(dx, dp)| red.sr.col2im_add(dp, self.grid, dx));
             }
             None => kernels::add_assign(dx, &s.dsource),
         }
