@@ -1,6 +1,7 @@
 """PyTorch eager versions of the benchmarked models, for `slabformer bench`.
 
-DeiT-T and Swin-T are timm's. The hierarchical backbones (PVT-T, SLAB-PVT-T, PRepBN/SLAB-Swin-T,
+DeiT-T, Swin-T and the mobile hybrids (MobileViT v1/v2, EfficientFormer v1/V2) are timm's. The
+hierarchical backbones (PVT-T, SLAB-PVT-T, PRepBN/SLAB-Swin-T,
 CSwin-T, SLAB-CSwin-T) are in torch_pvt.py, torch_swin.py and torch_cswin.py, written after the
 official SLAB code's structure and key names (check_torch_models.py checks them against the golden
 files). PRepBN-DeiT-T is timm's VisionTransformer with its norms swapped: identity in the
@@ -169,6 +170,10 @@ def fused_attention(model):
     return model
 
 
+# The mobile hybrids timm has (Mobile-Former is not in timm).
+TIMM_MOBILE = ("mobilevit_", "mobilevitv2_", "efficientformer_", "efficientformerv2_")
+
+
 def create(name, deploy, img_size=224):
     """The model `name` of slabformer's presets for `img_size`² inputs; `deploy`: the fused, norm-free form."""
     if name == "deit_tiny":
@@ -177,6 +182,10 @@ def create(name, deploy, img_size=224):
         return VisionTransformer(img_size=img_size, embed_dim=192, depth=12, num_heads=3, norm_layer=identity if deploy else RepBN)
     if name == "slab_deit_tiny":
         return SlabDeiT(identity if deploy else LinearNorm, img_size=img_size)
+    if name.startswith(TIMM_MOBILE):
+        # timm's own modules at their default input size (the presets' too); its eval mode runs
+        # each BatchNorm as it is, unfolded — what a PyTorch user of these models runs.
+        return timm.create_model(name, pretrained=False)
     if name == "swin_tiny":
         return fused_attention(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=img_size))
     for module in ("torch_pvt", "torch_swin", "torch_cswin"):

@@ -431,7 +431,9 @@ pub fn run(options: &Options) -> Result<String> {
     let (peak, isa) = measured_peak_gflops();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut notes = Notes::default();
-    let mut out = String::from("# Benchmarks\n\nMade by `bash bench/compare.sh` (`slabformer bench` with the pinned peers of bench/.venv); rerun it to measure your machine.\n\n");
+    // The command as it ran (`bash bench/compare.sh` runs it with the pinned peers of bench/.venv).
+    let command: Vec<String> = std::iter::once("slabformer".to_string()).chain(std::env::args().skip(1)).collect();
+    let mut out = format!("# Benchmarks\n\nMade by `{}` (`bash bench/compare.sh` makes the pinned peers of bench/.venv and runs the default set); rerun it to measure your machine.\n\n", command.join(" "));
     out.push_str(&format!(
         "Machine: {} · {threads} logical cores · FP32 peak {peak:.0} GFLOP/s, measured: every core runs 12 independent {isa} FMA chains (2 FLOP per lane), \
          the most dense float math these cores do. slabformer {} (runtime and trainer on {threads} rayon threads; the burn {} columns are the generic path they replace). {}.\n\n\

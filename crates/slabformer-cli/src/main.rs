@@ -54,7 +54,7 @@ enum Command {
         /// A TOML training config.
         #[arg(long, conflicts_with = "preset")]
         config: Option<PathBuf>,
-        /// A training preset: fashion-slab, imagenet-slab-deit-tiny, imagenet-deit-tiny.
+        /// A training preset: fashion-slab (the quickstart), fashion-slab-swin, fashion-slab-pvt, fashion-mobilevit, imagenet-slab-deit-tiny, imagenet-deit-tiny.
         #[arg(long)]
         preset: Option<String>,
         /// The run folder (created; never overwritten).

@@ -216,7 +216,7 @@ fn missing_data_and_bad_configs_are_clear_errors() {
     assert!(err.contains("prepbn.steps") && err.contains("λ > 0"), "{err}");
 }
 
-/// The hierarchical families' Fashion-MNIST presets, shrunk to the small run of these tests.
+/// The hierarchical and mobile families' Fashion-MNIST presets, shrunk to the small run of these tests.
 fn small_hierarchical(preset: &str) -> TrainConfig {
     let base = small_config();
     let mut c = TrainConfig::preset(preset).unwrap();
@@ -228,8 +228,8 @@ fn small_hierarchical(preset: &str) -> TrainConfig {
 }
 
 #[test]
-fn swin_and_pvt_presets_train_fuse_and_resume_bit_for_bit() {
-    for preset in ["fashion-slab-swin", "fashion-slab-pvt"] {
+fn swin_pvt_and_mobilevit_presets_train_fuse_and_resume_bit_for_bit() {
+    for preset in ["fashion-slab-swin", "fashion-slab-pvt", "fashion-mobilevit"] {
         let config = small_hierarchical(preset);
         let data = load_datasets(&config).unwrap();
         let run = tempfile::tempdir().unwrap();
@@ -237,9 +237,9 @@ fn swin_and_pvt_presets_train_fuse_and_resume_bit_for_bit() {
         let m = metrics(run.path());
         let (first, last) = (m.steps[..5].iter().map(|r| r.loss).sum::<f64>() / 5.0, m.steps[15..].iter().map(|r| r.loss).sum::<f64>() / 5.0);
         assert!(last < first - 0.05, "{preset}: loss did not fall: {first:.3} → {last:.3}");
-        // Both families are on the fast path: `auto` picks the CPU trainer.
+        // Every family here is on the fast path: `auto` picks the CPU trainer.
         assert_eq!(summary.engine, "cpu", "{preset}: {:?}", summary.notes);
-        let fused = summary.fused_eval.as_ref().expect("a PRepBN model fuses");
+        let fused = summary.fused_eval.as_ref().expect("PRepBN and BatchNorm models fuse");
         assert!((fused.top1 - summary.final_eval.top1).abs() <= 1.0, "{preset}: {fused:?} vs {:?}", summary.final_eval);
         let mut resumable = config.clone();
         resumable.run.recalibrate_epochs = 0;

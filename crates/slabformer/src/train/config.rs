@@ -425,7 +425,7 @@ impl TrainConfig {
     }
 
     /// The names [`preset`](Self::preset) knows.
-    pub const PRESETS: &[&str] = &["fashion-slab", "fashion-slab-swin", "fashion-slab-pvt", "imagenet-slab-deit-tiny", "imagenet-deit-tiny"];
+    pub const PRESETS: &[&str] = &["fashion-slab", "fashion-slab-swin", "fashion-slab-pvt", "fashion-mobilevit", "imagenet-slab-deit-tiny", "imagenet-deit-tiny"];
 
     /// Named training presets.
     pub fn preset(name: &str) -> Result<Self> {
@@ -433,6 +433,7 @@ impl TrainConfig {
             "fashion-slab" => Ok(Self::fashion_slab()),
             "fashion-slab-swin" => Ok(Self::fashion_slab_swin()),
             "fashion-slab-pvt" => Ok(Self::fashion_slab_pvt()),
+            "fashion-mobilevit" => Ok(Self::fashion_mobilevit()),
             "imagenet-slab-deit-tiny" => Ok(Self::imagenet("slab_deit_tiny")),
             "imagenet-deit-tiny" => Ok(Self::imagenet("deit_tiny")),
             other => Err(Error::Config(format!(
@@ -531,6 +532,23 @@ impl TrainConfig {
         let augment = AugmentConfig { random_resized_crop: true, scale: [1.0, 1.0], ratio: [1.0, 1.0], eval_crop: 1.0, ..quickstart.augment.clone() };
         Self { model, augment, ..quickstart }
     }
+
+    /// MobileViT-XXS on Fashion-MNIST resized to 32²: timm's widths and depths, the last stage
+    /// at stride 1 so its MobileViT block still sees whole 2×2 patches (a 2×2 map, not 1×1).
+    /// The recipe and the resize are the PVT preset's.
+    pub fn fashion_mobilevit() -> Self {
+        let mut stages = crate::models::MobileVitConfig::mobilevit_xxs().stages;
+        if let Some(crate::models::mobilevit::StageConfig::Mobilevit { stride, .. }) = stages.last_mut() {
+            *stride = 1;
+        }
+        let model = ModelSpec::new("mobilevit_xxs")
+            .with("img_size", 32)
+            .with("in_chans", 1)
+            .with("num_classes", 10)
+            .with("stages", toml::Value::try_from(stages).expect("stage recipes serialize"))
+            .with("drop_path_rate", 0.0);
+        Self { model, ..Self::fashion_slab_pvt() }
+    }
 }
 
 #[cfg(test)]
@@ -567,6 +585,7 @@ mod tests {
         }
         assert!(matches!(TrainConfig::preset("fashion-slab-swin").unwrap().model.config().unwrap(), AnyConfig::Swin(_)));
         assert!(matches!(TrainConfig::preset("fashion-slab-pvt").unwrap().model.config().unwrap(), AnyConfig::Pvt(_)));
+        assert!(matches!(TrainConfig::preset("fashion-mobilevit").unwrap().model.config().unwrap(), AnyConfig::Mobilevit(_)));
         assert!(TrainConfig::preset("nope").unwrap_err().to_string().contains("fashion-slab-swin"));
     }
 
