@@ -317,11 +317,27 @@ fn multi_scale_mobilevit_trains_alike_on_both_engines_and_resumes_bit_for_bit() 
 }
 
 #[test]
-fn multi_scale_on_a_family_sized_for_one_input_is_refused_by_key() {
+fn multi_scale_sizes_the_model_or_the_cpu_trainer_cannot_take_are_refused_by_name() {
+    // DeiT's position embeddings are sized for its img_size: refused by key and family.
     let mut config = small_config();
     config.data.multi_scale = Some(MultiScaleConfig { min_size: 16, max_size: 48, max_scales: 3, divisor: 16 });
     let data = load_datasets(&config).unwrap();
     let run = tempfile::tempdir().unwrap();
     let err = train(&config, &data, &options(run.path())).unwrap_err().to_string();
     assert!(err.contains("data.multi_scale") && err.contains("vit family") && err.contains("16×16"), "{err}");
+
+    // At 24² the tiny MobileViT's last block sees a 3×3 map, which burn resizes into whole
+    // patches and the fast path does not take: `cpu` refuses it by name, `auto` trains on burn
+    // and says why.
+    let mut config = multi_scale_config(TrainEngine::Cpu);
+    config.data.multi_scale = Some(MultiScaleConfig { min_size: 24, max_size: 40, max_scales: 3, divisor: 8 });
+    config.run.max_steps = Some(2);
+    config.run.recalibrate_epochs = 0;
+    let run = tempfile::tempdir().unwrap();
+    let err = train(&config, &data, &options(run.path())).unwrap_err().to_string();
+    assert!(err.contains("multi-scale batches of 24×24 images") && err.contains("3×3 map"), "{err}");
+    config.run.engine = TrainEngine::Auto;
+    let summary = train(&config, &data, &options(run.path())).unwrap();
+    assert_eq!((summary.engine, summary.steps), ("burn", 2));
+    assert!(summary.notes.iter().any(|n| n.contains("burn autodiff") && n.contains("multi-scale batches of 24×24")), "{:?}", summary.notes);
 }

@@ -187,7 +187,9 @@ mod tests {
         // Sides 2, 3, 4 around the base 2 with 3 images: batches of 3, 1 and 1.
         let sampler = BatchSampler::multi_scale(&MultiScaleConfig { min_size: 2, max_size: 4, max_scales: 3, divisor: 1 }, 2, 3);
         assert_eq!(sampler.scales().iter().map(|s| (s.size, s.batch)).collect::<Vec<_>>(), vec![(2, 3), (3, 1), (4, 1)]);
-        let job = |skip| TrainEpoch { sampler: sampler.clone(), ..epoch(skip) };
+        // Mixing draws per batch index: a resumed epoch has to count its batches from the start.
+        let mix = Arc::new(MixConfig { mixup_alpha: 0.8, cutmix_alpha: 1.0, ..Default::default() });
+        let job = |skip| TrainEpoch { sampler: sampler.clone(), mix: Some(mix.clone()), ..epoch(skip) };
         let full: Vec<Batch> = Loader::train(job(0)).collect();
         let plan = sampler.epoch_batches(20, 5, 2);
         assert_eq!(full.len(), plan.len());

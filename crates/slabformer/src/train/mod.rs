@@ -521,7 +521,10 @@ fn cpu_trainer<F: ModelFamily>(config: &TrainConfig, model: &F, sampler: &BatchS
     let trainer = || -> Result<CpuTrainer> {
         let mut trainer = CpuTrainer::new(model, config.optim.clone())?;
         for scale in sampler.scales() {
-            trainer.set_input_size(scale.size)?;
+            trainer.set_input_size(scale.size).map_err(|e| match e {
+                Error::Unsupported { what, path } => Error::Unsupported { what: format!("multi-scale batches of {0}×{0} images ({what})", scale.size), path },
+                other => other,
+            })?;
         }
         trainer.set_input_size(model.image_config().img_size())?;
         Ok(trainer)
