@@ -249,7 +249,7 @@ impl Default for CheckpointConfig {
 }
 
 /// Most epochs (training and cooldown) of a multi-scale run: their batches are planned up front.
-pub const MAX_MULTI_SCALE_EPOCHS: u64 = 100_000;
+pub const MAX_MULTI_SCALE_EPOCHS: u64 = 10_000;
 
 /// The optimizer steps of each epoch: the same every epoch with one image size; with
 /// `data.multi_scale`, as many as the batches that epoch's draws of sizes make.
