@@ -9,7 +9,10 @@ use std::path::PathBuf;
 use slabformer::data::fetch::fetch_fashion_mnist;
 use slabformer::nn::attention::AttentionKind;
 use slabformer::nn::schedule::{Decay, PrepbnSchedule};
-use slabformer::train::config::{RunConfig, TrainConfig, TrainEngine};
+use slabformer::data::augment::AugmentConfig;
+use slabformer::data::sampler::MultiScaleConfig;
+use slabformer::models::mobilevit::StageConfig;
+use slabformer::train::config::{ModelSpec, RunConfig, TrainConfig, TrainEngine};
 use slabformer::train::metrics::Metrics;
 use slabformer::train::optim::LrSchedule;
 use slabformer::train::{TrainOptions, load_datasets, train};
@@ -92,16 +95,22 @@ fn loss_falls_and_logged_schedules_are_the_schedule_functions() {
 }
 
 /// Trains `config` straight through and again interrupted after step 7 then resumed: every
-/// parameter, buffer and logged loss must be bit-for-bit equal. Returns the engine that ran.
-fn assert_resume_is_exact(config: &TrainConfig) -> &'static str {
+/// parameter, buffer and logged loss must be bit-for-bit equal. Returns the engine that ran and
+/// the losses of the straight run.
+fn assert_resume_is_exact(config: &TrainConfig) -> (&'static str, Vec<f64>) {
+    assert_resume_after_is_exact(config, 7)
+}
+
+/// [`assert_resume_is_exact`], interrupted after step `interrupt`.
+fn assert_resume_after_is_exact(config: &TrainConfig, interrupt: u64) -> (&'static str, Vec<f64>) {
     let data = load_datasets(config).unwrap();
     let straight = tempfile::tempdir().unwrap();
     let engine = train(config, &data, &options(straight.path())).unwrap().engine;
 
     let resumed = tempfile::tempdir().unwrap();
-    let interrupted = TrainOptions { interrupt_after: Some(7), ..options(resumed.path()) };
+    let interrupted = TrainOptions { interrupt_after: Some(interrupt), ..options(resumed.path()) };
     let err = train(config, &data, &interrupted).unwrap_err().to_string();
-    assert!(err.contains("interrupted after step 7"), "{err}");
+    assert!(err.contains(&format!("interrupted after step {interrupt}")), "{err}");
     // Beyond the resume overrides (lr, clip_grad, epochs, …), another config is refused.
     let mut other = config.clone();
     other.optim.weight_decay *= 2.0;
@@ -119,8 +128,9 @@ fn assert_resume_is_exact(config: &TrainConfig) -> &'static str {
     }
     assert_eq!(a.metadata, b.metadata);
     let (ma, mb) = (metrics(straight.path()), metrics(resumed.path()));
-    assert_eq!(ma.steps.iter().map(|r| r.loss).collect::<Vec<_>>(), mb.steps.iter().map(|r| r.loss).collect::<Vec<_>>());
-    engine
+    let losses: Vec<f64> = ma.steps.iter().map(|r| r.loss).collect();
+    assert_eq!(losses, mb.steps.iter().map(|r| r.loss).collect::<Vec<_>>());
+    (engine, losses)
 }
 
 /// Stochastic depth, mixing, accumulation, the EMA and mid-epoch checkpoints.
@@ -139,14 +149,14 @@ fn everything_config(engine: TrainEngine) -> TrainConfig {
 
 #[test]
 fn interrupted_and_resumed_run_equals_the_straight_run_bit_for_bit() {
-    assert_eq!(assert_resume_is_exact(&everything_config(TrainEngine::Burn)), "burn");
+    assert_eq!(assert_resume_is_exact(&everything_config(TrainEngine::Burn)).0, "burn");
 }
 
 #[test]
 fn interrupted_and_resumed_cpu_trainer_run_equals_the_straight_run_bit_for_bit() {
     // The CPU trainer's weights, statistics, counters and AdamW moments go through the
     // checkpoint and come back exactly.
-    assert_eq!(assert_resume_is_exact(&everything_config(TrainEngine::Cpu)), "cpu");
+    assert_eq!(assert_resume_is_exact(&everything_config(TrainEngine::Cpu)).0, "cpu");
 }
 
 #[test]
@@ -246,4 +256,88 @@ fn swin_pvt_and_mobilevit_presets_train_fuse_and_resume_bit_for_bit() {
         resumable.checkpoint.every_steps = Some(7);
         assert_resume_is_exact(&resumable);
     }
+}
+
+/// A tiny MobileViT v1 (three stages; whole 2×2 patches at every multiple of 16) on the small
+/// subset, with ml-cvnets' multi-scale batches around 32²: sides 16, 32 and 48 with 80, 20 and
+/// 8 images. Fashion-MNIST's 28² images are resized whole to each side.
+fn multi_scale_config(engine: TrainEngine) -> TrainConfig {
+    let mut c = small_config();
+    let ir = StageConfig::Ir { width: 8, depth: 1, stride: 1, bottle_ratio: 2.0 };
+    let vit = |width| StageConfig::Mobilevit { width, depth: 1, stride: 2, bottle_ratio: 2.0, transformer_dim: width, transformer_depth: 1, patch_size: 2 };
+    c.model = ModelSpec::new("mobilevit_xxs")
+        .with("img_size", 32)
+        .with("in_chans", 1)
+        .with("num_classes", 10)
+        .with("stem_chs", 8)
+        .with("num_features", 32)
+        .with("stages", toml::Value::try_from(vec![ir, vit(16), vit(24)]).unwrap());
+    c.data.multi_scale = Some(MultiScaleConfig { min_size: 16, max_size: 48, max_scales: 3, divisor: 16 });
+    c.augment = AugmentConfig { random_resized_crop: true, scale: [1.0, 1.0], ratio: [1.0, 1.0], eval_crop: 1.0, ..c.augment };
+    c.run.epochs = 2;
+    c.run.engine = engine;
+    c.checkpoint.every_steps = Some(3);
+    c
+}
+
+#[test]
+fn multi_scale_mobilevit_trains_alike_on_both_engines_and_resumes_bit_for_bit() {
+    let config = multi_scale_config(TrainEngine::Cpu);
+    let data = load_datasets(&config).unwrap();
+    let steps = config.epoch_steps(data.train.len(), 32);
+    let scales: Vec<(usize, usize)> = steps.sampler().scales().iter().map(|s| (s.size, s.batch)).collect();
+    assert_eq!(scales, vec![(16, 80), (32, 20), (48, 8)]);
+    let per_epoch = [steps.of(0), steps.of(1)];
+    // The run stops at a checkpoint inside the second epoch; the epochs drew several sizes.
+    let interrupt = (per_epoch[0] + 1..per_epoch[0] + per_epoch[1]).find(|s| s % 3 == 0).unwrap_or_else(|| panic!("no mid-epoch checkpoint in epoch 2: {per_epoch:?}"));
+    for epoch in 0..2 {
+        let plan = steps.sampler().epoch_batches(data.train.len(), config.run.seed, epoch);
+        assert!(plan.iter().any(|b| b.scale != plan[0].scale), "epoch {epoch}: one size only");
+    }
+
+    let run = tempfile::tempdir().unwrap();
+    let summary = train(&config, &data, &options(run.path())).unwrap();
+    assert_eq!(summary.engine, "cpu", "{:?}", summary.notes);
+    assert_eq!(summary.steps, per_epoch.iter().sum::<u64>());
+    let m = metrics(run.path());
+    let lr = config.lr_schedule(&steps);
+    assert_eq!(m.steps.len() as u64, summary.steps);
+    for row in &m.steps {
+        assert!((row.lr - lr.at(row.step - 1)).abs() <= 1e-6 * row.lr, "lr at step {}", row.step);
+    }
+    assert!(summary.fused_eval.is_some(), "the fused model is evaluated at the base size");
+
+    let (cpu, cpu_losses) = assert_resume_after_is_exact(&config, interrupt);
+    let (burn, burn_losses) = assert_resume_after_is_exact(&multi_scale_config(TrainEngine::Burn), interrupt);
+    assert_eq!((cpu, burn), ("cpu", "burn"));
+    assert_eq!(cpu_losses, m.steps.iter().map(|r| r.loss).collect::<Vec<_>>());
+    for (step, (a, b)) in cpu_losses.iter().zip(&burn_losses).enumerate() {
+        assert!((a - b).abs() <= 1e-3 * b.abs() + 1e-4, "step {}: cpu loss {a}, burn {b}", step + 1);
+    }
+}
+
+#[test]
+fn multi_scale_sizes_the_model_or_the_cpu_trainer_cannot_take_are_refused_by_name() {
+    // DeiT's position embeddings are sized for its img_size: refused by key and family.
+    let mut config = small_config();
+    config.data.multi_scale = Some(MultiScaleConfig { min_size: 16, max_size: 48, max_scales: 3, divisor: 16 });
+    let data = load_datasets(&config).unwrap();
+    let run = tempfile::tempdir().unwrap();
+    let err = train(&config, &data, &options(run.path())).unwrap_err().to_string();
+    assert!(err.contains("data.multi_scale") && err.contains("vit family") && err.contains("16×16"), "{err}");
+
+    // At 24² the tiny MobileViT's last block sees a 3×3 map, which burn resizes into whole
+    // patches and the fast path does not take: `cpu` refuses it by name, `auto` trains on burn
+    // and says why.
+    let mut config = multi_scale_config(TrainEngine::Cpu);
+    config.data.multi_scale = Some(MultiScaleConfig { min_size: 24, max_size: 40, max_scales: 3, divisor: 8 });
+    config.run.max_steps = Some(2);
+    config.run.recalibrate_epochs = 0;
+    let run = tempfile::tempdir().unwrap();
+    let err = train(&config, &data, &options(run.path())).unwrap_err().to_string();
+    assert!(err.contains("multi-scale batches of 24×24 images") && err.contains("3×3 map"), "{err}");
+    config.run.engine = TrainEngine::Auto;
+    let summary = train(&config, &data, &options(run.path())).unwrap();
+    assert_eq!((summary.engine, summary.steps), ("burn", 2));
+    assert!(summary.notes.iter().any(|n| n.contains("burn autodiff") && n.contains("multi-scale batches of 24×24")), "{:?}", summary.notes);
 }

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use rand::seq::SliceRandom;
 
 use super::augment::{AugmentConfig, MixConfig};
+use super::sampler::BatchSampler;
 use super::{ImageSet, derived_rng};
 
 /// Batches kept ready ahead of the consumer.
@@ -18,6 +19,8 @@ const MIX_STREAM: u64 = 0x004D_4958;
 pub struct Batch {
     /// B × C × size × size, normalized.
     pub images: Vec<f32>,
+    /// The image side (the model's, or the one a multi-scale batch drew).
+    pub size: usize,
     /// B × classes soft targets (smoothing/mixing applied); empty for evaluation batches.
     pub targets: Vec<f32>,
     pub labels: Vec<u32>,
@@ -40,11 +43,6 @@ pub fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
     order
 }
 
-/// Full training batches per epoch (the last partial batch is dropped, as timm does).
-pub fn train_batches(len: usize, batch: usize) -> usize {
-    len / batch
-}
-
 pub struct Loader {
     receiver: Option<Receiver<Batch>>,
     worker: Option<JoinHandle<()>>,
@@ -56,8 +54,8 @@ pub struct TrainEpoch {
     pub augment: Arc<AugmentConfig>,
     /// `None`: no mixing or smoothing (BN re-calibration).
     pub mix: Option<Arc<MixConfig>>,
-    pub size: usize,
-    pub batch: usize,
+    /// The image sides and batch sizes of the epoch's batches.
+    pub sampler: BatchSampler,
     pub seed: u64,
     pub epoch: u64,
     /// Batches of this epoch already consumed (resume).
@@ -70,24 +68,26 @@ impl Loader {
             let set = &job.set;
             let order = epoch_order(set.len(), job.seed, job.epoch);
             let dims = [set.channels, set.height, set.width];
-            let per = set.channels * job.size * job.size;
-            for index in job.skip..train_batches(set.len(), job.batch) {
-                let picks = &order[index * job.batch..(index + 1) * job.batch];
+            let plan = job.sampler.epoch_batches(set.len(), job.seed, job.epoch);
+            for (index, planned) in plan.into_iter().enumerate().skip(job.skip) {
+                let (size, start) = (planned.scale.size, planned.start);
+                let per = set.channels * size * size;
+                let picks = &order[start..start + planned.scale.batch];
                 let mut images = vec![0.0f32; picks.len() * per];
                 for (slot, &sample) in picks.iter().enumerate() {
-                    let position = (index * job.batch + slot) as u64;
+                    let position = (start + slot) as u64;
                     let mut rng = derived_rng(&[job.seed, job.epoch, position]);
-                    job.augment.train_view(set.image(sample), dims, job.size, &mut rng, &mut images[slot * per..(slot + 1) * per]);
+                    job.augment.train_view(set.image(sample), dims, size, &mut rng, &mut images[slot * per..(slot + 1) * per]);
                 }
                 let labels: Vec<u32> = picks.iter().map(|&i| set.labels[i]).collect();
                 let targets = match &job.mix {
                     Some(mix) => {
                         let mut rng = derived_rng(&[job.seed, job.epoch, index as u64, MIX_STREAM]);
-                        mix.mix(&mut images, &labels, [set.channels, job.size, job.size], set.classes.len(), &mut rng)
+                        mix.mix(&mut images, &labels, [set.channels, size, size], set.classes.len(), &mut rng)
                     }
                     None => Vec::new(),
                 };
-                if !send(Batch { images, targets, labels }) {
+                if !send(Batch { images, size, targets, labels }) {
                     return;
                 }
             }
@@ -105,7 +105,7 @@ impl Loader {
                 for (slot, sample) in (start..end).enumerate() {
                     augment.eval_view(set.image(sample), dims, size, &mut images[slot * per..(slot + 1) * per]);
                 }
-                if !send(Batch { images, targets: Vec::new(), labels: set.labels[start..end].to_vec() }) {
+                if !send(Batch { images, size, targets: Vec::new(), labels: set.labels[start..end].to_vec() }) {
                     return;
                 }
             }
@@ -160,8 +160,7 @@ mod tests {
             set: set(),
             augment: Arc::new(AugmentConfig { random_resized_crop: false, crop_padding: 1, mean: vec![0.0], std: vec![1.0], ..Default::default() }),
             mix: Some(Arc::new(MixConfig::default())),
-            size: 2,
-            batch: 3,
+            sampler: BatchSampler::fixed(2, 3),
             seed: 5,
             epoch: 2,
             skip,
@@ -180,6 +179,32 @@ mod tests {
             assert_eq!(a.labels, b.labels);
         }
         assert_ne!(epoch_order(20, 5, 2), epoch_order(20, 5, 3));
+    }
+
+    #[test]
+    fn multi_scale_batches_follow_the_epoch_plan_and_resume_alike() {
+        use crate::data::sampler::MultiScaleConfig;
+        // Sides 2, 3, 4 around the base 2 with 3 images: batches of 3, 1 and 1.
+        let sampler = BatchSampler::multi_scale(&MultiScaleConfig { min_size: 2, max_size: 4, max_scales: 3, divisor: 1 }, 2, 3);
+        assert_eq!(sampler.scales().iter().map(|s| (s.size, s.batch)).collect::<Vec<_>>(), vec![(2, 3), (3, 1), (4, 1)]);
+        // Mixing draws per batch index: a resumed epoch has to count its batches from the start.
+        let mix = Arc::new(MixConfig { mixup_alpha: 0.8, cutmix_alpha: 1.0, ..Default::default() });
+        let job = |skip| TrainEpoch { sampler: sampler.clone(), mix: Some(mix.clone()), ..epoch(skip) };
+        let full: Vec<Batch> = Loader::train(job(0)).collect();
+        let plan = sampler.epoch_batches(20, 5, 2);
+        assert_eq!(full.len(), plan.len());
+        let order = epoch_order(20, 5, 2);
+        for (b, p) in full.iter().zip(&plan) {
+            assert_eq!((b.size, b.len(), b.images.len()), (p.scale.size, p.scale.batch, p.scale.batch * p.scale.size * p.scale.size));
+            let want: Vec<u32> = order[p.start..p.start + p.scale.batch].iter().map(|&i| i as u32 % 2).collect();
+            assert_eq!(b.labels, want);
+        }
+        assert!(full.iter().any(|b| b.size != full[0].size), "one size drawn throughout");
+        let resumed: Vec<Batch> = Loader::train(job(3)).collect();
+        assert_eq!(resumed.len(), full.len() - 3);
+        for (a, b) in full[3..].iter().zip(&resumed) {
+            assert_eq!((a.size, &a.images, &a.targets, &a.labels), (b.size, &b.images, &b.targets, &b.labels));
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod augment;
 pub mod fetch;
 pub mod loader;
+pub mod sampler;
 
 use std::path::{Path, PathBuf};
 

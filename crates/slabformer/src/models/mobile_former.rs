@@ -1211,6 +1211,11 @@ impl ImageConfig for MobileFormerConfig {
     fn validate(&self) -> Result<()> {
         MobileFormerConfig::validate(self)
     }
+    /// Any side its config would take: convs, and bridges that attend over whatever map they
+    /// get; the head pools the map.
+    fn takes_size(&self, side: usize) -> Result<()> {
+        MobileFormerConfig { img_size: side, ..self.clone() }.validate()
+    }
 }
 
 impl ImageClassifier for MobileFormer {
@@ -1299,6 +1304,18 @@ mod tests {
     fn make_divisible_rounds_as_the_authors() {
         for (v, d, want) in [(22.0, 4, 24), (26.0, 4, 28), (12.0, 4, 12), (9.0, 4, 12), (10.0, 8, 16), (3.0, 4, 4), (100.0, 8, 104)] {
             assert_eq!(make_divisible(v, d), want, "{v} / {d}");
+        }
+    }
+
+    /// Multi-scale training feeds other sizes than `img_size`: nothing in the model is sized
+    /// from it.
+    #[test]
+    fn other_input_sizes_run_as_takes_size_says() {
+        let config = small(1);
+        let model = config.init(&Device::flex()).unwrap();
+        for side in [20, 36, 57] {
+            config.takes_size(side).unwrap();
+            assert_eq!(model.forward(standard_normal([2, 3, side, side], 4, &Device::flex())).dims(), [2, 5], "{side}");
         }
     }
 

@@ -1067,6 +1067,11 @@ impl ImageConfig for MobileVitConfig {
     fn validate(&self) -> Result<()> {
         MobileVitConfig::validate(self)
     }
+    /// Any side its config would take: every layer is a conv or runs over the patches of
+    /// whatever map it gets (maps that are not whole patches are resized, as in timm).
+    fn takes_size(&self, side: usize) -> Result<()> {
+        MobileVitConfig { img_size: side, ..self.clone() }.validate()
+    }
 }
 
 impl ImageClassifier for MobileVit {
@@ -1135,8 +1140,13 @@ struct FastInvertedResidual {
 impl FastInvertedResidual {
     fn lower(block: &InvertedResidual, grid: [usize; 2], table: &mut ParamTable) -> Result<Self> {
         let convs = [lower_conv_bn(&block.conv1_1x1, table)?, lower_conv_bn(&block.conv2_kxk, table)?, lower_conv_bn(&block.conv3_1x1, table)?];
-        let grids = [grid, grid, convs[1].out_grid(grid)];
+        let grids = Self::grids(&convs, grid);
         Ok(Self { convs, grids, residual: block.residual, drop_path: block.drop_path.rate, hidden: Default::default(), caches: Default::default(), mask: Vec::new() })
+    }
+
+    /// The grids the three convs read for a `grid` input (the depthwise one strides).
+    fn grids(convs: &[FastConvNormAct; 3], grid: [usize; 2]) -> [[usize; 2]; 3] {
+        [grid, grid, convs[1].out_grid(grid)]
     }
 }
 
@@ -1193,6 +1203,10 @@ impl FastBlock for FastInvertedResidual {
     fn write_buffers(&self, state: &mut StateDict) {
         self.convs.iter().for_each(|c| c.write_buffers(state));
     }
+    fn set_grid(&mut self, grid: [usize; 2]) -> Result<[usize; 2]> {
+        self.grids = Self::grids(&self.convs, grid);
+        Ok(self.output().0)
+    }
 }
 
 /// `x[image] *= mask[image]`.
@@ -1237,6 +1251,14 @@ impl PatchLayout {
     }
 }
 
+/// The fast path runs MobileViT blocks on maps of whole patches only.
+fn whole_patches(grid: [usize; 2], patch: usize) -> Result<()> {
+    if patched(grid, patch) != grid {
+        return Err(Error::Unsupported { what: format!("a MobileViT block on a {}×{} map (not whole {patch}×{patch} patches: bilinear resize)", grid[0], grid[1]), path: "the fast CPU path" });
+    }
+    Ok(())
+}
+
 /// [`MobileVitBlock`] on the fast path, on a map of whole patches.
 struct FastMobileVitBlock {
     conv_kxk: FastConvNormAct,
@@ -1257,9 +1279,7 @@ struct FastMobileVitBlock {
 impl FastMobileVitBlock {
     fn lower(block: &MobileVitBlock, grid: [usize; 2], table: &mut ParamTable) -> Result<Self> {
         let patch = block.patch_size;
-        if patched(grid, patch) != grid {
-            return Err(Error::Unsupported { what: format!("a MobileViT block on a {}×{} map (not whole {patch}×{patch} patches: bilinear resize)", grid[0], grid[1]), path: "the fast CPU path" });
-        }
+        whole_patches(grid, patch)?;
         let conv_kxk = lower_conv_bn(&block.conv_kxk, table)?;
         let conv_1x1 = FastConvNormAct::lower_plain(&block.conv_1x1, table)?;
         let mut steps = Vec::with_capacity(2 * block.transformer.len() + 1);
@@ -1365,6 +1385,12 @@ impl FastBlock for FastMobileVitBlock {
         }
         self.transformer.write_buffers(state);
     }
+    /// Its convs keep the map's size and its transformer takes any token count.
+    fn set_grid(&mut self, grid: [usize; 2]) -> Result<[usize; 2]> {
+        whole_patches(grid, self.layout.patch)?;
+        self.layout.grid = grid;
+        Ok(grid)
+    }
 }
 
 #[cfg(test)]
@@ -1405,6 +1431,50 @@ mod tests {
         // transformers' per-sequence ones, in burn's order.
         let config = MobileVitConfig { drop_path_rate: 0.5, ..small_v1() };
         crate::testing::check_trainer_against_burn::<MobileVit>(&config, TEST_SEED, Some(7), 1e-5);
+    }
+
+    /// Multi-scale training on the fast path: one trainer re-targeted at 128², then back at 64²,
+    /// equals burn autodiff at each size, its BatchNorm statistics carried from size to size; a
+    /// size whose maps are not whole patches is refused and leaves the trainer as it was.
+    #[test]
+    fn the_cpu_trainer_follows_burn_autodiff_across_input_sizes() {
+        use crate::runtime::CpuTrainer;
+        use crate::state::collect_grads;
+        use crate::testing::assert_states_near;
+        let config = small_v1();
+        let device = Device::flex().autodiff();
+        let model: MobileVit = crate::testing::randomized_model(&config, TEST_SEED, &device);
+        let mut trainer = CpuTrainer::new(&model, Default::default()).unwrap();
+        let batch = 3;
+        for (i, side) in [128usize, 64].into_iter().enumerate() {
+            let seed = TEST_SEED + 10 * i as u64;
+            let x = standard_normal([batch, config.in_chans, side, side], seed, &device);
+            let weight = standard_normal([batch, config.num_classes], seed + 1, &device);
+            let logits = model.forward(x.clone());
+            let grads = collect_grads(&model, &logits.clone().mul(weight.clone()).sum().backward());
+            trainer.set_input_size(side).unwrap();
+            trainer.zero_grads();
+            let ours = trainer.forward(&host_f32(x), batch).unwrap();
+            assert_near(&format!("{side}²: logits"), &ours, &host_f32(logits), 1e-4, 1e-6);
+            trainer.backward(&host_f32(weight)).unwrap();
+            assert_states_near(&format!("{side}²: gradient"), &trainer.gradients(), &grads, 1e-4, 1e-5);
+            assert_states_near(&format!("after {side}²: state"), &trainer.state(), &collect_state(&model), 1e-5, 1e-6);
+        }
+        // 96² leaves a 3×3 map before the last MobileViT block.
+        let err = trainer.set_input_size(96).unwrap_err().to_string();
+        assert!(err.contains("3×3 map") && err.contains("not whole 2×2 patches"), "{err}");
+        trainer.forward(&vec![0.5; batch * 3 * 64 * 64], batch).expect("still at 64²");
+    }
+
+    /// v2 (burn only) takes other sizes too, whole patches or not, as `takes_size` says.
+    #[test]
+    fn v2_takes_other_input_sizes() {
+        let config = small_v2();
+        let model = config.init(&Device::flex()).unwrap();
+        for side in [32, 96, 72] {
+            config.takes_size(side).unwrap();
+            assert_eq!(model.forward(standard_normal([2, 3, side, side], 3, &Device::flex())).dims(), [2, 10], "{side}");
+        }
     }
 
     #[test]

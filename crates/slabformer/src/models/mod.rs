@@ -53,6 +53,17 @@ pub trait ImageConfig {
     /// not).
     fn folds(&self) -> bool;
     fn validate(&self) -> Result<()>;
+    /// Whether a model built from this config also takes `side`×`side` images, as multi-scale
+    /// training (`[data.multi_scale]`) feeds it; the error says why not. The default, for the
+    /// families whose layers are sized from `img_size` (position embeddings, attention bias
+    /// tables, window grids): its own size only.
+    fn takes_size(&self, side: usize) -> Result<()> {
+        let size = self.img_size();
+        if side == size {
+            return Ok(());
+        }
+        Err(Error::Config(format!("its layers are sized for {size}×{size} images (position embeddings, attention grids or bias tables)")))
+    }
 }
 
 /// Whether `dims` are (B > 0, in_chans, H, W) images of `config`'s input size; an error naming

@@ -499,6 +499,10 @@ impl FastBlock for ConvStep {
     fn write_buffers(&self, state: &mut StateDict) {
         self.block.write_buffers(state);
     }
+    fn set_grid(&mut self, grid: [usize; 2]) -> Result<[usize; 2]> {
+        self.grid = grid;
+        Ok(self.output().0)
+    }
 }
 
 #[cfg(test)]

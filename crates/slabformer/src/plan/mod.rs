@@ -33,7 +33,7 @@ use burn::nn::conv::Conv2d;
 use burn::tensor::Tensor;
 use rand_pcg::Pcg64;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::nn::attention::FastAttention;
 use crate::nn::attention::cross_shaped_fast::FastCrossShapedAttention;
 use crate::nn::attention::spatial_reduction_fast::FastSrAttention;
@@ -114,6 +114,13 @@ pub trait FastBlock: Send + Sync {
     fn backward(&self, p: &[f32], g: &mut [f32], x: &[f32], dy: &[f32], dx: &mut [f32]);
     /// Its norms' running statistics and counters, under their official keys.
     fn write_buffers(&self, state: &mut StateDict);
+    /// Re-targets the block at a `grid` input, keeping its parameters and statistics (one plan
+    /// trains every size of a multi-scale run), and returns the grid it then leaves. The
+    /// default, for blocks whose layers are sized for one grid: `Error::Unsupported`, unchanged.
+    fn set_grid(&mut self, grid: [usize; 2]) -> Result<[usize; 2]> {
+        let _ = grid;
+        Err(Error::Unsupported { what: "multi-scale batches (a block sized for one input grid)".into(), path: "the fast CPU path" })
+    }
     /// Values of one image's output.
     fn output_len(&self) -> usize {
         let ([h, w], c) = self.output();
@@ -273,6 +280,23 @@ fn norms_of(steps: &[Step]) -> impl Iterator<Item = &FastNorm> {
     })
 }
 
+/// Every step of a raster plan set for `grid` images, in order: the grid each block leaves is the
+/// next one's. On an error, the index of the step that refused (itself unchanged).
+fn regrid(steps: &mut [Step], mut grid: [usize; 2]) -> std::result::Result<(), (usize, Error)> {
+    for (i, step) in steps.iter_mut().enumerate() {
+        match step {
+            Step::Rows(r) => r.grid = grid,
+            Step::Block(b) => grid = b.set_grid(grid).map_err(|e| (i, e))?,
+            // Per-image (C) rows: no grid.
+            Step::Pool(_) | Step::Head(_) => {}
+            Step::Embed(_) | Step::Stage(_) | Step::Residual(_) | Step::Merge(_) | Step::Norm(_) => {
+                return Err((i, Error::Unsupported { what: "multi-scale batches (token steps sized for one input)".into(), path: "the fast CPU path" }));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The running statistics and counters of every norm of `steps`, blocks' included.
 fn write_buffers_of(steps: &[Step], dict: &mut StateDict) {
     norms_of(steps).for_each(|n| n.write_buffers(dict));
@@ -307,6 +331,24 @@ impl Plan {
             Step::Rows(r) => Some((r.chans, r.grid)),
             _ => None,
         }
+    }
+
+    /// Re-targets a conv family's plan at `grid`-sized images ([`FastBlock::set_grid`] step by
+    /// step), keeping its parameters and statistics. `Error::Unsupported` where a step is sized
+    /// for one input (token plans: position embeddings, windows); the plan is then unchanged.
+    pub fn set_input_grid(&mut self, grid: [usize; 2]) -> Result<()> {
+        let Some((_, current)) = self.input() else {
+            return Err(Error::Unsupported { what: "multi-scale batches on a plan that does not start from images".into(), path: "the fast CPU path" });
+        };
+        if current == grid {
+            return Ok(());
+        }
+        regrid(&mut self.steps, grid).or_else(|(failed, e)| {
+            // The steps before the one that refused go back to the grid they ran at (they took
+            // a new one, so they take that one too); the refusing one is unchanged.
+            regrid(&mut self.steps[..failed], current).expect("steps that re-target take the grid they ran at");
+            Err(e)
+        })
     }
 
     /// Values of one input image.

@@ -107,6 +107,18 @@ impl CpuTrainer {
         self.classes
     }
 
+    /// Trains on `side`×`side` images from the next forward on (multi-scale batches): the same
+    /// parameters, statistics and moments, the steps re-targeted at the new grid.
+    /// `Error::Unsupported` where the plan is sized for one input; the trainer is then unchanged.
+    /// The activations of a forward at another size are no longer back-propagated.
+    pub fn set_input_size(&mut self, side: usize) -> Result<()> {
+        if self.model.input().map(|(_, grid)| grid) != Some([side; 2]) {
+            self.model.set_input_grid([side; 2])?;
+            self.pending_backward = false;
+        }
+        Ok(())
+    }
+
     /// Training-mode forward of `batch` row-major (B, C, H, W) images → (B, classes) logits,
     /// keeping the activations for [`backward`](Self::backward). Advances BatchNorm statistics
     /// and PRepBN counters like one training-mode forward of the burn model; drop-path masks
@@ -440,6 +452,10 @@ mod tests {
         let config = small(NormKind::repbn(), AttentionKind::Softmax, Pool::ClassToken);
         let mut trainer = CpuTrainer::new(&config.init(&device).unwrap(), OptimConfig::default()).unwrap();
         assert!(trainer.backward(&[0.0; 10]).is_err(), "backward before forward");
+        // Token plans are sized for one input (position embeddings): no multi-scale batches.
+        trainer.set_input_size(48).unwrap();
+        let err = trainer.set_input_size(64).err().expect("another size").to_string();
+        assert!(err.contains("multi-scale batches"), "{err}");
         let err = trainer.forward(&[0.0; 5], 1).err().expect("wrong image size").to_string();
         assert!(err.contains("48, 48"), "{err}");
         trainer.forward(&vec![0.5; 2 * 3 * 48 * 48], 2).unwrap();

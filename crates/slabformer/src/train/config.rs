@@ -7,11 +7,13 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::data::augment::{AugmentConfig, MixConfig};
+use crate::data::sampler::{BatchSampler, MultiScaleConfig};
 use crate::error::{Error, Result};
 use crate::memory;
 use crate::models::{self, AnyConfig};
 use crate::nn::attention::AttentionKind;
 use crate::nn::schedule::Decay;
+use super::optim::LrSchedule;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -98,6 +100,9 @@ pub struct DataConfig {
     /// Use only the first N images of each class (small real subsets; default: all).
     pub train_per_class: Option<usize>,
     pub eval_per_class: Option<usize>,
+    /// Variable-resolution training batches, Apple ml-cvnets' multi-scale sampler (default off:
+    /// every batch `run.batch_size` images of the model's `img_size`).
+    pub multi_scale: Option<MultiScaleConfig>,
 }
 
 impl Default for DataConfig {
@@ -108,6 +113,7 @@ impl Default for DataConfig {
             eval_root: None,
             train_per_class: None,
             eval_per_class: None,
+            multi_scale: None,
         }
     }
 }
@@ -242,6 +248,40 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// Most epochs (training and cooldown) of a multi-scale run: their batches are planned up front.
+pub const MAX_MULTI_SCALE_EPOCHS: u64 = 10_000;
+
+/// The optimizer steps of each epoch: the same every epoch with one image size; with
+/// `data.multi_scale`, as many as the batches that epoch's draws of sizes make.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EpochSteps {
+    sampler: BatchSampler,
+    train_len: usize,
+    seed: u64,
+    accum: usize,
+}
+
+impl EpochSteps {
+    pub fn sampler(&self) -> &BatchSampler {
+        &self.sampler
+    }
+
+    /// Optimizer steps of `epoch`.
+    pub fn of(&self, epoch: u64) -> u64 {
+        (self.sampler.batches_in_epoch(self.train_len, self.seed, epoch) / self.accum) as u64
+    }
+
+    /// Steps of the first `epochs` epochs, a fractional part counting that share of the next
+    /// epoch's (rounded).
+    pub fn before(&self, epochs: f64) -> u64 {
+        if let [_] = self.sampler.scales() {
+            return (epochs * self.of(0) as f64).round() as u64;
+        }
+        let whole = epochs.floor() as u64;
+        (0..whole).map(|e| self.of(e)).sum::<u64>() + ((epochs - whole as f64) * self.of(whole) as f64).round() as u64
+    }
+}
+
 /// What validation says about a config beyond hard errors.
 #[derive(Debug, Default)]
 pub struct Validated {
@@ -292,13 +332,71 @@ impl TrainConfig {
         self.run.batch_size / self.run.accum_steps.max(1)
     }
 
-    pub fn steps_per_epoch(&self, train_len: usize) -> u64 {
-        (train_len / self.run.batch_size) as u64
+    /// How the training epochs of a model of `img_size` are cut into (micro-)batches.
+    pub fn batch_sampler(&self, img_size: usize) -> BatchSampler {
+        match &self.data.multi_scale {
+            Some(multi_scale) => BatchSampler::multi_scale(multi_scale, img_size, self.run.batch_size),
+            None => BatchSampler::fixed(img_size, self.micro_batch()),
+        }
+    }
+
+    /// The optimizer steps of each epoch over `train_len` images for a model of `img_size`.
+    pub fn epoch_steps(&self, train_len: usize, img_size: usize) -> EpochSteps {
+        EpochSteps { sampler: self.batch_sampler(img_size), train_len, seed: self.run.seed, accum: self.run.accum_steps.max(1) }
     }
 
     /// Optimizer steps of the whole run (cosine + cooldown), before `max_steps`.
-    pub fn total_steps(&self, train_len: usize) -> u64 {
-        self.steps_per_epoch(train_len) * (self.run.epochs + self.schedule.cooldown_epochs)
+    pub fn total_steps(&self, steps: &EpochSteps) -> u64 {
+        steps.before((self.run.epochs + self.schedule.cooldown_epochs) as f64)
+    }
+
+    /// The learning rate by optimizer step: warm-up over the steps of the first
+    /// `schedule.warmup_epochs`, the cosine over those of the `run.epochs`.
+    pub fn lr_schedule(&self, steps: &EpochSteps) -> LrSchedule {
+        LrSchedule::from_steps(&self.optim, &self.schedule, self.run.batch_size, steps.before(self.schedule.warmup_epochs), steps.before(self.run.epochs as f64))
+    }
+
+    /// `[data.multi_scale]` against the run and the model: the ranges, every size the model
+    /// takes (its family says which), batches that fit the training set, no accumulation.
+    fn check_multi_scale(&self, multi_scale: &MultiScaleConfig, model: &AnyConfig, train_len: usize, warnings: &mut Vec<String>) -> Result<()> {
+        let err = |m: String| Err(Error::Config(m));
+        let image = model.image();
+        multi_scale.validate(image.img_size())?;
+        if self.run.accum_steps > 1 {
+            return err(format!(
+                "run.accum_steps = {} with data.multi_scale: accumulation splits one fixed batch, multi-scale batches vary in size (use run.accum_steps = 1)",
+                self.run.accum_steps
+            ));
+        }
+        let epochs = self.run.epochs + self.schedule.cooldown_epochs;
+        if epochs > MAX_MULTI_SCALE_EPOCHS {
+            return err(format!("data.multi_scale plans every epoch's batches up front: run.epochs + schedule.cooldown_epochs = {epochs} exceeds {MAX_MULTI_SCALE_EPOCHS}"));
+        }
+        for scale in self.batch_sampler(image.img_size()).scales() {
+            let side = scale.size;
+            if let Err(e) = image.takes_size(side) {
+                let why = match e {
+                    Error::Config(m) => m,
+                    other => other.to_string(),
+                };
+                return err(format!(
+                    "data.multi_scale: model `{}` ({} family) cannot train on {side}×{side} images: {why}",
+                    self.model.preset,
+                    model.family()
+                ));
+            }
+            if scale.batch > train_len {
+                return err(format!("data.multi_scale: the {side}×{side} batch of {} images exceeds the {train_len} training images", scale.batch));
+            }
+        }
+        if !self.augment.random_resized_crop {
+            warnings.push(
+                "data.multi_scale with augment.random_resized_crop = false: the padded crop takes size×size windows without rescaling, so small sizes see part of \
+                 each image and large ones zero borders"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 
     /// Checks every field and resolves the model with its PRepBN T for a training set of
@@ -359,7 +457,11 @@ impl TrainConfig {
 
         let mut model = self.model.config()?;
         let mut warnings = Vec::new();
-        let total = self.run.max_steps.unwrap_or(u64::MAX).min(self.total_steps(train_len));
+        if let Some(multi_scale) = &self.data.multi_scale {
+            self.check_multi_scale(multi_scale, &model, train_len, &mut warnings)?;
+        }
+        let steps = self.epoch_steps(train_len, model.image().img_size());
+        let total = self.run.max_steps.unwrap_or(u64::MAX).min(self.total_steps(&steps));
         if let Some(schedule) = model.prepbn_schedule() {
             let t = self.prepbn.steps.unwrap_or((total as f64 * 0.8).round() as u64);
             if t + self.prepbn.warm > total {
@@ -607,9 +709,62 @@ mod tests {
     }
 
     #[test]
+    fn multi_scale_reads_plans_epochs_and_is_checked_by_key() {
+        let text = "[model]\npreset = \"mobilevit_xxs\"\n[data.multi_scale]\nmin_size = 160\nmax_size = 320\n";
+        let c = TrainConfig::from_toml(text, "m.toml").unwrap();
+        assert_eq!(c.data.multi_scale, Some(MultiScaleConfig { min_size: 160, max_size: 320, max_scales: 5, divisor: 32 }));
+        assert_eq!(TrainConfig::from_toml(&c.to_toml(), "rt").unwrap(), c);
+        let err = TrainConfig::from_toml(&text.replace("min_size", "min_sizes"), "m.toml").unwrap_err().to_string();
+        assert!(err.contains("min_sizes"), "{err}");
+
+        // ImageNet-1K with the default batch 1024 at 256².
+        let len = 1_281_167;
+        assert!(c.resolve(len).unwrap().warnings.is_empty());
+        let steps = c.epoch_steps(len, 256);
+        let batches: Vec<usize> = steps.sampler().scales().iter().map(|s| s.batch).collect();
+        assert_eq!(batches, vec![2621, 1820, 1024, 809, 655]);
+        let per_epoch: Vec<u64> = (0..310).map(|e| steps.of(e)).collect();
+        assert!(per_epoch.iter().any(|&n| n != per_epoch[0]), "every epoch drew the same number of batches");
+        assert!(per_epoch.iter().all(|&n| (800..1100).contains(&n)), "{per_epoch:?}");
+        assert_eq!(c.total_steps(&steps), per_epoch[..300].iter().sum::<u64>());
+        let lr = c.lr_schedule(&steps);
+        assert_eq!((lr.warmup_steps, lr.cosine_steps), (per_epoch[..20].iter().sum(), per_epoch[..300].iter().sum()));
+        assert_eq!(steps.before(20.5), per_epoch[..20].iter().sum::<u64>() + (per_epoch[20] as f64 * 0.5).round() as u64);
+        // One image size: the fixed-batch numbers as before.
+        let fixed = TrainConfig::fashion_slab();
+        let fixed_steps = fixed.epoch_steps(60_000, 28);
+        assert_eq!((fixed_steps.of(0), fixed_steps.of(3), fixed_steps.before(0.5)), (468, 468, 234));
+
+        let refused = |edit: &dyn Fn(&mut TrainConfig), len: usize, keys: &[&str]| {
+            let mut bad = c.clone();
+            edit(&mut bad);
+            let err = bad.resolve(len).unwrap_err().to_string();
+            assert!(keys.iter().all(|k| err.contains(k)), "{keys:?}: {err}");
+        };
+        // Families sized for one input (position embeddings, fixed attention grids) are refused
+        // by family; MobileViT, v2 and Mobile-Former take every size.
+        refused(&|c| c.model.preset = "deit_tiny".into(), len, &["data.multi_scale", "`deit_tiny` (vit family)", "160×160", "224×224"]);
+        refused(&|c| c.model.preset = "efficientformer_l1".into(), len, &["data.multi_scale", "efficientformer family"]);
+        for preset in ["mobilevitv2_050", "mobile_former_26m"] {
+            let mut ok = c.clone();
+            ok.model.preset = preset.into();
+            ok.data.multi_scale = Some(MultiScaleConfig { min_size: 128, max_size: 320, max_scales: 5, divisor: 32 });
+            ok.resolve(len).unwrap_or_else(|e| panic!("{preset}: {e}"));
+        }
+        refused(&|c| c.run.accum_steps = 2, len, &["run.accum_steps = 2", "data.multi_scale"]);
+        refused(&|c| c.data.multi_scale.as_mut().unwrap().max_size = 240, len, &["data.multi_scale.min_size", "img_size 256"]);
+        refused(&|c| c.data.multi_scale.as_mut().unwrap().divisor = 0, len, &["data.multi_scale.divisor"]);
+        refused(&|_| {}, 2000, &["data.multi_scale", "160×160 batch of 2621", "2000 training images"]);
+        refused(&|c| c.run.epochs = 1 << 40, len, &["data.multi_scale", "run.epochs"]);
+        let mut padded = c.clone();
+        padded.augment.random_resized_crop = false;
+        assert!(padded.resolve(len).unwrap().warnings[0].contains("augment.random_resized_crop"));
+    }
+
+    #[test]
     fn prepbn_steps_default_to_eight_tenths_and_are_checked() {
         let c = TrainConfig::fashion_slab();
-        let total = c.total_steps(60_000); // 468 steps × 4 epochs
+        let total = c.total_steps(&c.epoch_steps(60_000, 28)); // 468 steps × 4 epochs
         assert_eq!(total, 1872);
         let Some(AnyConfig::Vit(model)) = c.resolve(60_000).unwrap().model else { panic!("a ViT") };
         let NormKind::Prepbn { schedule, .. } = model.norm else { panic!("PRepBN") };

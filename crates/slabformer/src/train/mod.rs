@@ -18,10 +18,11 @@ use rand::Rng;
 use self::checkpoint::Position;
 use self::config::{Dataset, OnNonFinite, TrainConfig, TrainEngine};
 use self::metrics::{EvalRow, Metrics, StepRow};
-use self::optim::{AdamW, Ema, LrSchedule, param_ranks};
+use self::optim::{AdamW, Ema, param_ranks};
 use crate::data::augment::AugmentConfig;
 use crate::deploy::model_file::{Preprocess, save_model};
 use crate::data::loader::{Batch, Loader, TrainEpoch};
+use crate::data::sampler::BatchSampler;
 use crate::data::{ImageSet, Split, derived_rng, fashion_mnist, image_folder};
 use crate::error::{Error, Result};
 use crate::models::{ImageClassifier, ImageConfig, ModelFamily};
@@ -241,6 +242,7 @@ impl<F: ModelFamily> Run<'_, F> {
         let mut loss_sum = 0.0;
         for (m, batch) in micro_batches.iter().enumerate() {
             let options = ForwardOptions { drop_path_seed: drop_path_seed(seed, step, m), advance_counters: m == 0 };
+            cpu.set_input_size(batch.size)?;
             let logits = cpu.forward_with(&batch.images, batch.len(), options)?;
             let (loss, mut dlogits) = cross_entropy(&logits, &batch.targets, classes);
             let loss = loss / accum as f64;
@@ -513,16 +515,28 @@ impl<F: ModelFamily> Run<'_, F> {
 }
 
 /// The CPU runtime's trainer for this run, when `run.engine` picks it (see [`TrainEngine`]), and
-/// a note saying why not when `auto` falls back to burn.
-fn cpu_trainer<F: ModelFamily>(config: &TrainConfig, model: &F) -> Result<(Option<CpuTrainer>, Option<String>)> {
+/// a note saying why not when `auto` falls back to burn. It has to take every image side of
+/// `sampler` (multi-scale batches).
+fn cpu_trainer<F: ModelFamily>(config: &TrainConfig, model: &F, sampler: &BatchSampler) -> Result<(Option<CpuTrainer>, Option<String>)> {
+    let trainer = || -> Result<CpuTrainer> {
+        let mut trainer = CpuTrainer::new(model, config.optim.clone())?;
+        for scale in sampler.scales() {
+            trainer.set_input_size(scale.size).map_err(|e| match e {
+                Error::Unsupported { what, path } => Error::Unsupported { what: format!("multi-scale batches of {0}×{0} images ({what})", scale.size), path },
+                other => other,
+            })?;
+        }
+        trainer.set_input_size(model.image_config().img_size())?;
+        Ok(trainer)
+    };
     match config.run.engine {
         TrainEngine::Burn => Ok((None, None)),
-        TrainEngine::Auto => match CpuTrainer::new(model, config.optim.clone()) {
+        TrainEngine::Auto => match trainer() {
             Ok(trainer) => Ok((Some(trainer), None)),
             Err(e @ Error::Unsupported { .. }) => Ok((None, Some(format!("training steps run on burn autodiff: {e}")))),
             Err(e) => Err(e),
         },
-        TrainEngine::Cpu => Ok((Some(CpuTrainer::new(model, config.optim.clone())?), None)),
+        TrainEngine::Cpu => Ok((Some(trainer()?), None)),
     }
 }
 
@@ -575,7 +589,8 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
     let model: F = initial_model::<F>(model_config, &device, config.run.seed)?;
     let ranks = param_ranks(&model);
     let ema = config.run.ema_decay.map(|d| Ema::new(d, &model));
-    let (cpu, engine_note) = cpu_trainer(config, &model)?;
+    let epoch_steps = config.epoch_steps(train_len, model_config.img_size());
+    let (cpu, engine_note) = cpu_trainer(config, &model, epoch_steps.sampler())?;
     let cpu = cpu.map(Box::new);
     let engine = if cpu.is_some() { "cpu" } else { "burn" };
     let (fused_eval, fused_note) = fused_eval_for(&model)?;
@@ -630,11 +645,10 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
     }
     let skip_policy = config.run.on_nonfinite == OnNonFinite::Skip;
 
-    let steps_per_epoch = config.steps_per_epoch(train_len);
     let train_epochs = config.run.epochs + config.schedule.cooldown_epochs;
-    let total_steps = config.run.max_steps.unwrap_or(u64::MAX).min(config.total_steps(train_len));
-    let schedule = LrSchedule::new(&config.optim, &config.schedule, config.run.batch_size, steps_per_epoch, config.run.epochs);
-    let (accum, micro, size) = (config.run.accum_steps, config.micro_batch(), model_config.img_size());
+    let total_steps = config.run.max_steps.unwrap_or(u64::MAX).min(config.total_steps(&epoch_steps));
+    let schedule = config.lr_schedule(&epoch_steps);
+    let (accum, size) = (config.run.accum_steps, model_config.img_size());
     let (channels, classes) = (data.train.channels, model_config.num_classes());
     let augment = Arc::new(config.augment.clone());
     let mix = Arc::new(config.mix.clone());
@@ -659,12 +673,12 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
 
     while run.position.epoch < train_epochs && run.position.step < total_steps {
         let epoch = run.position.epoch;
+        let steps_per_epoch = epoch_steps.of(epoch);
         let mut loader = Loader::train(TrainEpoch {
             set: data.train.clone(),
             augment: augment.clone(),
             mix: Some(mix.clone()),
-            size,
-            batch: micro,
+            sampler: epoch_steps.sampler().clone(),
             seed: config.run.seed,
             epoch,
             skip: run.position.step_in_epoch as usize * accum,
@@ -679,6 +693,7 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
             .map(|p| p.lambda() as f64);
             // The step's batches are taken before it runs: a skipped step drops all of them.
             let micro_batches: Vec<Batch> = (0..accum).map(|_| loader.next().expect("the loader yields every batch of the epoch")).collect();
+            let images = micro_batches.iter().map(Batch::len).sum::<usize>();
             let snapshot = skip_policy.then(|| run.snapshot());
             let outcome = if run.cpu.is_some() {
                 run.cpu_step(&micro_batches, classes, lr)?
@@ -690,8 +705,8 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
                     if accum > 1 {
                         run.model = set_counter_advance(run.model.clone(), m == 0);
                     }
-                    let n = batch.len();
-                    let x = Tensor::<4>::from_data(TensorData::new(batch.images, [n, channels, size, size]), &device);
+                    let (n, side) = (batch.len(), batch.size);
+                    let x = Tensor::<4>::from_data(TensorData::new(batch.images, [n, channels, side, side]), &device);
                     let logits = drop_path::with_seed(drop_path_seed(config.run.seed, run.position.step, m), || run.model.logits(x));
                     // The loss and ∂loss/∂logits of the shared cross-entropy; autodiff takes it
                     // from there through Σ logits ⊙ ∂loss/∂logits.
@@ -745,7 +760,7 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
                     run.skips_in_a_row = 0;
                     run.position.step += 1;
                     run.position.step_in_epoch += 1;
-                    let images_per_s = config.run.batch_size as f64 / step_started.elapsed().as_secs_f64();
+                    let images_per_s = images as f64 / step_started.elapsed().as_secs_f64();
                     run.metrics.record_step(StepRow { step, epoch, loss: loss_sum, lr, lambda, grad_norm, images_per_s })?;
                     let status = format!("epoch {} loss {loss_sum:.4} lr {lr:.2e} λ {} {images_per_s:.0} img/s", epoch + 1, lambda.map_or("-".into(), |l| format!("{l:.3}")));
                     // Where the bar is hidden (a log file, CI), a plain line now and then instead.
@@ -814,12 +829,12 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
     if finished_training && recal_epochs > 0 && run.position.epoch < train_epochs + recal_epochs {
         let model = recalibration_mode(run.model.clone().no_grad());
         while run.position.epoch < train_epochs + recal_epochs {
+            // At the evaluation size, as the statistics serve evaluation.
             let loader = Loader::train(TrainEpoch {
                 set: data.train.clone(),
                 augment: augment.clone(),
                 mix: None,
-                size,
-                batch: config.run.batch_size,
+                sampler: BatchSampler::fixed(size, config.run.batch_size),
                 seed: config.run.seed,
                 epoch: run.position.epoch,
                 skip: 0,

@@ -28,16 +28,16 @@ pub struct LrSchedule {
 }
 
 impl LrSchedule {
-    /// Rates scaled by `batch / 512` as the official script does.
+    /// Rates scaled by `batch / 512` as the official script does, epochs of `steps_per_epoch`.
     pub fn new(optim: &OptimConfig, schedule: &ScheduleConfig, batch: usize, steps_per_epoch: u64, epochs: u64) -> Self {
+        Self::from_steps(optim, schedule, batch, (schedule.warmup_epochs * steps_per_epoch as f64).round() as u64, epochs * steps_per_epoch)
+    }
+
+    /// [`new`](Self::new) with the warm-up and cosine lengths in steps (epochs of varying steps:
+    /// multi-scale batches).
+    pub fn from_steps(optim: &OptimConfig, schedule: &ScheduleConfig, batch: usize, warmup_steps: u64, cosine_steps: u64) -> Self {
         let scale = batch as f64 / 512.0;
-        Self {
-            lr: optim.lr * scale,
-            warmup_lr: schedule.warmup_lr * scale,
-            min_lr: schedule.min_lr * scale,
-            warmup_steps: (schedule.warmup_epochs * steps_per_epoch as f64).round() as u64,
-            cosine_steps: epochs * steps_per_epoch,
-        }
+        Self { lr: optim.lr * scale, warmup_lr: schedule.warmup_lr * scale, min_lr: schedule.min_lr * scale, warmup_steps, cosine_steps }
     }
 
     pub fn at(&self, t: u64) -> f64 {
