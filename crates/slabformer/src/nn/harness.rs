@@ -35,6 +35,7 @@ use super::fuse::fold_into_next_linear;
 use super::linear::{FastLinear, linear};
 use super::loss::{cross_entropy, soft_cross_entropy};
 use super::lower::ParamTable;
+use super::meta3d_attention::{FastMeta3dAttention, Meta3dActivations, Meta3dAttention};
 use super::mlp::{FastMlp, Mlp, MlpActivations};
 use super::norm::{FastNorm, LayerNorm, LinearNorm, Norm, NormCache, NormKind, RepBN, RepBnInit};
 use super::patch_embed::{FastPatchEmbed, PatchEmbed};
@@ -386,6 +387,65 @@ impl LayerCase for MlpCase {
         let mut residual = x.to_vec();
         fast.infer_residual(p, &hidden, &mut residual);
         Some(residual.iter().zip(x).map(|(r, x)| r - x).collect())
+    }
+}
+
+#[derive(Debug)]
+struct Meta3dAttentionCase {
+    batch: usize,
+    dim: usize,
+    heads: usize,
+    key_dim: usize,
+    attn_ratio: usize,
+    /// The token grid's side (N = resolution²).
+    resolution: usize,
+}
+
+impl Meta3dAttentionCase {
+    fn draw(rng: &mut Pcg64) -> Self {
+        Self { batch: pick(rng, &[1, 2, 3]), dim: pick(rng, &WIDTHS), heads: pick(rng, &[1, 3]), key_dim: pick(rng, &[2, 5]), attn_ratio: pick(rng, &[1, 4]), resolution: pick(rng, &[1, 2, 3]) }
+    }
+
+    fn tokens(&self) -> usize {
+        self.resolution * self.resolution
+    }
+}
+
+impl LayerCase for Meta3dAttentionCase {
+    type Layer = Meta3dAttention;
+    type Fast = FastMeta3dAttention;
+
+    fn build(&self, device: &Device, _rng: &mut Pcg64) -> Meta3dAttention {
+        Meta3dAttention::new(self.dim, self.heads, self.key_dim, self.attn_ratio, self.resolution, device)
+    }
+
+    fn input(&self, _layer: &Meta3dAttention, rng: &mut Pcg64) -> Vec<f32> {
+        normal(rng, self.batch * self.tokens() * self.dim, 0.0, 1.0)
+    }
+
+    fn reference(&self, layer: &Meta3dAttention, x: Tensor<1>) -> Tensor<1> {
+        let n = self.batch * self.tokens() * self.dim;
+        layer.forward(x.reshape([self.batch, self.tokens(), self.dim])).reshape([n])
+    }
+
+    fn lower(&self, layer: &Meta3dAttention, table: &mut ParamTable) -> FastMeta3dAttention {
+        FastMeta3dAttention::lower(layer, table).expect("a Meta3D attention lowers")
+    }
+
+    fn train(&self, fast: &mut FastMeta3dAttention, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        let mut out = vec![0.0; x.len()];
+        let mut acts = Meta3dActivations::default();
+        fast.forward(p, x, &mut out, &mut acts, self.batch);
+        let mut dx = vec![f32::NAN; x.len()]; // overwritten
+        fast.backward(p, g, x, &acts, dy, &mut dx);
+        (out, Some(dx))
+    }
+
+    fn infer(&self, fast: &FastMeta3dAttention, p: &[f32], x: &[f32]) -> Option<Vec<f32>> {
+        let per = self.tokens() * self.dim;
+        let mut out = vec![0.0; x.len()];
+        out.chunks_mut(per).zip(x.chunks(per)).for_each(|(o, x)| fast.infer(p, x, o));
+        Some(out)
     }
 }
 
@@ -1536,6 +1596,11 @@ fn prepbn_at_lambda_zero_matches_burn() {
 #[test]
 fn mlp_matches_burn() {
     check(MlpCase::draw);
+}
+
+#[test]
+fn meta3d_attention_with_its_bias_table_matches_burn() {
+    check(Meta3dAttentionCase::draw);
 }
 
 #[test]

@@ -39,7 +39,7 @@ use crate::nn::attention::cross_shaped_fast::FastCrossShapedAttention;
 use crate::nn::attention::spatial_reduction_fast::FastSrAttention;
 use crate::nn::attention::window_fast::{FastWindowAttention, FastWindowedLinear};
 use crate::nn::conv::{FastConv, Source};
-use crate::nn::linear::FastLinear;
+use crate::nn::linear::{FastDistilledHead, FastLinear};
 use crate::nn::lower::{Layout, ParamTable, Slot};
 use crate::nn::mlp::FastMlp;
 use crate::nn::norm::{FastNorm, Norm};
@@ -72,6 +72,8 @@ pub enum Step {
     Pool(Pool),
     /// (C) → (classes).
     Head(FastLinear),
+    /// (C) → (classes): two heads averaged (EfficientFormer's `head` and `head_dist`).
+    DistilledHead(FastDistilledHead),
     /// (C, H, W) images → their (H·W, C) raster rows (conv families' first step).
     Rows(RasterInput),
     /// A family's own block on (H·W, C) raster rows.
@@ -305,6 +307,15 @@ impl Plan {
             Step::Embed(e) => Some((e.patch.in_chans(), [e.img_size; 2])),
             Step::Stage(s) if s.source == Source::Planes => Some((s.conv.in_chans, s.in_grid)),
             Step::Rows(r) => Some((r.chans, r.grid)),
+            _ => None,
+        }
+    }
+
+    /// The classes of the head the plan ends in, if it ends in one.
+    pub fn classes(&self) -> Option<usize> {
+        match self.steps.last()? {
+            Step::Head(h) => Some(h.outputs),
+            Step::DistilledHead(h) => Some(h.outputs()),
             _ => None,
         }
     }
