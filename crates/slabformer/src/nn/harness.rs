@@ -32,7 +32,7 @@ use super::conv_norm_fast::{ConvNormActCache, FastConvNormAct};
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use super::fuse::fold_into_next_linear;
-use super::linear::{FastLinear, linear};
+use super::linear::{FastDistilledHead, FastLinear, linear};
 use super::loss::{cross_entropy, soft_cross_entropy};
 use super::lower::ParamTable;
 use super::meta3d_attention::{FastMeta3dAttention, Meta3dActivations, Meta3dAttention};
@@ -237,6 +237,56 @@ impl LayerCase for LinearCase {
     fn infer(&self, fast: &FastLinear, p: &[f32], x: &[f32]) -> Option<Vec<f32>> {
         let mut out = vec![0.0; self.rows * self.outputs];
         fast.apply(p, x, &mut out);
+        Some(out)
+    }
+}
+
+/// EfficientFormer's two heads averaged, as one module for the harness.
+#[derive(Module, Debug)]
+struct DistilledHeads {
+    head: Linear,
+    head_dist: Linear,
+}
+
+#[derive(Debug)]
+struct DistilledHeadCase {
+    rows: usize,
+    inputs: usize,
+    outputs: usize,
+}
+
+impl LayerCase for DistilledHeadCase {
+    type Layer = DistilledHeads;
+    type Fast = FastDistilledHead;
+
+    fn build(&self, device: &Device, _rng: &mut Pcg64) -> DistilledHeads {
+        DistilledHeads { head: linear(self.inputs, self.outputs, true, device), head_dist: linear(self.inputs, self.outputs, true, device) }
+    }
+
+    fn input(&self, _layer: &DistilledHeads, rng: &mut Pcg64) -> Vec<f32> {
+        normal(rng, self.rows * self.inputs, 0.0, 1.0)
+    }
+
+    fn reference(&self, layer: &DistilledHeads, x: Tensor<1>) -> Tensor<1> {
+        let x = x.reshape([self.rows, self.inputs]);
+        layer.head.forward(x.clone()).add(layer.head_dist.forward(x)).div_scalar(2.0).reshape([self.rows * self.outputs])
+    }
+
+    fn lower(&self, layer: &DistilledHeads, table: &mut ParamTable) -> FastDistilledHead {
+        FastDistilledHead::lower(&layer.head, &layer.head_dist, table).expect("two heads of one shape lower")
+    }
+
+    fn train(&self, fast: &mut FastDistilledHead, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        let mut out = vec![0.0; self.rows * self.outputs];
+        fast.forward(p, x, &mut out);
+        let mut dx = vec![f32::NAN; x.len()]; // overwritten
+        fast.backward(p, g, x, dy, &mut dx, &mut Vec::new());
+        (out, Some(dx))
+    }
+
+    fn infer(&self, fast: &FastDistilledHead, p: &[f32], x: &[f32]) -> Option<Vec<f32>> {
+        let mut out = vec![0.0; self.rows * self.outputs];
+        out.chunks_mut(self.outputs).zip(x.chunks(self.inputs)).for_each(|(o, x)| fast.apply(p, x, o));
         Some(out)
     }
 }
@@ -1566,6 +1616,11 @@ fn linear_with_bias_matches_burn() {
 #[test]
 fn linear_without_bias_matches_burn() {
     check(|rng| LinearCase::draw(rng, false));
+}
+
+#[test]
+fn distilled_heads_match_burn() {
+    check(|rng| DistilledHeadCase { rows: pick(rng, &[1, 2, 5]), inputs: pick(rng, &[1, 4, 9, 15]), outputs: pick(rng, &[1, 7, 13]) });
 }
 
 #[test]
