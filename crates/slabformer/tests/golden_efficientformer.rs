@@ -12,7 +12,7 @@ use common::*;
 use slabformer::models::efficientformer::{EfficientFormer, EfficientFormerConfig};
 use slabformer::models::efficientformer_v2::{EfficientFormerV2, EfficientFormerV2Config};
 use slabformer::nn::set_training;
-use slabformer::state::{StateDict, Values, collect_grads, collect_state, is_buffer_key, load_state};
+use slabformer::state::{StateDict, collect_grads, collect_state, load_state};
 
 fn usizes(config: &GoldenConfig, path: &str) -> Vec<usize> {
     config.array(path).iter().map(|v| v.as_u64().unwrap_or_else(|| panic!("`{path}` holds {v}, not a non-negative integer")) as usize).collect()
@@ -76,15 +76,6 @@ fn v2_config(config: &GoldenConfig) -> EfficientFormerV2Config {
     }
 }
 
-/// Buffers of `state`: BatchNorm statistics and every integer tensor (counters, v1's index).
-fn buffers(state: &StateDict) -> StateDict {
-    let mut out = StateDict::new("our buffers");
-    for (key, t) in state.iter().filter(|(k, t)| is_buffer_key(k) || matches!(t.values, Values::I64(_))) {
-        out.insert(key.clone(), t.clone());
-    }
-    out
-}
-
 /// The train step, the state after it, eval and fused eval of a model loaded from `g`.
 fn check_against_golden<M: Module + slabformer::models::ImageClassifier>(name: &str, model: M, g: &StateDict, fused: impl Fn(&M) -> Tensor<2>) {
     let device = autodiff();
@@ -101,7 +92,7 @@ fn check_against_golden<M: Module + slabformer::models::ImageClassifier>(name: &
     let w = g.get("grad.input").unwrap();
     assert_close(&format!("{name} grad [input]"), &shape, &v, &w.shape, &values_of(w), Tol::Grad);
 
-    assert_state(&format!("{name} state after train"), &buffers(&collect_state(&model)), &g.subset("state_after_train"), Tol::Output);
+    assert_state(&format!("{name} state after train"), &buffers_of(&collect_state(&model)), &g.subset("state_after_train"), Tol::Output);
 
     let model = set_training(model, false);
     let images: Tensor<4> = g.tensor("input.x", &device).unwrap();
@@ -128,6 +119,13 @@ fn timm_efficientformer_matches_train_gradients_state_eval_and_fused() {
     assert_eq!(report.loaded, params.len());
     let images = g.tensor("input.x", &plain()).unwrap();
     check_against_golden("timm efficientformer", model, &g, |m: &EfficientFormer| m.valid().fuse().unwrap().forward(images.clone()));
+}
+
+#[test]
+fn cpu_trainer_and_runtime_match_timm_efficientformer() {
+    let g = StateDict::read_safetensors(&golden_dir().join("zoo/efficientformer_tiny.safetensors")).unwrap();
+    let config = v1_config(&GoldenConfig::of("zoo/efficientformer_tiny", &g));
+    check_fast_path_against_golden::<EfficientFormer>("efficientformer_tiny", &g, &config, None);
 }
 
 #[test]

@@ -8,31 +8,39 @@
 //! (`head` + `head_dist`) / 2. The Meta3D attention is hard-coded (key_dim 32, 8 heads,
 //! attn_ratio 4, 7×7 resolution) whatever the width, so the input is fixed at 224².
 
-use burn::module::{Module, Param, ParamId};
+use burn::module::Module;
+use burn::nn::Linear;
 use burn::nn::conv::Conv2d;
-use burn::nn::{Initializer, Linear};
-use burn::tensor::activation::{gelu, relu, softmax};
+use burn::tensor::activation::{gelu, relu};
 use burn::tensor::module::avg_pool2d;
 use burn::tensor::ops::AvgPoolOptions;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
+use rand_pcg::Pcg64;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{AnyConfig, ImageClassifier, ImageConfig, ModelFamily, Preset, check_images};
 use crate::deploy::onnx::{Graph, ToOnnx, attr_int, attr_ints};
 use crate::error::{Error, Result};
-use crate::nn::attention_bias::{bias_index, gather_bias};
+use crate::kernels;
 use crate::nn::conv_norm::{Activation, ConvAct, ConvShape, batch_norm_2d, batch_norm_2d_param_count, fold_batch_norm};
-use crate::nn::drop_path::DropPath;
-use crate::nn::layer_scale::LayerScale;
-use crate::nn::linear::linear;
-use crate::nn::mlp::Mlp;
-use crate::nn::norm::{BatchNorm, LayerNorm};
-use crate::plan::Plan;
+use crate::nn::conv_norm_fast::{ConvNormActCache, ConvStep, FastConvNormAct};
+use crate::nn::drop_path::{DropPath, draw_mask};
+use crate::nn::layer_scale::{LayerScale, add_scaled, add_scaled_branch, scaled_branch_backward};
+use crate::nn::linear::{FastDistilledHead, linear};
+use crate::nn::lower::{ParamTable, Slot, sized};
+use crate::nn::meta3d_attention::{FastMeta3dAttention, Meta3dActivations, Meta3dAttention};
+use crate::nn::mlp::{FastMlp, Mlp, MlpActivations};
+use crate::nn::norm::{BatchNorm, FastNorm, LayerNorm, NormCache};
+use crate::nn::pool::Pool;
+use crate::plan::{FastBlock, Plan, RasterInput, Step};
+use crate::state::StateDict;
 
 /// The Meta3D attention's constants (timm builds it as `Attention(dim)`).
 pub const KEY_DIM: usize = 32;
 pub const HEADS: usize = 8;
-pub const VAL_DIM: usize = 4 * KEY_DIM;
+pub const ATTN_RATIO: usize = 4;
+pub const VAL_DIM: usize = ATTN_RATIO * KEY_DIM;
 /// Its bias table's grid side: the last stage must have 7×7 tokens.
 pub const RESOLUTION: usize = 7;
 /// `qkv` outputs per head: q, k (KEY_DIM each), v (VAL_DIM), interleaved head by head.
@@ -196,7 +204,7 @@ impl EfficientFormerConfig {
                 total += match kind {
                     BlockKind::Meta4d => 2 * c + conv_bn(ConvShape::new(c, hidden, 1, 1).with_bias(true)) + conv_bn(ConvShape::new(hidden, c, 1, 1).with_bias(true)),
                     BlockKind::Flat => 0,
-                    BlockKind::Meta3d => 2 * c + 4 * c + Meta3dAttention::param_count(c) + Mlp::param_count(c, hidden),
+                    BlockKind::Meta3d => 2 * c + 4 * c + Meta3dAttention::param_count(c, HEADS, KEY_DIM, ATTN_RATIO, RESOLUTION) + Mlp::param_count(c, hidden),
                 };
             }
         }
@@ -413,49 +421,6 @@ impl MetaBlock2d {
     }
 }
 
-/// The Meta3D attention (SPEC §3.7): `qkv` head-interleaved (head h owns q, k, v in
-/// [192h, 192h + 192)), scores scaled by key_dim^-½ plus the 7×7 absolute-offset bias.
-#[derive(Module, Debug)]
-pub struct Meta3dAttention {
-    pub qkv: Linear,
-    pub proj: Linear,
-    /// (HEADS, 49).
-    pub attention_biases: Param<Tensor<2>>,
-    /// (49, 49), persistent in timm's state dict.
-    pub attention_bias_idxs: Param<Tensor<2, Int>>,
-}
-
-impl Meta3dAttention {
-    fn new(dim: usize, device: &Device) -> Self {
-        let n = RESOLUTION * RESOLUTION;
-        let (index, shape) = bias_index([RESOLUTION; 2], 1);
-        Self {
-            qkv: linear(dim, HEADS * QKV_PER_HEAD, true, device),
-            proj: linear(HEADS * VAL_DIM, dim, true, device),
-            attention_biases: Initializer::Zeros.init([HEADS, n], device),
-            attention_bias_idxs: Param::initialized(ParamId::new(), Tensor::from_data(TensorData::new(index, shape), device)),
-        }
-    }
-
-    fn param_count(dim: usize) -> usize {
-        let qkv = HEADS * QKV_PER_HEAD;
-        dim * qkv + qkv + HEADS * VAL_DIM * dim + dim + HEADS * RESOLUTION * RESOLUTION
-    }
-
-    /// (B, 49, C) → (B, 49, C).
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let [b, n, _] = x.dims();
-        let qkv = self.qkv.forward(x).reshape([b, n, HEADS, QKV_PER_HEAD]).swap_dims(1, 2); // (B, h, N, 192)
-        let q = qkv.clone().narrow(3, 0, KEY_DIM);
-        let k = qkv.clone().narrow(3, KEY_DIM, KEY_DIM);
-        let v = qkv.narrow(3, 2 * KEY_DIM, VAL_DIM);
-        let bias = gather_bias(&self.attention_biases, self.attention_bias_idxs.val()).unsqueeze::<4>(); // (1, h, N, N)
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((KEY_DIM as f64).powf(-0.5)).add(bias); // (B, h, N, N)
-        let out = softmax(scores, 3).matmul(v); // (B, h, N, 128)
-        self.proj.forward(out.swap_dims(1, 2).reshape([b, n, HEADS * VAL_DIM])) // (B, N, C)
-    }
-}
-
 #[derive(Module, Debug)]
 pub struct MetaBlock1d {
     pub norm1: LayerNorm,
@@ -472,7 +437,7 @@ impl MetaBlock1d {
         let ls = config.layer_scale_init_value;
         Self {
             norm1: LayerNorm::new(c, LAYER_NORM_EPS, device),
-            token_mixer: Meta3dAttention::new(c, device),
+            token_mixer: Meta3dAttention::new(c, HEADS, KEY_DIM, ATTN_RATIO, RESOLUTION, device),
             norm2: LayerNorm::new(c, LAYER_NORM_EPS, device),
             mlp: Mlp::new(c, config.mlp_hidden(c), device),
             ls1: LayerScale::new(c, ls, device),
@@ -707,11 +672,342 @@ impl ModelFamily for EfficientFormer {
         EfficientFormer::fuse(self)
     }
     fn lower(&self) -> Result<Plan> {
-        Err(Error::Unsupported { what: "EfficientFormer models".into(), path: "the fast CPU path" })
+        self.plan()
     }
-    fn lower_deploy(_deploy: &DeployEfficientFormer) -> Result<Plan> {
-        Err(Error::Unsupported { what: "EfficientFormer models".into(), path: "the fast CPU path" })
+    fn lower_deploy(deploy: &DeployEfficientFormer) -> Result<Plan> {
+        deploy.plan()
     }
+}
+
+// ---- The fast path: the stem and the downsamples as conv steps over (H·W, C) raster rows, each
+// Meta4D and Meta3D block one step. `Flat` is no step: raster rows are timm's row-major tokens.
+
+impl EfficientFormer {
+    /// The trained model as a plan (batch-statistic BatchNorms in training, running ones in eval).
+    fn plan(&self) -> Result<Plan> {
+        let mut table = ParamTable::for_module(self);
+        let c = &self.config;
+        let mut steps = vec![Step::Rows(RasterInput { chans: c.in_chans, grid: [c.img_size; 2] })];
+        let mut grid = [c.img_size; 2];
+        let s = &self.stem;
+        for (conv, norm) in [(&s.conv1, &s.norm1), (&s.conv2, &s.norm2)] {
+            grid = push_conv(&mut steps, FastConvNormAct::lower_parts(conv, norm, Activation::Relu, &mut table)?, grid);
+        }
+        for stage in &self.stages {
+            if let Some(d) = &stage.downsample {
+                grid = push_conv(&mut steps, FastConvNormAct::lower_parts(&d.conv, &d.norm, Activation::Identity, &mut table)?, grid);
+            }
+            for block in &stage.blocks {
+                let fast: Box<dyn FastBlock> = match block {
+                    MetaBlock::Meta4d(b) => Box::new(FastMeta4d::lower(b, grid, &mut table)?),
+                    MetaBlock::Flat(_) => continue,
+                    MetaBlock::Meta3d(b) => Box::new(FastMeta3d::lower(b, grid, &mut table)?),
+                };
+                steps.push(Step::Block(fast));
+            }
+        }
+        classifier_steps(&mut steps, &self.norm, &self.head, &self.head_dist, &mut table)?;
+        Ok(Plan { table, steps })
+    }
+}
+
+impl DeployEfficientFormer {
+    /// The fused model as a plan (every BatchNorm folded into its conv).
+    fn plan(&self) -> Result<Plan> {
+        let mut table = ParamTable::for_module(self);
+        let c = &self.config;
+        let mut steps = vec![Step::Rows(RasterInput { chans: c.in_chans, grid: [c.img_size; 2] })];
+        let mut grid = [c.img_size; 2];
+        for conv in [&self.stem.conv1, &self.stem.conv2] {
+            grid = push_conv(&mut steps, FastConvNormAct::lower_deploy(conv, &mut table)?, grid);
+        }
+        for stage in &self.stages {
+            if let Some(d) = &stage.downsample {
+                grid = push_conv(&mut steps, FastConvNormAct::lower_deploy(d, &mut table)?, grid);
+            }
+            for block in &stage.blocks {
+                let fast: Box<dyn FastBlock> = match block {
+                    DeployMetaBlock::Meta4d(b) => Box::new(FastMeta4d::lower_deploy(b, grid, &mut table)?),
+                    DeployMetaBlock::Flat(_) => continue,
+                    DeployMetaBlock::Meta3d(b) => Box::new(FastMeta3d::lower(b, grid, &mut table)?),
+                };
+                steps.push(Step::Block(fast));
+            }
+        }
+        classifier_steps(&mut steps, &self.norm, &self.head, &self.head_dist, &mut table)?;
+        Ok(Plan { table, steps })
+    }
+}
+
+/// A conv block as a step on `grid`; returns the grid it leaves.
+fn push_conv(steps: &mut Vec<Step>, block: FastConvNormAct, grid: [usize; 2]) -> [usize; 2] {
+    let step = ConvStep::new(block, grid);
+    let out = step.output().0;
+    steps.push(Step::Block(Box::new(step)));
+    out
+}
+
+/// The final LayerNorm, the token mean and the two heads averaged ([`classify`]).
+fn classifier_steps(steps: &mut Vec<Step>, norm: &LayerNorm, head: &Linear, head_dist: &Linear, table: &mut ParamTable) -> Result<()> {
+    steps.push(Step::Norm(FastNorm::lower_layer_norm(norm, table)?));
+    steps.push(Step::Pool(Pool::Mean));
+    steps.push(Step::DistilledHead(FastDistilledHead::lower(head, head_dist, table)?));
+    Ok(())
+}
+
+/// [`pool_mixer`] on one image's (H·W, C) rows: `out = AvgPool(x) − x`, the average over the
+/// window's pixels inside the map (count_include_pad=False).
+fn pool_mix_rows(x: &[f32], [h, w]: [usize; 2], pool: usize, out: &mut [f32]) {
+    let (pad, c) = (pool / 2, x.len() / (h * w));
+    for r in 0..h {
+        let rows = r.saturating_sub(pad)..(r + pad + 1).min(h);
+        for q in 0..w {
+            let cols = q.saturating_sub(pad)..(q + pad + 1).min(w);
+            let inv = 1.0 / (rows.len() * cols.len()) as f32;
+            let o = &mut out[(r * w + q) * c..(r * w + q + 1) * c];
+            o.fill(0.0);
+            for y in rows.clone() {
+                for xx in cols.clone() {
+                    kernels::add_assign(o, &x[(y * w + xx) * c..(y * w + xx + 1) * c]);
+                }
+            }
+            o.iter_mut().zip(&x[(r * w + q) * c..(r * w + q + 1) * c]).for_each(|(o, x)| *o = *o * inv - x);
+        }
+    }
+}
+
+/// Its backward on one image: `dx += ∂(AvgPool(x) − x)/∂x · d`.
+fn pool_mix_backward(d: &[f32], [h, w]: [usize; 2], pool: usize, dx: &mut [f32]) {
+    let (pad, c) = (pool / 2, d.len() / (h * w));
+    for r in 0..h {
+        let rows = r.saturating_sub(pad)..(r + pad + 1).min(h);
+        for q in 0..w {
+            let cols = q.saturating_sub(pad)..(q + pad + 1).min(w);
+            let inv = 1.0 / (rows.len() * cols.len()) as f32;
+            let g = &d[(r * w + q) * c..(r * w + q + 1) * c];
+            for y in rows.clone() {
+                for xx in cols.clone() {
+                    dx[(y * w + xx) * c..(y * w + xx + 1) * c].iter_mut().zip(g).for_each(|(dx, g)| *dx += g * inv);
+                }
+            }
+            dx[(r * w + q) * c..(r * w + q + 1) * c].iter_mut().zip(g).for_each(|(dx, g)| *dx -= g);
+        }
+    }
+}
+
+/// A Meta4D block ([`MetaBlock2d`], or its fused form) on the fast path.
+struct FastMeta4d {
+    ls1: Slot,
+    fc1: FastConvNormAct,
+    fc2: FastConvNormAct,
+    ls2: Slot,
+    grid: [usize; 2],
+    pool: usize,
+    drop_path: f64,
+    /// The last training forward's: its batch, the mixer's output, the block's middle (the
+    /// MLP's input), the MLP's hidden rows and output, the convs' caches and both branches'
+    /// drop-path factors (empty: all kept).
+    batch: usize,
+    mixed: Vec<f32>,
+    mid: Vec<f32>,
+    hidden: Vec<f32>,
+    branch: Vec<f32>,
+    caches: [ConvNormActCache; 2],
+    masks: [Vec<f32>; 2],
+}
+
+impl FastMeta4d {
+    fn lower(b: &MetaBlock2d, grid: [usize; 2], table: &mut ParamTable) -> Result<Self> {
+        let m = &b.mlp;
+        let ls1 = b.ls1.lower(table)?;
+        let fc1 = FastConvNormAct::lower_parts(&m.fc1, &m.norm1, Activation::Gelu, table)?;
+        let fc2 = FastConvNormAct::lower_parts(&m.fc2, &m.norm2, Activation::Identity, table)?;
+        Ok(Self::new(ls1, fc1, fc2, b.ls2.lower(table)?, grid, b.pool_size, b.drop_path.rate))
+    }
+
+    fn lower_deploy(b: &DeployMetaBlock2d, grid: [usize; 2], table: &mut ParamTable) -> Result<Self> {
+        let ls1 = b.ls1.lower(table)?;
+        let (fc1, fc2) = (FastConvNormAct::lower_deploy(&b.mlp.fc1, table)?, FastConvNormAct::lower_deploy(&b.mlp.fc2, table)?);
+        Ok(Self::new(ls1, fc1, fc2, b.ls2.lower(table)?, grid, b.pool_size, 0.0))
+    }
+
+    fn new(ls1: Slot, fc1: FastConvNormAct, fc2: FastConvNormAct, ls2: Slot, grid: [usize; 2], pool: usize, drop_path: f64) -> Self {
+        Self { ls1, fc1, fc2, ls2, grid, pool, drop_path, batch: 0, mixed: Vec::new(), mid: Vec::new(), hidden: Vec::new(), branch: Vec::new(), caches: Default::default(), masks: Default::default() }
+    }
+
+    fn chans(&self) -> usize {
+        self.fc2.out_chans()
+    }
+
+    fn pixels(&self) -> usize {
+        self.grid[0] * self.grid[1]
+    }
+}
+
+impl FastBlock for FastMeta4d {
+    fn output(&self) -> ([usize; 2], usize) {
+        (self.grid, self.chans())
+    }
+    fn infer(&self, p: &[f32], x: &[f32], out: &mut [f32], parts: usize) {
+        let (n, c, grid) = (self.pixels(), self.chans(), self.grid);
+        use kernels::with_scratch;
+        with_scratch(n * c, |mixed| {
+            with_scratch(n * self.fc1.out_chans(), |hidden| {
+                pool_mix_rows(x, grid, self.pool, mixed);
+                out.copy_from_slice(x);
+                add_scaled(out, mixed, &p[self.ls1.range()]); // the mixer's residual
+                self.fc1.infer(p, out, grid, hidden, parts);
+                self.fc2.infer(p, hidden, grid, mixed, parts); // the MLP's output
+                add_scaled(out, mixed, &p[self.ls2.range()]);
+            })
+        });
+    }
+    fn forward(&mut self, p: &[f32], x: &[f32], batch: usize, out: &mut [f32], _advance: bool, rng: &mut Pcg64) -> Result<()> {
+        let (n, c, grid, pool) = (self.pixels(), self.chans(), self.grid, self.pool);
+        self.batch = batch;
+        let mixed = sized(&mut self.mixed, batch * n * c);
+        mixed.par_chunks_mut(n * c).zip(x.par_chunks(n * c)).for_each(|(o, x)| pool_mix_rows(x, grid, pool, o));
+        // burn draws the mixer's mask, then the MLP's, from the block's one DropPath.
+        self.masks[0] = if self.drop_path > 0.0 { draw_mask(rng, batch, self.drop_path) } else { Vec::new() };
+        add_scaled_branch(x, &self.mixed, &p[self.ls1.range()], &self.masks[0], batch, sized(&mut self.mid, batch * n * c));
+        let [c1, c2] = &mut self.caches;
+        self.fc1.forward(p, &self.mid, grid, batch, sized(&mut self.hidden, batch * n * self.fc1.out_chans()), c1)?;
+        self.fc2.forward(p, &self.hidden, grid, batch, sized(&mut self.branch, batch * n * c), c2)?;
+        self.masks[1] = if self.drop_path > 0.0 { draw_mask(rng, batch, self.drop_path) } else { Vec::new() };
+        add_scaled_branch(&self.mid, &self.branch, &p[self.ls2.range()], &self.masks[1], batch, out);
+        Ok(())
+    }
+    fn backward(&self, p: &[f32], g: &mut [f32], _x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        let (n, c, batch) = (self.pixels(), self.chans(), self.batch);
+        let mut dbranch = vec![0.0; dy.len()];
+        scaled_branch_backward(dy, &self.branch, &p[self.ls2.range()], &self.masks[1], batch, &mut dbranch, &mut g[self.ls2.range()]);
+        let mut dhidden = vec![0.0; self.hidden.len()];
+        self.fc2.backward(p, g, &self.hidden, &dbranch, &mut dhidden, &self.caches[1]);
+        let mut dmid = dy.to_vec(); // the shortcut's share; fc1 adds the MLP's
+        self.fc1.backward(p, g, &self.mid, &dhidden, &mut dmid, &self.caches[0]);
+        let dmixed = &mut dbranch;
+        scaled_branch_backward(&dmid, &self.mixed, &p[self.ls1.range()], &self.masks[0], batch, dmixed, &mut g[self.ls1.range()]);
+        dx.copy_from_slice(&dmid);
+        let (grid, pool) = (self.grid, self.pool);
+        dx.par_chunks_mut(n * c).zip(dmixed.par_chunks(n * c)).for_each(|(dx, d)| pool_mix_backward(d, grid, pool, dx));
+    }
+    fn write_buffers(&self, state: &mut StateDict) {
+        self.fc1.write_buffers(state);
+        self.fc2.write_buffers(state);
+    }
+}
+
+/// A Meta3D block ([`MetaBlock1d`], the same in the fused model) on the fast path, over the last
+/// stage's tokens.
+struct FastMeta3d {
+    norm1: FastNorm,
+    attn: FastMeta3dAttention,
+    ls1: Slot,
+    norm2: FastNorm,
+    mlp: FastMlp,
+    ls2: Slot,
+    grid: [usize; 2],
+    drop_path: f64,
+    /// The last training forward's: its batch, both norms' outputs and caches, the attention's
+    /// output and activations, the block's middle, the MLP's output and activations, and both
+    /// branches' drop-path factors (empty: all kept).
+    batch: usize,
+    normed: [Vec<f32>; 2],
+    norm_caches: [NormCache; 2],
+    attended: Vec<f32>,
+    attn_acts: Meta3dActivations,
+    mid: Vec<f32>,
+    branch: Vec<f32>,
+    mlp_acts: MlpActivations,
+    masks: [Vec<f32>; 2],
+}
+
+impl FastMeta3d {
+    fn lower(b: &MetaBlock1d, grid: [usize; 2], table: &mut ParamTable) -> Result<Self> {
+        let norm1 = FastNorm::lower_layer_norm(&b.norm1, table)?;
+        let attn = FastMeta3dAttention::lower(&b.token_mixer, table)?;
+        if attn.tokens() != grid[0] * grid[1] {
+            return Err(Error::Unsupported { what: format!("a Meta3D attention over {} tokens on a {}×{} map", attn.tokens(), grid[0], grid[1]), path: "the fast CPU path" });
+        }
+        let ls1 = b.ls1.lower(table)?;
+        let norm2 = FastNorm::lower_layer_norm(&b.norm2, table)?;
+        let mlp = FastMlp::lower(&b.mlp, table)?;
+        let ls2 = b.ls2.lower(table)?;
+        Ok(Self {
+            norm1,
+            attn,
+            ls1,
+            norm2,
+            mlp,
+            ls2,
+            grid,
+            drop_path: b.drop_path.rate,
+            batch: 0,
+            normed: Default::default(),
+            norm_caches: Default::default(),
+            attended: Vec::new(),
+            attn_acts: Meta3dActivations::default(),
+            mid: Vec::new(),
+            branch: Vec::new(),
+            mlp_acts: MlpActivations::default(),
+            masks: Default::default(),
+        })
+    }
+
+    fn chans(&self) -> usize {
+        self.attn.dim()
+    }
+}
+
+impl FastBlock for FastMeta3d {
+    fn output(&self) -> ([usize; 2], usize) {
+        (self.grid, self.chans())
+    }
+    fn infer(&self, p: &[f32], x: &[f32], out: &mut [f32], _parts: usize) {
+        let len = x.len();
+        let mut normed = vec![0.0; len];
+        self.norm1.infer(p, x, &mut normed);
+        let mut branch = vec![0.0; len];
+        self.attn.infer(p, &normed, &mut branch);
+        let mut mid = x.to_vec();
+        add_scaled(&mut mid, &branch, &p[self.ls1.range()]);
+        self.norm2.infer(p, &mid, &mut normed);
+        let mut hidden = vec![0.0; self.attn.tokens() * self.mlp.hidden()];
+        self.mlp.infer_hidden(p, &normed, &mut hidden);
+        self.mlp.fc2.apply(p, &hidden, &mut branch);
+        out.copy_from_slice(&mid);
+        add_scaled(out, &branch, &p[self.ls2.range()]);
+    }
+    fn forward(&mut self, p: &[f32], x: &[f32], batch: usize, out: &mut [f32], advance: bool, rng: &mut Pcg64) -> Result<()> {
+        let (len, c) = (x.len(), self.chans());
+        self.batch = batch;
+        let [n1, n2] = &mut self.normed;
+        let [c1, c2] = &mut self.norm_caches;
+        self.norm1.forward(p, x, sized(n1, len), c1, c, advance)?;
+        self.attn.forward(p, n1, sized(&mut self.attended, len), &mut self.attn_acts, batch);
+        // burn draws the attention's mask, then the MLP's, from the block's one DropPath.
+        self.masks[0] = if self.drop_path > 0.0 { draw_mask(rng, batch, self.drop_path) } else { Vec::new() };
+        add_scaled_branch(x, &self.attended, &p[self.ls1.range()], &self.masks[0], batch, sized(&mut self.mid, len));
+        self.norm2.forward(p, &self.mid, sized(n2, len), c2, c, advance)?;
+        self.mlp.forward(p, n2, sized(&mut self.branch, len), &mut self.mlp_acts, false);
+        self.masks[1] = if self.drop_path > 0.0 { draw_mask(rng, batch, self.drop_path) } else { Vec::new() };
+        add_scaled_branch(&self.mid, &self.branch, &p[self.ls2.range()], &self.masks[1], batch, out);
+        Ok(())
+    }
+    fn backward(&self, p: &[f32], g: &mut [f32], x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        let (len, c, batch) = (x.len(), self.chans(), self.batch);
+        let mut dbranch = vec![0.0; len];
+        scaled_branch_backward(dy, &self.branch, &p[self.ls2.range()], &self.masks[1], batch, &mut dbranch, &mut g[self.ls2.range()]);
+        let mut dnormed = vec![0.0; len];
+        self.mlp.backward(p, g, &self.normed[1], &self.mlp_acts, &dbranch, &mut dnormed, &mut Vec::new(), &mut Vec::new());
+        let mut dmid = dy.to_vec(); // the shortcut's share; the norm adds the MLP's
+        self.norm2.backward(p, g, &self.mid, &dnormed, &mut dmid, &self.norm_caches[1], c);
+        scaled_branch_backward(&dmid, &self.attended, &p[self.ls1.range()], &self.masks[0], batch, &mut dbranch, &mut g[self.ls1.range()]);
+        self.attn.backward(p, g, &self.normed[0], &self.attn_acts, &dbranch, &mut dnormed);
+        dx.copy_from_slice(&dmid);
+        self.norm1.backward(p, g, x, &dnormed, dx, &self.norm_caches[0], c);
+    }
+    fn write_buffers(&self, _state: &mut StateDict) {}
 }
 
 // ---- ONNX: the deploy form op for op (the trained form is exported through it, as BatchNorm in
@@ -730,27 +1026,6 @@ impl ToOnnx for DeployMetaBlock2d {
         let m = self.mlp.fc2.to_onnx(g, &h)?;
         let m = self.ls2.planes_to_onnx(g, &m);
         Ok(g.op("Add", &[&x, &m], vec![]))
-    }
-}
-
-impl ToOnnx for Meta3dAttention {
-    fn to_onnx(&self, g: &mut Graph, x: &str) -> Result<String> {
-        let n = RESOLUTION * RESOLUTION;
-        let qkv = self.qkv.to_onnx(g, x)?;
-        let qkv = g.split_heads(&qkv, n, HEADS, QKV_PER_HEAD); // (B, h, N, 192)
-        let q = g.slice(&qkv, 3, 0, KEY_DIM as i64);
-        let k = g.slice(&qkv, 3, KEY_DIM as i64, 2 * KEY_DIM as i64);
-        let v = g.slice(&qkv, 3, 2 * KEY_DIM as i64, QKV_PER_HEAD as i64);
-        let kt = g.transpose(&k, &[0, 1, 3, 2]);
-        let scores = g.op("MatMul", &[&q, &kt], vec![]);
-        let scores = g.binary_scalar("Mul", &scores, (KEY_DIM as f32).powf(-0.5));
-        // The gathered bias is a constant of the trained table.
-        let bias = g.tensor("attention_bias", gather_bias(&self.attention_biases, self.attention_bias_idxs.val()));
-        let scores = g.op("Add", &[&scores, &bias], vec![]);
-        let attn = g.op("Softmax", &[&scores], vec![attr_int("axis", -1)]);
-        let out = g.op("MatMul", &[&attn, &v], vec![]);
-        let out = g.merge_heads(&out, n, HEADS * VAL_DIM);
-        self.proj.to_onnx(g, &out)
     }
 }
 
@@ -812,6 +1087,52 @@ mod tests {
     /// A small model at the fixed 224² input: `num_vit` Meta3D blocks in a last stage of `last`.
     fn small(last: usize, num_vit: usize) -> EfficientFormerConfig {
         EfficientFormerConfig { depths: vec![1, 1, 2, last], embed_dims: vec![6, 8, 10, 12], num_vit, num_classes: 5, ..EfficientFormerConfig::l1() }
+    }
+
+    const TEST_SEED: u64 = 20261202;
+
+    #[test]
+    fn the_cpu_runtime_equals_the_burn_forward_fused_and_unfused() {
+        // Meta4D blocks before Flat in the last stage, and Flat first (every last-stage block Meta3D).
+        for config in [small(2, 1), small(2, 2)] {
+            crate::testing::check_runtime_against_burn::<EfficientFormer>(&config, TEST_SEED);
+        }
+    }
+
+    #[test]
+    fn the_cpu_trainer_equals_burn_autodiff() {
+        for config in [small(2, 1), small(2, 2)] {
+            crate::testing::check_trainer_against_burn::<EfficientFormer>(&config, TEST_SEED, None, 1e-5);
+        }
+    }
+
+    #[test]
+    fn the_cpu_trainer_draws_drop_path_masks_like_burn() {
+        // Rate 0.5 at the last block: each block's two per-image draws (mixer or attention, then
+        // MLP) in burn's order, Meta4D and Meta3D.
+        let config = EfficientFormerConfig { drop_path_rate: 0.5, ..small(3, 2) };
+        crate::testing::check_trainer_against_burn::<EfficientFormer>(&config, TEST_SEED, Some(7), 1e-5);
+    }
+
+    #[test]
+    fn the_pool_mixer_on_rows_equals_burns_and_its_backward_is_its_transpose() {
+        // Odd, non-square maps and a 5×5 window: borders where count_include_pad=False matters.
+        let device = Device::flex();
+        for (grid, pool) in [([4, 5], 3), ([3, 7], 5), ([1, 2], 3)] {
+            let c = 3;
+            let planes = standard_normal([1, c, grid[0], grid[1]], 21, &device);
+            let want = host_f32(pool_mixer(planes.clone(), pool).swap_dims(1, 3).swap_dims(1, 2)); // (1, H, W, C)
+            let rows = host_f32(planes.swap_dims(1, 3).swap_dims(1, 2));
+            let mut got = vec![0.0; rows.len()];
+            pool_mix_rows(&rows, grid, pool, &mut got);
+            assert_near(&format!("{grid:?} pool {pool}"), &got, &want, 1e-6, 1e-6);
+            // ⟨d, A·x⟩ = ⟨Aᵀ·d, x⟩ for the backward Aᵀ.
+            let d = host_f32(standard_normal([rows.len()], 22, &device));
+            let mut dx = vec![0.0; rows.len()];
+            pool_mix_backward(&d, grid, pool, &mut dx);
+            let (lhs, rhs): (f32, f32) = (d.iter().zip(&got).map(|(a, b)| a * b).sum(), dx.iter().zip(&rows).map(|(a, b)| a * b).sum());
+            assert!((lhs - rhs).abs() <= 1e-4 * lhs.abs().max(1.0), "{grid:?} pool {pool}: {lhs} vs {rhs}");
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ use super::conv::{FastConv, Source};
 use super::conv_norm::{Activation, ConvAct, ConvNormAct};
 use super::lower::{Layout, ParamTable, Slot};
 use super::mlp::{bias_gelu, bias_silu, gelu_backward};
+use super::norm::BatchNorm;
 use super::norm::fast::{FastNorm, NormCache};
 use crate::error::{Error, Result};
 use crate::kernels::{self, exp, gelu, multiversion};
@@ -382,7 +383,12 @@ pub struct ConvNormActCache {
 
 impl FastConvNormAct {
     pub fn lower(block: &ConvNormAct, table: &mut ParamTable) -> Result<Self> {
-        Ok(Self { conv: FastConv2d::lower(&block.conv, table)?, bn: Some(FastNorm::lower_batch_norm(&block.bn, table)?), act: block.act })
+        Self::lower_parts(&block.conv, &block.bn, block.act, table)
+    }
+
+    /// A family's own conv → BatchNorm → activation (its modules hold the conv and norm apart).
+    pub fn lower_parts(conv: &Conv2d, bn: &BatchNorm, act: Activation, table: &mut ParamTable) -> Result<Self> {
+        Ok(Self { conv: FastConv2d::lower(conv, table)?, bn: Some(FastNorm::lower_batch_norm(bn, table)?), act })
     }
 
     pub fn lower_deploy(block: &ConvAct, table: &mut ParamTable) -> Result<Self> {

@@ -32,9 +32,10 @@ use super::conv_norm_fast::{ConvNormActCache, FastConvNormAct};
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use super::fuse::fold_into_next_linear;
-use super::linear::{FastLinear, linear};
+use super::linear::{FastDistilledHead, FastLinear, linear};
 use super::loss::{cross_entropy, soft_cross_entropy};
 use super::lower::ParamTable;
+use super::meta3d_attention::{FastMeta3dAttention, Meta3dActivations, Meta3dAttention};
 use super::mlp::{FastMlp, Mlp, MlpActivations};
 use super::norm::{FastNorm, LayerNorm, LinearNorm, Norm, NormCache, NormKind, RepBN, RepBnInit};
 use super::patch_embed::{FastPatchEmbed, PatchEmbed};
@@ -240,6 +241,56 @@ impl LayerCase for LinearCase {
     }
 }
 
+/// EfficientFormer's two heads averaged, as one module for the harness.
+#[derive(Module, Debug)]
+struct DistilledHeads {
+    head: Linear,
+    head_dist: Linear,
+}
+
+#[derive(Debug)]
+struct DistilledHeadCase {
+    rows: usize,
+    inputs: usize,
+    outputs: usize,
+}
+
+impl LayerCase for DistilledHeadCase {
+    type Layer = DistilledHeads;
+    type Fast = FastDistilledHead;
+
+    fn build(&self, device: &Device, _rng: &mut Pcg64) -> DistilledHeads {
+        DistilledHeads { head: linear(self.inputs, self.outputs, true, device), head_dist: linear(self.inputs, self.outputs, true, device) }
+    }
+
+    fn input(&self, _layer: &DistilledHeads, rng: &mut Pcg64) -> Vec<f32> {
+        normal(rng, self.rows * self.inputs, 0.0, 1.0)
+    }
+
+    fn reference(&self, layer: &DistilledHeads, x: Tensor<1>) -> Tensor<1> {
+        let x = x.reshape([self.rows, self.inputs]);
+        layer.head.forward(x.clone()).add(layer.head_dist.forward(x)).div_scalar(2.0).reshape([self.rows * self.outputs])
+    }
+
+    fn lower(&self, layer: &DistilledHeads, table: &mut ParamTable) -> FastDistilledHead {
+        FastDistilledHead::lower(&layer.head, &layer.head_dist, table).expect("two heads of one shape lower")
+    }
+
+    fn train(&self, fast: &mut FastDistilledHead, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        let mut out = vec![0.0; self.rows * self.outputs];
+        fast.forward(p, x, &mut out);
+        let mut dx = vec![f32::NAN; x.len()]; // overwritten
+        fast.backward(p, g, x, dy, &mut dx, &mut Vec::new());
+        (out, Some(dx))
+    }
+
+    fn infer(&self, fast: &FastDistilledHead, p: &[f32], x: &[f32]) -> Option<Vec<f32>> {
+        let mut out = vec![0.0; self.rows * self.outputs];
+        out.chunks_mut(self.outputs).zip(x.chunks(self.inputs)).for_each(|(o, x)| fast.apply(p, x, o));
+        Some(out)
+    }
+}
+
 /// Which norm, and for PRepBN the phase its counters are in.
 #[derive(Clone, Copy, Debug)]
 enum NormVariant {
@@ -386,6 +437,65 @@ impl LayerCase for MlpCase {
         let mut residual = x.to_vec();
         fast.infer_residual(p, &hidden, &mut residual);
         Some(residual.iter().zip(x).map(|(r, x)| r - x).collect())
+    }
+}
+
+#[derive(Debug)]
+struct Meta3dAttentionCase {
+    batch: usize,
+    dim: usize,
+    heads: usize,
+    key_dim: usize,
+    attn_ratio: usize,
+    /// The token grid's side (N = resolution²).
+    resolution: usize,
+}
+
+impl Meta3dAttentionCase {
+    fn draw(rng: &mut Pcg64) -> Self {
+        Self { batch: pick(rng, &[1, 2, 3]), dim: pick(rng, &WIDTHS), heads: pick(rng, &[1, 3]), key_dim: pick(rng, &[2, 5]), attn_ratio: pick(rng, &[1, 4]), resolution: pick(rng, &[1, 2, 3]) }
+    }
+
+    fn tokens(&self) -> usize {
+        self.resolution * self.resolution
+    }
+}
+
+impl LayerCase for Meta3dAttentionCase {
+    type Layer = Meta3dAttention;
+    type Fast = FastMeta3dAttention;
+
+    fn build(&self, device: &Device, _rng: &mut Pcg64) -> Meta3dAttention {
+        Meta3dAttention::new(self.dim, self.heads, self.key_dim, self.attn_ratio, self.resolution, device)
+    }
+
+    fn input(&self, _layer: &Meta3dAttention, rng: &mut Pcg64) -> Vec<f32> {
+        normal(rng, self.batch * self.tokens() * self.dim, 0.0, 1.0)
+    }
+
+    fn reference(&self, layer: &Meta3dAttention, x: Tensor<1>) -> Tensor<1> {
+        let n = self.batch * self.tokens() * self.dim;
+        layer.forward(x.reshape([self.batch, self.tokens(), self.dim])).reshape([n])
+    }
+
+    fn lower(&self, layer: &Meta3dAttention, table: &mut ParamTable) -> FastMeta3dAttention {
+        FastMeta3dAttention::lower(layer, table).expect("a Meta3D attention lowers")
+    }
+
+    fn train(&self, fast: &mut FastMeta3dAttention, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {
+        let mut out = vec![0.0; x.len()];
+        let mut acts = Meta3dActivations::default();
+        fast.forward(p, x, &mut out, &mut acts, self.batch);
+        let mut dx = vec![f32::NAN; x.len()]; // overwritten
+        fast.backward(p, g, x, &acts, dy, &mut dx);
+        (out, Some(dx))
+    }
+
+    fn infer(&self, fast: &FastMeta3dAttention, p: &[f32], x: &[f32]) -> Option<Vec<f32>> {
+        let per = self.tokens() * self.dim;
+        let mut out = vec![0.0; x.len()];
+        out.chunks_mut(per).zip(x.chunks(per)).for_each(|(o, x)| fast.infer(p, x, o));
+        Some(out)
     }
 }
 
@@ -1512,6 +1622,11 @@ fn linear_without_bias_matches_burn() {
 }
 
 #[test]
+fn distilled_heads_match_burn() {
+    check(|rng| DistilledHeadCase { rows: pick(rng, &[1, 2, 5]), inputs: pick(rng, &[1, 4, 9, 15]), outputs: pick(rng, &[1, 7, 13]) });
+}
+
+#[test]
 fn layer_norm_matches_burn() {
     check(|rng| NormCase::draw(rng, NormVariant::LayerNorm));
 }
@@ -1539,6 +1654,11 @@ fn prepbn_at_lambda_zero_matches_burn() {
 #[test]
 fn mlp_matches_burn() {
     check(MlpCase::draw);
+}
+
+#[test]
+fn meta3d_attention_with_its_bias_table_matches_burn() {
+    check(Meta3dAttentionCase::draw);
 }
 
 #[test]

@@ -167,3 +167,54 @@ impl FastLinear {
         }
     }
 }
+
+/// Two classifier heads on one pooled row, averaged: `(head(x) + head_dist(x)) / 2` (timm's
+/// distilled heads outside distilled training, EfficientFormer's in training too).
+pub struct FastDistilledHead {
+    pub head: FastLinear,
+    pub head_dist: FastLinear,
+}
+
+impl FastDistilledHead {
+    pub fn lower(head: &Linear, head_dist: &Linear, table: &mut ParamTable) -> Result<Self> {
+        let (head, head_dist) = (FastLinear::lower(head, table)?, FastLinear::lower(head_dist, table)?);
+        if (head.inputs, head.outputs) != (head_dist.inputs, head_dist.outputs) {
+            return Err(crate::error::Error::Unsupported { what: format!("distilled heads of shapes ({}, {}) and ({}, {})", head.inputs, head.outputs, head_dist.inputs, head_dist.outputs), path: "the fast CPU path" });
+        }
+        Ok(Self { head, head_dist })
+    }
+
+    pub fn inputs(&self) -> usize {
+        self.head.inputs
+    }
+
+    pub fn outputs(&self) -> usize {
+        self.head.outputs
+    }
+
+    /// One row, on this thread.
+    pub fn apply(&self, p: &[f32], x: &[f32], out: &mut [f32]) {
+        self.head.apply(p, x, out);
+        self.head_dist.apply_residual(p, x, out);
+        out.iter_mut().for_each(|v| *v *= 0.5);
+    }
+
+    /// A batch of rows.
+    pub fn forward(&self, p: &[f32], x: &[f32], out: &mut [f32]) {
+        self.head.forward(p, x, out, false);
+        self.head_dist.forward(p, x, out, true);
+        out.iter_mut().for_each(|v| *v *= 0.5);
+    }
+
+    /// `dx = ∂out/∂x · dy` (overwritten) and both heads' gradients into `g`.
+    pub fn backward(&self, p: &[f32], g: &mut [f32], x: &[f32], dy: &[f32], dx: &mut [f32], scratch: &mut Vec<f32>) {
+        let half: Vec<f32> = dy.iter().map(|v| 0.5 * v).collect();
+        self.head.backward_params(g, x, &half, scratch);
+        self.head_dist.backward_params(g, x, &half, scratch);
+        self.head.backward_input(p, &half, dx, |_, _| {});
+        let mut other = vec![0.0; dx.len()];
+        self.head_dist.backward_input(p, &half, &mut other, |_, _| {});
+        kernels::add_assign(dx, &other);
+    }
+}
+

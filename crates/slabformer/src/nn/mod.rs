@@ -16,6 +16,7 @@ pub mod layer_scale;
 pub mod linear;
 pub mod loss;
 pub mod lower;
+pub mod meta3d_attention;
 pub mod mlp;
 pub mod norm;
 pub mod normed_patch_embed;

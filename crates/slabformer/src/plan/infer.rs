@@ -117,6 +117,7 @@ impl InferWorkspace {
                     }
                 }
                 Step::Head(h) => classes = h.outputs,
+                Step::DistilledHead(h) => classes = h.outputs(),
                 Step::Pool(_) => pooled = pooled.max(c),
                 Step::Norm(_) => {}
             }
@@ -289,6 +290,7 @@ fn walk(steps: &[Step], p: &[f32], image: Option<&[f32]>, ws: &mut InferWorkspac
                 pool.apply(&ws.x[..ws.tokens * c], c, &mut ws.pooled[..c]);
             }
             Step::Head(head) => head.apply(p, &ws.pooled[..head.inputs], &mut ws.out),
+            Step::DistilledHead(head) => head.apply(p, &ws.pooled[..head.inputs()], &mut ws.out),
             Step::Rows(r) => {
                 let (n, c) = (r.grid[0] * r.grid[1], r.chans);
                 r.rows_of(image.expect("an image for a plan that reads one"), &mut ws.x[..n * c]);
@@ -570,7 +572,7 @@ fn row_pass(steps: &[Step], p: &[f32], ws: &mut InferWorkspace, parts: usize) {
                     n.infer(p, x, normed);
                     x.copy_from_slice(normed);
                 }
-                Step::Embed(_) | Step::Stage(_) | Step::Merge(_) | Step::Pool(_) | Step::Head(_) | Step::Rows(_) | Step::Block(_) => unreachable!("only row-local steps wait for a row pass"),
+                Step::Embed(_) | Step::Stage(_) | Step::Merge(_) | Step::Pool(_) | Step::Head(_) | Step::DistilledHead(_) | Step::Rows(_) | Step::Block(_) => unreachable!("only row-local steps wait for a row pass"),
             }
         }
     });

@@ -39,7 +39,7 @@ use crate::nn::attention::cross_shaped_fast::FastCrossShapedAttention;
 use crate::nn::attention::spatial_reduction_fast::FastSrAttention;
 use crate::nn::attention::window_fast::{FastWindowAttention, FastWindowedLinear};
 use crate::nn::conv::{FastConv, Source};
-use crate::nn::linear::FastLinear;
+use crate::nn::linear::{FastDistilledHead, FastLinear};
 use crate::nn::lower::{Layout, ParamTable, Slot};
 use crate::nn::mlp::FastMlp;
 use crate::nn::norm::{FastNorm, Norm};
@@ -72,6 +72,8 @@ pub enum Step {
     Pool(Pool),
     /// (C) → (classes).
     Head(FastLinear),
+    /// (C) → (classes): two heads averaged (EfficientFormer's `head` and `head_dist`).
+    DistilledHead(FastDistilledHead),
     /// (C, H, W) images → their (H·W, C) raster rows (conv families' first step).
     Rows(RasterInput),
     /// A family's own block on (H·W, C) raster rows.
@@ -288,7 +290,7 @@ fn regrid(steps: &mut [Step], mut grid: [usize; 2]) -> std::result::Result<(), (
             Step::Rows(r) => r.grid = grid,
             Step::Block(b) => grid = b.set_grid(grid).map_err(|e| (i, e))?,
             // Per-image (C) rows: no grid.
-            Step::Pool(_) | Step::Head(_) => {}
+            Step::Pool(_) | Step::Head(_) | Step::DistilledHead(_) => {}
             Step::Embed(_) | Step::Stage(_) | Step::Residual(_) | Step::Merge(_) | Step::Norm(_) => {
                 return Err((i, Error::Unsupported { what: "multi-scale batches (token steps sized for one input)".into(), path: "the fast CPU path" }));
             }
@@ -349,6 +351,15 @@ impl Plan {
             regrid(&mut self.steps[..failed], current).expect("steps that re-target take the grid they ran at");
             Err(e)
         })
+    }
+
+    /// The classes of the head the plan ends in, if it ends in one.
+    pub fn classes(&self) -> Option<usize> {
+        match self.steps.last()? {
+            Step::Head(h) => Some(h.outputs),
+            Step::DistilledHead(h) => Some(h.outputs()),
+            _ => None,
+        }
     }
 
     /// Values of one input image.

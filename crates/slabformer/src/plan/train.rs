@@ -137,6 +137,7 @@ fn forward_steps(steps: &mut [Step], p: &[f32], images: &[f32], batch: usize, mu
                 tokens = 1;
             }
             Step::Head(h) => h.forward(p, &a.x, sized(out, batch * h.outputs), false),
+            Step::DistilledHead(h) => h.forward(p, &a.x, sized(out, batch * h.outputs())),
         }
     }
     Ok(())
@@ -153,6 +154,11 @@ fn backward_steps(steps: &[Step], p: &[f32], mut dy: Vec<f32>, acts: &TrainActiv
                 let mut dx = vec![0.0; a.x.len()];
                 h.backward_input(p, &dy, &mut dx, |_, _| {});
                 h.backward_params(g, &a.x, &dy, &mut s.partials);
+                dy = dx;
+            }
+            Step::DistilledHead(h) => {
+                let mut dx = vec![0.0; a.x.len()];
+                h.backward(p, g, &a.x, &dy, &mut dx, &mut s.partials);
                 dy = dx;
             }
             Step::Pool(pool) => {

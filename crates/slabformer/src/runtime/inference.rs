@@ -109,8 +109,7 @@ impl CpuModel {
     pub fn from_plan(plan: Plan) -> Result<Self> {
         let not_a_classifier = || Error::Unsupported { what: "a plan that does not go from images to logits".into(), path: "the CPU runtime" };
         let input = plan.input().ok_or_else(not_a_classifier)?;
-        let Some(Step::Head(head)) = plan.steps.last() else { return Err(not_a_classifier()) };
-        let classes = head.outputs;
+        let classes = plan.classes().ok_or_else(not_a_classifier)?;
         Ok(Self { plan, input, classes, workspaces: Mutex::new(Vec::new()) })
     }
 

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::models::ModelFamily;
-use crate::plan::{Plan, Scratch, Step, TrainActivations};
+use crate::plan::{Plan, Scratch, TrainActivations};
 use crate::nn::loss::cross_entropy;
 use crate::nn::lower::{ParamInfo, float_values};
 use crate::nn::schedule::Phase;
@@ -74,7 +74,7 @@ impl CpuTrainer {
         let template = collect_state(model);
         let classes = model.image_config().num_classes();
         let model = model.lower()?;
-        if !matches!(model.steps.last(), Some(Step::Head(h)) if h.outputs == classes) {
+        if model.classes() != Some(classes) {
             return Err(Error::Unsupported { what: "a plan that does not end in the classifier head".into(), path: "the CPU trainer" });
         }
         let n = model.table.values.len();

@@ -279,11 +279,12 @@ pub fn assert_grads(name: &str, ours: &StateDict, want: &StateDict) {
     }
 }
 
-/// The buffers of a state (running statistics, counters, num_batches_tracked), as timm's BatchNorm
-/// models' files hold them after a train step.
+/// The buffers of a state (running statistics and every integer tensor: num_batches_tracked,
+/// counters, EfficientFormer's persistent bias index), as timm's BatchNorm models' files hold
+/// them after a train step.
 pub fn buffers_of(state: &StateDict) -> StateDict {
     let mut buffers = StateDict::new("ours");
-    for (key, t) in state.iter().filter(|(k, _)| slabformer::state::is_buffer_key(k) || k.ends_with("num_batches_tracked")) {
+    for (key, t) in state.iter().filter(|(k, t)| slabformer::state::is_buffer_key(k) || matches!(t.values, Values::I64(_))) {
         buffers.insert(key.clone(), t.clone());
     }
     buffers
