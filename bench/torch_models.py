@@ -183,8 +183,9 @@ def create(name, deploy, img_size=224):
     if name == "slab_deit_tiny":
         return SlabDeiT(identity if deploy else LinearNorm, img_size=img_size)
     if name.startswith(TIMM_MOBILE):
-        # timm's own modules at their default input size (the presets' too); its eval mode runs
-        # each BatchNorm as it is, unfolded — what a PyTorch user of these models runs.
+        # timm's own modules at their default input size (the presets' too; `img_size` is the
+        # input's, these take any or only that one); `deploy` changes nothing: timm's eval mode
+        # runs each BatchNorm as it is, unfolded — what a PyTorch user of these models runs.
         return timm.create_model(name, pretrained=False)
     if name == "swin_tiny":
         return fused_attention(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=img_size))

@@ -128,7 +128,7 @@ impl BatchSampler {
     /// The batches of `epoch` over `len` samples, in order: batch i draws its scale uniformly
     /// from `(seed, epoch, i)` and takes the next `scale.batch` samples of the epoch order; the
     /// last batch is dropped when too few samples are left for it (as timm drops the last
-    /// partial batch).
+    /// partial batch; ml-cvnets instead fills it up from the start of the order).
     pub fn epoch_batches(&self, len: usize, seed: u64, epoch: u64) -> Vec<PlannedBatch> {
         if let [scale] = self.scales[..] {
             return (0..len / scale.batch).map(|i| PlannedBatch { scale, start: i * scale.batch }).collect();

@@ -780,9 +780,10 @@ impl LayerCase for SrAttentionCase {
 }
 
 /// A stage embedding's conv over a token grid (PVT's patch convs, CSwin's padded merges):
-/// (B, H·W, C_in) rows → (B, H'·W', C_out) rows.
+/// (B, H·W, C_in) rows, or (B, C_in, H, W) images for a first stage, → (B, H'·W', C_out) rows.
 #[derive(Debug)]
 struct StageConvCase {
+    source: Source,
     batch: usize,
     in_chans: usize,
     grid: [usize; 2],
@@ -795,7 +796,8 @@ struct StageConvCase {
 impl StageConvCase {
     fn draw(rng: &mut Pcg64) -> Self {
         let (kernel, stride, padding) = pick(rng, &[(2, 2, 0), (3, 2, 1), (7, 4, 2), (3, 3, 0)]);
-        Self { batch: pick(rng, &[1, 2]), in_chans: pick(rng, &[1, 3, 5]), grid: pick(rng, &[[7, 9], [8, 8], [5, 6]]), kernel, stride, padding, dim: pick(rng, &[4, 9]) }
+        let source = pick(rng, &[Source::Rows, Source::Planes]);
+        Self { source, batch: pick(rng, &[1, 2]), in_chans: pick(rng, &[1, 3, 5]), grid: pick(rng, &[[7, 9], [8, 8], [5, 6]]), kernel, stride, padding, dim: pick(rng, &[4, 9]) }
     }
 
     fn out_grid(&self) -> [usize; 2] {
@@ -830,14 +832,17 @@ impl LayerCase for StageConvCase {
 
     fn reference(&self, layer: &Conv2d, x: Tensor<1>) -> Tensor<1> {
         let [h, w] = self.grid;
-        let image = x.reshape([self.batch, h * w, self.in_chans]).swap_dims(1, 2).reshape([self.batch, self.in_chans, h, w]);
+        let image = match self.source {
+            Source::Rows => x.reshape([self.batch, h * w, self.in_chans]).swap_dims(1, 2).reshape([self.batch, self.in_chans, h, w]),
+            Source::Planes => x.reshape([self.batch, self.in_chans, h, w]),
+        };
         let y = layer.forward(image); // (B, dim, H', W')
         let [oh, ow] = self.out_grid();
         y.reshape([self.batch, self.dim, oh * ow]).swap_dims(1, 2).reshape([self.out_len()])
     }
 
     fn lower(&self, layer: &Conv2d, table: &mut ParamTable) -> FastConv {
-        FastConv::lower(layer, Source::Rows, table).expect("a dense conv lowers")
+        FastConv::lower(layer, self.source, table).expect("a dense conv lowers")
     }
 
     fn train(&self, fast: &mut FastConv, p: &[f32], x: &[f32], dy: &[f32], g: &mut [f32]) -> (Vec<f32>, Option<Vec<f32>>) {

@@ -119,7 +119,8 @@ impl FastMeta3dAttention {
         let [nq, nk] = attn.attention_bias_idxs.dims();
         let index: Vec<usize> = attn.attention_bias_idxs.val().into_data().convert::<i64>().try_to_vec::<i64>().map_err(|e| Error::Unsupported { what: format!("an attention bias index that does not read as integers ({e:?})"), path: "the fast CPU path" })?.into_iter().map(|i| i as usize).collect();
         let [heads, columns] = attn.attention_biases.dims();
-        if nq != nk || heads != attn.heads || index.iter().any(|&i| i >= columns) {
+        // The kernels step through the biases a row of `nq` per head.
+        if nq != nk || heads != attn.heads || columns != nq || index.iter().any(|&i| i >= columns) {
             return Err(Error::Unsupported { what: format!("a Meta3D attention with a ({nq}, {nk}) bias index into ({heads}, {columns}) biases"), path: "the fast CPU path" });
         }
         Ok(Self {

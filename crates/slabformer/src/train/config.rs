@@ -372,6 +372,10 @@ impl TrainConfig {
         if epochs > MAX_MULTI_SCALE_EPOCHS {
             return err(format!("data.multi_scale plans every epoch's batches up front: run.epochs + schedule.cooldown_epochs = {epochs} exceeds {MAX_MULTI_SCALE_EPOCHS}"));
         }
+        // The warm-up's steps are counted epoch plan by epoch plan too.
+        if self.schedule.warmup_epochs > epochs as f64 {
+            return err(format!("schedule.warmup_epochs = {} with data.multi_scale: longer than the run's {epochs} epochs", self.schedule.warmup_epochs));
+        }
         for scale in self.batch_sampler(image.img_size()).scales() {
             let side = scale.size;
             if let Err(e) = image.takes_size(side) {
@@ -756,6 +760,7 @@ mod tests {
         refused(&|c| c.data.multi_scale.as_mut().unwrap().divisor = 0, len, &["data.multi_scale.divisor"]);
         refused(&|_| {}, 2000, &["data.multi_scale", "160×160 batch of 2621", "2000 training images"]);
         refused(&|c| c.run.epochs = 1 << 40, len, &["data.multi_scale", "run.epochs"]);
+        refused(&|c| c.schedule.warmup_epochs = 1e12, len, &["data.multi_scale", "schedule.warmup_epochs"]);
         let mut padded = c.clone();
         padded.augment.random_resized_crop = false;
         assert!(padded.resolve(len).unwrap().warnings[0].contains("augment.random_resized_crop"));
