@@ -879,17 +879,21 @@ impl FastBlock for FastMeta4d {
     }
     fn backward(&self, p: &[f32], g: &mut [f32], _x: &[f32], dy: &[f32], dx: &mut [f32]) {
         let (n, c, batch) = (self.pixels(), self.chans(), self.batch);
-        let mut dbranch = vec![0.0; dy.len()];
-        scaled_branch_backward(dy, &self.branch, &p[self.ls2.range()], &self.masks[1], batch, &mut dbranch, &mut g[self.ls2.range()]);
-        let mut dhidden = vec![0.0; self.hidden.len()];
-        self.fc2.backward(p, g, &self.hidden, &dbranch, &mut dhidden, &self.caches[1]);
-        let mut dmid = dy.to_vec(); // the shortcut's share; fc1 adds the MLP's
-        self.fc1.backward(p, g, &self.mid, &dhidden, &mut dmid, &self.caches[0]);
-        let dmixed = &mut dbranch;
-        scaled_branch_backward(&dmid, &self.mixed, &p[self.ls1.range()], &self.masks[0], batch, dmixed, &mut g[self.ls1.range()]);
-        dx.copy_from_slice(&dmid);
-        let (grid, pool) = (self.grid, self.pool);
-        dx.par_chunks_mut(n * c).zip(dmixed.par_chunks(n * c)).for_each(|(dx, d)| pool_mix_backward(d, grid, pool, dx));
+        use kernels::with_scratch;
+        with_scratch(dy.len(), |dbranch| {
+            with_scratch(self.hidden.len(), |dhidden| {
+                scaled_branch_backward(dy, &self.branch, &p[self.ls2.range()], &self.masks[1], batch, dbranch, &mut g[self.ls2.range()]);
+                dhidden.fill(0.0); // fc2's backward adds into it
+                self.fc2.backward(p, g, &self.hidden, dbranch, dhidden, &self.caches[1]);
+                // ∂L/∂mid: the shortcut's share, then fc1 adds the MLP's.
+                dx.copy_from_slice(dy);
+                self.fc1.backward(p, g, &self.mid, dhidden, dx, &self.caches[0]);
+                let dmixed = dbranch;
+                scaled_branch_backward(dx, &self.mixed, &p[self.ls1.range()], &self.masks[0], batch, dmixed, &mut g[self.ls1.range()]);
+                let (grid, pool) = (self.grid, self.pool);
+                dx.par_chunks_mut(n * c).zip(dmixed.par_chunks(n * c)).for_each(|(dx, d)| pool_mix_backward(d, grid, pool, dx));
+            })
+        });
     }
     fn write_buffers(&self, state: &mut StateDict) {
         self.fc1.write_buffers(state);

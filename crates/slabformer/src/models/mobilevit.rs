@@ -1189,16 +1189,21 @@ impl FastBlock for FastInvertedResidual {
         let [expanded, depthwise] = &self.hidden;
         let mut masked = Vec::new();
         let dbranch = if self.mask.is_empty() { dy } else { masked_gradient(dy, &self.mask, &mut masked) };
-        let mut ddepthwise = vec![0.0; depthwise.len()];
-        self.convs[2].backward(p, g, depthwise, dbranch, &mut ddepthwise, &self.caches[2]);
-        let mut dexpanded = vec![0.0; expanded.len()];
-        self.convs[1].backward(p, g, expanded, &ddepthwise, &mut dexpanded, &self.caches[1]);
-        if self.residual {
-            dx.copy_from_slice(dy);
-        } else {
-            dx.fill(0.0);
-        }
-        self.convs[0].backward(p, g, x, &dexpanded, dx, &self.caches[0]);
+        // The convs' backward adds into its input gradient: zeroed scratch.
+        kernels::with_scratch(depthwise.len(), |ddepthwise| {
+            kernels::with_scratch(expanded.len(), |dexpanded| {
+                ddepthwise.fill(0.0);
+                self.convs[2].backward(p, g, depthwise, dbranch, ddepthwise, &self.caches[2]);
+                dexpanded.fill(0.0);
+                self.convs[1].backward(p, g, expanded, ddepthwise, dexpanded, &self.caches[1]);
+                if self.residual {
+                    dx.copy_from_slice(dy);
+                } else {
+                    dx.fill(0.0);
+                }
+                self.convs[0].backward(p, g, x, dexpanded, dx, &self.caches[0]);
+            })
+        });
     }
     fn write_buffers(&self, state: &mut StateDict) {
         self.convs.iter().for_each(|c| c.write_buffers(state));

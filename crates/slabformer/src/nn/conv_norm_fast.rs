@@ -253,18 +253,21 @@ impl FastConv2d {
     /// `dx +=` the input gradient and the parameter gradients into `g`.
     fn backward(&self, p: &[f32], g: &mut [f32], x: &[f32], grid: [usize; 2], batch: usize, patches: &[f32], dy: &[f32], dx: &mut [f32]) {
         match self {
+            // The input gradients below are overwritten by `backward_input`: scratch, not zeros.
             Self::Dense(c) if self.is_pointwise() => {
                 c.proj.backward_params(g, x, dy, &mut Vec::new());
-                let mut dxi = vec![0.0; x.len()];
-                c.proj.backward_input(p, dy, &mut dxi, |_, _| {});
-                kernels::add_assign(dx, &dxi);
+                kernels::with_scratch(x.len(), |dxi| {
+                    c.proj.backward_input(p, dy, dxi, |_, _| {});
+                    kernels::add_assign(dx, dxi);
+                });
             }
             Self::Dense(c) => {
                 c.proj.backward_params(g, patches, dy, &mut Vec::new());
-                let mut dpatches = vec![0.0; patches.len()];
-                c.proj.backward_input(p, dy, &mut dpatches, |_, _| {});
-                let per_image = dpatches.len() / batch;
-                dx.par_chunks_mut(x.len() / batch).zip(dpatches.par_chunks(per_image)).for_each(|(dx, dp)| c.col2im_add(dp, grid, dx));
+                kernels::with_scratch(patches.len(), |dpatches| {
+                    c.proj.backward_input(p, dy, dpatches, |_, _| {});
+                    let per_image = dpatches.len() / batch;
+                    dx.par_chunks_mut(x.len() / batch).zip(dpatches.par_chunks(per_image)).for_each(|(dx, dp)| c.col2im_add(dp, grid, dx));
+                });
             }
             Self::Depthwise(d) => {
                 let (taps, co) = (d.kernel * d.kernel * d.out_chans(), d.out_chans());
@@ -290,13 +293,14 @@ impl FastConv2d {
 }
 
 multiversion! {
-    /// `x = act(x)` element-wise (any activation but GELU, which has its own kernel).
+    /// `x = act(x)` element-wise.
     fn activate_simple(x: &mut [f32], act: Activation) {
         let hard_sigmoid = |v: f32| (v + 3.0).clamp(0.0, 6.0) * (1.0 / 6.0);
         // One loop per kind, so each vectorizes on its own.
         let values = x.iter_mut();
         match act {
-            Activation::Identity | Activation::Gelu => {}
+            Activation::Identity => {}
+            Activation::Gelu => values.for_each(|v| *v = gelu(*v)),
             Activation::Relu => values.for_each(|v| *v = v.max(0.0)),
             Activation::Relu6 => values.for_each(|v| *v = v.clamp(0.0, 6.0)),
             Activation::Silu => values.for_each(|v| *v /= 1.0 + exp(-*v)),
@@ -343,10 +347,8 @@ impl Activation {
 
     /// `x = act(x)` on the fast path.
     pub fn apply_in_place(self, x: &mut [f32]) {
-        match self {
-            Activation::Identity => {}
-            Activation::Gelu => x.iter_mut().for_each(|v| *v = gelu(*v)),
-            _ => activate_simple(x, self),
+        if self != Activation::Identity {
+            activate_simple(x, self);
         }
     }
 
@@ -451,19 +453,22 @@ impl FastConvNormAct {
 
     /// `dx +=` the input gradient of `dy`, the parameter gradients into `g`.
     pub fn backward(&self, p: &[f32], g: &mut [f32], x: &[f32], dy: &[f32], dx: &mut [f32], cache: &ConvNormActCache) {
-        let mut grad = dy.to_vec();
-        let per = grad.len().div_ceil(rayon::current_num_threads()).max(1);
-        let act = self.act;
-        grad.par_chunks_mut(per).zip(cache.pre.par_chunks(per)).for_each(|(g, pre)| act.backward(pre, g));
-        let dconv = match &self.bn {
-            Some(bn) => {
-                let mut dconv = vec![0.0; grad.len()];
-                bn.backward(p, g, &cache.conv_out, &grad, &mut dconv, &cache.norm, self.out_chans());
-                dconv
+        // Per-thread scratch, not fresh vectors: a step's gradients are tens of MB, which the
+        // allocator would hand back to the OS and fault in zeroed again at every call.
+        kernels::with_scratch(dy.len(), |grad| {
+            grad.copy_from_slice(dy);
+            let per = grad.len().div_ceil(rayon::current_num_threads()).max(1);
+            let act = self.act;
+            grad.par_chunks_mut(per).zip(cache.pre.par_chunks(per)).for_each(|(g, pre)| act.backward(pre, g));
+            match &self.bn {
+                Some(bn) => kernels::with_scratch(grad.len(), |dconv| {
+                    dconv.fill(0.0); // the BatchNorm's backward adds into it
+                    bn.backward(p, g, &cache.conv_out, grad, dconv, &cache.norm, self.out_chans());
+                    self.conv.backward(p, g, x, cache.grid, cache.batch, &cache.patches, dconv, dx);
+                }),
+                None => self.conv.backward(p, g, x, cache.grid, cache.batch, &cache.patches, grad, dx),
             }
-            None => grad,
-        };
-        self.conv.backward(p, g, x, cache.grid, cache.batch, &cache.patches, &dconv, dx);
+        });
     }
 
     /// The BatchNorm's running statistics, into a state dict under their official keys.

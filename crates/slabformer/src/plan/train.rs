@@ -53,6 +53,8 @@ pub struct TrainActivations {
 /// Reusable backward buffers.
 #[derive(Default)]
 pub struct Scratch {
+    /// The spare of the two input-gradient buffers the blocks' backward passes take in turn.
+    block_dx: Vec<f32>,
     dnormed: Vec<f32>,
     dhidden: Vec<f32>,
     /// A residual branch's output gradient under drop-path.
@@ -178,9 +180,13 @@ fn backward_steps(steps: &[Step], p: &[f32], mut dy: Vec<f32>, acts: &TrainActiv
                 dy = dx;
             }
             Step::Block(b) => {
-                let mut dx = vec![0.0; a.x.len()];
+                // Two buffers in turn, not a fresh one per block: a block's input gradient is
+                // tens of MB at training batch sizes.
+                let mut dx = std::mem::take(&mut s.block_dx);
+                dx.clear();
+                dx.resize(a.x.len(), 0.0);
                 b.backward(p, g, &a.x, &dy, &mut dx);
-                dy = dx;
+                s.block_dx = std::mem::replace(&mut dy, dx);
             }
             Step::Rows(_) => dy = Vec::new(),
             Step::Residual(r) => residual_backward(r, p, g, a, &mut dy, s, batch),
