@@ -53,8 +53,58 @@ pub struct InferWorkspace {
     /// Tokens of the sequence the workspace holds now, and their width.
     tokens: usize,
     width: usize,
+    /// The tokens the sequence starts with that the buffers are sized for.
+    pub sized_for: usize,
     /// How many row blocks `k_sum` and `kv` have room for.
     pub parts: usize,
+}
+
+/// Inference workspaces kept between calls (a model's, a nested token run's): a thread takes one
+/// for a call and the guard puts it back, so calls after the first allocate (and fault in)
+/// nothing.
+#[derive(Default)]
+pub struct WorkspacePool(std::sync::Mutex<Vec<InferWorkspace>>);
+
+impl WorkspacePool {
+    /// A kept workspace that `fits`, or `make`'s.
+    pub fn take(&self, fits: impl Fn(&InferWorkspace) -> bool, make: impl FnOnce() -> InferWorkspace) -> PooledWorkspace<'_> {
+        let reused = {
+            let mut kept = self.lock();
+            kept.iter().position(fits).map(|i| kept.swap_remove(i))
+        };
+        PooledWorkspace { workspace: Some(reused.unwrap_or_else(make)), pool: self }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<InferWorkspace>> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// An [`InferWorkspace`] taken from a [`WorkspacePool`], back in it when dropped.
+pub struct PooledWorkspace<'a> {
+    workspace: Option<InferWorkspace>,
+    pool: &'a WorkspacePool,
+}
+
+impl std::ops::Deref for PooledWorkspace<'_> {
+    type Target = InferWorkspace;
+    fn deref(&self) -> &InferWorkspace {
+        self.workspace.as_ref().expect("present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for PooledWorkspace<'_> {
+    fn deref_mut(&mut self) -> &mut InferWorkspace {
+        self.workspace.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for PooledWorkspace<'_> {
+    fn drop(&mut self) {
+        if let Some(workspace) = self.workspace.take() {
+            self.pool.lock().push(workspace);
+        }
+    }
 }
 
 impl InferWorkspace {
@@ -148,6 +198,7 @@ impl InferWorkspace {
             out: vec![0.0; classes],
             tokens,
             width: c,
+            sized_for: tokens,
             parts,
         }
     }
@@ -223,19 +274,13 @@ impl TokenSteps {
         let per_thread = sequences.div_ceil(parts.clamp(1, sequences)) * per_sequence;
         let jobs: Vec<_> = x.chunks_mut(per_thread).collect();
         for_each_part(jobs, |block| {
-            let pool = || self.infer_workspaces.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let reused = {
-                let mut pool = pool();
-                pool.iter().position(|(t, _)| *t == tokens).map(|i| pool.swap_remove(i).1)
-            };
-            let mut ws = reused.unwrap_or_else(|| InferWorkspace::for_steps(&self.steps, tokens, 1));
+            let mut ws = self.infer_workspaces.take(|ws| ws.sized_for == tokens, || InferWorkspace::for_steps(&self.steps, tokens, 1));
             for sequence in block.chunks_mut(per_sequence) {
                 (ws.tokens, ws.width) = (tokens, per_sequence / tokens);
                 ws.x[..per_sequence].copy_from_slice(sequence);
                 walk(&self.steps, p, None, &mut ws, 1);
                 sequence.copy_from_slice(&ws.x[..per_sequence]);
             }
-            pool().push((tokens, ws));
         });
     }
 }

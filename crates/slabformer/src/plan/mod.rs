@@ -25,7 +25,7 @@
 mod infer;
 mod train;
 
-pub use infer::InferWorkspace;
+pub use infer::{InferWorkspace, PooledWorkspace, WorkspacePool};
 pub use train::{Scratch, TokenSteps, TrainActivations};
 
 use burn::module::Param;

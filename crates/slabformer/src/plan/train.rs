@@ -205,9 +205,8 @@ fn backward_steps(steps: &[Step], p: &[f32], mut dy: Vec<f32>, acts: &TrainActiv
 pub struct TokenSteps {
     pub steps: Vec<Step>,
     acts: TrainActivations,
-    /// Inference workspaces of earlier calls, with the token count each is sized for: taken
-    /// by a thread for one call and put back, so inference allocates none after the first.
-    pub(super) infer_workspaces: std::sync::Mutex<Vec<(usize, super::InferWorkspace)>>,
+    /// Inference workspaces of earlier calls.
+    pub(super) infer_workspaces: super::WorkspacePool,
 }
 
 impl TokenSteps {

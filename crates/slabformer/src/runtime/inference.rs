@@ -5,13 +5,12 @@
 
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
-use std::sync::Mutex;
 
 use crate::error::{Error, Result};
 use crate::models::ModelFamily;
 use crate::nn::attention::{Attention, FastAttention};
 use crate::nn::lower::ParamTable;
-use crate::plan::{InferWorkspace, Layer, Plan, Residual, Step};
+use crate::plan::{InferWorkspace, Layer, Plan, PooledWorkspace, Residual, Step, WorkspacePool};
 use crate::state::host_f32;
 
 /// One attention layer on its own with its residual, `x + attn(x)`, for the attention scaling
@@ -52,33 +51,6 @@ impl CpuAttention {
     }
 }
 
-/// A [`InferWorkspace`] borrowed from a model's pool.
-struct PooledWorkspace<'a> {
-    workspace: Option<InferWorkspace>,
-    pool: &'a Mutex<Vec<InferWorkspace>>,
-}
-
-impl std::ops::Deref for PooledWorkspace<'_> {
-    type Target = InferWorkspace;
-    fn deref(&self) -> &InferWorkspace {
-        self.workspace.as_ref().expect("present until dropped")
-    }
-}
-
-impl std::ops::DerefMut for PooledWorkspace<'_> {
-    fn deref_mut(&mut self) -> &mut InferWorkspace {
-        self.workspace.as_mut().expect("present until dropped")
-    }
-}
-
-impl Drop for PooledWorkspace<'_> {
-    fn drop(&mut self) {
-        if let Some(workspace) = self.workspace.take() {
-            self.pool.lock().unwrap_or_else(|p| p.into_inner()).push(workspace);
-        }
-    }
-}
-
 /// A model prepared for fast CPU inference: its plan (the deploy form where the norms fold,
 /// the trained form of LayerNorm models), with pooled workspaces. Outputs equal the burn forward
 /// of the same model within float rounding (tested to 1e-4 of the largest logit).
@@ -87,7 +59,7 @@ pub struct CpuModel {
     /// (in_chans, [H, W]) of the images and the number of classes.
     input: (usize, [usize; 2]),
     classes: usize,
-    workspaces: Mutex<Vec<InferWorkspace>>,
+    workspaces: WorkspacePool,
 }
 
 impl CpuModel {
@@ -110,7 +82,7 @@ impl CpuModel {
         let not_a_classifier = || Error::Unsupported { what: "a plan that does not go from images to logits".into(), path: "the CPU runtime" };
         let input = plan.input().ok_or_else(not_a_classifier)?;
         let classes = plan.classes().ok_or_else(not_a_classifier)?;
-        Ok(Self { plan, input, classes, workspaces: Mutex::new(Vec::new()) })
+        Ok(Self { plan, input, classes, workspaces: WorkspacePool::default() })
     }
 
     pub fn num_classes(&self) -> usize {
@@ -168,9 +140,7 @@ impl CpuModel {
     /// A workspace from the pool (returned when the guard drops), or a new one: reusing them
     /// spares page faults on every call.
     fn workspace(&self, parts: usize) -> PooledWorkspace<'_> {
-        let reused = self.workspaces.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let workspace = reused.filter(|ws| ws.parts >= parts).unwrap_or_else(|| self.plan.infer_workspace(parts));
-        PooledWorkspace { workspace: Some(workspace), pool: &self.workspaces }
+        self.workspaces.take(|ws| ws.parts >= parts, || self.plan.infer_workspace(parts))
     }
 }
 
