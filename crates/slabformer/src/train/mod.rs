@@ -126,6 +126,48 @@ fn evaluate_logits(img_size: usize, classes: usize, set: &Arc<ImageSet>, augment
     EvalRow { step: 0, epoch: 0, model: "model".into(), top1: pct(top1), top5: pct(top5), loss: loss / seen.max(1) as f64 }
 }
 
+/// How a BN re-calibration epoch treats a batch that leaves a non-finite statistic behind.
+struct RecalibrationPolicy<'k> {
+    /// `on_nonfinite = "skip"`: restore the statistics before the batch and go on.
+    skip: bool,
+    max_skips_in_a_row: u64,
+    /// Model order, for naming the first norm that went non-finite.
+    key_order: &'k [String],
+}
+
+/// One BN re-calibration epoch (SPEC §2.7): `batches` through `model` in re-calibration mode,
+/// each batch's statistics checked after it. A non-finite statistic stops the epoch (an error
+/// naming the batch and the first norm) or, under "skip", is undone with the batch dropped (one
+/// line each in the second result), until `max_skips_in_a_row` in a row stop it.
+fn recalibrate_epoch<M: ImageClassifier>(mut model: M, batches: impl IntoIterator<Item = Batch>, channels: usize, device: &Device, policy: &RecalibrationPolicy) -> std::result::Result<(M, Vec<String>), String> {
+    let mut skipped = Vec::new();
+    let mut in_a_row = 0u64;
+    for (index, batch) in batches.into_iter().enumerate() {
+        let (n, size) = (batch.len(), batch.size);
+        let before = policy.skip.then(|| collect_state(&model));
+        let x = Tensor::<4>::from_data(TensorData::new(batch.images, [n, channels, size, size]), device);
+        let _ = model.logits(x);
+        let state = collect_state(&model);
+        let non_finite = policy.key_order.iter().filter(|k| crate::state::is_buffer_key(k)).find_map(|k| match state.get(k).ok().map(|t| &t.values) {
+            Some(Values::F32(v)) => v.iter().find(|x| !x.is_finite()).map(|&x| (k, x)),
+            _ => None,
+        });
+        let Some((key, value)) = non_finite else {
+            in_a_row = 0;
+            continue;
+        };
+        let what = format!("batch {} left `{key}` = {value}: the norm's input activations are non-finite at these weights", index + 1);
+        let Some(before) = before else { return Err(what) };
+        in_a_row += 1;
+        if in_a_row >= policy.max_skips_in_a_row {
+            return Err(format!("{in_a_row} batches in a row were skipped (run.max_skips_in_a_row = {}); the last: {what}", policy.max_skips_in_a_row));
+        }
+        model = load_state(model, &before, false).map_err(|e| e.to_string())?.0;
+        skipped.push(format!("skipped {what}; the statistics before it are restored ({in_a_row} in a row, at most {})", policy.max_skips_in_a_row));
+    }
+    Ok((model, skipped))
+}
+
 fn prefixed(prefix: &str, dict: StateDict, into: &mut StateDict) {
     for (key, t) in dict.iter() {
         into.insert(format!("{prefix}{key}"), t.clone());
@@ -827,7 +869,7 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
     // training augmentation and no mixing.
     let finished_training = run.position.epoch >= train_epochs;
     if finished_training && recal_epochs > 0 && run.position.epoch < train_epochs + recal_epochs {
-        let model = recalibration_mode(run.model.clone().no_grad());
+        let mut model = recalibration_mode(run.model.clone().no_grad());
         while run.position.epoch < train_epochs + recal_epochs {
             // At the evaluation size, as the statistics serve evaluation.
             let loader = Loader::train(TrainEpoch {
@@ -839,10 +881,25 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
                 epoch: run.position.epoch,
                 skip: 0,
             });
-            for batch in loader {
-                let n = batch.len();
-                let x = Tensor::<4>::from_data(TensorData::new(batch.images, [n, channels, size, size]), &device);
-                let _ = model.logits(x);
+            let recal_epoch = run.position.epoch - train_epochs + 1;
+            let policy = RecalibrationPolicy { skip: skip_policy, max_skips_in_a_row: config.run.max_skips_in_a_row, key_order: &run.key_order };
+            let (recalibrated, skipped) = recalibrate_epoch(model, loader, channels, &device, &policy).map_err(|failure| {
+                let trained = match &run.last_checkpoint {
+                    Some(path) => format!("the trained model (statistics not re-calibrated) is in {}", path.display()),
+                    None => "no checkpoint holds the trained model".into(),
+                };
+                Error::Training(format!(
+                    "BN re-calibration epoch {recal_epoch}/{recal_epochs}: {failure}; {trained}. Set run.recalibrate_epochs = 0 to keep the trained statistics{}",
+                    if skip_policy { "" } else { ", or run.on_nonfinite = \"skip\" to drop such batches" }
+                ))
+            })?;
+            model = recalibrated;
+            for line in skipped {
+                let line = format!("BN re-calibration epoch {recal_epoch}: {line}");
+                if options.progress {
+                    println!("warning: {line}");
+                }
+                run.skip_log.push(line);
             }
             run.position.epoch += 1;
             run.model = model.clone();
@@ -875,4 +932,66 @@ fn train_family<F: ModelFamily>(config: &TrainConfig, data: &Datasets, options: 
     run.metrics.plot(&dir.join("training.png"))?;
     remove_leftovers(&dir);
     Ok(Summary { run_dir: dir, steps: run.position.step, seconds: started.elapsed().as_secs_f64(), warnings, final_eval, fused_eval, model_path, engine, notes, skipped: run.skip_log })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::VitConfig;
+    use crate::state::{StateTensor, map_float_tensors};
+
+    /// A tiny RepBN ViT in re-calibration mode, its keys, and two batches of normal images.
+    fn recalibration_case(poisoned: bool) -> (crate::models::VisionTransformer, Vec<String>, Vec<Batch>) {
+        let device = Device::flex();
+        let config = VitConfig { img_size: 16, patch_size: 4, embed_dim: 12, depth: 2, num_heads: 2, num_classes: 3, ..VitConfig::slab_deit_tiny() };
+        let mut model = burn::module::Module::no_grad(config.init(&device.clone().autodiff()).unwrap());
+        if poisoned {
+            // Activations beyond f32 from the first layer on: every norm's statistics overflow.
+            model = map_float_tensors(model, |key, t| key.starts_with("patch_embed.proj.weight").then(|| t.mul_scalar(1e30)));
+        }
+        let keys = keys_in_order(&model);
+        (recalibration_mode(model), keys, batches())
+    }
+
+    fn batches() -> Vec<Batch> {
+        let device = Device::flex();
+        (0..2u64)
+            .map(|i| Batch { images: host_f32(crate::testing::standard_normal([4, 3, 16, 16], 40 + i, &device)), size: 16, targets: Vec::new(), labels: vec![0; 4] })
+            .collect()
+    }
+
+    fn statistics(model: &impl burn::module::Module) -> Vec<(String, StateTensor)> {
+        collect_state(model).iter().filter(|(k, _)| crate::state::is_buffer_key(k)).map(|(k, t)| (k.clone(), t.clone())).collect()
+    }
+
+    #[test]
+    fn recalibration_stops_on_non_finite_statistics_or_skips_the_batch_restoring_them() {
+        let device = Device::flex();
+        let (model, keys, batches) = recalibration_case(false);
+        let before = statistics(&model);
+        let policy = RecalibrationPolicy { skip: false, max_skips_in_a_row: 5, key_order: &keys };
+        let (recalibrated, skipped) = recalibrate_epoch(model, batches, 3, &device, &policy).unwrap();
+        assert!(skipped.is_empty());
+        assert_ne!(statistics(&recalibrated), before, "the statistics were not re-estimated");
+
+        // "stop": the first batch, naming the first norm in model order.
+        let (model, keys, batches) = recalibration_case(true);
+        let first_norm = keys.iter().find(|k| crate::state::is_buffer_key(k)).unwrap().rsplit_once('.').unwrap().0.to_string();
+        let policy = RecalibrationPolicy { skip: false, max_skips_in_a_row: 5, key_order: &keys };
+        let err = recalibrate_epoch(model, batches, 3, &device, &policy).err().unwrap();
+        assert!(err.starts_with(&format!("batch 1 left `{first_norm}.running_")), "{err}");
+
+        // "skip": both batches dropped, the statistics as before; with a streak of 2 allowed, stopped.
+        let (model, keys, batches) = recalibration_case(true);
+        let before = statistics(&model);
+        let policy = RecalibrationPolicy { skip: true, max_skips_in_a_row: 3, key_order: &keys };
+        let (kept, skipped) = recalibrate_epoch(model, batches, 3, &device, &policy).unwrap();
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        assert!(skipped[1].starts_with("skipped batch 2 left `") && skipped[1].ends_with("(2 in a row, at most 3)"), "{skipped:?}");
+        assert_eq!(statistics(&kept), before);
+        let (model, keys, batches) = recalibration_case(true);
+        let policy = RecalibrationPolicy { skip: true, max_skips_in_a_row: 2, key_order: &keys };
+        let err = recalibrate_epoch(model, batches, 3, &device, &policy).err().unwrap();
+        assert!(err.starts_with("2 batches in a row were skipped (run.max_skips_in_a_row = 2); the last: batch 2 left"), "{err}");
+    }
 }
